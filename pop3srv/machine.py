@@ -1,0 +1,359 @@
+# -*- test-case-name: tests.test_machine -*-
+"""
+The POP3 session as a sans-IO state machine (RFC 1939, RFC 2449).
+
+The machine turns received bytes into I{actions}.  Most actions are a reply
+the machine composed itself; the rest ask the caller to do I/O (check a
+password, stream a message, commit deletions) and report back through
+L{Pop3Machine.login_succeeded}, L{Pop3Machine.login_failed} and friends.
+Which command is legal in which state is written down once, in L{ALLOWED}.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from pop3srv import commands as c
+from pop3srv.wire import (
+    MAX_COMMAND_LINE,
+    LineBuffer,
+    LineTooLong,
+    format_err,
+    format_multiline,
+    format_ok,
+    parse_command,
+)
+
+
+class State(enum.Enum):
+    """The states of RFC 1939 section 3, plus the end of the session."""
+
+    AUTHORIZATION = "AUTHORIZATION"
+    TRANSACTION = "TRANSACTION"
+    UPDATE = "UPDATE"
+    CLOSED = "CLOSED"
+
+
+ALLOWED: dict[State, frozenset[type]] = {
+    State.AUTHORIZATION: frozenset({c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop}),
+    State.TRANSACTION: frozenset(
+        {c.Stat, c.List, c.Retr, c.Dele, c.Noop, c.Rset, c.Quit, c.Top, c.Uidl, c.Capa}
+    ),
+    State.UPDATE: frozenset(),
+    State.CLOSED: frozenset(),
+}
+
+
+class _NeedData:
+    def __repr__(self) -> str:
+        return "NEED_DATA"
+
+
+NEED_DATA = _NeedData()
+"""Returned by L{Pop3Machine.next_action} when no complete command is buffered."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reply:
+    """Send these bytes; nothing else to do."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Authenticate:
+    """
+    Check these credentials, then call L{Pop3Machine.login_succeeded} or
+    L{Pop3Machine.login_failed}.  C{apop_digest} is set for APOP, else
+    C{password} is.
+    """
+
+    username: str
+    password: str | None = None
+    apop_digest: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SendMessage:
+    """
+    Send C{status}, then the message at C{index} (0-based) through a
+    L{wire.DotStuffer}, cut by a L{wire.TopFilter} if C{top_lines} is set.
+    """
+
+    index: int
+    top_lines: int | None
+    status: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class MarkDeleted:
+    """Tell the mailbox the message at C{index} is deleted, then send C{reply}."""
+
+    index: int
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class UnmarkDeleted:
+    """Tell the mailbox to undelete every message, then send C{reply}."""
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Commit:
+    """
+    Make the deletions durable, then call L{Pop3Machine.commit_succeeded} or
+    L{Pop3Machine.commit_failed} and close the connection.
+    """
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """Send C{reply} and close the connection."""
+
+    reply: bytes
+
+
+Action = (
+    Reply | Authenticate | SendMessage | MarkDeleted | UnmarkDeleted | Commit | Close
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Capabilities:
+    """
+    What the server offers, for the greeting and C{CAPA}.
+
+    @ivar apop_challenge: the RFC 1939 timestamp for APOP, or C{None} when no
+        checker can verify APOP digests (then APOP is not offered at all).
+    @ivar expire: the RFC 2449 EXPIRE value (C{"NEVER"}, a number of days),
+        or C{None} not to advertise it.
+    @ivar login_delay: seconds for the RFC 2449 LOGIN-DELAY capability, or
+        C{None}.
+    """
+
+    implementation: str = "pop3srv"
+    apop_challenge: str | None = None
+    expire: str | None = None
+    login_delay: int | None = None
+    user_allowed: bool = True
+    extra: tuple[str, ...] = field(default=())
+
+    def lines(self) -> list[str]:
+        """The capability lines of a C{CAPA} response."""
+        lines = ["TOP"]
+        if self.user_allowed:
+            lines.append("USER")
+        lines += ["UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
+        if self.expire is not None:
+            lines.append(f"EXPIRE {self.expire}")
+        if self.login_delay is not None:
+            lines.append(f"LOGIN-DELAY {self.login_delay}")
+        lines += list(self.extra)
+        lines.append(f"IMPLEMENTATION {self.implementation}")
+        return lines
+
+
+AUTH_FAILED = "Invalid username or password."
+
+
+class _Maildrop:
+    """The session's view of the maildrop: sizes, deletion marks and UIDLs."""
+
+    def __init__(self, sizes: Sequence[int], uidl_of: Callable[[int], str]) -> None:
+        self.sizes = list(sizes)
+        self.deleted: set[int] = set()
+        self._uidl_of = uidl_of
+        self._uidls: dict[int, str] = {}
+
+    def uidl(self, index: int) -> str:
+        if index not in self._uidls:
+            self._uidls[index] = self._uidl_of(index)
+        return self._uidls[index]
+
+    def live(self) -> list[int]:
+        return [i for i in range(len(self.sizes)) if i not in self.deleted]
+
+    def index_of(self, msn: int) -> int | bytes:
+        """Map a client's msn to an index, or return the C{-ERR} line."""
+        if msn < 1 or msn > len(self.sizes):
+            return format_err("No such message.")
+        index = msn - 1
+        if index in self.deleted:
+            return format_err(f"Message {msn} is deleted.")
+        return index
+
+
+class Pop3Machine:
+    """
+    One POP3 session, without I/O.
+
+    Feed received bytes to L{receive_data} and take actions from
+    L{next_action} until it returns L{NEED_DATA}.  While an action that asks
+    for I/O is outstanding the caller must not ask for the next action:
+    pipelined commands wait in the buffer and are answered in order.
+    """
+
+    def __init__(
+        self,
+        capabilities: Capabilities | None = None,
+        max_line: int = MAX_COMMAND_LINE,
+    ) -> None:
+        self.capabilities = capabilities or Capabilities()
+        self.state = State.AUTHORIZATION
+        self.username: str | None = None
+        self.bad_commands = 0
+        self._lines = LineBuffer(max_line)
+        self._user: str | None = None
+        self._maildrop: _Maildrop | None = None
+        self._authenticating = False
+
+    @property
+    def buffered(self) -> int:
+        """How many received bytes wait to be parsed."""
+        return len(self._lines)
+
+    def greeting(self) -> bytes:
+        """The greeting line (with the APOP timestamp when APOP is offered)."""
+        challenge = self.capabilities.apop_challenge
+        return format_ok(
+            f"POP3 server ready {challenge}" if challenge else "POP3 server ready."
+        )
+
+    def receive_data(self, data: bytes) -> None:
+        """Buffer received bytes."""
+        if self.state is not State.CLOSED:
+            self._lines.feed(data)
+
+    def next_action(self) -> Action | _NeedData:
+        """Parse the next buffered command and say what to do about it."""
+        if self.state in (State.UPDATE, State.CLOSED) or self._authenticating:
+            return NEED_DATA
+        line = self._lines.next_line()
+        if line is None:
+            return NEED_DATA
+        if isinstance(line, LineTooLong):
+            return self._bad("Command line too long.")
+        command = parse_command(line)
+        if isinstance(command, c.BadCommand):
+            return self._bad(command.reason)
+        if type(command) not in ALLOWED[self.state]:
+            return self._bad("Command not valid in this state.")
+        self.bad_commands = 0
+        return self._dispatch(command)
+
+    def _bad(self, reason: str) -> Reply:
+        self.bad_commands += 1
+        return Reply(format_err(reason))
+
+    def _dispatch(self, command: c.Command) -> Action:
+        if isinstance(command, c.Capa):
+            return Reply(
+                format_multiline("Capability list follows.", self.capabilities.lines())
+            )
+        if isinstance(command, c.Noop):
+            return Reply(format_ok())
+        if isinstance(command, c.Quit):
+            return self._quit()
+        if self.state is State.AUTHORIZATION:
+            return self._authorization(command)
+        return self._transaction(command)
+
+    def _authorization(self, command: c.Command) -> Action:
+        if isinstance(command, c.User):
+            if not self.capabilities.user_allowed:
+                return self._bad("USER is not allowed here.")
+            self._user = command.name
+            # The same answer for every name, so USER does not reveal which exist.
+            return Reply(format_ok("Send PASS."))
+        if isinstance(command, c.Pass):
+            if self._user is None:
+                return self._bad("Send USER first.")
+            username, self._user = self._user, None
+            self._authenticating = True
+            return Authenticate(username, password=command.password)
+        if isinstance(command, c.Apop):
+            if self.capabilities.apop_challenge is None:
+                return self._bad("APOP is not available.")
+            self._user = None
+            self._authenticating = True
+            return Authenticate(command.name, apop_digest=command.digest)
+        raise AssertionError(f"unhandled {command!r}")  # pragma: no cover
+
+    def _transaction(self, command: c.Command) -> Action:
+        drop = self._maildrop
+        assert drop is not None
+        if isinstance(command, c.Stat):
+            live = drop.live()
+            return Reply(format_ok(f"{len(live)} {sum(drop.sizes[i] for i in live)}"))
+        if isinstance(command, c.Rset):
+            drop.deleted.clear()
+            return UnmarkDeleted(format_ok(f"Maildrop has {len(drop.sizes)} messages."))
+        if isinstance(command, c.List | c.Uidl):
+            describe: Callable[[int], str | int] = (
+                drop.sizes.__getitem__ if isinstance(command, c.List) else drop.uidl
+            )
+            if command.msn is None:
+                listing = [f"{i + 1} {describe(i)}" for i in drop.live()]
+                return Reply(format_multiline(f"{len(listing)} messages.", listing))
+            index = drop.index_of(command.msn)
+            if isinstance(index, bytes):
+                return Reply(index)
+            return Reply(format_ok(f"{command.msn} {describe(index)}"))
+        assert isinstance(command, c.Retr | c.Top | c.Dele)
+        index = drop.index_of(command.msn)
+        if isinstance(index, bytes):
+            return Reply(index)
+        if isinstance(command, c.Dele):
+            drop.deleted.add(index)
+            return MarkDeleted(index, format_ok(f"Message {command.msn} deleted."))
+        if isinstance(command, c.Top):
+            return SendMessage(
+                index, command.lines, format_ok("Top of message follows.")
+            )
+        return SendMessage(index, None, format_ok(f"{drop.sizes[index]} octets."))
+
+    def _quit(self) -> Action:
+        if self.state is State.TRANSACTION:
+            self.state = State.UPDATE
+            return Commit()
+        self.state = State.CLOSED
+        return Close(format_ok("Bye."))
+
+    def login_succeeded(
+        self, username: str, sizes: Sequence[int], uidl_of: Callable[[int], str]
+    ) -> bytes:
+        """
+        Enter TRANSACTION with the maildrop's message sizes (0 for a message
+        the mailbox already reports deleted) and a way to look up UIDLs.
+        """
+        self._authenticating = False
+        self.state = State.TRANSACTION
+        self.username = username
+        self._maildrop = _Maildrop(sizes, uidl_of)
+        octets = sum(sizes)
+        return format_ok(f"Maildrop has {len(sizes)} messages ({octets} octets).")
+
+    def login_failed(self, code: str, text: str = AUTH_FAILED) -> bytes:
+        """Stay in AUTHORIZATION after a failed login; return the C{-ERR} line."""
+        self._authenticating = False
+        self.bad_commands += 1
+        return format_err(text, code)
+
+    def commit_succeeded(self) -> bytes:
+        """The deletions are durable; return the farewell."""
+        self.state = State.CLOSED
+        deleted = len(self._maildrop.deleted) if self._maildrop else 0
+        return format_ok(f"Bye, {deleted} messages deleted.")
+
+    def commit_failed(self, code: str, text: str) -> bytes:
+        """The deletions could not be committed; return the C{-ERR} line."""
+        self.state = State.CLOSED
+        return format_err(text, code)
+
+    def connection_lost(self) -> None:
+        """The connection is gone; nothing is committed."""
+        self.state = State.CLOSED

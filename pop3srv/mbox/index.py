@@ -1,0 +1,352 @@
+# -*- test-case-name: tests.test_mbox_index -*-
+"""
+The persisted per-mbox index that keeps UIDLs stable and reopening cheap.
+
+A message's UIDL is the hex of its digest; when several messages share a
+digest (identical deliveries) each carries a persisted ordinal, and every
+ordinal but 0 is appended as C{.N}.  Ordinals that left the file are
+remembered (the I{retired} table), so a later identical arrival never gets
+a UIDL a client has already seen.
+
+File layout (little endian): a header (magic, version, st_dev, st_ino,
+size, mtime_ns, record count, retired count), fixed-size records, retired
+entries, then a blake2b checksum of everything before it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import tempfile
+from collections import deque
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from twisted.logger import Logger
+
+from pop3srv.mbox.paths import fsync_dir
+from pop3srv.mbox.scan import DIGEST_SIZE, MessageRecord, scan_mbox
+
+_log = Logger()
+
+MAGIC = b"P3MBXIDX"
+VERSION = 1
+_HEADER = struct.Struct("<8sIIQQQqQQ")
+_RECORD = struct.Struct(f"<QQQQ{DIGEST_SIZE}sI")
+_RETIRED = struct.Struct(f"<{DIGEST_SIZE}sI")
+_CHECKSUM_SIZE = 16
+
+#: Most retired digests remembered; the oldest are forgotten first.
+MAX_RETIRED = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class IndexRecord:
+    """
+    A scanned message plus its persisted UIDL ordinal.
+
+    @ivar ordinal: 0 for the first message with this digest, then 1, 2, ...
+    """
+
+    start: int
+    body_start: int
+    end: int
+    size: int
+    digest: bytes
+    ordinal: int
+
+    @property
+    def uidl(self) -> bytes:
+        """
+        The POP3 unique-id: hex digest, plus C{.N} for ordinal N > 0.
+        """
+        uid = self.digest.hex().encode("ascii")
+        if self.ordinal:
+            uid += b".%d" % (self.ordinal,)
+        return uid
+
+    def shifted(self, delta: int) -> IndexRecord:
+        """
+        The same message moved by C{delta} bytes.
+        """
+        return replace(
+            self,
+            start=self.start + delta,
+            body_start=self.body_start + delta,
+            end=self.end + delta,
+        )
+
+
+@dataclass(slots=True)
+class MboxIndex:
+    """
+    The index of one mbox as of one moment.
+
+    @ivar dev: C{st_dev} of the indexed file.
+    @ivar ino: C{st_ino} of the indexed file.
+    @ivar size: the indexed length; records cover C{[0, size)}.
+    @ivar mtime_ns: C{st_mtime_ns} when indexed.
+    @ivar records: the messages in file order.
+    @ivar retired: digest -> lowest ordinal never yet handed out, for
+        digests whose messages left the file.
+    @ivar scanned_from: where this load started reading the mbox: L{None}
+        if the stored index was used as is, else the scan's start offset.
+    """
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    records: list[IndexRecord]
+    retired: dict[bytes, int] = field(default_factory=dict)
+    scanned_from: int | None = None
+
+
+class _OrdinalAllocator:
+    """
+    Hands out ordinals: reused ones first, then fresh ones never used.
+    """
+
+    def __init__(
+        self,
+        reusable: Iterable[IndexRecord],
+        kept: Iterable[IndexRecord],
+        retired: dict[bytes, int],
+    ) -> None:
+        self._reuse: dict[bytes, deque[int]] = {}
+        self._next = dict(retired)
+        for rec in reusable:
+            self._reuse.setdefault(rec.digest, deque()).append(rec.ordinal)
+            self._bump(rec.digest, rec.ordinal)
+        for rec in kept:
+            self._bump(rec.digest, rec.ordinal)
+
+    def _bump(self, digest: bytes, ordinal: int) -> None:
+        if self._next.get(digest, 0) <= ordinal:
+            self._next[digest] = ordinal + 1
+
+    def allocate(self, digest: bytes) -> int:
+        """
+        The ordinal for the next message with C{digest}, in file order.
+        """
+        queue = self._reuse.get(digest)
+        if queue:
+            return queue.popleft()
+        ordinal = self._next.get(digest, 0)
+        self._next[digest] = ordinal + 1
+        return ordinal
+
+    def retired(self, old: dict[bytes, int]) -> dict[bytes, int]:
+        """
+        The retired table after allocation: the old one plus every digest
+        whose reusable ordinals were not all taken.
+        """
+        result = dict(old)
+        for digest, queue in self._reuse.items():
+            if queue:
+                result.pop(digest, None)
+                result[digest] = self._next[digest]
+        return trim_retired(result)
+
+
+def trim_retired(retired: dict[bytes, int]) -> dict[bytes, int]:
+    """
+    Forget the oldest retired digests beyond L{MAX_RETIRED}.
+    """
+    if len(retired) <= MAX_RETIRED:
+        return retired
+    items = list(retired.items())[-MAX_RETIRED:]
+    return dict(items)
+
+
+def encode_index(index: MboxIndex) -> bytes:
+    """
+    Serialise C{index} with its checksum.
+    """
+    parts = [
+        _HEADER.pack(
+            MAGIC,
+            VERSION,
+            0,
+            index.dev,
+            index.ino,
+            index.size,
+            index.mtime_ns,
+            len(index.records),
+            len(index.retired),
+        )
+    ]
+    pack = _RECORD.pack
+    parts.extend(
+        pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal)
+        for r in index.records
+    )
+    parts.extend(_RETIRED.pack(d, n) for d, n in index.retired.items())
+    body = b"".join(parts)
+    return body + hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest()
+
+
+def decode_index(data: bytes) -> MboxIndex | None:
+    """
+    Parse an index file; anything damaged or foreign gives L{None}.
+    """
+    if len(data) < _HEADER.size + _CHECKSUM_SIZE:
+        return None
+    body, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
+    if hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest() != checksum:
+        return None
+    magic, version, _flags, dev, ino, size, mtime_ns, n_rec, n_ret = (
+        _HEADER.unpack_from(body)
+    )
+    if magic != MAGIC or version != VERSION:
+        return None
+    rec_end = _HEADER.size + n_rec * _RECORD.size
+    if len(body) != rec_end + n_ret * _RETIRED.size:
+        return None
+    records = [
+        IndexRecord(*fields)
+        for fields in _RECORD.iter_unpack(body[_HEADER.size : rec_end])
+    ]
+    retired = dict(_RETIRED.iter_unpack(body[rec_end:]))
+    return MboxIndex(dev, ino, size, mtime_ns, records, retired)
+
+
+def read_index(index_path: str) -> MboxIndex | None:
+    """
+    Read and validate the index file, or L{None} if absent or unusable.
+    """
+    try:
+        with open(index_path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        _log.warn("Cannot read index {path}: {error}", path=index_path, error=e)
+        return None
+    return decode_index(data)
+
+
+def write_index(index_path: str, index: MboxIndex) -> None:
+    """
+    Replace the index file atomically and durably.
+
+    @raise OSError: if it cannot be written; the old file is left alone.
+    """
+    directory, base = os.path.split(index_path)
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f"{base}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(encode_index(index))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, index_path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    fsync_dir(directory)
+
+
+def _scan(fd: int, start: int, limit: int) -> list[MessageRecord]:
+    # closefd=False: the caller's fd (and its lock) must outlive the scan.
+    with open(fd, "rb", buffering=0, closefd=False) as f:
+        return list(scan_mbox(f, start, limit))
+
+
+def _full(
+    st: os.stat_result, fd: int, old: MboxIndex | None
+) -> MboxIndex:
+    scanned = _scan(fd, 0, st.st_size)
+    old_records: Sequence[IndexRecord] = old.records if old else ()
+    old_retired = old.retired if old else {}
+    alloc = _OrdinalAllocator(old_records, (), old_retired)
+    records = [
+        IndexRecord(
+            m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest)
+        )
+        for m in scanned
+    ]
+    return MboxIndex(
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        records,
+        alloc.retired(old_retired),
+        scanned_from=0,
+    )
+
+
+def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
+    last = old.records[-1]
+    scanned = _scan(fd, last.start, st.st_size)
+    if not scanned or scanned[0].start != last.start:
+        return None
+    if scanned[0].digest != last.digest:
+        return None
+    kept = old.records[:-1]
+    alloc = _OrdinalAllocator((), old.records, old.retired)
+    records = kept + [last]
+    records.extend(
+        IndexRecord(
+            m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest)
+        )
+        for m in scanned[1:]
+    )
+    return MboxIndex(
+        st.st_dev,
+        st.st_ino,
+        st.st_size,
+        st.st_mtime_ns,
+        records,
+        dict(old.retired),
+        scanned_from=last.start,
+    )
+
+
+def load_index(fd: int, index_path: str) -> MboxIndex:
+    """
+    Bring the index of the open mbox C{fd} up to date.
+
+    The caller holds the mbox lock.  A stored index that matches the file is
+    used as is; if the same file only grew, only the last indexed message
+    and what follows it are read; otherwise the whole file is scanned and
+    the old ordinals are reused by digest, in file order.  A changed index
+    is written back; failing to write it is logged, not fatal.
+
+    @param fd: an open descriptor of the mbox.
+    @param index_path: where the index lives.
+    @return: the current index.
+    """
+    st = os.fstat(fd)
+    old = read_index(index_path)
+    if old is not None and (old.dev, old.ino) == (st.st_dev, st.st_ino):
+        if old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+            return old
+        if old.size < st.st_size and old.records:
+            grown = _grown(st, fd, old)
+            if grown is not None:
+                _save(index_path, grown)
+                return grown
+    index = _full(st, fd, old)
+    _save(index_path, index)
+    return index
+
+
+def empty_index() -> MboxIndex:
+    """
+    The index of a maildrop whose mbox file does not exist.
+    """
+    return MboxIndex(0, 0, 0, 0, [], {}, scanned_from=None)
+
+
+def _save(index_path: str, index: MboxIndex) -> None:
+    try:
+        write_index(index_path, index)
+    except OSError as e:
+        _log.warn(
+            "Cannot write index {path}: {error}", path=index_path, error=e
+        )

@@ -1,0 +1,96 @@
+# -*- test-case-name: tests.test_realm -*-
+"""
+The cred realm: maps an authenticated avatar ID to its mbox maildrop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from twisted.cred.portal import IRealm
+from twisted.internet import defer
+from twisted.mail.pop3 import IMailbox
+from zope.interface import implementer
+
+from pop3srv.errors import InvalidUsername
+from pop3srv.mbox import open_maildrop
+from pop3srv.userfile import validate_username
+
+USER_FIELD = "{user}"
+
+
+def check_mailbox_template(template: str) -> None:
+    """
+    Raise C{ValueError} unless C{template} is an absolute path that contains
+    C{{user}} exactly where the username goes (and no other braces).
+    """
+    if USER_FIELD not in template:
+        raise ValueError(f"mailbox template {template!r} must contain {USER_FIELD}")
+    if "{" in template.replace(USER_FIELD, "") or "}" in template.replace(
+        USER_FIELD, ""
+    ):
+        raise ValueError(
+            f"mailbox template {template!r} may use no field but {USER_FIELD}"
+        )
+    if not template.startswith("/"):
+        raise ValueError(f"mailbox template {template!r} must be an absolute path")
+
+
+@implementer(IRealm)
+class MboxRealm:
+    """
+    Gives each user the mbox file named by a path template.
+
+    @param template: the mbox path with C{{user}} for the username, such as
+        C{/var/mail/{user}}.
+    @param index_dir: where UIDL indexes live; beside each mbox if C{None}.
+    @param defer_to_thread: runs blocking work off the reactor thread.
+    """
+
+    def __init__(
+        self,
+        template: str = "/var/mail/{user}",
+        index_dir: str | None = None,
+        defer_to_thread: Callable[..., defer.Deferred[Any]] | None = None,
+    ) -> None:
+        check_mailbox_template(template)
+        if defer_to_thread is None:
+            from twisted.internet.threads import deferToThread
+
+            defer_to_thread = deferToThread
+        self.template = template
+        self.index_dir = index_dir
+        self._defer_to_thread = defer_to_thread
+
+    def mailbox_path(self, username: str) -> str:
+        """
+        The maildrop path for C{username}; raises L{InvalidUsername} for a
+        name that could leave the template's directory or confuse a log.
+        """
+        try:
+            validate_username(username)
+        except ValueError as e:
+            raise InvalidUsername(str(e)) from None
+        return self.template.replace(USER_FIELD, username)
+
+    def requestAvatar(
+        self, avatarId: bytes | str, mind: object, *interfaces: Any
+    ) -> defer.Deferred[tuple[Any, Any, Callable[[], None]]]:
+        if IMailbox not in interfaces:
+            return defer.fail(NotImplementedError("MboxRealm only provides IMailbox"))
+        try:
+            username = (
+                avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+            )
+            path = self.mailbox_path(username)
+        except (UnicodeDecodeError, InvalidUsername) as e:
+            return defer.fail(InvalidUsername(str(e)))
+        d = self._defer_to_thread(
+            open_maildrop,
+            path,
+            index_dir=self.index_dir,
+            defer_to_thread=self._defer_to_thread,
+        )
+        d.addCallback(lambda mailbox: (IMailbox, mailbox, mailbox.close))
+        return d

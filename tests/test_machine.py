@@ -1,0 +1,145 @@
+"""Tests for L{pop3srv.machine}, the sans-IO session."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from pop3srv import machine as m
+
+COMMAND_LINES = {
+    "USER": b"USER alice", "PASS": b"PASS pw", "APOP": b"APOP alice 0123456789abcdef",
+    "STAT": b"STAT", "LIST": b"LIST", "RETR": b"RETR 1", "DELE": b"DELE 1", "NOOP": b"NOOP",
+    "RSET": b"RSET", "QUIT": b"QUIT", "TOP": b"TOP 1 0", "UIDL": b"UIDL", "CAPA": b"CAPA",
+}
+
+
+def machine_in(state: m.State) -> m.Pop3Machine:
+    """A machine brought to C{state} through its public API."""
+    machine = m.Pop3Machine(m.Capabilities(apop_challenge="<1.2@host>"))
+    if state in (m.State.TRANSACTION, m.State.UPDATE):
+        machine.receive_data(b"USER alice\r\nPASS pw\r\n")
+        assert machine.next_action() == m.Reply(b"+OK Send PASS.\r\n")
+        assert isinstance(machine.next_action(), m.Authenticate)
+        machine.login_succeeded("alice", [10, 20], lambda i: f"uid{i}")
+    if state is m.State.UPDATE:
+        machine.receive_data(b"QUIT\r\n")
+        assert machine.next_action() == m.Commit()
+    if state is m.State.CLOSED:
+        machine.connection_lost()
+    return machine
+
+
+def run(machine: m.Pop3Machine, data: bytes) -> list[object]:
+    """Feed C{data} and collect actions until the machine needs data."""
+    machine.receive_data(data)
+    actions = []
+    while (action := machine.next_action()) is not m.NEED_DATA:
+        actions.append(action)
+        if isinstance(action, m.Authenticate):
+            break
+    return actions
+
+
+@given(st.sampled_from(list(m.State)), st.sampled_from(sorted(COMMAND_LINES)))
+def test_every_state_and_command(state: m.State, keyword: str) -> None:
+    """A command outside its state's table gets -ERR; inside, some other action."""
+    machine = machine_in(state)
+    actions = run(machine, COMMAND_LINES[keyword] + b"\r\n")
+    if state in (m.State.UPDATE, m.State.CLOSED):
+        assert actions == []
+        return
+    (action,) = actions
+    legal = any(cls.__name__.upper() == keyword for cls in m.ALLOWED[state])
+    refused = action == m.Reply(b"-ERR Command not valid in this state.\r\n")
+    assert refused is not legal
+
+
+def test_transaction_commands_refused_before_login() -> None:
+    """No TRANSACTION command runs in AUTHORIZATION."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    for keyword in ("STAT", "LIST", "RETR", "DELE", "RSET", "TOP", "UIDL"):
+        assert run(machine, COMMAND_LINES[keyword] + b"\r\n") == [
+            m.Reply(b"-ERR Command not valid in this state.\r\n")
+        ]
+    assert machine.state is m.State.AUTHORIZATION
+
+
+def test_pass_needs_user_and_auth_failure_keeps_session() -> None:
+    """PASS without USER is refused; a failed login leaves AUTHORIZATION usable."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    assert run(machine, b"PASS x\r\n") == [m.Reply(b"-ERR Send USER first.\r\n")]
+    assert run(machine, b"USER bob\r\nPASS x y\r\n")[1] == m.Authenticate("bob", password="x y")
+    assert machine.next_action() is m.NEED_DATA
+    assert machine.login_failed("AUTH") == b"-ERR [AUTH] Invalid username or password.\r\n"
+    assert run(machine, b"PASS again\r\n") == [m.Reply(b"-ERR Send USER first.\r\n")]
+
+
+def test_pipelined_commands_wait_for_authentication() -> None:
+    """Commands sent with PASS are answered only after the login completes, in order."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    actions = run(machine, b"USER a\r\nPASS b\r\nSTAT\r\nLIST\r\n")
+    assert [type(a) for a in actions] == [m.Reply, m.Authenticate]
+    assert machine.next_action() is m.NEED_DATA
+    machine.login_succeeded("a", [5], lambda i: "u")
+    assert run(machine, b"") == [
+        m.Reply(b"+OK 1 5\r\n"),
+        m.Reply(b"+OK 1 messages.\r\n1 5\r\n.\r\n"),
+    ]
+
+
+def test_transaction_flow() -> None:
+    """STAT/LIST/UIDL/DELE/RSET/RETR/TOP answer from the maildrop view."""
+    machine = machine_in(m.State.TRANSACTION)
+    assert run(machine, b"STAT\r\n") == [m.Reply(b"+OK 2 30\r\n")]
+    assert run(machine, b"UIDL 2\r\n") == [m.Reply(b"+OK 2 uid1\r\n")]
+    assert run(machine, b"DELE 1\r\n") == [m.MarkDeleted(0, b"+OK Message 1 deleted.\r\n")]
+    assert run(machine, b"DELE 1\r\nRETR 1\r\nLIST 1\r\n") == [
+        m.Reply(b"-ERR Message 1 is deleted.\r\n")
+    ] * 3
+    assert run(machine, b"STAT\r\nLIST\r\nUIDL\r\n") == [
+        m.Reply(b"+OK 1 20\r\n"),
+        m.Reply(b"+OK 1 messages.\r\n2 20\r\n.\r\n"),
+        m.Reply(b"+OK 1 messages.\r\n2 uid1\r\n.\r\n"),
+    ]
+    assert run(machine, b"RETR 3\r\nRETR 0\r\n") == [m.Reply(b"-ERR No such message.\r\n")] * 2
+    assert run(machine, b"RSET\r\n") == [m.UnmarkDeleted(b"+OK Maildrop has 2 messages.\r\n")]
+    assert run(machine, b"RETR 1\r\nTOP 2 3\r\n") == [
+        m.SendMessage(0, None, b"+OK 10 octets.\r\n"),
+        m.SendMessage(1, 3, b"+OK Top of message follows.\r\n"),
+    ]
+
+
+def test_quit_commits_only_in_transaction() -> None:
+    """QUIT in AUTHORIZATION closes; in TRANSACTION it asks for a commit."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    assert run(machine, b"QUIT\r\n") == [m.Close(b"+OK Bye.\r\n")]
+    machine = machine_in(m.State.TRANSACTION)
+    run(machine, b"DELE 2\r\n")
+    assert run(machine, b"QUIT\r\nSTAT\r\n") == [m.Commit()]
+    assert machine.commit_succeeded() == b"+OK Bye, 1 messages deleted.\r\n"
+    assert machine.state is m.State.CLOSED
+
+
+def test_capa_and_greeting() -> None:
+    """CAPA lists the RFC 2449 capabilities; APOP's timestamp only when offered."""
+    machine = m.Pop3Machine(m.Capabilities(expire="NEVER", login_delay=30))
+    assert machine.greeting() == b"+OK POP3 server ready.\r\n"
+    (reply,) = run(machine, b"CAPA\r\n")
+    assert isinstance(reply, m.Reply)
+    assert reply.data.split(b"\r\n")[1:-2] == [
+        b"TOP", b"USER", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE",
+        b"EXPIRE NEVER", b"LOGIN-DELAY 30", b"IMPLEMENTATION pop3srv",
+    ]
+    assert run(machine, b"APOP a b\r\n") == [m.Reply(b"-ERR APOP is not available.\r\n")]
+    with_apop = m.Pop3Machine(m.Capabilities(apop_challenge="<1.2@h>"))
+    assert with_apop.greeting() == b"+OK POP3 server ready <1.2@h>\r\n"
+
+
+def test_bad_commands_are_counted_and_reset() -> None:
+    """Consecutive bad commands are counted; a good one resets the count."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    run(machine, b"FOO\r\nBAR\r\n" + b"x" * 400 + b"\r\n")
+    assert machine.bad_commands == 3
+    run(machine, b"NOOP\r\n")
+    assert machine.bad_commands == 0
