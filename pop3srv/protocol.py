@@ -12,12 +12,13 @@ import hmac
 import os
 import socket
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol as TypingProtocol
+from typing import Any
+from typing import Protocol as TypingProtocol
 
 from twisted.cred import credentials, error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, interfaces
-from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.error import ConnectionLost
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
@@ -187,7 +188,7 @@ class POP3Server(Protocol):
             self.transport.pauseProducing()
         self._run()
 
-    def connectionLost(self, reason: Failure = Failure(ConnectionDone())) -> None:
+    def connectionLost(self, reason: Failure | None = None) -> None:
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.cancel()
         self._idle_call = None
@@ -286,8 +287,8 @@ class POP3Server(Protocol):
             )
             creds = APOPCredentials(
                 (challenge or "").encode(),
-                action.username.encode(),
-                action.apop_digest.encode(),
+                action.username.encode("utf-8"),
+                action.apop_digest,
             )
         else:
             assert action.password is not None

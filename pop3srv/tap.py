@@ -26,6 +26,10 @@ DEFAULT_MAILBOX = "/var/mail/{user}"
 DEFAULT_AUTH = "passlib:/etc/pop3srv/users"
 
 
+def _option_name(key: str) -> str:
+    return f"--{key.replace('_', '-')}"
+
+
 class Options(usage.Options, strcred.AuthOptionMixin):
     """Options of C{twistd pop3srv}; the command line wins over C{--config}."""
 
@@ -91,7 +95,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def postOptions(self) -> None:
         settings: dict[str, Any] = {}
-        locate: Callable[[str], str] = lambda key: f"--{key.replace('_', '-')}"
+        locate: Callable[[str], str] = _option_name
         if self["config"]:
             try:
                 settings, config_where = load_config(self["config"])

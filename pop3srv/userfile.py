@@ -514,7 +514,7 @@ def _lines(data: bytes) -> list[bytes]:
 
 
 @contextmanager
-def _editor_lock(path: str, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
+def _editor_lock(path: str, timeout: float | None = None) -> Iterator[None]:
     """
     Hold an exclusive C{flock} on C{<path>.lock} for a read-modify-write.
 
@@ -522,7 +522,8 @@ def _editor_lock(path: str, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
     replaced by rename, and a lock on a replaced inode excludes nobody.
 
     @param path: the user file (already resolved through symlinks).
-    @param timeout: seconds to wait for another editor.
+    @param timeout: seconds to wait for another editor; L{None} for
+        C{_LOCK_TIMEOUT}.
     @raise UserFileError: if the lock cannot be opened or is not released
         within C{timeout}.
     """
@@ -531,6 +532,8 @@ def _editor_lock(path: str, timeout: float = _LOCK_TIMEOUT) -> Iterator[None]:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
     except OSError as e:
         raise UserFileError(_describe(lock_path, e)) from None
+    if timeout is None:
+        timeout = _LOCK_TIMEOUT
     try:
         deadline = time.monotonic() + timeout
         while True:

@@ -171,7 +171,7 @@ def parse_command(line: bytes) -> c.Command | c.BadCommand:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         return c.BadCommand("Command is not valid UTF-8.")
-    keyword, space, rest = text.partition(" ")
+    keyword, _, rest = text.partition(" ")
     keyword = keyword.upper()
     if keyword == "PASS":
         # RFC 1939 section 7: a password may contain spaces, so PASS takes the

@@ -20,7 +20,7 @@ from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
 from pop3srv.errors import CommitFailed, MaildropInUse
-from pop3srv.protocol import POP3ServerFactory, POP3Server
+from pop3srv.protocol import POP3Server, POP3ServerFactory
 
 MESSAGES = [b"Subject: one\n\nbody one\n", b"Subject: two\n\n.dot line\nlast line no newline"]
 
@@ -141,7 +141,9 @@ def test_full_session(mode: str) -> None:
     assert session.send(b"RETR 2\r\n") == (
         b"+OK 47 octets.\r\nSubject: two\r\n\r\n..dot line\r\nlast line no newline\r\n.\r\n"
     )
-    assert session.send(b"TOP 1 0\r\n") == b"+OK Top of message follows.\r\nSubject: one\r\n\r\n.\r\n"
+    assert session.send(b"TOP 1 0\r\n") == (
+        b"+OK Top of message follows.\r\nSubject: one\r\n\r\n.\r\n"
+    )
     assert session.send(b"DELE 1\r\n") == b"+OK Message 1 deleted.\r\n"
     assert session.send(b"QUIT\r\n") == b"+OK Bye, 1 messages deleted.\r\n"
     assert session.mailbox.synced == {0}

@@ -179,8 +179,7 @@ def encode_index(index: MboxIndex) -> bytes:
     ]
     pack = _RECORD.pack
     parts.extend(
-        pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal)
-        for r in index.records
+        pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal) for r in index.records
     )
     parts.extend(_RETIRED.pack(d, n) for d, n in index.retired.items())
     body = b"".join(parts)
@@ -196,18 +195,13 @@ def decode_index(data: bytes) -> MboxIndex | None:
     body, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
     if hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest() != checksum:
         return None
-    magic, version, _flags, dev, ino, size, mtime_ns, n_rec, n_ret = (
-        _HEADER.unpack_from(body)
-    )
+    magic, version, _flags, dev, ino, size, mtime_ns, n_rec, n_ret = _HEADER.unpack_from(body)
     if magic != MAGIC or version != VERSION:
         return None
     rec_end = _HEADER.size + n_rec * _RECORD.size
     if len(body) != rec_end + n_ret * _RETIRED.size:
         return None
-    records = [
-        IndexRecord(*fields)
-        for fields in _RECORD.iter_unpack(body[_HEADER.size : rec_end])
-    ]
+    records = [IndexRecord(*fields) for fields in _RECORD.iter_unpack(body[_HEADER.size : rec_end])]
     retired = dict(_RETIRED.iter_unpack(body[rec_end:]))
     return MboxIndex(dev, ino, size, mtime_ns, records, retired)
 
@@ -256,17 +250,13 @@ def _scan(fd: int, start: int, limit: int) -> list[MessageRecord]:
         return list(scan_mbox(f, start, limit))
 
 
-def _full(
-    st: os.stat_result, fd: int, old: MboxIndex | None
-) -> MboxIndex:
+def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
     scanned = _scan(fd, 0, st.st_size)
     old_records: Sequence[IndexRecord] = old.records if old else ()
     old_retired = old.retired if old else {}
     alloc = _OrdinalAllocator(old_records, (), old_retired)
     records = [
-        IndexRecord(
-            m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest)
-        )
+        IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
         for m in scanned
     ]
     return MboxIndex(
@@ -289,11 +279,9 @@ def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
         return None
     kept = old.records[:-1]
     alloc = _OrdinalAllocator((), old.records, old.retired)
-    records = kept + [last]
+    records = [*kept, last]
     records.extend(
-        IndexRecord(
-            m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest)
-        )
+        IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
         for m in scanned[1:]
     )
     return MboxIndex(
@@ -347,6 +335,4 @@ def _save(index_path: str, index: MboxIndex) -> None:
     try:
         write_index(index_path, index)
     except OSError as e:
-        _log.warn(
-            "Cannot write index {path}: {error}", path=index_path, error=e
-        )
+        _log.warn("Cannot write index {path}: {error}", path=index_path, error=e)

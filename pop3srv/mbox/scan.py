@@ -63,14 +63,14 @@ class _Message:
     """
 
     __slots__ = (
-        "start",
         "body_start",
-        "hasher",
-        "span_len",
-        "lf",
-        "crlf",
-        "quoted",
         "counter",
+        "crlf",
+        "hasher",
+        "lf",
+        "quoted",
+        "span_len",
+        "start",
         "tail",
     )
 
@@ -135,12 +135,7 @@ class _Message:
             size = 0
             content_len = 0
         else:
-            size = (
-                content_len
-                - self.quoted
-                + (self.lf - drop_lf)
-                - (self.crlf - drop_crlf)
-            )
+            size = content_len - self.quoted + (self.lf - drop_lf) - (self.crlf - drop_crlf)
             if not drop_len and not self.tail.endswith(b"\n"):
                 size += 2
         return MessageRecord(
@@ -188,11 +183,7 @@ def scan_mbox(
         i = 0
         # A From_ at buf[0] has its LF in the previous read (or is at start);
         # it may already have been started if it was held back last time.
-        if (
-            prev == b"\n"
-            and buf.startswith(_FROM)
-            and (msg is None or msg.start != buf_off)
-        ):
+        if prev == b"\n" and buf.startswith(_FROM) and (msg is None or msg.start != buf_off):
             if msg is not None:
                 yield msg.finish(buf_off)
             msg = _Message(buf_off)

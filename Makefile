@@ -1,0 +1,42 @@
+# pop3srv: `make run` serves a demo maildrop on 127.0.0.1:1110, `make test` runs the suite.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+DEMO := .demo
+RUN_PORT ?= 1110
+
+.PHONY: install run demo test lint bench wheel-test clean
+
+$(STAMP): setup.cfg pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	# compat mode: a PEP 660 editable install would hide twisted/plugins/ from Twisted's scan
+	$(BIN)/python -m pip install -q --config-settings editable_mode=compat -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/python -m pop3srv.demo $(DEMO)
+
+run: demo
+	$(BIN)/twistd --nodaemon --pidfile= --logfile=- pop3srv \
+	    --listen tcp:$(RUN_PORT):interface=127.0.0.1 \
+	    --auth passlib:$(DEMO)/users \
+	    --mailbox '$(CURDIR)/$(DEMO)/mail/{user}' \
+	    --index-dir $(DEMO)/mail
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy pop3srv
+
+bench: $(STAMP)
+	@echo "make bench: the benchmark suite arrives with issue 5; nothing is measured yet." >&2
+	@exit 2
+
+clean:
+	rm -rf $(VENV) $(DEMO) build dist *.egg-info

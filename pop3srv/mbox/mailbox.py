@@ -1,0 +1,344 @@
+# -*- test-case-name: tests.test_mbox_mailbox -*-
+"""
+L{MboxMailbox}: an mbox maildrop as a Twisted POP3 C{IMailbox}.
+
+L{open_maildrop} does the blocking work of opening a session (locks,
+crash recovery, index); the mailbox then answers LIST/UIDL from memory,
+streams RETR from one descriptor it keeps open, and commits deletions in
+a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.logger import Logger
+from twisted.mail.pop3 import IMailbox
+from twisted.python.failure import Failure
+from zope.interface import implementer  # type: ignore[import-untyped]
+
+from pop3srv.errors import CommitFailed, MaildropUnavailable
+from pop3srv.mbox.commit import FaultHook, _no_fault, commit_deletions, recover
+from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
+from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
+from pop3srv.mbox.paths import StatePaths, state_paths
+from pop3srv.mbox.quoting import MboxUnquoter
+
+#: Raw bytes read per pread when streaming a message.
+READ_CHUNK = 64 * 1024
+
+DeferToThread = Callable[..., "Deferred[Any]"]
+
+
+def _default_defer_to_thread() -> DeferToThread:
+    # Imported late: importing this module must not touch the reactor.
+    from twisted.internet.threads import deferToThread
+
+    return deferToThread
+
+
+class _Descriptor:
+    """
+    The session's descriptor of the mbox, shared with message readers so
+    that a reader used after L{MboxMailbox.close} fails instead of reading
+    whatever file later reuses the number.
+    """
+
+    def __init__(self, fd: int | None) -> None:
+        self.fd = fd
+
+    def get(self) -> int:
+        if self.fd is None:
+            raise ValueError("maildrop is closed")
+        return self.fd
+
+    def close(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)
+
+
+class MessageReader:
+    """
+    A read-only file-like view of one message's delivered content.
+
+    Bytes are read lazily with C{pread} and un-quoted on the way, so a
+    large message never sits in memory whole.  Line ends are as stored.
+    """
+
+    def __init__(self, descriptor: _Descriptor, start: int, end: int) -> None:
+        self._descriptor = descriptor
+        self._pos = start
+        self._end = end
+        self._unquoter = MboxUnquoter()
+        self._pending = b""
+        self._done = start >= end
+        self.closed = False
+
+    def _fill(self) -> None:
+        """
+        Make C{_pending} non-empty unless the message is exhausted.
+        """
+        while not self._pending and not self._done:
+            fd = self._descriptor.get()
+            want = min(READ_CHUNK, self._end - self._pos)
+            raw = os.pread(fd, want, self._pos)
+            if not raw:
+                raise OSError(errno.EIO, "mbox ended inside a message")
+            self._pos += len(raw)
+            out = self._unquoter.feed(raw)
+            if self._pos >= self._end:
+                out += self._unquoter.finish()
+                self._done = True
+            self._pending = out
+
+    def read(self, n: int = -1) -> bytes:
+        """
+        Read up to C{n} bytes (all that is left if C{n} < 0).
+
+        @return: the next bytes; C{b""} at the end.
+        """
+        if self.closed:
+            raise ValueError("read of closed message")
+        if n < 0:
+            parts: list[bytes] = []
+            while True:
+                self._fill()
+                if not self._pending:
+                    return b"".join(parts)
+                parts.append(self._pending)
+                self._pending = b""
+        self._fill()
+        out, self._pending = self._pending[:n], self._pending[n:]
+        return out
+
+    def close(self) -> None:
+        """
+        Stop reading; the mailbox's descriptor stays open.
+        """
+        self.closed = True
+        self._pending = b""
+
+    def __enter__(self) -> MessageReader:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@implementer(IMailbox)
+class MboxMailbox:
+    """
+    One POP3 session's view of an mbox maildrop (0-based indexes).
+
+    Deleted messages report size 0 from L{listMessages}; any other access
+    to them raises L{ValueError}, and an index out of range raises
+    L{IndexError}.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        paths: StatePaths,
+        index: MboxIndex,
+        fd: int | None,
+        session_lock: SessionLock,
+        defer_to_thread: DeferToThread,
+        lock_timeout: float = LOCK_TIMEOUT,
+    ) -> None:
+        self._paths = paths
+        self._index = index
+        self._descriptor = _Descriptor(fd)
+        self._session_lock = session_lock
+        self._defer_to_thread = defer_to_thread
+        self._lock_timeout = lock_timeout
+        self._deleted: set[int] = set()
+        # Test hook: see pop3srv.mbox.commit.FaultHook.
+        self._fault: FaultHook = _no_fault
+
+    @property
+    def path(self) -> str:
+        """
+        The absolute path of the mbox.
+        """
+        return self._paths.mbox
+
+    def _record(self, index: int) -> IndexRecord:
+        if not 0 <= index < len(self._index.records):
+            raise IndexError(index)
+        if index in self._deleted:
+            raise ValueError(f"message {index} is deleted")
+        return self._index.records[index]
+
+    def listMessages(self, index: int | None = None) -> list[int] | int:
+        """
+        The RETR octet counts: of all messages, or of one.
+
+        @param index: a message index, or L{None} for all.
+        @return: a size, or a list of them; deleted messages count 0.
+        @raise IndexError: C{index} is out of range.
+        """
+        records = self._index.records
+        if index is None:
+            deleted = self._deleted
+            return [0 if i in deleted else rec.size for i, rec in enumerate(records)]
+        if not 0 <= index < len(records):
+            raise IndexError(index)
+        return 0 if index in self._deleted else records[index].size
+
+    def getMessage(self, index: int) -> MessageReader:
+        """
+        A file-like object streaming the message's content as delivered
+        (un-quoted, line ends as stored).
+        """
+        rec = self._record(index)
+        return MessageReader(self._descriptor, rec.body_start, rec.end)
+
+    def getUidl(self, index: int) -> bytes:
+        """
+        The message's persistent unique id.
+        """
+        return self._record(index).uidl
+
+    def deleteMessage(self, index: int) -> None:
+        """
+        Mark a message for deletion at L{sync}.
+        """
+        self._record(index)
+        self._deleted.add(index)
+
+    def undeleteMessages(self) -> None:
+        """
+        Forget all deletion marks.
+        """
+        self._deleted.clear()
+
+    def sync(self) -> Deferred[None]:
+        """
+        Make the deletions durable.
+
+        @return: a L{Deferred} that fires when they are, or fails with
+            L{CommitFailed} or L{MaildropChanged} (the mbox unchanged).
+        """
+        if not self._deleted:
+            return succeed(None)
+        if self._descriptor.fd is None:
+            return fail(CommitFailed("maildrop is closed"))
+        deleted = frozenset(self._deleted)
+        d = self._defer_to_thread(self._commit, deleted)
+        d.addCallbacks(self._committed, self._commit_failed)
+        return d
+
+    def _commit(self, deleted: frozenset[int]) -> MboxIndex:
+        """
+        Run in a worker thread: the blocking commit under the mbox lock.
+        """
+        with MboxFileLock(self._paths.mbox, timeout=self._lock_timeout):
+            recover(self._paths.mbox, self._paths.journal)
+            return commit_deletions(
+                self._descriptor.get(),
+                self._paths,
+                self._index,
+                deleted,
+                fault=self._fault,
+            )
+
+    def _committed(self, index: MboxIndex) -> None:
+        self._index = index
+        self._deleted.clear()
+        try:
+            write_index(self._paths.index, index)
+        except OSError as e:
+            self._log.warn(
+                "Cannot write index {path}: {error}",
+                path=self._paths.index,
+                error=e,
+            )
+
+    def _commit_failed(self, failure: Failure) -> Failure:
+        if isinstance(failure.value, CommitFailed):
+            self._log.info(
+                "Commit of {path} refused: {error}",
+                path=self._paths.mbox,
+                error=failure.value,
+            )
+            return failure
+        self._log.failure("Commit of {path} failed", failure, path=self._paths.mbox)
+        # The client gets the fixed text; the detail went to the log above.
+        raise CommitFailed(str(failure.value)) from failure.value
+
+    def close(self) -> None:
+        """
+        End the session: close the mbox and release the session lock.
+        Calling it again does nothing.
+        """
+        try:
+            self._descriptor.close()
+        finally:
+            self._session_lock.release()
+
+
+def open_maildrop(
+    path: str,
+    *,
+    index_dir: str | None = None,
+    defer_to_thread: DeferToThread | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> MboxMailbox:
+    """
+    Open a maildrop for one POP3 session.  This blocks; run it in a thread.
+
+    Takes the session lock, then under the mbox lock finishes any
+    interrupted commit and brings the index up to date.  A missing mbox is
+    an empty maildrop.
+
+    @param path: the mbox file.
+    @param index_dir: where to keep state files, or L{None} for beside the
+        mbox.
+    @param defer_to_thread: runs the commit off the reactor thread;
+        defaults to L{twisted.internet.threads.deferToThread}.
+    @param lock_timeout: seconds to wait for the mbox lock.
+    @raise MaildropInUse: another session has this maildrop.
+    @raise MaildropUnavailable: it cannot be locked or read just now.
+    """
+    paths = state_paths(path, index_dir)
+    session = SessionLock(paths.lock)
+    fd: int | None = None
+    try:
+        with MboxFileLock(paths.mbox, timeout=lock_timeout) as lock:
+            if lock.fd is None:
+                index = empty_index()
+            else:
+                recover(paths.mbox, paths.journal)
+                # A dup shares the locked open file description.
+                fd = os.dup(lock.fd)
+                os.set_inheritable(fd, False)
+                index = load_index(fd, paths.index)
+    except MaildropUnavailable:
+        _cleanup(fd, session)
+        raise
+    except OSError as e:
+        _cleanup(fd, session)
+        raise MaildropUnavailable(f"cannot open {paths.mbox}: {e}") from e
+    except BaseException:
+        _cleanup(fd, session)
+        raise
+    return MboxMailbox(
+        paths,
+        index,
+        fd,
+        session,
+        defer_to_thread or _default_defer_to_thread(),
+        lock_timeout,
+    )
+
+
+def _cleanup(fd: int | None, session: SessionLock) -> None:
+    if fd is not None:
+        os.close(fd)
+    session.release()
