@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
         message = str(e)
     except KeyboardInterrupt:
         message = "interrupted"
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         # A bug, but an administrator still gets one line, not a traceback.
         message = f"unexpected error: {type(e).__name__}: {e}"
     print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)

@@ -57,18 +57,22 @@ class PasslibChecker:
 
     def __init__(
         self,
-        users: UserFile,
+        users: UserFile | str,
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
     ) -> None:
         """
-        @param users: the user file to verify against.
+        @param users: the user file to verify against, or its path.
         @param reactor: delivers results back to the reactor thread; the
             global reactor if L{None}, looked up on first use.
         @param threadpool: runs the verification; if L{None}, the pool of
             C{reactor}, which must then also provide
             L{twisted.internet.interfaces.IReactorThreads}.
         """
+        if isinstance(users, str):
+            from pop3srv.userfile import UserFile
+
+            users = UserFile(users)
         self.users = users
         self._reactor = reactor
         self._threadpool = threadpool
@@ -108,15 +112,11 @@ class PasslibChecker:
             self.log.debug("Authentication failed: credentials are not UTF-8")
             return fail(UnauthorizedLogin(FAILURE_MESSAGE))
         reactor, threadpool = self._pool()
-        d = deferToThreadPool(
-            reactor, threadpool, self.users.verify, username, password
-        )
+        d = deferToThreadPool(reactor, threadpool, self.users.verify, username, password)
 
         def on_result(ok: bool) -> bytes:
             if not ok:
-                self.log.debug(
-                    "Authentication failed for user {username!r}", username=username
-                )
+                self.log.debug("Authentication failed for user {username!r}", username=username)
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
             return username.encode("utf-8")
 

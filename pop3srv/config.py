@@ -51,7 +51,7 @@ SETTINGS: dict[str, Setting] = {
 
 
 def _line_of(source: str, key: str) -> int | None:
-    pattern = re.compile(rf"^\s*{re.escape(key)}\s*=", re.MULTILINE)
+    pattern = re.compile(rf"^[ \t]*{re.escape(key)}[ \t]*=", re.MULTILINE)
     match = pattern.search(source)
     return source.count("\n", 0, match.start()) + 1 if match else None
 
@@ -81,9 +81,14 @@ def load_config(path: str) -> tuple[dict[str, Any], Callable[[str], str]]:
         document = tomllib.loads(source)
     except tomllib.TOMLDecodeError as e:
         message = str(e)
-        line = re.search(r"\(at line (\d+), column \d+\)", message)
-        text = re.sub(r"\s*\(at line \d+, column \d+\)", "", message)
-        location = f"{path}:{line.group(1)}" if line else path
+        found = re.search(r"\(at line (\d+), column \d+\)", message)
+        if found:
+            line = int(found.group(1))
+        else:
+            # "(at end of document)": the problem is on the last line.
+            line = source.count("\n") + (0 if source.endswith("\n") else 1)
+        text = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
+        location = f"{path}:{max(line, 1)}"
         raise ConfigError(f"{location}: {text}") from None
     settings: dict[str, Any] = {}
     for key, value in document.items():

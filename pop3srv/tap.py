@@ -14,6 +14,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import credentials, strcred
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
+from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
 from twisted.python import usage
 
@@ -69,6 +70,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     def __init__(self) -> None:
         super().__init__()
         self["listen"] = []
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """
+        Parse, and turn a usage error into one line on stderr and exit
+        status 1, rather than twistd's full usage text around it.
+        """
+        try:
+            super().parseOptions(options)
+        except usage.UsageError as e:
+            raise SystemExit(f"twistd pop3srv: {e}") from None
 
     def opt_listen(self, endpoint: str) -> None:
         """Endpoint to serve POP3 on, e.g. tcp:110 (repeatable) [default: tcp:110]."""
@@ -166,6 +177,16 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 self._add_auth(DEFAULT_AUTH, "default --auth")
 
 
+class Pop3Service(service.MultiService):
+    """The listening services; a port that cannot be bound ends start-up in one line."""
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            raise SystemExit(f"twistd pop3srv: {e}") from None
+
+
 def build_portal(options: Options | dict[str, Any]) -> Portal:
     """The cred portal: our realm and the configured checkers."""
     realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
@@ -183,7 +204,7 @@ def makeService(
     factory = POP3ServerFactory(
         build_portal(options), idle_timeout=options["idle_timeout"], reactor=reactor
     )
-    top = service.MultiService()
+    top = Pop3Service()
     for description in options["listen"]:
         server = StreamServerEndpointService(
             endpoints.serverFromString(reactor, description), factory

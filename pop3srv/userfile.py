@@ -76,9 +76,7 @@ _DEPRECATED_SCHEMES: tuple[str, ...] = ("apr_md5_crypt", "md5_crypt")
 #: Schemes L{hash_password} will produce.  Salted SHA is verified for
 #: migration but never produced: one fast hash per guess is no defence.
 HASH_SCHEMES: tuple[str, ...] = tuple(
-    s
-    for s in ACCEPTED_SCHEMES
-    if s not in _DEPRECATED_SCHEMES and not s.startswith("ldap_")
+    s for s in ACCEPTED_SCHEMES if s not in _DEPRECATED_SCHEMES and not s.startswith("ldap_")
 )
 
 _BCRYPT_IDENTS = ("$2a$", "$2b$", "$2y$")
@@ -155,9 +153,7 @@ def validate_username(name: str) -> None:
     except UnicodeEncodeError:
         raise ValueError("user name is not valid Unicode") from None
     if octets > _MAX_USERNAME_OCTETS:
-        raise ValueError(
-            f"user name is longer than {_MAX_USERNAME_OCTETS} octets as UTF-8"
-        )
+        raise ValueError(f"user name is longer than {_MAX_USERNAME_OCTETS} octets as UTF-8")
     if name == "." or ".." in name:
         raise ValueError("user name must not be '.' or contain '..'")
     if name.startswith("#"):
@@ -233,8 +229,7 @@ def hash_password(password: str, scheme: str | None = None) -> str:
         return str(_CONTEXT.hash(password))
     if scheme not in HASH_SCHEMES:
         raise ValueError(
-            f"unknown or deprecated scheme {scheme!r}; "
-            f"choose one of: {', '.join(HASH_SCHEMES)}"
+            f"unknown or deprecated scheme {scheme!r}; choose one of: {', '.join(HASH_SCHEMES)}"
         )
     return str(_CONTEXT.handler(scheme).hash(password))
 
@@ -266,9 +261,7 @@ class UserFile:
 
     log = Logger()
 
-    def __init__(
-        self, path: str | os.PathLike[str], context: CryptContext | None = None
-    ) -> None:
+    def __init__(self, path: str | os.PathLike[str], context: CryptContext | None = None) -> None:
         """
         Read and parse the file.
 
@@ -336,8 +329,7 @@ class UserFile:
             if name in first_seen:
                 self._skip(
                     lineno,
-                    f"duplicate user {name!r} (first defined on line "
-                    f"{first_seen[name]})",
+                    f"duplicate user {name!r} (first defined on line {first_seen[name]})",
                 )
                 continue
             try:
@@ -358,8 +350,7 @@ class UserFile:
         @param lineno: 1-based line number.
         @param reason: why it was skipped.
         """
-        # twisted.logger.Logger has warn() but no warning().
-        self.log.warn(  # noqa: G010
+        self.log.warn(
             "{path}:{lineno}: skipping line: {reason}",
             path=self.path,
             lineno=lineno,
@@ -423,9 +414,7 @@ class UserFile:
             return False
         if not self._checked_verify(username, password, hashed):
             return False
-        if (username, hashed) not in self._logged_updates and self.context.needs_update(
-            hashed
-        ):
+        if (username, hashed) not in self._logged_updates and self.context.needs_update(hashed):
             self._logged_updates.add((username, hashed))
             self.log.info(
                 "{path}: the hash for user {username!r} uses a deprecated "
@@ -453,8 +442,7 @@ class UserFile:
             # Only the class name: the message is library text we do not
             # control and must not risk echoing the password.
             self.log.info(
-                "{path}: password for user {username!r} rejected by the hash "
-                "scheme ({error})",
+                "{path}: password for user {username!r} rejected by the hash scheme ({error})",
                 path=self.path,
                 username=username,
                 error=type(e).__name__,
@@ -543,8 +531,7 @@ def _editor_lock(path: str, timeout: float | None = None) -> Iterator[None]:
             except BlockingIOError:
                 if time.monotonic() >= deadline:
                     raise UserFileError(
-                        f"{lock_path}: still locked by another editor after "
-                        f"{timeout:g} seconds"
+                        f"{lock_path}: still locked by another editor after {timeout:g} seconds"
                     ) from None
                 time.sleep(0.05)
         yield
@@ -663,9 +650,7 @@ def set_user_hash(path: str | os.PathLike[str], username: str, hashed: str) -> b
         else:
             if lines and not lines[-1].endswith(b"\n"):
                 lines[-1] += b"\n"
-            lines.append(
-                username.encode("utf-8") + b":" + hashed.encode("ascii") + b"\n"
-            )
+            lines.append(username.encode("utf-8") + b":" + hashed.encode("ascii") + b"\n")
             added = True
         _atomic_write(target, b"".join(lines), st)
     return added

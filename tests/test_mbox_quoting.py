@@ -4,6 +4,8 @@ Tests for L{pop3srv.mbox.quoting}.
 
 from __future__ import annotations
 
+import itertools
+
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -20,7 +22,7 @@ _CONTENT = st.lists(_PIECES, max_size=60).map(b"".join)
 def _chunked(data: bytes, cuts: list[int]) -> list[bytes]:
     points = sorted({c % (len(data) + 1) for c in cuts})
     bounds = [0, *points, len(data)]
-    return [data[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
+    return [data[a:b] for a, b in itertools.pairwise(bounds)]
 
 
 def _feed_all(chunks: list[bytes]) -> bytes:

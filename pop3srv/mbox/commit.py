@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from pop3srv.errors import MaildropChanged
-from pop3srv.mbox.index import MboxIndex, trim_retired
+from pop3srv.mbox.index import MboxIndex, probes, trim_retired
 from pop3srv.mbox.paths import StatePaths, fsync_dir
 
 _log = Logger()
@@ -294,13 +294,14 @@ def commit_deletions(
         _apply(mbox_fd, paths.journal, jfd, header, fault)
     finally:
         os.close(jfd)
-    return _index_after(index, gone_set, os.fstat(mbox_fd))
+    return _index_after(index, gone_set, mbox_fd)
 
 
-def _index_after(index: MboxIndex, gone: set[int], st: os.stat_result) -> MboxIndex:
+def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
     """
     The snapshot index with C{gone} removed and later records shifted.
     """
+    st = os.fstat(fd)
     records = []
     retired = dict(index.retired)
     shift = 0
@@ -314,13 +315,16 @@ def _index_after(index: MboxIndex, gone: set[int], st: os.stat_result) -> MboxIn
             records.append(rec.shifted(shift) if shift else rec)
     # Mail appended during the session lies beyond index.size + shift; the
     # next load sees the file "grown" and indexes just that part.
+    size = index.size + shift
     return MboxIndex(
         st.st_dev,
         st.st_ino,
-        index.size + shift,
+        size,
         st.st_mtime_ns,
         records,
         trim_retired(retired),
+        None,
+        *probes(fd, size),
     )
 
 

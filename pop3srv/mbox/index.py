@@ -9,7 +9,8 @@ remembered (the I{retired} table), so a later identical arrival never gets
 a UIDL a client has already seen.
 
 File layout (little endian): a header (magic, version, st_dev, st_ino,
-size, mtime_ns, record count, retired count), fixed-size records, retired
+size, mtime_ns, hashes of the first and last 4 KiB, record count, retired
+count), fixed-size records, retired
 entries, then a blake2b checksum of everything before it.
 """
 
@@ -30,9 +31,14 @@ from pop3srv.mbox.scan import DIGEST_SIZE, MessageRecord, scan_mbox
 
 _log = Logger()
 
+_PROBE_SIZE = 16
+#: Bytes hashed at each end of the mbox to tell a replaced file from ours
+#: when inode, size and (coarse) mtime all happen to match.
+PROBE_SPAN = 4096
+
 MAGIC = b"P3MBXIDX"
 VERSION = 1
-_HEADER = struct.Struct("<8sIIQQQqQQ")
+_HEADER = struct.Struct(f"<8sIIQQQq{_PROBE_SIZE}s{_PROBE_SIZE}sQQ")
 _RECORD = struct.Struct(f"<QQQQ{DIGEST_SIZE}sI")
 _RETIRED = struct.Struct(f"<{DIGEST_SIZE}sI")
 _CHECKSUM_SIZE = 16
@@ -87,6 +93,8 @@ class MboxIndex:
     @ivar ino: C{st_ino} of the indexed file.
     @ivar size: the indexed length; records cover C{[0, size)}.
     @ivar mtime_ns: C{st_mtime_ns} when indexed.
+    @ivar head_probe: hash of the first L{PROBE_SPAN} bytes (fewer if short).
+    @ivar tail_probe: hash of the last L{PROBE_SPAN} bytes before C{size}.
     @ivar records: the messages in file order.
     @ivar retired: digest -> lowest ordinal never yet handed out, for
         digests whose messages left the file.
@@ -101,6 +109,8 @@ class MboxIndex:
     records: list[IndexRecord]
     retired: dict[bytes, int] = field(default_factory=dict)
     scanned_from: int | None = None
+    head_probe: bytes = bytes(_PROBE_SIZE)
+    tail_probe: bytes = bytes(_PROBE_SIZE)
 
 
 class _OrdinalAllocator:
@@ -173,6 +183,8 @@ def encode_index(index: MboxIndex) -> bytes:
             index.ino,
             index.size,
             index.mtime_ns,
+            index.head_probe,
+            index.tail_probe,
             len(index.records),
             len(index.retired),
         )
@@ -195,7 +207,9 @@ def decode_index(data: bytes) -> MboxIndex | None:
     body, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
     if hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest() != checksum:
         return None
-    magic, version, _flags, dev, ino, size, mtime_ns, n_rec, n_ret = _HEADER.unpack_from(body)
+    magic, version, _flags, dev, ino, size, mtime_ns, head, tail, n_rec, n_ret = (
+        _HEADER.unpack_from(body)
+    )
     if magic != MAGIC or version != VERSION:
         return None
     rec_end = _HEADER.size + n_rec * _RECORD.size
@@ -203,7 +217,7 @@ def decode_index(data: bytes) -> MboxIndex | None:
         return None
     records = [IndexRecord(*fields) for fields in _RECORD.iter_unpack(body[_HEADER.size : rec_end])]
     retired = dict(_RETIRED.iter_unpack(body[rec_end:]))
-    return MboxIndex(dev, ino, size, mtime_ns, records, retired)
+    return MboxIndex(dev, ino, size, mtime_ns, records, retired, head_probe=head, tail_probe=tail)
 
 
 def read_index(index_path: str) -> MboxIndex | None:
@@ -244,6 +258,20 @@ def write_index(index_path: str, index: MboxIndex) -> None:
     fsync_dir(directory)
 
 
+def _hash_at(fd: int, offset: int, length: int) -> bytes:
+    return hashlib.blake2b(os.pread(fd, length, offset), digest_size=_PROBE_SIZE).digest()
+
+
+def probes(fd: int, size: int) -> tuple[bytes, bytes]:
+    """
+    Hash the first and the last L{PROBE_SPAN} bytes of C{[0, size)}.
+
+    @return: C{(head_probe, tail_probe)}.
+    """
+    span = min(PROBE_SPAN, size)
+    return _hash_at(fd, 0, span), _hash_at(fd, size - span, span)
+
+
 def _scan(fd: int, start: int, limit: int) -> list[MessageRecord]:
     # closefd=False: the caller's fd (and its lock) must outlive the scan.
     with open(fd, "rb", buffering=0, closefd=False) as f:
@@ -266,7 +294,8 @@ def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
         st.st_mtime_ns,
         records,
         alloc.retired(old_retired),
-        scanned_from=0,
+        0,
+        *probes(fd, st.st_size),
     )
 
 
@@ -291,7 +320,8 @@ def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
         st.st_mtime_ns,
         records,
         dict(old.retired),
-        scanned_from=last.start,
+        last.start,
+        *probes(fd, st.st_size),
     )
 
 
@@ -312,9 +342,12 @@ def load_index(fd: int, index_path: str) -> MboxIndex:
     st = os.fstat(fd)
     old = read_index(index_path)
     if old is not None and (old.dev, old.ino) == (st.st_dev, st.st_ino):
-        if old.size == st.st_size and old.mtime_ns == st.st_mtime_ns:
+        head, tail = probes(fd, old.size)
+        if (old.size, old.mtime_ns, old.tail_probe) == (st.st_size, st.st_mtime_ns, tail) and (
+            head == old.head_probe
+        ):
             return old
-        if old.size < st.st_size and old.records:
+        if old.size < st.st_size and old.records and head == old.head_probe:
             grown = _grown(st, fd, old)
             if grown is not None:
                 _save(index_path, grown)

@@ -1,0 +1,326 @@
+"""
+Tests for L{pop3srv.checker} and the C{passlib} strcred plugin.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
+from twisted.cred import strcred
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword, UsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet.defer import Deferred
+from twisted.logger import LogEvent, globalLogPublisher
+from twisted.plugin import getPlugins
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from twisted.trial.unittest import SynchronousTestCase, TestCase
+
+from pop3srv.checker import FAILURE_MESSAGE, PasslibChecker
+from pop3srv.userfile import UserFile, UserFileError
+
+PASSWORD = "s3cret-Pässword-7731"
+
+
+def make_users(tmp: Path) -> UserFile:
+    """
+    @return: a user file with alice (password L{PASSWORD}) and bob.
+    """
+    cheap = sha256_crypt.using(rounds=1000)
+    path = tmp / "users"
+    path.write_text(f"alice:{cheap.hash(PASSWORD)}\nbob:{cheap.hash('bob-pw')}\n")
+    return UserFile(path)
+
+
+def temp_dir(case: SynchronousTestCase) -> Path:
+    """
+    A fresh directory removed at cleanup; trial's C{mktemp} would put it
+    under the current directory, which under pytest is the checkout.
+    """
+    path = tempfile.mkdtemp(prefix="pop3srv-test-checker-")
+    case.addCleanup(shutil.rmtree, path)
+    return Path(path)
+
+
+class SyncThreadPool:
+    """
+    Runs "threaded" work at once in the calling thread, reporting as
+    L{ThreadPool.callInThreadWithCallback} does.
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(
+        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any
+    ) -> None:
+        """
+        Call C{f} and pass the outcome to C{on_result}.
+        """
+        self.calls += 1
+        try:
+            result = f(*args)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class SyncReactor:
+    """
+    The part of a reactor L{deferToThreadPool} needs, without threads.
+    """
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
+        """
+        Call C{f} now.
+        """
+        f(*args)
+
+
+class PasslibCheckerTests(SynchronousTestCase):
+    """
+    L{PasslibChecker} with an injected synchronous thread pool, so each
+    Deferred has fired by the time C{requestAvatarId} returns.
+    """
+
+    def setUp(self) -> None:
+        """
+        A checker over a fresh user file, collecting log events.
+        """
+        self.pool = SyncThreadPool()
+        self.users = make_users(temp_dir(self))
+        self.checker = PasslibChecker(self.users, reactor=SyncReactor(), threadpool=self.pool)  # type: ignore[arg-type]
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def check(self, username: bytes | str, password: bytes | str) -> Deferred[bytes]:
+        """
+        @return: the checker's answer for these credentials.
+        """
+        return self.checker.requestAvatarId(UsernamePassword(username, password))  # type: ignore[arg-type]
+
+    def assertNoPasswordLogged(self) -> None:
+        """
+        No log event, in any field, contains the password in any encoding.
+        """
+        for event in self.events:
+            text = repr(event)
+            self.assertNotIn(PASSWORD, text)
+            self.assertNotIn(repr(PASSWORD.encode("utf-8"))[2:-1], text)
+
+    def test_interfaces(self) -> None:
+        """
+        The checker provides L{ICredentialsChecker} for L{IUsernamePassword}.
+        """
+        self.assertTrue(ICredentialsChecker.providedBy(self.checker))
+        self.assertEqual(PasslibChecker.credentialInterfaces, (IUsernamePassword,))
+
+    def test_success_returns_bytes_avatar_id(self) -> None:
+        """
+        Right UTF-8 bytes credentials give the username as bytes, and the
+        verification ran in the thread pool.
+        """
+        result = self.successResultOf(self.check(b"alice", PASSWORD.encode("utf-8")))
+        self.assertEqual(result, b"alice")
+        self.assertIsInstance(result, bytes)
+        self.assertEqual(self.pool.calls, 1)
+        self.assertNoPasswordLogged()
+
+    def test_text_credentials(self) -> None:
+        """
+        Credentials given as text work too.
+        """
+        self.assertEqual(self.successResultOf(self.check("alice", PASSWORD)), b"alice")
+
+    def test_same_failure_for_unknown_user_and_wrong_password(self) -> None:
+        """
+        A wrong password and an unknown user fail identically: same
+        exception type, same message.
+        """
+        wrong = self.failureResultOf(self.check(b"alice", b"nope"), UnauthorizedLogin)
+        unknown = self.failureResultOf(
+            self.check(b"mallory", PASSWORD.encode("utf-8")), UnauthorizedLogin
+        )
+        self.assertEqual(str(wrong.value), FAILURE_MESSAGE)
+        self.assertEqual(str(unknown.value), FAILURE_MESSAGE)
+        self.assertEqual(wrong.value.args, unknown.value.args)
+        # Both went through the (slow) verification, not a shortcut.
+        self.assertEqual(self.pool.calls, 2)
+        self.assertNoPasswordLogged()
+
+    def test_other_users_password_fails(self) -> None:
+        """
+        Bob's password does not log Alice in.
+        """
+        failure = self.failureResultOf(self.check(b"alice", b"bob-pw"), UnauthorizedLogin)
+        self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+
+    def test_invalid_utf8_is_unauthorized(self) -> None:
+        """
+        A username or password that is not UTF-8 fails with the same message,
+        and the password bytes are not logged.
+        """
+        for username, password in [(b"al\xffice", b"x"), (b"alice", b"\xff" + PASSWORD.encode())]:
+            failure = self.failureResultOf(self.check(username, password), UnauthorizedLogin)
+            self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+        self.assertNoPasswordLogged()
+
+    def test_unexpected_error_is_logged_and_unauthorized(self) -> None:
+        """
+        An unexpected exception in verification is logged as a failure
+        (without the password) and becomes L{UnauthorizedLogin}.
+        """
+
+        def broken(username: str, password: str) -> bool:
+            raise RuntimeError("disk on fire")
+
+        self.users.verify = broken  # type: ignore[method-assign]
+        failure = self.failureResultOf(self.check(b"alice", PASSWORD.encode()), UnauthorizedLogin)
+        self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+        [logged] = self.flushLoggedErrors(RuntimeError)
+        self.assertEqual(str(logged.value), "disk on fire")
+        critical = [e for e in self.events if e.get("log_failure") is not None]
+        self.assertEqual(len(critical), 1)
+        self.assertEqual(critical[0]["username"], "alice")
+        self.assertNoPasswordLogged()
+
+
+class RealThreadPoolTests(TestCase):
+    """
+    L{PasslibChecker} with a real L{ThreadPool} and the global reactor;
+    trial's C{TestCase} spins the reactor until the Deferred fires.
+    """
+
+    def setUp(self) -> None:
+        """
+        Start a private thread pool, stopped again at cleanup.
+        """
+        self.pool = ThreadPool(minthreads=1, maxthreads=2, name="test-checker")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.users = make_users(temp_dir(self))
+
+    def test_verifies_in_pool_thread(self) -> Deferred[None]:
+        """
+        The verification runs in a pool thread, not the reactor thread, and
+        the result arrives back as the username bytes.
+        """
+        import threading
+
+        from twisted.internet import reactor
+
+        threads: list[str] = []
+        real_verify = self.users.verify
+
+        def recording_verify(username: str, password: str) -> bool:
+            threads.append(threading.current_thread().name)
+            return real_verify(username, password)
+
+        self.users.verify = recording_verify  # type: ignore[method-assign]
+        checker = PasslibChecker(self.users, reactor=reactor, threadpool=self.pool)
+        d = checker.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
+
+        def check(avatar_id: bytes) -> None:
+            self.assertEqual(avatar_id, b"alice")
+            self.assertEqual(len(threads), 1)
+            self.assertNotEqual(threads[0], threading.current_thread().name)
+
+        return d.addCallback(check)
+
+    def test_wrong_password_in_pool(self) -> Deferred[None]:
+        """
+        A wrong password fails with L{UnauthorizedLogin} through the pool.
+        """
+        from twisted.internet import reactor
+
+        checker = PasslibChecker(self.users, reactor=reactor, threadpool=self.pool)
+        d = checker.requestAvatarId(UsernamePassword(b"alice", b"wrong"))
+        return self.assertFailure(d, UnauthorizedLogin).addCallback(
+            lambda e: self.assertEqual(str(e), FAILURE_MESSAGE)
+        )
+
+    def test_defaults_to_reactor_thread_pool(self) -> Deferred[None]:
+        """
+        With nothing injected, the global reactor and its thread pool are
+        used.
+        """
+        checker = PasslibChecker(self.users)
+        d = checker.requestAvatarId(UsernamePassword(b"bob", b"bob-pw"))
+        return d.addCallback(self.assertEqual, b"bob")
+
+
+def test_import_does_not_touch_reactor() -> None:
+    """
+    Importing the checker and the plugin installs no reactor and (for the
+    plugin) loads neither pop3srv nor passlib.
+    """
+    code = (
+        "import sys\n"
+        "import twisted.plugins.pop3srv_cred\n"
+        "assert 'pop3srv.checker' not in sys.modules\n"
+        "assert 'passlib' not in sys.modules\n"
+        "import pop3srv.checker\n"
+        "assert 'twisted.internet.reactor' not in sys.modules\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def plugin() -> Any:
+    """
+    @return: the C{passlib} checker factory, found by plugin scan.
+    """
+    found = [p for p in getPlugins(strcred.ICheckerFactory) if p.authType == "passlib"]
+    assert len(found) == 1
+    return found[0]
+
+
+def test_plugin_is_found() -> None:
+    """
+    Twisted's plugin scan finds the C{passlib} checker factory in the
+    repository's C{twisted/plugins} (on the path via the compat-mode
+    editable install), with help text and argument format.
+    """
+    factory = plugin()
+    assert factory.credentialInterfaces == (IUsernamePassword,)
+    assert factory.argStringFormat == "A path to a user file of name:hash lines"
+    assert factory.authHelp.count("\n") > 5
+    for word in ("argon2", "bcrypt", "{SSHA}", "{SHA512-CRYPT}", "{PLAIN}", "name:hash"):
+        assert word in factory.authHelp
+
+
+def test_make_checker_from_string(tmp_path: Path) -> None:
+    """
+    C{strcred.makeChecker("passlib:PATH")} builds a working L{PasslibChecker}.
+    """
+    users = make_users(tmp_path)
+    checker = strcred.makeChecker(f"passlib:{users.path}")
+    assert isinstance(checker, PasslibChecker)
+    checker._reactor = SyncReactor()
+    checker._threadpool = SyncThreadPool()  # type: ignore[assignment]
+    d = checker.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
+    results: list[object] = []
+    d.addBoth(results.append)
+    assert results == [b"alice"]
+
+
+def test_plugin_missing_file(tmp_path: Path) -> None:
+    """
+    A missing file, or no path at all, is a one-line L{UserFileError}.
+    """
+    missing = tmp_path / "missing"
+    with pytest.raises(UserFileError) as info:
+        strcred.makeChecker(f"passlib:{missing}")
+    assert str(info.value) == f"{missing}: No such file or directory"
+    with pytest.raises(UserFileError, match="requires a user file path"):
+        plugin().generateChecker("")

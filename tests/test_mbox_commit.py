@@ -1,0 +1,399 @@
+"""
+Tests for L{pop3srv.mbox.commit}: in-place commits and crash recovery.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pop3srv.errors import CommitFailed, MaildropChanged
+from pop3srv.mbox import commit as commit_module
+from pop3srv.mbox import open_maildrop
+from pop3srv.mbox.commit import recover
+from pop3srv.mbox.mailbox import MboxMailbox
+from pop3srv.mbox.paths import state_paths
+from pop3srv.mbox.testing import synchronous_defer_to_thread
+
+
+def _message(tag: str, size: int = 0) -> bytes:
+    filler = (f"line of {tag}\n" * (size // 12 + 1))[:size] if size else ""
+    return (
+        f"From {tag}@example.org Thu Jan  1 00:00:00 2026\nSubject: {tag}\n\nbody {tag}\n{filler}\n"
+    ).encode()
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=12).digest()
+
+
+def _open(path: Path) -> MboxMailbox:
+    return open_maildrop(str(path), defer_to_thread=synchronous_defer_to_thread, lock_timeout=2)
+
+
+def _sync(mb: MboxMailbox) -> Any:
+    results: list[Any] = []
+    mb.sync().addBoth(results.append)
+    assert len(results) == 1
+    return results[0]
+
+
+def _digests(path: Path) -> list[bytes]:
+    mb = _open(path)
+    try:
+        return [r.digest for r in mb._index.records]
+    finally:
+        mb.close()
+
+
+class SimulatedCrash(Exception):
+    """Raised by the fault hook to stop a commit at a named point."""
+
+
+@pytest.fixture
+def messages() -> list[bytes]:
+    """Five distinct raw messages, separator included."""
+    return [_message(tag, 300 * i) for i, tag in enumerate("abcde")]
+
+
+@pytest.fixture
+def mbox(tmp_path: Path, messages: list[bytes]) -> Path:
+    """An mbox holding C{messages}."""
+    path = tmp_path / "user"
+    path.write_bytes(b"".join(messages))
+    return path
+
+
+def test_deletions_durable_in_place(mbox: Path, messages: list[bytes]) -> None:
+    """
+    A commit removes exactly the deleted messages and keeps the inode,
+    owner and mode; no journal or temporary file is left.
+    """
+    os.chmod(mbox, 0o620)
+    before = mbox.stat()
+    entries = set(os.listdir(mbox.parent))
+    mb = _open(mbox)
+    uidls = [mb.getUidl(i) for i in range(5)]
+    mb.deleteMessage(0)
+    mb.deleteMessage(3)
+    assert _sync(mb) is None
+    mb.close()
+    assert mbox.read_bytes() == messages[1] + messages[2] + messages[4]
+    after = mbox.stat()
+    assert (after.st_ino, after.st_dev, after.st_uid, after.st_gid, after.st_mode) == (
+        before.st_ino,
+        before.st_dev,
+        before.st_uid,
+        before.st_gid,
+        before.st_mode,
+    )
+    assert set(os.listdir(mbox.parent)) == entries | {".user.pop3srv-index", ".user.pop3srv-lock"}
+    mb = _open(mbox)
+    assert mb._index.scanned_from is None
+    assert [mb.getUidl(i) for i in range(3)] == [uidls[1], uidls[2], uidls[4]]
+    mb.close()
+
+
+def test_mailbox_state_after_sync(mbox: Path, messages: list[bytes]) -> None:
+    """
+    After a successful sync the session sees the new file: marks are
+    cleared and messages read back correctly.
+    """
+    mb = _open(mbox)
+    mb.deleteMessage(1)
+    assert _sync(mb) is None
+    assert len(mb.listMessages()) == 4  # type: ignore[arg-type]
+    assert mb.getMessage(1).read().startswith(b"Subject: c\n")
+    mb.close()
+
+
+def test_sync_without_deletions_does_nothing(mbox: Path) -> None:
+    """
+    With nothing deleted, sync fires at once without locking or touching
+    the file (a foreign dotlock does not delay it).
+    """
+    Path(str(mbox) + ".lock").write_text("1 elsewhere\n")
+    mb = _open_nolock(mbox)
+    before = mbox.stat()
+    started = time.monotonic()
+    assert _sync(mb) is None
+    assert time.monotonic() - started < 0.5
+    assert mbox.stat().st_mtime_ns == before.st_mtime_ns
+    mb.close()
+
+
+def _open_nolock(path: Path) -> MboxMailbox:
+    dotlock = Path(str(path) + ".lock")
+    saved = dotlock.read_bytes()
+    dotlock.unlink()
+    try:
+        return _open(path)
+    finally:
+        dotlock.write_bytes(saved)
+
+
+def test_append_during_session_survives(mbox: Path, messages: list[bytes]) -> None:
+    """
+    Mail an MTA appends between open and sync is kept after the commit,
+    and indexed (only it) on the next open.
+    """
+    mb = _open(mbox)
+    uidls = [mb.getUidl(i) for i in range(5)]
+    mb.deleteMessage(1)
+    with mbox.open("ab") as f:
+        f.write(_message("late"))
+    assert _sync(mb) is None
+    mb.close()
+    kept = [m for i, m in enumerate(messages) if i != 1]
+    assert mbox.read_bytes() == b"".join(kept) + _message("late")
+    mb = _open(mbox)
+    assert mb._index.scanned_from == mb._index.records[3].start
+    assert [mb.getUidl(i) for i in range(4)] == [uidls[0], *uidls[2:]]
+    assert mb.getMessage(4).read() == b"Subject: late\n\nbody late\n"
+    mb.close()
+
+
+def test_mbox_created_during_session(tmp_path: Path) -> None:
+    """
+    A missing mbox is an empty maildrop; one delivered during the session
+    is left alone.
+    """
+    path = tmp_path / "new"
+    mb = _open(path)
+    assert mb.listMessages() == []
+    path.write_bytes(_message("x"))
+    assert _sync(mb) is None
+    mb.close()
+    assert path.read_bytes() == _message("x")
+    assert len(_digests(path)) == 1
+
+
+@pytest.mark.parametrize("change", ["rewrite", "replace", "truncate"])
+def test_maildrop_changed(mbox: Path, tmp_path: Path, change: str) -> None:
+    """
+    If another program rewrote, replaced or truncated the mbox during the
+    session, sync fails with L{MaildropChanged} and leaves it untouched.
+    """
+    mb = _open(mbox)
+    mb.deleteMessage(1)
+    data = mbox.read_bytes()
+    if change == "rewrite":
+        data = data.replace(b"body d", b"BODY d")
+        with mbox.open("r+b") as f:
+            f.write(data)
+    elif change == "replace":
+        other = tmp_path / "other"
+        other.write_bytes(data)
+        os.replace(other, mbox)
+    else:
+        data = data[: data.index(b"From e")]
+        with mbox.open("r+b") as f:
+            f.truncate(len(data))
+    result = _sync(mb)
+    mb.close()
+    assert result.check(MaildropChanged)
+    assert mbox.read_bytes() == data
+    assert not Path(state_paths(str(mbox)).journal).exists()
+
+
+def test_failure_before_commit_point(
+    mbox: Path, messages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    An I/O error while writing the journal fails the sync with
+    L{CommitFailed}, leaving the mbox and its directory as they were.
+    """
+
+    def broken(self: object, header: object) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(commit_module._JournalWriter, "install", broken)
+    entries = set(os.listdir(mbox.parent))
+    mb = _open(mbox)
+    mb.deleteMessage(0)
+    result = _sync(mb)
+    mb.close()
+    assert result.check(CommitFailed)
+    assert mbox.read_bytes() == b"".join(messages)
+    assert set(os.listdir(mbox.parent)) == entries | {".user.pop3srv-index", ".user.pop3srv-lock"}
+
+
+_POINTS = ["journal_written", "payload_partial", "payload_written", "truncated"]
+
+
+@pytest.mark.parametrize("point", _POINTS)
+@pytest.mark.parametrize("late_mail", [False, True])
+@pytest.mark.parametrize("deleted", [(0,), (1, 3), (4,)])
+def test_crash_recovery(
+    mbox: Path,
+    messages: list[bytes],
+    point: str,
+    late_mail: bool,
+    deleted: tuple[int, ...],
+) -> None:
+    """
+    A commit stopped after any phase of applying its journal is finished
+    by the next open, which yields exactly the new mailbox, plus any mail
+    an MDA appended after the crash (before or after the truncate).
+    """
+
+    def crash(where: str) -> None:
+        if where == point:
+            raise SimulatedCrash(where)
+
+    mb = _open(mbox)
+    mb._fault = crash
+    for i in deleted:
+        mb.deleteMessage(i)
+    assert _sync(mb).check(CommitFailed)
+    mb.close()
+    journal = Path(state_paths(str(mbox)).journal)
+    assert journal.exists()
+    expected = b"".join(m for i, m in enumerate(messages) if i not in deleted)
+    if late_mail:
+        with mbox.open("ab") as f:
+            f.write(_message("late"))
+        expected += _message("late")
+    mb = _open(mbox)
+    try:
+        assert [r.digest for r in mb._index.records] == [
+            _digest(m)
+            for m in [m for i, m in enumerate(messages) if i not in deleted]
+            + ([_message("late")] if late_mail else [])
+        ]
+    finally:
+        mb.close()
+    assert mbox.read_bytes() == expected
+    assert not journal.exists()
+
+
+@pytest.mark.parametrize("point", ["payload_partial", "payload_written", "truncated"])
+def test_crash_during_recovery(mbox: Path, messages: list[bytes], point: str) -> None:
+    """
+    Recovery that itself crashes (after re-journalling late mail) is
+    finished by the next open.
+    """
+
+    def crash_at(name: str) -> Any:
+        def crash(where: str) -> None:
+            if where == name:
+                raise SimulatedCrash(where)
+
+        return crash
+
+    mb = _open(mbox)
+    mb._fault = crash_at("payload_written")
+    mb.deleteMessage(0)
+    assert _sync(mb).check(CommitFailed)
+    mb.close()
+    with mbox.open("ab") as f:
+        f.write(_message("late1"))
+    paths = state_paths(str(mbox))
+    with pytest.raises(SimulatedCrash):
+        recover(paths.mbox, paths.journal, fault=crash_at(point))
+    with mbox.open("ab") as f:
+        f.write(_message("late2"))
+    expected = b"".join(messages[1:]) + _message("late1") + _message("late2")
+    assert len(_digests(mbox)) == 6
+    assert mbox.read_bytes() == expected
+
+
+@pytest.mark.parametrize("kind", ["garbage", "foreign"])
+def test_invalid_journal_discarded(mbox: Path, tmp_path: Path, kind: str) -> None:
+    """
+    A damaged journal, or one made for another file, is removed without
+    touching the mbox.
+    """
+    journal = Path(state_paths(str(mbox)).journal)
+    if kind == "garbage":
+        journal.write_bytes(os.urandom(500))
+    else:
+        other = tmp_path / "other"
+        other.write_bytes(mbox.read_bytes())
+        mb = _open(other)
+        mb._fault = _crash_always
+        mb.deleteMessage(0)
+        assert _sync(mb).check(CommitFailed)
+        mb.close()
+        os.replace(state_paths(str(other)).journal, journal)
+    before = mbox.read_bytes()
+    assert len(_digests(mbox)) == 5
+    assert mbox.read_bytes() == before
+    assert not journal.exists()
+
+
+def _crash_always(where: str) -> None:
+    raise SimulatedCrash(where)
+
+
+_KILL_SCRIPT = """
+import sys
+from pop3srv.mbox import open_maildrop
+from pop3srv.mbox.testing import synchronous_defer_to_thread
+mb = open_maildrop(sys.argv[1], defer_to_thread=synchronous_defer_to_thread)
+for i in map(int, sys.argv[2].split(",")):
+    mb.deleteMessage(i)
+print("ready", flush=True)
+result = []
+mb.sync().addBoth(result.append)
+print("done", result, flush=True)
+"""
+
+
+def test_sigkill_during_commit(tmp_path: Path) -> None:
+    """
+    A process committing deletions on a few-MB mbox is SIGKILLed at random
+    moments; every later open sees the old or the new message list, never
+    anything else.
+    """
+    rng = random.Random(1939)
+    messages = [_message(f"m{i}", 20_000 + i) for i in range(200)]
+    template = b"".join(messages)
+    deleted = [0, 7, 50, 199]
+    old = [_digest(m) for m in messages]
+    new = [_digest(m) for i, m in enumerate(messages) if i not in deleted]
+    arg = ",".join(map(str, deleted))
+
+    def run(n: int, kill_after: float | None) -> tuple[Path, float, bool]:
+        work = tmp_path / f"run{n}"
+        work.mkdir()
+        path = work / "mbox"
+        path.write_bytes(template)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _KILL_SCRIPT, str(path), arg],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "ready"
+        ready = time.monotonic()
+        if kill_after is None:
+            assert proc.stdout.readline().startswith("done [None]")
+        else:
+            time.sleep(kill_after)
+            proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        elapsed = time.monotonic() - ready
+        proc.stdout.close()
+        journal = Path(state_paths(str(path)).journal).exists()
+        return path, elapsed, journal
+
+    path, duration, _ = run(0, None)
+    assert _digests(path) == new
+    outcomes = []
+    for n in range(1, 11):
+        path, _, journal = run(n, rng.uniform(0, duration * 1.2))
+        got = _digests(path)
+        assert got in (old, new)
+        outcomes.append((got == new, journal))
+        assert _digests(path) == got
+    print("commit took", duration, "outcomes (new?, journal left?)", outcomes)

@@ -1,0 +1,262 @@
+"""
+Tests for L{pop3srv.mbox.index}: persisted UIDLs and incremental reopening.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+import pytest
+
+from pop3srv.mbox import index as index_module
+from pop3srv.mbox import open_maildrop
+from pop3srv.mbox.index import (
+    MboxIndex,
+    decode_index,
+    encode_index,
+    read_index,
+)
+from pop3srv.mbox.mailbox import MboxMailbox
+from pop3srv.mbox.paths import state_paths
+from pop3srv.mbox.scan import MessageRecord
+from pop3srv.mbox.testing import synchronous_defer_to_thread
+
+
+def _message(tag: str, body: str = "body") -> bytes:
+    return f"From {tag}@example.org Thu Jan  1 00:00:00 2026\nSubject: {tag}\n\n{body}\n\n".encode()
+
+
+def _open(path: Path) -> MboxMailbox:
+    return open_maildrop(str(path), defer_to_thread=synchronous_defer_to_thread)
+
+
+def _uidls(path: Path) -> list[bytes]:
+    mb = _open(path)
+    try:
+        return [mb.getUidl(i) for i in range(len(mb.listMessages()))]  # type: ignore[arg-type]
+    finally:
+        mb.close()
+
+
+def _loaded(path: Path) -> MboxIndex:
+    mb = _open(path)
+    mb.close()
+    return mb._index
+
+
+def _delete(path: Path, *indexes: int) -> None:
+    mb = _open(path)
+    try:
+        for i in indexes:
+            mb.deleteMessage(i)
+        results: list[object] = []
+        mb.sync().addBoth(results.append)
+        assert results == [None]
+    finally:
+        mb.close()
+
+
+@pytest.fixture
+def mbox(tmp_path: Path) -> Path:
+    """An mbox with three distinct messages."""
+    path = tmp_path / "user"
+    path.write_bytes(_message("a") + _message("b") + _message("c"))
+    return path
+
+
+def test_uidl_stable_across_reopen(mbox: Path) -> None:
+    """
+    The second open uses the stored index as is and gives the same UIDLs,
+    which are 24 hex digits.
+    """
+    first = _uidls(mbox)
+    assert _loaded(mbox).scanned_from is None
+    assert _uidls(mbox) == first
+    assert all(len(u) == 24 and int(u, 16) >= 0 for u in first)
+    assert len(set(first)) == 3
+
+
+def test_index_beside_mbox_or_in_index_dir(mbox: Path, tmp_path: Path) -> None:
+    """
+    Without C{index_dir} the index is a hidden file beside the mbox; with
+    it, a file in that directory whose name carries the mbox's basename.
+    """
+    _uidls(mbox)
+    assert (tmp_path / ".user.pop3srv-index").exists()
+    state = tmp_path / "state"
+    state.mkdir()
+    mb = open_maildrop(str(mbox), index_dir=str(state))
+    mb.close()
+    paths = state_paths(str(mbox), str(state))
+    assert Path(paths.index).exists()
+    assert Path(paths.index).parent == state
+    assert Path(paths.index).name.endswith("-user.pop3srv-index")
+
+
+def test_uidl_stable_across_deletion_of_others(mbox: Path) -> None:
+    """
+    Committing the deletion of one message leaves the others' UIDLs alone.
+    """
+    before = _uidls(mbox)
+    _delete(mbox, 1)
+    assert _uidls(mbox) == [before[0], before[2]]
+    assert _loaded(mbox).scanned_from is None
+
+
+def test_append_scans_only_new_part(mbox: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    When the same file only grew, the scan starts at the last indexed
+    message, and old UIDLs stay.
+    """
+    before = _uidls(mbox)
+    last_start = _loaded(mbox).records[-1].start
+    with mbox.open("ab") as f:
+        f.write(_message("d"))
+    starts: list[int] = []
+    real_scan = index_module.scan_mbox
+
+    def spy(fileobj: BinaryIO, start: int = 0, limit: int | None = None) -> Iterator[MessageRecord]:
+        starts.append(start)
+        return real_scan(fileobj, start, limit)
+
+    monkeypatch.setattr(index_module, "scan_mbox", spy)
+    after = _uidls(mbox)
+    assert starts == [last_start]
+    assert after[:3] == before
+    assert len(after) == 4
+
+
+def test_append_after_changed_last_message_rescans(mbox: Path) -> None:
+    """
+    If the last indexed message changed as well as the file growing, the
+    whole file is scanned again.
+    """
+    _uidls(mbox)
+    data = mbox.read_bytes()
+    mbox.write_bytes(data[:-3] + b"X\n\n" + _message("d"))
+    idx = _loaded(mbox)
+    assert idx.scanned_from == 0
+    assert len(idx.records) == 4
+
+
+def test_identical_deliveries(tmp_path: Path) -> None:
+    """
+    Identical messages get distinct UIDLs; deleting the first keeps the
+    second's; a new identical arrival gets an ordinal never used before.
+    """
+    path = tmp_path / "dup"
+    same = _message("same")
+    path.write_bytes(_message("x") + same + same)
+    uidls = _uidls(path)
+    plain = uidls[1]
+    assert uidls[2] == plain + b".1"
+    _delete(path, 1)
+    assert _uidls(path) == [uidls[0], plain + b".1"]
+    with path.open("ab") as f:
+        f.write(same)
+    assert _uidls(path) == [uidls[0], plain + b".1", plain + b".2"]
+    _delete(path, 1, 2)
+    with path.open("ab") as f:
+        f.write(same)
+    assert _uidls(path) == [uidls[0], plain + b".3"]
+
+
+def _corrupt_variants(good: bytes) -> list[bytes]:
+    idx = decode_index(good)
+    assert idx is not None
+    wrong_version = bytearray(good)
+    wrong_version[8] ^= 0xFF
+    flipped = bytearray(good)
+    flipped[len(good) // 2] ^= 0x01
+    old_version_index = index_module.VERSION
+    try:
+        index_module.VERSION = old_version_index + 1
+        other_version = encode_index(idx)
+    finally:
+        index_module.VERSION = old_version_index
+    return [
+        os.urandom(len(good)),
+        good[: len(good) // 2],
+        good[:10],
+        b"",
+        bytes(wrong_version),
+        bytes(flipped),
+        other_version,
+    ]
+
+
+def test_damaged_index_rebuilt(mbox: Path, tmp_path: Path) -> None:
+    """
+    Random bytes, truncation, a flipped bit or another version: the index
+    is rebuilt by a full scan with the same UIDLs, never trusted.
+    """
+    before = _uidls(mbox)
+    index_path = tmp_path / ".user.pop3srv-index"
+    good = index_path.read_bytes()
+    for bad in _corrupt_variants(good):
+        index_path.write_bytes(bad)
+        assert read_index(str(index_path)) is None or bad == good
+        idx = _loaded(mbox)
+        assert idx.scanned_from == 0
+        assert [r.uidl for r in idx.records] == before
+        assert read_index(str(index_path)) is not None
+
+
+def test_file_replaced_by_other_program(mbox: Path, tmp_path: Path) -> None:
+    """
+    A new inode renamed over the mbox is indexed afresh; messages whose
+    bytes are unchanged keep their UIDLs.
+    """
+    before = _uidls(mbox)
+    data = mbox.read_bytes()
+    replacement = tmp_path / "new"
+    replacement.write_bytes(data[: data.index(b"From c")] + _message("z"))
+    os.replace(replacement, mbox)
+    idx = _loaded(mbox)
+    assert idx.scanned_from == 0
+    uidls = [r.uidl for r in idx.records]
+    assert uidls[:2] == before[:2]
+    assert uidls[2] not in before
+
+
+def test_file_truncated_by_other_program(mbox: Path) -> None:
+    """
+    A file that shrank is scanned again from the start.
+    """
+    before = _uidls(mbox)
+    data = mbox.read_bytes()
+    with mbox.open("r+b") as f:
+        f.truncate(data.index(b"From b"))
+    idx = _loaded(mbox)
+    assert idx.scanned_from == 0
+    assert [r.uidl for r in idx.records] == before[:1]
+
+
+def test_same_size_and_mtime_rewrite_detected(mbox: Path) -> None:
+    """
+    A rewrite that keeps inode, size and mtime (as inode reuse with a
+    coarse clock could) is caught by the content probes.
+    """
+    before = _uidls(mbox)
+    st = mbox.stat()
+    data = mbox.read_bytes().replace(b"Subject: c", b"Subject: C")
+    with mbox.open("r+b") as f:
+        f.write(data)
+    os.utime(mbox, ns=(st.st_atime_ns, st.st_mtime_ns))
+    idx = _loaded(mbox)
+    assert idx.scanned_from == 0
+    assert [r.uidl for r in idx.records][:2] == before[:2]
+    assert idx.records[2].uidl != before[2]
+
+
+def test_unwritable_index_is_not_fatal(mbox: Path) -> None:
+    """
+    If the index cannot be written (here its path is a directory) the
+    maildrop still opens, from a fresh scan each time.
+    """
+    Path(state_paths(str(mbox)).index).mkdir()
+    assert len(_uidls(mbox)) == 3
+    assert _loaded(mbox).scanned_from == 0

@@ -1,0 +1,168 @@
+"""Tests for L{pop3srv.tap} and L{pop3srv.config}: options, the TOML file and start-up errors."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import pytest
+from livepop3 import TWISTD, write_users
+from twisted.internet.testing import MemoryReactor
+
+from pop3srv.config import ConfigError, load_config
+from pop3srv.protocol import POP3ServerFactory
+from pop3srv.tap import Options, makeService
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> Path:
+    """A user file."""
+    path = tmp_path / "users"
+    write_users(path)
+    return path
+
+
+def parse(*argv: str) -> Options:
+    """Parse C{argv} as C{twistd pop3srv} would."""
+    options = Options()
+    options.parseOptions(list(argv))
+    return options
+
+
+def test_defaults_with_auth(users: Path) -> None:
+    """Without a config file the documented defaults apply."""
+    options = parse("--auth", f"passlib:{users}")
+    assert options["listen"] == ["tcp:110"]
+    assert options["mailbox"] == "/var/mail/{user}"
+    assert options["idle_timeout"] == 600
+    assert options["index_dir"] is None
+    assert len(options["credCheckers"]) == 1
+
+
+def test_default_auth_names_missing_user_file() -> None:
+    """With no --auth, the default passlib file is used; if missing, the error names it."""
+    with pytest.raises(SystemExit, match="/etc/pop3srv/users"):
+        parse()
+
+
+def test_config_file_and_command_line_precedence(tmp_path: Path, users: Path) -> None:
+    """Values come from the file unless the command line gives them."""
+    config = tmp_path / "pop3srv.toml"
+    config.write_text(
+        f'listen = "tcp:1110:interface=127.0.0.1"\nmailbox = "/srv/mail/{{user}}"\n'
+        f'auth = ["passlib:{users}"]\nidle_timeout = 900\nindex_dir = "{tmp_path}"\n'
+    )
+    options = parse("--config", str(config))
+    assert options["listen"] == ["tcp:1110:interface=127.0.0.1"]
+    assert options["mailbox"] == "/srv/mail/{user}"
+    assert options["idle_timeout"] == 900
+    assert options["index_dir"] == str(tmp_path)
+    options = parse("--config", str(config), "--listen", "tcp:2110", "--listen", "tcp:3110",
+                    "--idle-timeout", "1200", "--mailbox", "/m/{user}.mbox")
+    assert options["listen"] == ["tcp:2110", "tcp:3110"]
+    assert (options["idle_timeout"], options["mailbox"]) == (1200, "/m/{user}.mbox")
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('listen = ["tcp:1"]\nbogus = 1\n', r":2: unknown setting 'bogus'"),
+        ('listen = ["tcp:1"]\n\nidle_timeout = "ten"\n', r":3: idle_timeout must be a whole number"),
+        ('mailbox = [1]\n', r":1: mailbox must be a path template"),
+        ('listen = [\n', r":\d+: "),
+    ],
+)
+def test_config_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
+    """Unknown keys, wrong types and TOML syntax errors name the file and line."""
+    config = tmp_path / "bad.toml"
+    config.write_text(text)
+    with pytest.raises(ConfigError, match=str(config) + message):
+        load_config(str(config))
+
+
+def test_unreadable_config(tmp_path: Path) -> None:
+    """A missing config file is one clear error."""
+    with pytest.raises(SystemExit, match=r"missing.toml: cannot read configuration"):
+        parse("--config", str(tmp_path / "missing.toml"))
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--listen", "tcp:notaport"], "--listen: bad endpoint 'tcp:notaport'"),
+        (["--listen", "nosuch:1"], "--listen: bad endpoint 'nosuch:1'"),
+        (["--idle-timeout", "30"], "--idle-timeout: idle timeout must be at least 600"),
+        (["--idle-timeout", "x"], "--idle-timeout: idle timeout must be a whole number"),
+        (["--mailbox", "/var/mail/x"], "--mailbox: mailbox template '/var/mail/x' must contain"),
+        (["--mailbox", "mail/{user}"], "must be an absolute path"),
+        (["--mailbox", "/m/{user}/{home}"], "may use no field but"),
+        (["--index-dir", "/nonexistent/dir"], "--index-dir: /nonexistent/dir: not a directory"),
+        (["--auth", "nosuchchecker:x"], "no checker plugin named 'nosuchchecker'"),
+    ],
+)
+def test_bad_options(users: Path, argv: list[str], message: str) -> None:
+    """Each bad option stops parsing with a message naming it."""
+    with pytest.raises(SystemExit) as caught:
+        parse("--auth", f"passlib:{users}", *argv)
+    assert message in str(caught.value)
+
+
+def test_config_value_error_names_file_and_line(tmp_path: Path, users: Path) -> None:
+    """A value that type-checks but is invalid still names the file and line."""
+    config = tmp_path / "c.toml"
+    config.write_text(f'auth = "passlib:{users}"\n# comment\nidle_timeout = 5\n')
+    with pytest.raises(SystemExit, match=rf"{config}:3: idle timeout must be at least 600"):
+        parse("--config", str(config))
+
+
+def test_make_service_listens_on_each_endpoint(users: Path) -> None:
+    """makeService builds one listening service per endpoint with our factory."""
+    options = parse("--auth", f"passlib:{users}", "--listen", "tcp:1110:interface=127.0.0.1",
+                    "--listen", "tcp:1111:interface=127.0.0.1")
+    reactor = MemoryReactor()
+    top = makeService(options, reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
+        (1110, "127.0.0.1"), (1111, "127.0.0.1")
+    ]
+    assert isinstance(reactor.tcpServers[0][1], POP3ServerFactory)
+
+
+def run_twistd(*argv: str) -> subprocess.CompletedProcess[str]:
+    """Run the real twistd with a time limit."""
+    return subprocess.run([TWISTD, *argv], capture_output=True, text=True, timeout=60)
+
+
+def test_twistd_lists_plugin_and_checker() -> None:
+    """twistd --help lists pop3srv; --help-auth lists the passlib checker."""
+    assert "pop3srv" in run_twistd("--help").stdout
+    assert "passlib" in run_twistd("pop3srv", "--help-auth").stdout
+
+
+def test_twistd_bad_option_is_one_line_without_traceback(tmp_path: Path) -> None:
+    """A bad value stops start-up with one error line naming it, never a traceback."""
+    result = run_twistd("--nodaemon", "--pidfile=", "pop3srv", "--idle-timeout", "5",
+                        "--auth", "memory:a:b")
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    assert output == (
+        "twistd pop3srv: --idle-timeout: idle timeout must be at least 600 seconds "
+        "(RFC 1939 section 3)\n"
+    )
+
+
+def test_twistd_port_in_use_fails_start(tmp_path: Path) -> None:
+    """A port that cannot be bound stops start-up with one line and a non-zero exit."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_twistd("--nodaemon", "--pidfile=", f"--logfile={tmp_path}/log", "pop3srv",
+                            "--listen", f"tcp:{port}:interface=127.0.0.1", "--auth", "memory:a:b")
+    assert result.returncode != 0
+    log = result.stdout + result.stderr + (tmp_path / "log").read_text()
+    assert f"twistd pop3srv: Couldn't listen on 127.0.0.1:{port}" in log
+    assert "Traceback" not in log
