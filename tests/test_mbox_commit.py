@@ -15,8 +15,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from twisted.internet.defer import Deferred
 
-from pop3srv.errors import CommitFailed, MaildropChanged
+from pop3srv.errors import CommitFailed, MaildropChanged, MaildropInUse
 from pop3srv.mbox import commit as commit_module
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.commit import recover
@@ -232,7 +233,7 @@ _POINTS = ["journal_written", "payload_partial", "payload_written", "truncated"]
 
 @pytest.mark.parametrize("point", _POINTS)
 @pytest.mark.parametrize("late_mail", [False, True])
-@pytest.mark.parametrize("deleted", [(0,), (1, 3), (4,)])
+@pytest.mark.parametrize("deleted", [(0,), (1, 3), (4,), (0, 1, 2, 3, 4)])
 def test_crash_recovery(
     mbox: Path,
     messages: list[bytes],
@@ -396,4 +397,48 @@ def test_sigkill_during_commit(tmp_path: Path) -> None:
         assert got in (old, new)
         outcomes.append((got == new, journal))
         assert _digests(path) == got
+        assert sorted(os.listdir(path.parent)) == [
+            ".mbox.pop3srv-index",
+            ".mbox.pop3srv-lock",
+            "mbox",
+        ]
     print("commit took", duration, "outcomes (new?, journal left?)", outcomes)
+
+
+def test_stale_temporary_files_removed(mbox: Path) -> None:
+    """
+    Temporary journal and index files left by a killed process are
+    removed when the maildrop is next opened.
+    """
+    paths = state_paths(str(mbox))
+    debris = [Path(paths.journal + ".x1.tmp"), Path(paths.index + ".x2.tmp")]
+    for p in debris:
+        p.write_bytes(b"partial")
+    _open(mbox).close()
+    assert not any(p.exists() for p in debris)
+
+
+def test_close_during_commit_waits(mbox: Path, messages: list[bytes]) -> None:
+    """
+    A close() while the commit runs in a worker is carried out when the
+    commit ends, so the worker never sees its descriptor closed.
+    """
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+    pending: Deferred[Any] = Deferred()
+
+    def later(f: Any, *args: Any) -> Deferred[Any]:
+        calls.append((f, args))
+        return pending
+
+    mb = open_maildrop(str(mbox), defer_to_thread=later)
+    mb.deleteMessage(0)
+    results: list[Any] = []
+    mb.sync().addBoth(results.append)
+    mb.close()
+    with pytest.raises(MaildropInUse):
+        _open(mbox)
+    f, args = calls[0]
+    pending.callback(f(*args))
+    assert results == [None]
+    assert mbox.read_bytes() == b"".join(messages[1:])
+    _open(mbox).close()

@@ -22,6 +22,7 @@ from pop3srv.mbox.index import (
 from pop3srv.mbox.mailbox import MboxMailbox
 from pop3srv.mbox.paths import state_paths
 from pop3srv.mbox.scan import MessageRecord
+from pop3srv.mbox.scan import scan_mbox as real_scan
 from pop3srv.mbox.testing import synchronous_defer_to_thread
 
 
@@ -116,7 +117,6 @@ def test_append_scans_only_new_part(mbox: Path, monkeypatch: pytest.MonkeyPatch)
     with mbox.open("ab") as f:
         f.write(_message("d"))
     starts: list[int] = []
-    real_scan = index_module.scan_mbox
 
     def spy(fileobj: BinaryIO, start: int = 0, limit: int | None = None) -> Iterator[MessageRecord]:
         starts.append(start)

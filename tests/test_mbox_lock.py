@@ -12,13 +12,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
 from pop3srv.errors import MaildropInUse, MaildropUnavailable
-from pop3srv.mbox import lock as lock_module
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.lock import MboxFileLock, SessionLock
 
@@ -235,15 +234,16 @@ def test_unwritable_directory_uses_fcntl_only(mbox: Path, monkeypatch: pytest.Mo
             raise PermissionError(errno.EACCES, "Permission denied", path)
         return real_open(path, flags, mode, **kwargs)
 
-    monkeypatch.setattr(lock_module.os, "open", deny_dotlock)
+    monkeypatch.setattr(os, "open", deny_dotlock)
     events: list[dict[str, Any]] = []
-    globalLogPublisher.addObserver(events.append)
+    observer = cast(ILogObserver, events.append)
+    globalLogPublisher.addObserver(observer)
     try:
         with MboxFileLock(str(mbox)) as lock:
             assert lock.fd is not None
             assert not Path(str(mbox) + ".lock").exists()
     finally:
-        globalLogPublisher.removeObserver(events.append)
+        globalLogPublisher.removeObserver(observer)
     warnings = [e for e in events if e.get("log_level") == LogLevel.warn]
     assert len(warnings) == 1
     assert "dotlock" in warnings[0]["log_format"]

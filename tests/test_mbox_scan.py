@@ -81,9 +81,9 @@ def test_matches_cpython_toc(pieces: list[bytes]) -> None:
     data = b"".join(pieces)
     with io.BytesIO(data) as f:
         box = mailbox.mbox.__new__(mailbox.mbox)
-        box._file = f
-        box._generate_toc()
-        toc = [box._toc[k] for k in sorted(box._toc)]
+        box._file = f  # type: ignore[attr-defined]
+        box._generate_toc()  # type: ignore[attr-defined]
+        toc = [box._toc[k] for k in sorted(box._toc)]  # type: ignore[attr-defined]
     got = _scan(data, chunk_size=7)
     assert [(r.start, r.end) for r in got] == toc
 

@@ -25,7 +25,7 @@ from pop3srv.errors import CommitFailed, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, _no_fault, commit_deletions, recover
 from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
-from pop3srv.mbox.paths import StatePaths, state_paths
+from pop3srv.mbox.paths import StatePaths, remove_stale_temps, state_paths
 from pop3srv.mbox.quoting import MboxUnquoter
 
 #: Raw bytes read per pread when streaming a message.
@@ -160,6 +160,11 @@ class MboxMailbox:
         self._deleted: set[int] = set()
         # Test hook: see pop3srv.mbox.commit.FaultHook.
         self._fault: FaultHook = _no_fault
+        # While a commit runs in a worker thread its descriptor must stay
+        # open (a closed number could be reused for another file), so a
+        # close() meanwhile is carried out when the commit ends.
+        self._committing = False
+        self._close_pending = False
 
     @property
     def path(self) -> str:
@@ -227,11 +232,13 @@ class MboxMailbox:
         """
         if not self._deleted:
             return succeed(None)
-        if self._descriptor.fd is None:
-            return fail(CommitFailed("maildrop is closed"))
+        if self._descriptor.fd is None or self._committing or self._close_pending:
+            return fail(CommitFailed("maildrop is closed or busy"))
         deleted = frozenset(self._deleted)
+        self._committing = True
         d = self._defer_to_thread(self._commit, deleted)
         d.addCallbacks(self._committed, self._commit_failed)
+        d.addBoth(self._commit_ended)
         return d
 
     def _commit(self, deleted: frozenset[int]) -> MboxIndex:
@@ -240,25 +247,27 @@ class MboxMailbox:
         """
         with MboxFileLock(self._paths.mbox, timeout=self._lock_timeout):
             recover(self._paths.mbox, self._paths.journal)
-            return commit_deletions(
+            index = commit_deletions(
                 self._descriptor.get(),
                 self._paths,
                 self._index,
                 deleted,
                 fault=self._fault,
             )
+            try:
+                write_index(self._paths.index, index)
+            except OSError as e:
+                # The deletions are durable; the next open rescans instead.
+                self._log.warn(
+                    "Cannot write index {path}: {error}",
+                    path=self._paths.index,
+                    error=e,
+                )
+            return index
 
     def _committed(self, index: MboxIndex) -> None:
         self._index = index
         self._deleted.clear()
-        try:
-            write_index(self._paths.index, index)
-        except OSError as e:
-            self._log.warn(
-                "Cannot write index {path}: {error}",
-                path=self._paths.index,
-                error=e,
-            )
 
     def _commit_failed(self, failure: Failure) -> Failure:
         if isinstance(failure.value, CommitFailed):
@@ -272,11 +281,21 @@ class MboxMailbox:
         # The client gets the fixed text; the detail went to the log above.
         raise CommitFailed(str(failure.value)) from failure.value
 
+    def _commit_ended(self, result: object) -> object:
+        self._committing = False
+        if self._close_pending:
+            self.close()
+        return result
+
     def close(self) -> None:
         """
         End the session: close the mbox and release the session lock.
-        Calling it again does nothing.
+        Calling it again does nothing.  During a commit this happens when
+        the commit ends.
         """
+        if self._committing:
+            self._close_pending = True
+            return
         try:
             self._descriptor.close()
         finally:
@@ -311,6 +330,7 @@ def open_maildrop(
     fd: int | None = None
     try:
         with MboxFileLock(paths.mbox, timeout=lock_timeout) as lock:
+            remove_stale_temps(paths)
             if lock.fd is None:
                 index = empty_index()
             else:

@@ -66,3 +66,30 @@ def fsync_dir(path: str) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def remove_stale_temps(paths: StatePaths) -> list[str]:
+    """
+    Remove temporary index and journal files a killed process left.
+
+    Only a holder of the session lock writes them, so the caller must hold
+    it; then every such file is debris.
+
+    @return: the paths removed.
+    """
+    removed = []
+    for target in (paths.index, paths.journal):
+        directory, base = os.path.split(target)
+        try:
+            names = os.listdir(directory)
+        except OSError:
+            continue
+        for name in names:
+            if name.startswith(f"{base}.") and name.endswith(".tmp"):
+                path = os.path.join(directory, name)
+                try:
+                    os.unlink(path)
+                except OSError:
+                    continue
+                removed.append(path)
+    return removed

@@ -1,0 +1,148 @@
+# -*- test-case-name: tests.test_tls -*-
+"""
+The server's TLS settings: one certificate source shared by the implicit-TLS
+listeners (RFC 8314) and STLS (RFC 2595), re-read on demand (SIGHUP) so a
+renewed certificate takes effect without a restart.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from OpenSSL import SSL, crypto
+from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
+from twisted.logger import Logger
+
+# ECDHE key exchange with AEAD ciphers only (TLS 1.2); TLS 1.3 suites are all
+# of that kind already and are not governed by this string.
+MODERN_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20:!aNULL:!eNULL"
+
+
+class TLSMinimum(enum.Enum):
+    """The lowest TLS version a client may use."""
+
+    TLS1_2 = "1.2"
+    TLS1_3 = "1.3"
+
+
+class TLSConfigError(ValueError):
+    """A certificate or key problem, as one line naming the file."""
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    options: CertificateOptions
+    context: SSL.Context
+    serial: int
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as e:
+        raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
+
+
+def _load_chain(path: str) -> list[crypto.X509]:
+    data = _read(path, "certificate")
+    certificates = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for block in data.split(marker)[1:]:
+        try:
+            certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + block))
+        except crypto.Error:
+            raise TLSConfigError(f"{path}: a certificate in the file is not valid PEM") from None
+    if not certificates:
+        raise TLSConfigError(f"{path}: no PEM certificate found")
+    return certificates
+
+
+def _load_key(path: str) -> crypto.PKey:
+    data = _read(path, "private key")
+    try:
+        return crypto.load_privatekey(crypto.FILETYPE_PEM, data)
+    except crypto.Error:
+        raise TLSConfigError(
+            f"{path}: not a PEM private key (or it is encrypted; pop3srv needs it unencrypted)"
+        ) from None
+
+
+def load_tls(cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS1_2) -> _Loaded:
+    """
+    Load and check a certificate chain and its key and build the context.
+
+    @raise TLSConfigError: a file is missing, unreadable, not PEM, or the key
+        does not belong to the certificate.
+    """
+    chain = _load_chain(cert_path)
+    key = _load_key(key_path)
+    try:
+        options = CertificateOptions(
+            privateKey=key,
+            certificate=chain[0],
+            extraCertChain=chain[1:],
+            raiseMinimumTo=TLSVersion.TLSv1_3
+            if minimum is TLSMinimum.TLS1_3
+            else TLSVersion.TLSv1_2,
+            acceptableCiphers=AcceptableCiphers.fromOpenSSLCipherString(MODERN_CIPHERS),
+            enableSessions=False,
+        )
+        context = options.getContext()
+    except SSL.Error:
+        raise TLSConfigError(
+            f"{key_path}: the private key does not match the certificate in {cert_path}"
+        ) from None
+    # Client-initiated renegotiation is a denial-of-service lever and has no use here.
+    context.set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0))
+    return _Loaded(options, context, chain[0].get_serial_number())
+
+
+class TLSContextSource:
+    """
+    The current TLS context for new handshakes; L{reload} re-reads the files.
+
+    Accepted wherever Twisted takes an old-style context factory (it has
+    C{getContext}), so one source serves C{TLSMemoryBIOFactory} listeners
+    and C{startTLS} for STLS alike.
+
+    @raise TLSConfigError: from the constructor if the files are unusable.
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self, cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS1_2
+    ) -> None:
+        self.cert_path = cert_path
+        self.key_path = key_path
+        self.minimum = minimum
+        self._current = load_tls(cert_path, key_path, minimum)
+
+    @property
+    def serial(self) -> int:
+        """The serial number of the certificate new handshakes present."""
+        return self._current.serial
+
+    def getContext(self) -> SSL.Context:
+        return self._current.context
+
+    def reload(self) -> bool:
+        """
+        Re-read the certificate and key.  New handshakes use them; sessions
+        already open are not affected.  A bad new pair is logged and the old
+        one kept.
+
+        @return: whether the new pair was taken.
+        """
+        try:
+            loaded = load_tls(self.cert_path, self.key_path, self.minimum)
+        except TLSConfigError as e:
+            self._log.error("TLS certificate not reloaded, keeping the old one: {error}",
+                            error=str(e))
+            return False
+        self._current = loaded
+        self._log.info("TLS certificate reloaded from {path} (serial {serial})",
+                       path=self.cert_path, serial=loaded.serial)
+        return True
