@@ -1,10 +1,12 @@
-# pop3srv: `make run` serves a demo maildrop on 127.0.0.1:1110, `make test` runs the suite.
+# pop3srv: `make run` serves a demo maildrop on 127.0.0.1 (1110 with STLS, 1995 implicit TLS);
+# `make test` runs the suite.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 DEMO := .demo
 RUN_PORT ?= 1110
+RUN_TLS_PORT ?= 1995
 
 .PHONY: install run demo test lint bench wheel-test clean
 
@@ -23,6 +25,8 @@ demo: $(STAMP)
 run: demo
 	$(BIN)/twistd --nodaemon --pidfile= --logfile=- pop3srv \
 	    --listen tcp:$(RUN_PORT):interface=127.0.0.1 \
+	    --listen-tls tcp:$(RUN_TLS_PORT):interface=127.0.0.1 \
+	    --tls-cert $(DEMO)/tls.crt --tls-key $(DEMO)/tls.key \
 	    --auth passlib:$(DEMO)/users \
 	    --mailbox '$(CURDIR)/$(DEMO)/mail/{user}' \
 	    --index-dir $(DEMO)/mail

@@ -94,20 +94,13 @@ class Capa:
     """C{CAPA} (RFC 2449)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Stls:
+    """C{STLS} (RFC 2595)."""
+
+
 Command = (
-    User
-    | Pass
-    | Apop
-    | Stat
-    | List
-    | Retr
-    | Dele
-    | Noop
-    | Rset
-    | Quit
-    | Top
-    | Uidl
-    | Capa
+    User | Pass | Apop | Stat | List | Retr | Dele | Noop | Rset | Quit | Top | Uidl | Capa | Stls
 )
 
 

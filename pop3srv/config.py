@@ -33,21 +33,27 @@ def _is_str(value: Any) -> bool:
     return isinstance(value, str)
 
 
+def _is_str_or_list(value: Any) -> bool:
+    return _is_str(value) or _is_str_list(value)
+
+
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 SETTINGS: dict[str, Setting] = {
-    "listen": Setting(
-        lambda v: _is_str(v) or _is_str_list(v), "an endpoint string or a list of them"
-    ),
+    "listen": Setting(_is_str_or_list, "an endpoint string or a list of them"),
+    "listen_tls": Setting(_is_str_or_list, "an endpoint string or a list of them"),
     "mailbox": Setting(_is_str, 'a path template such as "/var/mail/{user}"'),
-    "auth": Setting(
-        lambda v: _is_str(v) or _is_str_list(v), "a checker string or a list of them"
-    ),
+    "auth": Setting(_is_str_or_list, "a checker string or a list of them"),
     "idle_timeout": Setting(_is_int, "a whole number of seconds"),
     "index_dir": Setting(_is_str, "a directory path"),
+    "tls_cert": Setting(_is_str, "a path to a PEM certificate chain"),
+    "tls_key": Setting(_is_str, "a path to a PEM private key"),
+    "tls_min_version": Setting(lambda v: v in ("1.2", "1.3"), 'the string "1.2" or "1.3"'),
+    "plaintext_auth_networks": Setting(_is_str_or_list, "a list of networks in CIDR notation"),
 }
+LIST_SETTINGS = frozenset({"listen", "listen_tls", "auth", "plaintext_auth_networks"})
 
 
 def _line_of(source: str, key: str) -> int | None:
@@ -99,10 +105,6 @@ def load_config(path: str) -> tuple[dict[str, Any], Callable[[str], str]]:
                 f"{where(path, source, key)}: unknown setting {key!r} (known: {known})"
             )
         if not setting.check(value):
-            raise ConfigError(
-                f"{where(path, source, key)}: {key} must be {setting.expects}"
-            )
-        settings[key] = (
-            [value] if key in ("listen", "auth") and isinstance(value, str) else value
-        )
+            raise ConfigError(f"{where(path, source, key)}: {key} must be {setting.expects}")
+        settings[key] = [value] if key in LIST_SETTINGS and isinstance(value, str) else value
     return settings, lambda key: where(path, source, key)

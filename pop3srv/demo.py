@@ -1,8 +1,9 @@
 # -*- test-case-name: tests.test_integration -*-
 """
 Create the demo area that C{make run} serves: a user file with user C{demo}
-(password C{demo}) and an mbox with a few messages.  Existing files are left
-alone, so the demo mailbox keeps its state between runs.
+(password C{demo}), an mbox with a few messages, and a self-signed
+certificate for localhost.  Existing files are left alone, so the demo
+mailbox keeps its state between runs.
 """
 
 from __future__ import annotations
@@ -42,8 +43,50 @@ def _mbox_text() -> str:
     return "".join(parts)
 
 
+def create_self_signed(cert_path: str, key_path: str) -> None:
+    """Write a self-signed certificate for localhost and 127.0.0.1 and its key."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=365))
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+            ),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    fd = os.open(key_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.PKCS8,
+                serialization.NoEncryption(),
+            )
+        )
+    with open(cert_path, "wb") as f:
+        f.write(cert.public_bytes(serialization.Encoding.PEM))
+
+
 def create_demo(directory: str) -> None:
-    """Create C{directory}/users and C{directory}/mail/demo if missing."""
+    """Create the demo user file, mbox and certificate in C{directory} if missing."""
     from pop3srv.userfile import hash_password
 
     os.makedirs(os.path.join(directory, "mail"), exist_ok=True)
@@ -52,6 +95,9 @@ def create_demo(directory: str) -> None:
         with open(users, "w", encoding="utf-8") as f:
             f.write("# pop3srv demo users: name:hash (password of 'demo' is 'demo')\n")
             f.write(f"{DEMO_USER}:{hash_password(DEMO_PASSWORD)}\n")
+    cert, key = os.path.join(directory, "tls.crt"), os.path.join(directory, "tls.key")
+    if not (os.path.exists(cert) and os.path.exists(key)):
+        create_self_signed(cert, key)
     mbox = os.path.join(directory, "mail", DEMO_USER)
     if not os.path.exists(mbox):
         with open(mbox, "w", encoding="utf-8") as f:

@@ -37,7 +37,7 @@ class State(enum.Enum):
 
 
 ALLOWED: dict[State, frozenset[type]] = {
-    State.AUTHORIZATION: frozenset({c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop}),
+    State.AUTHORIZATION: frozenset({c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop, c.Stls}),
     State.TRANSACTION: frozenset(
         {c.Stat, c.List, c.Retr, c.Dele, c.Noop, c.Rset, c.Quit, c.Top, c.Uidl, c.Capa}
     ),
@@ -111,15 +111,24 @@ class Commit:
 
 
 @dataclass(frozen=True, slots=True)
+class StartTLS:
+    """
+    Send C{reply}, then start the TLS handshake and call
+    L{Pop3Machine.tls_started}.  Anything the client sent after C{STLS} in
+    plaintext has already been thrown away.
+    """
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Send C{reply} and close the connection."""
 
     reply: bytes
 
 
-Action = (
-    Reply | Authenticate | SendMessage | MarkDeleted | UnmarkDeleted | Commit | Close
-)
+Action = Reply | Authenticate | SendMessage | MarkDeleted | UnmarkDeleted | Commit | Close
 
 
 @dataclass(frozen=True, slots=True)
@@ -133,20 +142,29 @@ class Capabilities:
         or C{None} not to advertise it.
     @ivar login_delay: seconds for the RFC 2449 LOGIN-DELAY capability, or
         C{None}.
+    @ivar plaintext_auth: whether USER/PASS may be used on this connection
+        (it is encrypted, or the peer is on a trusted network).
+    @ivar stls: whether STLS is offered (a certificate is configured and the
+        connection is not encrypted yet).
+    @ivar tls_active: whether the connection is encrypted.
     """
 
     implementation: str = "pop3srv"
     apop_challenge: str | None = None
     expire: str | None = None
     login_delay: int | None = None
-    user_allowed: bool = True
+    plaintext_auth: bool = True
+    stls: bool = False
+    tls_active: bool = False
     extra: tuple[str, ...] = field(default=())
 
     def lines(self) -> list[str]:
         """The capability lines of a C{CAPA} response."""
         lines = ["TOP"]
-        if self.user_allowed:
+        if self.plaintext_auth:
             lines.append("USER")
+        if self.stls:
+            lines.append("STLS")
         lines += ["UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
         if self.expire is not None:
             lines.append(f"EXPIRE {self.expire}")
@@ -158,12 +176,13 @@ class Capabilities:
 
 
 AUTH_FAILED = "Invalid username or password."
+PLAINTEXT_REFUSED = "Plaintext authentication is disallowed without TLS; use STLS first."
 
 
 class _Maildrop:
     """The session's view of the maildrop: sizes, deletion marks and UIDLs."""
 
-    def __init__(self, sizes: Sequence[int], uidl_of: Callable[[int], str]) -> None:
+    def __init__(self, sizes: Sequence[int], uidl_of: Callable[[int], str | bytes]) -> None:
         self.sizes = list(sizes)
         self.deleted: set[int] = set()
         self._uidl_of = uidl_of
@@ -171,7 +190,9 @@ class _Maildrop:
 
     def uidl(self, index: int) -> str:
         if index not in self._uidls:
-            self._uidls[index] = self._uidl_of(index)
+            uidl = self._uidl_of(index)
+            # Twisted's IMailbox returns bytes; accept str too.
+            self._uidls[index] = uidl.decode("ascii") if isinstance(uidl, bytes) else uidl
         return self._uidls[index]
 
     def live(self) -> list[int]:
@@ -210,6 +231,7 @@ class Pop3Machine:
         self._user: str | None = None
         self._maildrop: _Maildrop | None = None
         self._authenticating = False
+        self._starting_tls = False
 
     @property
     def buffered(self) -> int:
@@ -218,10 +240,11 @@ class Pop3Machine:
 
     def greeting(self) -> bytes:
         """The greeting line (with the APOP timestamp when APOP is offered)."""
-        challenge = self.capabilities.apop_challenge
-        return format_ok(
-            f"POP3 server ready {challenge}" if challenge else "POP3 server ready."
-        )
+        caps = self.capabilities
+        text = "POP3 server ready."
+        if not caps.plaintext_auth and caps.stls:
+            text = "POP3 server ready; use STLS before logging in."
+        return format_ok(f"{text} {caps.apop_challenge}" if caps.apop_challenge else text)
 
     def receive_data(self, data: bytes) -> None:
         """Buffer received bytes."""
@@ -230,7 +253,7 @@ class Pop3Machine:
 
     def next_action(self) -> Action | _NeedData:
         """Parse the next buffered command and say what to do about it."""
-        if self.state in (State.UPDATE, State.CLOSED) or self._authenticating:
+        if self.state in (State.UPDATE, State.CLOSED) or self._authenticating or self._starting_tls:
             return NEED_DATA
         line = self._lines.next_line()
         if line is None:
@@ -245,15 +268,35 @@ class Pop3Machine:
         self.bad_commands = 0
         return self._dispatch(command)
 
-    def _bad(self, reason: str) -> Reply:
+    def _bad(self, reason: str, code: str | None = None) -> Reply:
         self.bad_commands += 1
-        return Reply(format_err(reason))
+        return Reply(format_err(reason, code))
+
+    def _stls(self) -> Action:
+        if self.capabilities.tls_active:
+            return self._bad("TLS is already active.")
+        if not self.capabilities.stls:
+            return self._bad("STLS is not available.")
+        # RFC 2595 section 4 and CVE-2011-0411: whatever followed STLS in
+        # plaintext must never be executed as if it came over TLS.
+        self._lines.clear()
+        self._user = None
+        self._starting_tls = True
+        return StartTLS(format_ok("Begin TLS negotiation."))
+
+    def tls_started(self, capabilities: Capabilities) -> None:
+        """
+        The handshake has begun: forget everything from before it and offer
+        the capabilities of an encrypted connection.
+        """
+        self._lines.clear()
+        self._user = None
+        self._starting_tls = False
+        self.capabilities = capabilities
 
     def _dispatch(self, command: c.Command) -> Action:
         if isinstance(command, c.Capa):
-            return Reply(
-                format_multiline("Capability list follows.", self.capabilities.lines())
-            )
+            return Reply(format_multiline("Capability list follows.", self.capabilities.lines()))
         if isinstance(command, c.Noop):
             return Reply(format_ok())
         if isinstance(command, c.Quit):
@@ -263,9 +306,12 @@ class Pop3Machine:
         return self._transaction(command)
 
     def _authorization(self, command: c.Command) -> Action:
+        if isinstance(command, c.Stls):
+            return self._stls()
+        if isinstance(command, c.User | c.Pass) and not self.capabilities.plaintext_auth:
+            self._user = None
+            return self._bad(PLAINTEXT_REFUSED, "AUTH")
         if isinstance(command, c.User):
-            if not self.capabilities.user_allowed:
-                return self._bad("USER is not allowed here.")
             self._user = command.name
             # The same answer for every name, so USER does not reveal which exist.
             return Reply(format_ok("Send PASS."))
@@ -311,9 +357,7 @@ class Pop3Machine:
             drop.deleted.add(index)
             return MarkDeleted(index, format_ok(f"Message {command.msn} deleted."))
         if isinstance(command, c.Top):
-            return SendMessage(
-                index, command.lines, format_ok("Top of message follows.")
-            )
+            return SendMessage(index, command.lines, format_ok("Top of message follows."))
         return SendMessage(index, None, format_ok(f"{drop.sizes[index]} octets."))
 
     def _quit(self) -> Action:
@@ -324,7 +368,7 @@ class Pop3Machine:
         return Close(format_ok("Bye."))
 
     def login_succeeded(
-        self, username: str, sizes: Sequence[int], uidl_of: Callable[[int], str]
+        self, username: str, sizes: Sequence[int], uidl_of: Callable[[int], str | bytes]
     ) -> bytes:
         """
         Enter TRANSACTION with the maildrop's message sizes (0 for a message

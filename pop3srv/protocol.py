@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import ipaddress
 import os
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
@@ -19,6 +20,8 @@ from twisted.cred import credentials, error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, interfaces
 from twisted.internet.error import ConnectionLost
+from twisted.internet.address import UNIXAddress
+from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
@@ -34,6 +37,31 @@ MIN_IDLE_TIMEOUT = 600
 CHUNK_SIZE = 64 * 1024
 # Pipelined input beyond this waits in the kernel, not in our memory.
 MAX_PENDING_INPUT = 64 * 1024
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
+    ipaddress.ip_network("127.0.0.0/8"),
+    ipaddress.ip_network("::1/128"),
+)
+
+
+def peer_in_networks(peer: object, networks: Iterable[IPNetwork]) -> bool:
+    """
+    Whether a transport's peer address lies in one of C{networks}.  A UNIX
+    socket peer is local, so it counts as inside; an unknown kind does not.
+    """
+    if isinstance(peer, UNIXAddress):
+        return True
+    host = getattr(peer, "host", None)
+    if not isinstance(host, str):
+        return False
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 class _Readable(TypingProtocol):
@@ -157,6 +185,7 @@ class POP3Server(Protocol):
         self._input_paused = False
         self._idle_call: Any = None
         self._peer = "?"
+        self._apop_challenge: str | None = None
 
     # --- connection lifecycle
 
@@ -164,12 +193,18 @@ class POP3Server(Protocol):
         peer = self.transport.getPeer()
         self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
         self._set_nodelay()
-        challenge = None
         if self.factory.apop_available():
-            challenge = f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
-        self.machine = m.Pop3Machine(self.factory.capabilities(challenge))
+            self._apop_challenge = (
+                f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
+            )
+        self.machine = m.Pop3Machine(self._capabilities())
         self.transport.write(self.machine.greeting())
         self._reset_idle_timer()
+
+    def _capabilities(self, tls_active: bool | None = None) -> m.Capabilities:
+        if tls_active is None:
+            tls_active = ISSLTransport.providedBy(self.transport)
+        return self.factory.capabilities(self._apop_challenge, tls_active, self.transport.getPeer())
 
     def _set_nodelay(self) -> None:
         set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
@@ -203,18 +238,14 @@ class POP3Server(Protocol):
             try:
                 logout()
             except Exception:
-                self._log.failure(
-                    "Releasing the mailbox of {peer} failed", peer=self._peer
-                )
+                self._log.failure("Releasing the mailbox of {peer} failed", peer=self._peer)
 
     def _reset_idle_timer(self) -> None:
         timeout = self.factory.idle_timeout
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(timeout)
         else:
-            self._idle_call = self.factory.reactor.callLater(
-                timeout, self._idle_timed_out
-            )
+            self._idle_call = self.factory.reactor.callLater(timeout, self._idle_timed_out)
 
     def _idle_timed_out(self) -> None:
         self._idle_call = None
@@ -248,9 +279,7 @@ class POP3Server(Protocol):
     def _action_done(self, result: object) -> None:
         self._busy = False
         if isinstance(result, Failure):
-            self._log.failure(
-                "Unexpected error in session of {peer}", result, peer=self._peer
-            )
+            self._log.failure("Unexpected error in session of {peer}", result, peer=self._peer)
             self.transport.write(b"-ERR [SYS/TEMP] Internal error.\r\n")
             self.transport.loseConnection()
             return
@@ -275,6 +304,12 @@ class POP3Server(Protocol):
             self.transport.write(action.reply)
         elif isinstance(action, m.Commit):
             return self._commit()
+        elif isinstance(action, m.StartTLS):
+            self.transport.write(action.reply)
+            self.transport.startTLS(self.factory.tls)
+            assert self.machine is not None
+            self.machine.tls_started(self._capabilities(tls_active=True))
+            self._log.debug("STLS started for {peer}", peer=self._peer)
         return None
 
     # --- authentication
@@ -282,9 +317,7 @@ class POP3Server(Protocol):
     def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None]:
         creds: credentials.ICredentials
         if action.apop_digest is not None:
-            challenge = (
-                self.machine.capabilities.apop_challenge if self.machine else None
-            )
+            challenge = self.machine.capabilities.apop_challenge if self.machine else None
             creds = APOPCredentials(
                 (challenge or "").encode(),
                 action.username.encode("utf-8"),
@@ -300,9 +333,7 @@ class POP3Server(Protocol):
         d.addErrback(self._login_failed, action.username)
         return d
 
-    def _logged_in(
-        self, result: tuple[Any, Any, Callable[[], None]], username: str
-    ) -> Any:
+    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], username: str) -> Any:
         _, mailbox, logout = result
         if self.machine is None or self.machine.state is m.State.CLOSED:
             logout()
@@ -322,9 +353,7 @@ class POP3Server(Protocol):
         if self.machine.state is m.State.CLOSED:
             self._release_mailbox()
             return
-        self.transport.write(
-            self.machine.login_succeeded(username, sizes, self.mailbox.getUidl)
-        )
+        self.transport.write(self.machine.login_succeeded(username, sizes, self.mailbox.getUidl))
 
     def _login_failed(self, failure: Failure, username: str) -> None:
         self._release_mailbox()
@@ -347,9 +376,7 @@ class POP3Server(Protocol):
                 peer=self._peer,
                 detail=exc.detail or exc.text,
             )
-            self.transport.write(
-                self.machine.login_failed(exc.code or "SYS/TEMP", exc.text)
-            )
+            self.transport.write(self.machine.login_failed(exc.code or "SYS/TEMP", exc.text))
             return
         self._log.failure(
             "Login of {user} from {peer} failed",
@@ -403,15 +430,11 @@ class POP3Server(Protocol):
                     peer=self._peer,
                     detail=exc.detail or exc.text,
                 )
-                self.transport.write(
-                    self.machine.commit_failed(exc.code or "SYS/TEMP", exc.text)
-                )
+                self.transport.write(self.machine.commit_failed(exc.code or "SYS/TEMP", exc.text))
             else:
                 self._log.failure("Commit for {peer} failed", failure, peer=self._peer)
                 self.transport.write(
-                    self.machine.commit_failed(
-                        "SYS/TEMP", "Could not commit deletions."
-                    )
+                    self.machine.commit_failed("SYS/TEMP", "Could not commit deletions.")
                 )
 
         def close(_: object) -> None:
@@ -431,6 +454,9 @@ class POP3ServerFactory(Factory):
         L{twisted.mail.pop3.IMailbox} avatars.
     @param idle_timeout: seconds of client silence before autologout.
     @param reactor: the reactor for timers; the global one if C{None}.
+    @param tls: the certificate source for STLS; C{None} offers no STLS.
+    @param plaintext_auth_networks: peers allowed to log in with USER/PASS
+        without TLS (loopback by default).
     """
 
     protocol = POP3Server  # type: ignore[assignment]
@@ -441,6 +467,8 @@ class POP3ServerFactory(Factory):
         idle_timeout: float = MIN_IDLE_TIMEOUT,
         reactor: Any = None,
         implementation: str = "pop3srv",
+        tls: Any = None,
+        plaintext_auth_networks: Iterable[IPNetwork] = LOOPBACK_NETWORKS,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -450,6 +478,8 @@ class POP3ServerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.reactor = reactor
         self.implementation = implementation
+        self.tls = tls
+        self.plaintext_auth_networks = tuple(plaintext_auth_networks)
         self._session_counter = 0
 
     def buildProtocol(self, addr: Any) -> POP3Server:
@@ -462,13 +492,16 @@ class POP3ServerFactory(Factory):
 
     def apop_available(self) -> bool:
         """Whether some checker can verify an APOP digest."""
-        return (
-            credentials.IUsernameHashedPassword
-            in self.portal.listCredentialsInterfaces()
-        )
+        return credentials.IUsernameHashedPassword in self.portal.listCredentialsInterfaces()
 
-    def capabilities(self, apop_challenge: str | None) -> m.Capabilities:
-        """The capabilities a new session offers."""
+    def capabilities(
+        self, apop_challenge: str | None, tls_active: bool, peer: object
+    ) -> m.Capabilities:
+        """The capabilities a session offers, given its encryption and peer."""
         return m.Capabilities(
-            implementation=self.implementation, apop_challenge=apop_challenge
+            implementation=self.implementation,
+            apop_challenge=apop_challenge,
+            plaintext_auth=tls_active or peer_in_networks(peer, self.plaintext_auth_networks),
+            stls=self.tls is not None and not tls_active,
+            tls_active=tls_active,
         )

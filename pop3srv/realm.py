@@ -27,12 +27,8 @@ def check_mailbox_template(template: str) -> None:
     """
     if USER_FIELD not in template:
         raise ValueError(f"mailbox template {template!r} must contain {USER_FIELD}")
-    if "{" in template.replace(USER_FIELD, "") or "}" in template.replace(
-        USER_FIELD, ""
-    ):
-        raise ValueError(
-            f"mailbox template {template!r} may use no field but {USER_FIELD}"
-        )
+    if "{" in template.replace(USER_FIELD, "") or "}" in template.replace(USER_FIELD, ""):
+        raise ValueError(f"mailbox template {template!r} may use no field but {USER_FIELD}")
     if not template.startswith("/"):
         raise ValueError(f"mailbox template {template!r} must be an absolute path")
 
@@ -80,9 +76,7 @@ class MboxRealm:
         if IMailbox not in interfaces:
             return defer.fail(NotImplementedError("MboxRealm only provides IMailbox"))
         try:
-            username = (
-                avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
-            )
+            username = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
             path = self.mailbox_path(username)
         except (UnicodeDecodeError, InvalidUsername) as e:
             return defer.fail(InvalidUsername(str(e)))

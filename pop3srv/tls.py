@@ -10,9 +10,15 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-from OpenSSL import SSL, crypto
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes as PrivateKey
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
+from zope.interface import implementer
 
 # ECDHE key exchange with AEAD ciphers only (TLS 1.2); TLS 1.3 suites are all
 # of that kind already and are not governed by this string.
@@ -45,28 +51,24 @@ def _read(path: str, what: str) -> bytes:
         raise TLSConfigError(f"{path}: cannot read {what}: {e.strerror or e}") from None
 
 
-def _load_chain(path: str) -> list[crypto.X509]:
+def _load_chain(path: str) -> list[x509.Certificate]:
     data = _read(path, "certificate")
-    certificates = []
-    marker = b"-----BEGIN CERTIFICATE-----"
-    for block in data.split(marker)[1:]:
-        try:
-            certificates.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + block))
-        except crypto.Error:
-            raise TLSConfigError(f"{path}: a certificate in the file is not valid PEM") from None
-    if not certificates:
-        raise TLSConfigError(f"{path}: no PEM certificate found")
+    try:
+        certificates = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(f"{path}: no valid PEM certificate found") from None
     return certificates
 
 
-def _load_key(path: str) -> crypto.PKey:
+def _load_key(path: str) -> PrivateKey:
     data = _read(path, "private key")
     try:
-        return crypto.load_privatekey(crypto.FILETYPE_PEM, data)
-    except crypto.Error:
+        key = serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm):
         raise TLSConfigError(
             f"{path}: not a PEM private key (or it is encrypted; pop3srv needs it unencrypted)"
         ) from None
+    return key
 
 
 def load_tls(cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS1_2) -> _Loaded:
@@ -96,9 +98,10 @@ def load_tls(cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS
         ) from None
     # Client-initiated renegotiation is a denial-of-service lever and has no use here.
     context.set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0))
-    return _Loaded(options, context, chain[0].get_serial_number())
+    return _Loaded(options, context, chain[0].serial_number)
 
 
+@implementer(IOpenSSLContextFactory)
 class TLSContextSource:
     """
     The current TLS context for new handshakes; L{reload} re-reads the files.
@@ -139,10 +142,14 @@ class TLSContextSource:
         try:
             loaded = load_tls(self.cert_path, self.key_path, self.minimum)
         except TLSConfigError as e:
-            self._log.error("TLS certificate not reloaded, keeping the old one: {error}",
-                            error=str(e))
+            self._log.error(
+                "TLS certificate not reloaded, keeping the old one: {error}", error=str(e)
+            )
             return False
         self._current = loaded
-        self._log.info("TLS certificate reloaded from {path} (serial {serial})",
-                       path=self.cert_path, serial=loaded.serial)
+        self._log.info(
+            "TLS certificate reloaded from {path} (serial {serial})",
+            path=self.cert_path,
+            serial=loaded.serial,
+        )
         return True

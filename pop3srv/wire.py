@@ -51,6 +51,12 @@ class LineBuffer:
         """Append received bytes."""
         self._buffer += data
 
+    def clear(self) -> None:
+        """Throw away everything buffered."""
+        del self._buffer[:]
+        self._scanned = 0
+        self._discarding = False
+
     def next_line(self) -> bytes | LineTooLong | None:
         """
         Return the next complete line without its line end, a L{LineTooLong}
@@ -155,6 +161,7 @@ _PARSERS: dict[str, Callable[[list[str]], c.Command | c.BadCommand]] = {
     "TOP": _parse_top,
     "UIDL": _optional_msn(c.Uidl),
     "CAPA": _no_args(c.Capa),
+    "STLS": _no_args(c.Stls),
 }
 
 

@@ -65,10 +65,17 @@ class Pop3Server:
 
     def argv(self) -> list[str]:
         return [
-            TWISTD, "--nodaemon", "--pidfile=", f"--logfile={self.log}", "pop3srv",
-            "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--auth", f"passlib:{self.users}",
-            "--mailbox", f"{self.mail}/{{user}}",
+            TWISTD,
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={self.log}",
+            "pop3srv",
+            "--listen",
+            f"tcp:{self.port}:interface=127.0.0.1",
+            "--auth",
+            f"passlib:{self.users}",
+            "--mailbox",
+            f"{self.mail}/{{user}}",
             *self.extra,
         ]
 

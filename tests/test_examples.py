@@ -54,8 +54,12 @@ def test_embedding_example(tmp_path: Path) -> None:
     )
     script = tmp_path / "embed.py"
     script.write_text(code)
-    process = subprocess.Popen([sys.executable, str(script)], cwd=tmp_path,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        [sys.executable, str(script)],
+        cwd=tmp_path,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
     try:
         client = wait_for_greeting(port, process)
         client.user("alice")
@@ -74,15 +78,17 @@ def test_checker_plugin_example(tmp_path: Path) -> None:
     (plugins / "token_checker.py").write_text(example("checker-plugin"))
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "plugins")}
     twistd = str(Path(sys.executable).with_name("twistd"))
-    listing = subprocess.run([twistd, "pop3srv", "--help-auth"], env=env,
-                             capture_output=True, text=True, timeout=60)
+    listing = subprocess.run(
+        [twistd, "pop3srv", "--help-auth"], env=env, capture_output=True, text=True, timeout=60
+    )
     assert "token" in listing.stdout
     server = Pop3Server(tmp_path)
     write_mbox(server.mail / "carol", [b"Subject: token\n\nok\n"])
     argv = server.argv()
     argv[argv.index(f"passlib:{server.users}")] = "token:s3cret-token"
-    process = subprocess.Popen(argv, cwd=tmp_path, env=env,
-                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(
+        argv, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
+    )
     try:
         client = wait_for_greeting(server.port, process)
         client.user("carol")

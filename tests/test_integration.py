@@ -75,6 +75,10 @@ def test_download_everything_with_poplib(server: Pop3Server) -> None:
         assert size == sizes[number - 1]
     _, top_lines, _ = client.top(2, 1)
     assert top_lines == [b"Subject: tricky", b"", b".starts with a dot"]
+    ids = uidls(client)
+    assert len(set(ids)) == len(ids)
+    assert all(1 <= len(uid) <= 70 and all(0x21 <= b <= 0x7E for b in uid) for uid in ids)
+    assert not any(uid.startswith(b"b'") for uid in ids)
     assert client.capa().keys() >= {"TOP", "USER", "UIDL", "PIPELINING", "RESP-CODES"}
     assert "APOP" not in client.getwelcome().decode() and b"<" not in client.getwelcome()
     client.quit()
@@ -202,9 +206,7 @@ def test_pipelined_commands_in_one_segment(server: Pop3Server) -> None:
     import socket
 
     with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
-        s.sendall(
-            b"CAPA\r\nUSER alice\r\nPASS alice-pw\r\nSTAT\r\nLIST 1\r\nNOOP\r\nQUIT\r\n"
-        )
+        s.sendall(b"CAPA\r\nUSER alice\r\nPASS alice-pw\r\nSTAT\r\nLIST 1\r\nNOOP\r\nQUIT\r\n")
         data = b""
         while not data.endswith(b"messages deleted.\r\n"):
             chunk = s.recv(65536)
@@ -239,14 +241,16 @@ def test_fetchmail_downloads_and_deletes(server: Pop3Server, tmp_path: Path) -> 
     rc = tmp_path / "fetchmailrc"
     rc.write_text(
         f"poll 127.0.0.1 service {server.port} protocol pop3 auth password\n"
-        f"  user alice password \"{PASSWORDS['alice']}\" is alice here\n"
+        f'  user alice password "{PASSWORDS["alice"]}" is alice here\n'
         f"  sslproto '' mda \"sh -c 'cat > {out}/$$$$.msg'\"\n"
     )
     rc.chmod(0o600)
     env = {**os.environ, "HOME": str(tmp_path)}
     result = subprocess.run(
         ["fetchmail", "-f", str(rc), "--nodetach", "--nosyslog", "-v"],
-        capture_output=True, env=env, timeout=60,
+        capture_output=True,
+        env=env,
+        timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(list(out.iterdir())) == len(MESSAGES)
@@ -270,9 +274,7 @@ def test_mpop_downloads_keeping_messages(server: Pop3Server, tmp_path: Path) -> 
         f"uidls_file {tmp_path}/uidls\n"
     )
     config.chmod(0o600)
-    result = subprocess.run(
-        ["mpop", "-C", str(config), "-q"], capture_output=True, timeout=60
-    )
+    result = subprocess.run(["mpop", "-C", str(config), "-q"], capture_output=True, timeout=60)
     assert result.returncode == 0, result.stdout + result.stderr
     assert len(mailbox.mbox(str(target))) == len(MESSAGES)
     again = subprocess.run(["mpop", "-C", str(config)], capture_output=True, timeout=60)

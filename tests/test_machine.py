@@ -8,9 +8,19 @@ from hypothesis import strategies as st
 from pop3srv import machine as m
 
 COMMAND_LINES = {
-    "USER": b"USER alice", "PASS": b"PASS pw", "APOP": b"APOP alice 0123456789abcdef",
-    "STAT": b"STAT", "LIST": b"LIST", "RETR": b"RETR 1", "DELE": b"DELE 1", "NOOP": b"NOOP",
-    "RSET": b"RSET", "QUIT": b"QUIT", "TOP": b"TOP 1 0", "UIDL": b"UIDL", "CAPA": b"CAPA",
+    "USER": b"USER alice",
+    "PASS": b"PASS pw",
+    "APOP": b"APOP alice 0123456789abcdef",
+    "STAT": b"STAT",
+    "LIST": b"LIST",
+    "RETR": b"RETR 1",
+    "DELE": b"DELE 1",
+    "NOOP": b"NOOP",
+    "RSET": b"RSET",
+    "QUIT": b"QUIT",
+    "TOP": b"TOP 1 0",
+    "UIDL": b"UIDL",
+    "CAPA": b"CAPA",
 }
 
 
@@ -94,9 +104,10 @@ def test_transaction_flow() -> None:
     assert run(machine, b"STAT\r\n") == [m.Reply(b"+OK 2 30\r\n")]
     assert run(machine, b"UIDL 2\r\n") == [m.Reply(b"+OK 2 uid1\r\n")]
     assert run(machine, b"DELE 1\r\n") == [m.MarkDeleted(0, b"+OK Message 1 deleted.\r\n")]
-    assert run(machine, b"DELE 1\r\nRETR 1\r\nLIST 1\r\n") == [
-        m.Reply(b"-ERR Message 1 is deleted.\r\n")
-    ] * 3
+    assert (
+        run(machine, b"DELE 1\r\nRETR 1\r\nLIST 1\r\n")
+        == [m.Reply(b"-ERR Message 1 is deleted.\r\n")] * 3
+    )
     assert run(machine, b"STAT\r\nLIST\r\nUIDL\r\n") == [
         m.Reply(b"+OK 1 20\r\n"),
         m.Reply(b"+OK 1 messages.\r\n2 20\r\n.\r\n"),
@@ -128,12 +139,19 @@ def test_capa_and_greeting() -> None:
     (reply,) = run(machine, b"CAPA\r\n")
     assert isinstance(reply, m.Reply)
     assert reply.data.split(b"\r\n")[1:-2] == [
-        b"TOP", b"USER", b"UIDL", b"PIPELINING", b"RESP-CODES", b"AUTH-RESP-CODE",
-        b"EXPIRE NEVER", b"LOGIN-DELAY 30", b"IMPLEMENTATION pop3srv",
+        b"TOP",
+        b"USER",
+        b"UIDL",
+        b"PIPELINING",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+        b"EXPIRE NEVER",
+        b"LOGIN-DELAY 30",
+        b"IMPLEMENTATION pop3srv",
     ]
     assert run(machine, b"APOP a b\r\n") == [m.Reply(b"-ERR APOP is not available.\r\n")]
     with_apop = m.Pop3Machine(m.Capabilities(apop_challenge="<1.2@h>"))
-    assert with_apop.greeting() == b"+OK POP3 server ready <1.2@h>\r\n"
+    assert with_apop.greeting() == b"+OK POP3 server ready. <1.2@h>\r\n"
 
 
 def test_bad_commands_are_counted_and_reset() -> None:
@@ -143,3 +161,14 @@ def test_bad_commands_are_counted_and_reset() -> None:
     assert machine.bad_commands == 3
     run(machine, b"NOOP\r\n")
     assert machine.bad_commands == 0
+
+
+def test_uidls_given_as_bytes_are_sent_as_text() -> None:
+    """Twisted's IMailbox returns UIDLs as bytes; they go on the wire unchanged."""
+    machine = m.Pop3Machine()
+    run(machine, b"USER a\r\nPASS b\r\n")
+    machine.login_succeeded("a", [1], lambda i: b"0123abcd.1")
+    assert run(machine, b"UIDL\r\nUIDL 1\r\n") == [
+        m.Reply(b"+OK 1 messages.\r\n1 0123abcd.1\r\n.\r\n"),
+        m.Reply(b"+OK 1 0123abcd.1\r\n"),
+    ]

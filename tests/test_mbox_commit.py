@@ -442,3 +442,37 @@ def test_close_during_commit_waits(mbox: Path, messages: list[bytes]) -> None:
     assert results == [None]
     assert mbox.read_bytes() == b"".join(messages[1:])
     _open(mbox).close()
+
+
+def test_recover_without_mbox(tmp_path: Path) -> None:
+    """
+    With no mbox file there is nothing to recover and nothing is touched.
+    """
+    paths = state_paths(str(tmp_path / "gone"))
+    Path(paths.journal).write_bytes(b"whatever")
+    assert recover(paths.mbox, paths.journal) is False
+    assert Path(paths.journal).read_bytes() == b"whatever"
+    assert not Path(paths.mbox).exists()
+
+
+def test_apply_failure_after_commit_point(
+    mbox: Path, messages: list[bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    An I/O error after the journal is durable does not fail the sync: the
+    deletions are decided, and the next open applies them.
+    """
+    real_ftruncate = os.ftruncate
+
+    def failing(fd: int, length: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(os, "ftruncate", failing)
+    mb = _open(mbox)
+    mb.deleteMessage(2)
+    assert _sync(mb) is None
+    assert mb.listMessages() == []
+    mb.close()
+    monkeypatch.setattr(os, "ftruncate", real_ftruncate)
+    assert _digests(mbox) == [_digest(m) for i, m in enumerate(messages) if i != 2]
+    assert not Path(state_paths(str(mbox)).journal).exists()

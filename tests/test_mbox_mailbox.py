@@ -250,3 +250,13 @@ def test_default_defer_to_thread(mbox: Path) -> None:
         assert mb._defer_to_thread is deferToThread
     finally:
         mb.close()
+
+
+def test_missing_directory_with_index_dir(tmp_path: Path) -> None:
+    """
+    With state files in C{index_dir}, an mbox whose directory does not
+    exist is an empty maildrop too.
+    """
+    mb = _open(tmp_path / "no-such-dir" / "user", index_dir=str(tmp_path))
+    assert mb.listMessages() == []
+    mb.close()

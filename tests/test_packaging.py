@@ -22,9 +22,9 @@ def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A wheel built from the checkout."""
     out = tmp_path_factory.mktemp("dist")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q",
-         "-w", str(out), str(ROOT)],
-        check=True, timeout=300,
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT)],
+        check=True,
+        timeout=300,
     )
     (path,) = out.glob("pop3srv-*.whl")
     return path
@@ -45,13 +45,24 @@ def test_fresh_venv_finds_plugins(wheel: Path, tmp_path: Path) -> None:
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     python = env_dir / "bin" / "python"
-    subprocess.run([str(python), "-m", "pip", "install", "-q", str(wheel)], check=True,
-                   timeout=600, cwd=tmp_path)
+    subprocess.run(
+        [str(python), "-m", "pip", "install", "-q", str(wheel)],
+        check=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     twistd = str(env_dir / "bin" / "twistd")
-    help_text = subprocess.run([twistd, "--help"], capture_output=True, text=True,
-                               check=True, cwd=tmp_path, timeout=60).stdout
+    help_text = subprocess.run(
+        [twistd, "--help"], capture_output=True, text=True, check=True, cwd=tmp_path, timeout=60
+    ).stdout
     assert "pop3srv" in help_text
-    auth = subprocess.run([twistd, "pop3srv", "--help-auth"], capture_output=True, text=True,
-                          check=True, cwd=tmp_path, timeout=60).stdout
+    auth = subprocess.run(
+        [twistd, "pop3srv", "--help-auth"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+        timeout=60,
+    ).stdout
     assert "passlib" in auth
     assert (env_dir / "bin" / "pop3srv-passwd").exists()

@@ -14,6 +14,7 @@ import pytest
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
+from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.mail.pop3 import IMailbox
@@ -106,7 +107,7 @@ class Session:
         checker = InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")
         self.factory = POP3ServerFactory(Portal(self.realm, [checker]), reactor=self.clock)
         self.protocol: POP3Server = self.factory.buildProtocol(None)
-        self.transport = StringTransport()
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
         self.protocol.makeConnection(self.transport)
 
     def send(self, data: bytes) -> bytes:
@@ -127,7 +128,7 @@ MODES = ["plain", "fired", "later"]
 def test_greeting_offers_apop_only_when_a_checker_can_verify_it() -> None:
     """The in-memory checker verifies APOP, so the greeting has a timestamp."""
     session = Session()
-    assert session.transport.value().startswith(b"+OK POP3 server ready <")
+    assert session.transport.value().startswith(b"+OK POP3 server ready. <")
 
 
 @pytest.mark.parametrize("mode", MODES)

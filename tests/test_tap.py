@@ -57,8 +57,18 @@ def test_config_file_and_command_line_precedence(tmp_path: Path, users: Path) ->
     assert options["mailbox"] == "/srv/mail/{user}"
     assert options["idle_timeout"] == 900
     assert options["index_dir"] == str(tmp_path)
-    options = parse("--config", str(config), "--listen", "tcp:2110", "--listen", "tcp:3110",
-                    "--idle-timeout", "1200", "--mailbox", "/m/{user}.mbox")
+    options = parse(
+        "--config",
+        str(config),
+        "--listen",
+        "tcp:2110",
+        "--listen",
+        "tcp:3110",
+        "--idle-timeout",
+        "1200",
+        "--mailbox",
+        "/m/{user}.mbox",
+    )
     assert options["listen"] == ["tcp:2110", "tcp:3110"]
     assert (options["idle_timeout"], options["mailbox"]) == (1200, "/m/{user}.mbox")
 
@@ -68,8 +78,8 @@ def test_config_file_and_command_line_precedence(tmp_path: Path, users: Path) ->
     [
         ('listen = ["tcp:1"]\nbogus = 1\n', r":2: unknown setting 'bogus'"),
         ('listen = ["tcp:1"]\n\nidle_timeout = "ten"\n', r":3: idle_timeout must be a whole"),
-        ('mailbox = [1]\n', r":1: mailbox must be a path template"),
-        ('listen = [\n', r":\d+: "),
+        ("mailbox = [1]\n", r":1: mailbox must be a path template"),
+        ("listen = [\n", r":\d+: "),
     ],
 )
 def test_config_errors_name_file_and_line(tmp_path: Path, text: str, message: str) -> None:
@@ -117,14 +127,21 @@ def test_config_value_error_names_file_and_line(tmp_path: Path, users: Path) -> 
 
 def test_make_service_listens_on_each_endpoint(users: Path) -> None:
     """makeService builds one listening service per endpoint with our factory."""
-    options = parse("--auth", f"passlib:{users}", "--listen", "tcp:1110:interface=127.0.0.1",
-                    "--listen", "tcp:1111:interface=127.0.0.1")
+    options = parse(
+        "--auth",
+        f"passlib:{users}",
+        "--listen",
+        "tcp:1110:interface=127.0.0.1",
+        "--listen",
+        "tcp:1111:interface=127.0.0.1",
+    )
     reactor = MemoryReactor()
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
     top.startService()
     assert [(port, interface) for port, _, _, interface in reactor.tcpServers] == [
-        (1110, "127.0.0.1"), (1111, "127.0.0.1")
+        (1110, "127.0.0.1"),
+        (1111, "127.0.0.1"),
     ]
     assert isinstance(reactor.tcpServers[0][1], POP3ServerFactory)
 
@@ -142,8 +159,9 @@ def test_twistd_lists_plugin_and_checker() -> None:
 
 def test_twistd_bad_option_is_one_line_without_traceback(tmp_path: Path) -> None:
     """A bad value stops start-up with one error line naming it, never a traceback."""
-    result = run_twistd("--nodaemon", "--pidfile=", "pop3srv", "--idle-timeout", "5",
-                        "--auth", "memory:a:b")
+    result = run_twistd(
+        "--nodaemon", "--pidfile=", "pop3srv", "--idle-timeout", "5", "--auth", "memory:a:b"
+    )
     assert result.returncode != 0
     output = result.stdout + result.stderr
     assert output == (
@@ -160,8 +178,16 @@ def test_twistd_port_in_use_fails_start(tmp_path: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        result = run_twistd("--nodaemon", "--pidfile=", f"--logfile={tmp_path}/log", "pop3srv",
-                            "--listen", f"tcp:{port}:interface=127.0.0.1", "--auth", "memory:a:b")
+        result = run_twistd(
+            "--nodaemon",
+            "--pidfile=",
+            f"--logfile={tmp_path}/log",
+            "pop3srv",
+            "--listen",
+            f"tcp:{port}:interface=127.0.0.1",
+            "--auth",
+            "memory:a:b",
+        )
     assert result.returncode != 0
     log = result.stdout + result.stderr + (tmp_path / "log").read_text()
     assert f"twistd pop3srv: Couldn't listen on 127.0.0.1:{port}" in log

@@ -132,8 +132,23 @@ def test_parse_errors_have_reasons() -> None:
 def test_parse_never_raises(line: bytes) -> None:
     """Any bytes parse to a command or a BadCommand."""
     result = parse_command(line)
-    assert isinstance(result, c.BadCommand | c.User | c.Pass | c.Apop | c.Stat | c.List
-                      | c.Retr | c.Dele | c.Noop | c.Rset | c.Quit | c.Top | c.Uidl | c.Capa)
+    assert isinstance(
+        result,
+        c.BadCommand
+        | c.User
+        | c.Pass
+        | c.Apop
+        | c.Stat
+        | c.List
+        | c.Retr
+        | c.Dele
+        | c.Noop
+        | c.Rset
+        | c.Quit
+        | c.Top
+        | c.Uidl
+        | c.Capa,
+    )
 
 
 def test_format_responses() -> None:

@@ -45,8 +45,10 @@ HEADER_SIZE = _HEADER.size + _HASH_SIZE
 FaultHook = Callable[[str], None]
 
 
-def _no_fault(point: str) -> None:
-    pass
+def no_fault(point: str) -> None:
+    """
+    The production L{FaultHook}: no faults.
+    """
 
 
 def _hasher() -> hashlib.blake2b:
@@ -226,8 +228,8 @@ def commit_deletions(
     index: MboxIndex,
     deleted: Iterable[int],
     *,
-    fault: FaultHook = _no_fault,
-) -> MboxIndex:
+    fault: FaultHook = no_fault,
+) -> MboxIndex | None:
     """
     Remove the messages C{deleted} from the mbox, durably and in place.
 
@@ -240,7 +242,9 @@ def commit_deletions(
     @param deleted: indexes into C{index.records}.
     @param fault: test hook, see L{FaultHook}.
     @return: the index of the new file (UIDLs unchanged; mail appended
-        during the session is left for the next load to index).
+        during the session is left for the next load to index), or L{None}
+        if the commit is decided but applying it failed (it is then
+        finished by the next L{recover}).
     @raise MaildropChanged: the mbox is not the one in C{index} any more;
         nothing was changed.
     @raise OSError: the commit failed before its commit point; nothing was
@@ -289,11 +293,20 @@ def commit_deletions(
         writer.abandon()
         raise
     fault("journal_written")
-    jfd = os.open(paths.journal, os.O_RDONLY | os.O_CLOEXEC)
     try:
-        _apply(mbox_fd, paths.journal, jfd, header, fault)
-    finally:
-        os.close(jfd)
+        jfd = os.open(paths.journal, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _apply(mbox_fd, paths.journal, jfd, header, fault)
+        finally:
+            os.close(jfd)
+    except OSError:
+        # Past the commit point the deletions are decided and durable in
+        # the journal; the next open (or sync) applies it.
+        _log.failure(
+            "Commit of {path} is journalled but could not be applied yet",
+            path=paths.mbox,
+        )
+        return None
     return _index_after(index, gone_set, mbox_fd)
 
 
@@ -309,8 +322,8 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
         if i in gone:
             stop = index.records[i + 1].start if i + 1 < len(index.records) else index.size
             shift -= stop - rec.start
-            retired.pop(rec.digest, None)
-            retired[rec.digest] = max(index.retired.get(rec.digest, 0), rec.ordinal + 1)
+            # Re-inserted so the newest retirements are the last forgotten.
+            retired[rec.digest] = max(retired.pop(rec.digest, 0), rec.ordinal + 1)
         else:
             records.append(rec.shifted(shift) if shift else rec)
     # Mail appended during the session lies beyond index.size + shift; the
@@ -363,7 +376,7 @@ def _read_journal(journal_path: str, mbox_st: os.stat_result) -> tuple[int, Jour
     return None
 
 
-def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = _no_fault) -> bool:
+def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -> bool:
     """
     Finish a commit that a crash interrupted.
 

@@ -308,7 +308,8 @@ def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
         return None
     kept = old.records[:-1]
     alloc = _OrdinalAllocator((), old.records, old.retired)
-    records = [*kept, last]
+    m = scanned[0]
+    records = [*kept, IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, last.ordinal)]
     records.extend(
         IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
         for m in scanned[1:]

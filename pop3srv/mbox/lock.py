@@ -222,6 +222,11 @@ class MboxFileLock:
         )
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileNotFoundError:
+            if os.path.isdir(directory):
+                raise
+            # No directory, so no mbox: nothing for anyone to lock.
+            return True
         except OSError as e:
             if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
                 raise

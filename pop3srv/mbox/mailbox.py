@@ -22,7 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
 from pop3srv.errors import CommitFailed, MaildropUnavailable
-from pop3srv.mbox.commit import FaultHook, _no_fault, commit_deletions, recover
+from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
 from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
 from pop3srv.mbox.paths import StatePaths, remove_stale_temps, state_paths
@@ -159,7 +159,7 @@ class MboxMailbox:
         self._lock_timeout = lock_timeout
         self._deleted: set[int] = set()
         # Test hook: see pop3srv.mbox.commit.FaultHook.
-        self._fault: FaultHook = _no_fault
+        self._fault: FaultHook = no_fault
         # While a commit runs in a worker thread its descriptor must stay
         # open (a closed number could be reused for another file), so a
         # close() meanwhile is carried out when the commit ends.
@@ -241,7 +241,7 @@ class MboxMailbox:
         d.addBoth(self._commit_ended)
         return d
 
-    def _commit(self, deleted: frozenset[int]) -> MboxIndex:
+    def _commit(self, deleted: frozenset[int]) -> MboxIndex | None:
         """
         Run in a worker thread: the blocking commit under the mbox lock.
         """
@@ -254,6 +254,8 @@ class MboxMailbox:
                 deleted,
                 fault=self._fault,
             )
+            if index is None:
+                return None
             try:
                 write_index(self._paths.index, index)
             except OSError as e:
@@ -265,8 +267,9 @@ class MboxMailbox:
                 )
             return index
 
-    def _committed(self, index: MboxIndex) -> None:
-        self._index = index
+    def _committed(self, index: MboxIndex | None) -> None:
+        # None: decided but not yet applied, so no offsets can be trusted.
+        self._index = empty_index() if index is None else index
         self._deleted.clear()
 
     def _commit_failed(self, failure: Failure) -> Failure:
