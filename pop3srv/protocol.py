@@ -19,8 +19,8 @@ from typing import Protocol as TypingProtocol
 from twisted.cred import credentials, error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, interfaces
-from twisted.internet.error import ConnectionLost
 from twisted.internet.address import UNIXAddress
+from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger

@@ -98,8 +98,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ) from None
         except strcred.InvalidAuthType as e:
             raise usage.UsageError(
-                f"{where} {description!r}: no checker plugin named {e.args[0]!r} "
-                "(see --help-auth)"
+                f"{where} {description!r}: no checker plugin named {e.args[0]!r} (see --help-auth)"
             ) from None
         except Exception as e:
             raise usage.UsageError(f"{where} {description!r}: {e}") from None
@@ -200,14 +199,18 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         try:
             minimum = TLSMinimum(str(version))
         except ValueError:
-            raise fail(version_where, f"TLS minimum version must be 1.2 or 1.3, not {version!r}")
+            raise fail(
+                version_where, f"TLS minimum version must be 1.2 or 1.3, not {version!r}"
+            ) from None
         if cert is None and key is None:
             if self["listen_tls"]:
-                raise fail(_option_name("listen_tls"), "implicit TLS needs --tls-cert and --tls-key")
+                raise fail(
+                    _option_name("listen_tls"), "implicit TLS needs --tls-cert and --tls-key"
+                )
             return None
         if cert is None or key is None:
-            raise fail(key_where if key is None else cert_where,
-                       "--tls-cert and --tls-key go together")  # fmt: skip
+            where = key_where if key is None else cert_where
+            raise fail(where, "--tls-cert and --tls-key go together")
         try:
             return TLSContextSource(cert, key, minimum)
         except TLSConfigError as e:

@@ -34,7 +34,7 @@ class Authority:
     @classmethod
     def create(cls, name: str = "pop3srv test root") -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -50,7 +50,7 @@ class Authority:
 
     def intermediate(self, name: str = "pop3srv test intermediate") -> Authority:
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name(name))
@@ -71,7 +71,7 @@ class Authority:
         import ipaddress
 
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(_name("localhost"))

@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from certs import Authority
+from test_protocol import MESSAGES, FakeMailbox, FakeRealm
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
@@ -20,7 +21,6 @@ from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
-from test_protocol import FakeMailbox, FakeRealm, MESSAGES
 
 from pop3srv.protocol import POP3ServerFactory
 from pop3srv.tls import TLSContextSource
@@ -118,7 +118,7 @@ def test_stls_resets_state_and_unlocks_login(tls_files: tuple[Path, Path, Path])
 
 def test_commands_pipelined_after_stls_are_discarded(tls_files: tuple[Path, Path, Path]) -> None:
     """CVE-2011-0411: commands sent with STLS in one plaintext segment never run."""
-    client, server, pump = pretend_tls_pair(make_factory(tls_files, NOWHERE_TRUSTED))
+    client, _server, pump = pretend_tls_pair(make_factory(tls_files, NOWHERE_TRUSTED))
     reply = say(client, pump, b"STLS\r\nCAPA\r\nUSER alice\r\n")
     assert reply == b"+OK Begin TLS negotiation.\r\n"
     client.transport.startTLS(PretendContext())
@@ -156,7 +156,7 @@ def test_implicit_tls_in_memory_handshake(tls_files: tuple[Path, Path, Path]) ->
     client_factory = TLSMemoryBIOFactory(
         client_options, True, ClientFactory(), clock=factory.reactor
     )
-    client, server, pump = iosim.connectedServerAndClient(
+    client, _server, pump = iosim.connectedServerAndClient(
         lambda: server_factory.buildProtocol(None),
         lambda: client_factory.buildProtocol(None),
         clock=factory.reactor,
