@@ -14,6 +14,9 @@ The public API, for serving POP3 from another Twisted program::
  - L{MboxRealm}: the realm that maps users to mbox files through a template.
  - L{PasslibChecker}: the checker for passlib-hashed user files.
  - L{open_maildrop} and L{MboxMailbox}: the mbox maildrop as an C{IMailbox}.
+ - L{TLSContextSource}: a certificate and key for STLS and implicit TLS
+   (pass it as C{POP3ServerFactory(..., tls=source)} and to
+   C{TLSMemoryBIOFactory}); C{reload()} re-reads renewed files.
 
 Names are imported on first use, so importing C{pop3srv} (as Twisted's plugin
 scan does) stays cheap.
@@ -30,6 +33,7 @@ _EXPORTS = {
     "PasslibChecker": "pop3srv.checker",
     "MboxMailbox": "pop3srv.mbox",
     "open_maildrop": "pop3srv.mbox",
+    "TLSContextSource": "pop3srv.tls",
 }
 
 __all__ = ["__version__", *_EXPORTS]

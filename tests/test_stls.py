@@ -168,3 +168,20 @@ def test_implicit_tls_in_memory_handshake(tls_files: tuple[Path, Path, Path]) ->
     pump.flush()
     assert b"STLS" not in recorder.received and b"\r\nUSER\r\n" in recorder.received
     assert recorder.received.endswith(b"+OK 2 73\r\n")
+
+
+def test_reload_api_for_embedders(tmp_path: Path) -> None:
+    """TLSContextSource.reload takes a renewed pair and keeps the old one on a bad pair."""
+    authority = Authority.create()
+    cert, key = authority.issue(tmp_path, "live", serial=5001)
+    source = TLSContextSource(str(cert), str(key))
+    assert source.serial == 5001
+    old_context = source.getContext()
+    renewed_cert, renewed_key = authority.issue(tmp_path, "renewed", serial=5002)
+    cert.write_bytes(renewed_cert.read_bytes())
+    key.write_bytes(renewed_key.read_bytes())
+    assert source.reload() is True
+    assert source.serial == 5002 and source.getContext() is not old_context
+    cert.write_bytes(b"not a certificate")
+    assert source.reload() is False
+    assert source.serial == 5002

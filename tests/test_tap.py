@@ -192,3 +192,17 @@ def test_twistd_port_in_use_fails_start(tmp_path: Path) -> None:
     log = result.stdout + result.stderr + (tmp_path / "log").read_text()
     assert f"twistd pop3srv: Couldn't listen on 127.0.0.1:{port}" in log
     assert "Traceback" not in log
+
+
+def test_sample_config_parses_and_documents_every_setting() -> None:
+    """etc/pop3srv.toml loads, and names every setting (set or commented out)."""
+    import re
+
+    from pop3srv.config import SETTINGS
+
+    sample = Path(__file__).resolve().parent.parent / "etc" / "pop3srv.toml"
+    settings, _ = load_config(str(sample))
+    assert settings["listen"] == ["tcp:110"]
+    text = sample.read_text()
+    for key in SETTINGS:
+        assert re.search(rf"^(# )?{key} = ", text, re.MULTILINE), key
