@@ -1,16 +1,22 @@
-# -*- test-case-name: tests.test_config -*-
+# -*- test-case-name: tests.test_tap -*-
 """
-The TOML configuration file: parsing and validation, with errors that name
-the file and line.  Nothing here touches the reactor.
+The settings of C{twistd pop3srv}: one table that gives each its type,
+default and help, used for both the command line and the TOML file, with
+errors that name the option or the file and line.  Nothing here touches the
+reactor.
 """
 
 from __future__ import annotations
 
+import ipaddress
+import os
 import re
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
+
+from pop3srv.limits import IPNetwork
 
 
 class ConfigError(ValueError):
@@ -19,41 +25,122 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Setting:
-    """One configuration key: its type check and a description of what it takes."""
+    """
+    One setting.
 
-    check: Callable[[Any], bool]
-    expects: str
+    @ivar kind: C{str}, C{int}, C{float}, C{list} (of strings; repeatable on
+        the command line) or C{networks} (CIDR list; repeatable or
+        comma-separated on the command line).
+    @ivar minimum: the smallest number accepted, for numbers.
+    @ivar choices: the values accepted, for a C{str} with a fixed set.
+    """
+
+    key: str
+    kind: str
+    default: Any
+    help: str
+    minimum: float | None = None
+    choices: tuple[str, ...] = ()
+    why: str = ""
+
+    @property
+    def option(self) -> str:
+        """The command-line name, such as C{--idle-timeout}."""
+        return "--" + self.key.replace("_", "-")
+
+    @property
+    def repeatable(self) -> bool:
+        return self.kind in ("list", "networks")
 
 
-def _is_str_list(value: Any) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _is_str(value: Any) -> bool:
-    return isinstance(value, str)
-
-
-def _is_str_or_list(value: Any) -> bool:
-    return _is_str(value) or _is_str_list(value)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
+_CPUS = os.cpu_count() or 1
 
 SETTINGS: dict[str, Setting] = {
-    "listen": Setting(_is_str_or_list, "an endpoint string or a list of them"),
-    "listen_tls": Setting(_is_str_or_list, "an endpoint string or a list of them"),
-    "mailbox": Setting(_is_str, 'a path template such as "/var/mail/{user}"'),
-    "auth": Setting(_is_str_or_list, "a checker string or a list of them"),
-    "idle_timeout": Setting(_is_int, "a whole number of seconds"),
-    "index_dir": Setting(_is_str, "a directory path"),
-    "tls_cert": Setting(_is_str, "a path to a PEM certificate chain"),
-    "tls_key": Setting(_is_str, "a path to a PEM private key"),
-    "tls_min_version": Setting(lambda v: v in ("1.2", "1.3"), 'the string "1.2" or "1.3"'),
-    "plaintext_auth_networks": Setting(_is_str_or_list, "a list of networks in CIDR notation"),
-}
-LIST_SETTINGS = frozenset({"listen", "listen_tls", "auth", "plaintext_auth_networks"})
+    s.key: s
+    for s in [
+        Setting("listen", "list", ["tcp:110"], "Endpoint to serve POP3 on (repeatable)."),
+        Setting("listen_tls", "list", [], "Endpoint for implicit TLS, e.g. tcp:995 (repeatable)."),
+        Setting("mailbox", "str", "/var/mail/{user}", "Path template of each user's mbox."),
+        Setting("auth", "list", ["passlib:/etc/pop3srv/users"], "Credential checker."),
+        Setting("index_dir", "str", None, "Directory for UIDL indexes [default: beside mbox]."),
+        Setting("idle_timeout", "int", 600, "Seconds of silence before autologout.", 600,
+                why="RFC 1939 section 3"),
+        Setting("auth_timeout", "float", 60.0, "Seconds a client has to log in.", 1),
+        Setting("tls_cert", "str", None, "PEM file: certificate, then intermediates."),
+        Setting("tls_key", "str", None, "PEM file: the certificate's private key."),
+        Setting("tls_min_version", "str", "1.2", "Lowest TLS version.", choices=("1.2", "1.3")),
+        Setting("plaintext_auth_networks", "networks", ["127.0.0.0/8", "::1/128"],
+                "Networks whose clients may log in without TLS."),
+        Setting("failure_delay", "float", 2.0, "Seconds before a failed login is answered.", 0),
+        Setting("max_failure_delay", "float", 30.0, "Cap of the growing failure delay.", 0),
+        Setting("failure_window", "float", 600.0, "Seconds over which failures count.", 1),
+        Setting("address_failure_limit", "int", 10,
+                "Failures from one address that lock it out.", 1),
+        Setting("user_failure_limit", "int", 5,
+                "Failures for one user from one address that lock that pair out.", 1),
+        Setting("lockout", "float", 600.0, "Seconds a lockout lasts.", 0),
+        Setting("trusted_networks", "networks", [],
+                "Networks exempt from failure delays and lockouts."),
+        Setting("max_connections", "int", 1000, "Concurrent connections in all.", 1),
+        Setting("max_connections_per_address", "int", 20,
+                "Concurrent connections from one address.", 1),
+        Setting("max_sessions_per_user", "int", 10,
+                "Concurrent logged-in sessions of one user from one address.", 1),
+        Setting("max_bad_commands", "int", 10, "Consecutive bad commands before closing.", 1),
+        Setting("allow", "networks", [], "Only these networks may connect (if set)."),
+        Setting("deny", "networks", [], "These networks may not connect."),
+        Setting("hash_threads", "int", _CPUS, "Threads that verify passwords.", 1),
+        Setting("hash_queue", "int", 32, "Logins that may wait for a hashing thread.", 0),
+    ]
+}  # fmt: skip
+
+
+def parse_networks(items: list[str], where: str) -> list[IPNetwork]:
+    """CIDR strings (each may hold several, comma-separated) as networks."""
+    try:
+        return [
+            ipaddress.ip_network(n.strip(), strict=False)
+            for item in items
+            for n in item.split(",")
+            if n.strip()
+        ]
+    except ValueError as e:
+        raise ConfigError(f"{where}: bad network: {e}") from None
+
+
+def convert(setting: Setting, value: Any, where: str) -> Any:
+    """
+    Check and convert a value from the command line (text) or TOML.
+
+    @raise ConfigError: naming C{where}.
+    """
+    kind = setting.kind
+    if kind in ("list", "networks"):
+        if isinstance(value, str):
+            value = [value]
+        if not (isinstance(value, list) and all(isinstance(v, str) for v in value)):
+            raise ConfigError(f"{where}: {setting.key} must be a string or a list of strings")
+        return parse_networks(value, where) if kind == "networks" else list(value)
+    if kind in ("int", "float"):
+        number_type = int if kind == "int" else float
+        if isinstance(value, bool) or not isinstance(value, str | int | float):
+            raise ConfigError(f"{where}: {setting.key} must be a number")
+        try:
+            number: float = number_type(value)
+        except ValueError:
+            noun = "a whole number" if kind == "int" else "a number"
+            raise ConfigError(f"{where}: {setting.key} must be {noun}") from None
+        if kind == "int" and isinstance(value, float):
+            raise ConfigError(f"{where}: {setting.key} must be a whole number")
+        if setting.minimum is not None and number < setting.minimum:
+            why = f" ({setting.why})" if setting.why else ""
+            raise ConfigError(f"{where}: {setting.key} must be at least {setting.minimum:g}{why}")
+        return number
+    if not isinstance(value, str):
+        raise ConfigError(f"{where}: {setting.key} must be a string")
+    if setting.choices and value not in setting.choices:
+        raise ConfigError(f"{where}: {setting.key} must be one of {', '.join(setting.choices)}")
+    return value
 
 
 def _line_of(source: str, key: str) -> int | None:
@@ -70,12 +157,12 @@ def where(path: str, source: str, key: str) -> str:
 
 def load_config(path: str) -> tuple[dict[str, Any], Callable[[str], str]]:
     """
-    Read and type-check a configuration file.
+    Read a configuration file and check each value against L{SETTINGS}.
 
-    @return: the settings found (lists normalised to lists) and a function
-        that gives C{file:line} for a key, for errors found later.
+    @return: the converted settings found and a function giving C{file:line}
+        for a key, for errors found later.
     @raise ConfigError: the file is unreadable, not TOML, or has an unknown
-        key or a value of the wrong type.
+        key or a bad value.
     """
     try:
         with open(path, encoding="utf-8") as f:
@@ -94,17 +181,13 @@ def load_config(path: str) -> tuple[dict[str, Any], Callable[[str], str]]:
             # "(at end of document)": the problem is on the last line.
             line = source.count("\n") + (0 if source.endswith("\n") else 1)
         text = re.sub(r"\s*\(at (line \d+, column \d+|end of document)\)", "", message)
-        location = f"{path}:{max(line, 1)}"
-        raise ConfigError(f"{location}: {text}") from None
+        raise ConfigError(f"{path}:{max(line, 1)}: {text}") from None
     settings: dict[str, Any] = {}
     for key, value in document.items():
         setting = SETTINGS.get(key)
         if setting is None:
             known = ", ".join(sorted(SETTINGS))
-            raise ConfigError(
-                f"{where(path, source, key)}: unknown setting {key!r} (known: {known})"
-            )
-        if not setting.check(value):
-            raise ConfigError(f"{where(path, source, key)}: {key} must be {setting.expects}")
-        settings[key] = [value] if key in LIST_SETTINGS and isinstance(value, str) else value
+            location = where(path, source, key)
+            raise ConfigError(f"{location}: unknown setting {key!r} (known: {known})")
+        settings[key] = convert(setting, value, where(path, source, key))
     return settings, lambda key: where(path, source, key)

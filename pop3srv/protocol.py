@@ -13,12 +13,13 @@ import ipaddress
 import os
 import socket
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.cred import credentials, error
 from twisted.cred.portal import Portal
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, task
 from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
@@ -29,7 +30,16 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3srv import machine as m
-from pop3srv.errors import Pop3Error
+from pop3srv.audit import audit
+from pop3srv.errors import InvalidUsername, Pop3Error
+from pop3srv.limits import (
+    AccessRules,
+    AuthThrottle,
+    ConnectionCounter,
+    ConnectionLimits,
+    LoginGate,
+    ThrottleSettings,
+)
 from pop3srv.wire import DotStuffer, TopFilter
 
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
@@ -184,14 +194,36 @@ class POP3Server(Protocol):
         self._running = False
         self._input_paused = False
         self._idle_call: Any = None
+        self._auth_deadline: Any = None
         self._peer = "?"
+        self._host = "?"
+        self._session_id = "-"
+        self._counted = False
+        self._session_user: str | None = None
         self._apop_challenge: str | None = None
 
     # --- connection lifecycle
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self._peer = f"{getattr(peer, 'host', peer)}:{getattr(peer, 'port', '')}"
+        self._host = str(getattr(peer, "host", "local"))
+        self._peer = f"{self._host}:{getattr(peer, 'port', '')}"
+        self._session_id = self.factory.next_session_tag()
+        policy = self.factory.policy
+        if isinstance(peer, UNIXAddress):
+            self._host = "local"
+        elif not policy.access.permits(self._host):
+            self._audit("connection-refused", "ip-rules")
+            self.transport.write(b"-ERR [SYS/PERM] Access denied.\r\n")
+            self.transport.loseConnection()
+            return
+        breach = policy.connections.open(self._host)
+        if breach is not None:
+            self._audit("limit-hit", breach)
+            self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+            self.transport.loseConnection()
+            return
+        self._counted = True
         self._set_nodelay()
         if self.factory.apop_available():
             self._apop_challenge = (
@@ -200,6 +232,23 @@ class POP3Server(Protocol):
         self.machine = m.Pop3Machine(self._capabilities())
         self.transport.write(self.machine.greeting())
         self._reset_idle_timer()
+        self._auth_deadline = self.factory.reactor.callLater(
+            policy.auth_timeout, self._auth_timed_out
+        )
+
+    def _audit(self, event: str, reason: str, user: str | None = None) -> None:
+        audit(event, session=self._session_id, peer=self._host, reason=reason, user=user)
+
+    def _auth_timed_out(self) -> None:
+        self._auth_deadline = None
+        self._audit("limit-hit", "auth-timeout")
+        self._close_with(b"-ERR Login timeout; closing.\r\n")
+
+    def _close_with(self, line: bytes) -> None:
+        if self.machine is not None:
+            self.machine.connection_lost()
+        self.transport.write(line)
+        self.transport.loseConnection()
 
     def _capabilities(self, tls_active: bool | None = None) -> m.Capabilities:
         if tls_active is None:
@@ -215,7 +264,8 @@ class POP3Server(Protocol):
                 pass
 
     def dataReceived(self, data: bytes) -> None:
-        assert self.machine is not None
+        if self.machine is None or self.machine.state is m.State.CLOSED:
+            return
         self._reset_idle_timer()
         self.machine.receive_data(data)
         if self.machine.buffered > MAX_PENDING_INPUT and not self._input_paused:
@@ -224,9 +274,16 @@ class POP3Server(Protocol):
         self._run()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        for call in (self._idle_call, self._auth_deadline):
+            if call is not None and call.active():
+                call.cancel()
+        self._idle_call = self._auth_deadline = None
+        if self._counted:
+            self._counted = False
+            self.factory.policy.connections.close(self._host)
+        if self._session_user is not None:
+            self.factory.policy.connections.end_session(self._session_user, self._host)
+            self._session_user = None
         if self.machine is not None:
             self.machine.connection_lost()
         # A dropped connection commits nothing: the mailbox is released as is.
@@ -262,6 +319,10 @@ class POP3Server(Protocol):
         self._running = True
         try:
             while not self._busy:
+                if self.machine.bad_commands >= self.factory.policy.max_bad_commands:
+                    self._audit("limit-hit", "bad-commands", self.machine.username)
+                    self._close_with(b"-ERR Too many bad commands; closing.\r\n")
+                    break
                 action = self.machine.next_action()
                 if action is m.NEED_DATA:
                     break
@@ -314,30 +375,69 @@ class POP3Server(Protocol):
 
     # --- authentication
 
-    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None]:
+    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None] | None:
+        assert self.machine is not None
+        username = action.username
+        policy = self.factory.policy
+        now = self.factory.reactor.seconds()
+        refusal = policy.throttle.check(self._host, username, now)
+        if refusal is not None:
+            # No password check at all, so a blocked guesser cannot tie up the hashing threads.
+            self._audit("login-refused", f"locked-out-{refusal.scope}", username)
+            delay = policy.throttle.refused_delay(self._host, username, now)
+            return self._answer_later(delay, "AUTH", m.AUTH_FAILED)
+        if not policy.login_gate.try_enter():
+            self._audit("login-refused", "server-busy", username)
+            self.transport.write(
+                self.machine.login_failed("SYS/TEMP", "Server busy, try again later.")
+            )
+            return None
         creds: credentials.ICredentials
         if action.apop_digest is not None:
-            challenge = self.machine.capabilities.apop_challenge if self.machine else None
             creds = APOPCredentials(
-                (challenge or "").encode(),
-                action.username.encode("utf-8"),
+                (self.machine.capabilities.apop_challenge or "").encode(),
+                username.encode("utf-8"),
                 action.apop_digest,
             )
         else:
             assert action.password is not None
             creds = credentials.UsernamePassword(
-                action.username.encode("utf-8"), action.password.encode("utf-8")
+                username.encode("utf-8"), action.password.encode("utf-8")
             )
         d = self.factory.portal.login(creds, None, IMailbox)
-        d.addCallback(self._logged_in, action.username)
-        d.addErrback(self._login_failed, action.username)
+
+        def leave_gate(result: object) -> object:
+            policy.login_gate.leave()
+            return result
+
+        d.addBoth(leave_gate)
+        d.addCallbacks(self._logged_in, self._login_failed, (username,), None, (username,))
         return d
+
+    def _answer_later(self, delay: float, code: str, text: str) -> defer.Deferred[None]:
+        """Send a login failure after C{delay} seconds, holding no thread meanwhile."""
+
+        def answer() -> None:
+            if self.machine is not None and self.machine.state is m.State.AUTHORIZATION:
+                self.transport.write(self.machine.login_failed(code, text))
+
+        return task.deferLater(self.factory.reactor, delay, answer)
 
     def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], username: str) -> Any:
         _, mailbox, logout = result
         if self.machine is None or self.machine.state is m.State.CLOSED:
             logout()
             return None
+        policy = self.factory.policy
+        policy.throttle.succeeded(self._host, username)
+        if not policy.connections.start_session(username, self._host):
+            logout()
+            self._audit("login-refused", "max-sessions-per-user", username)
+            self.transport.write(
+                self.machine.login_failed("SYS/TEMP", "Too many sessions for this user.")
+            )
+            return None
+        self._session_user = username
         self.mailbox, self._logout = mailbox, logout
         d = defer.maybeDeferred(mailbox.listMessages)
         d.addCallback(self._entered_transaction, username)
@@ -345,31 +445,36 @@ class POP3Server(Protocol):
 
     def _entered_transaction(self, sizes: Sequence[int], username: str) -> None:
         assert self.machine is not None
-        self._log.info(
-            "Login succeeded for {user} from {peer}",
-            user=escape_for_log(username),
-            peer=self._peer,
-        )
         if self.machine.state is m.State.CLOSED:
             self._release_mailbox()
             return
+        self._audit("login-ok", "password", username)
+        if self._auth_deadline is not None and self._auth_deadline.active():
+            self._auth_deadline.cancel()
+        self._auth_deadline = None
         self.transport.write(self.machine.login_succeeded(username, sizes, self.mailbox.getUidl))
+        self._reset_idle_timer()
 
-    def _login_failed(self, failure: Failure, username: str) -> None:
+    def _login_failed(self, failure: Failure, username: str) -> defer.Deferred[None] | None:
         self._release_mailbox()
+        if self._session_user is not None:
+            self.factory.policy.connections.end_session(self._session_user, self._host)
+            self._session_user = None
         if self.machine is None or self.machine.state is m.State.CLOSED:
-            return
-        if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials):
-            self._log.info(
-                "Login failed for {user} from {peer}: bad credentials",
-                user=escape_for_log(username),
-                peer=self._peer,
+            return None
+        if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
+            reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
+            self._audit("login-failed", reason, username)
+            outcome = self.factory.policy.throttle.failed(
+                self._host, username, self.factory.reactor.seconds()
             )
-            self.transport.write(self.machine.login_failed("AUTH"))
-            return
+            if outcome.lockout is not None:
+                self._audit("lockout", outcome.lockout.scope, username)
+            return self._answer_later(outcome.delay, "AUTH", m.AUTH_FAILED)
         if failure.check(Pop3Error):
             exc = failure.value
             assert isinstance(exc, Pop3Error)
+            self._audit("login-refused", (exc.code or "SYS/TEMP").lower(), username)
             self._log.info(
                 "Login of {user} from {peer} refused: {detail}",
                 user=escape_for_log(username),
@@ -377,7 +482,8 @@ class POP3Server(Protocol):
                 detail=exc.detail or exc.text,
             )
             self.transport.write(self.machine.login_failed(exc.code or "SYS/TEMP", exc.text))
-            return
+            return None
+        self._audit("login-refused", "error", username)
         self._log.failure(
             "Login of {user} from {peer} failed",
             failure,
@@ -387,6 +493,7 @@ class POP3Server(Protocol):
         self.transport.write(
             self.machine.login_failed("SYS/TEMP", "Temporary failure, try again later.")
         )
+        return None
 
     # --- transaction
 
@@ -446,6 +553,25 @@ class POP3Server(Protocol):
         return d
 
 
+@dataclass
+class ServerPolicy:
+    """
+    The abuse limits a factory enforces (see L{pop3srv.limits}).
+
+    @ivar auth_timeout: seconds a client may take to log in, from connect.
+    @ivar max_bad_commands: consecutive bad commands before disconnecting.
+    """
+
+    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(ThrottleSettings()))
+    access: AccessRules = field(default_factory=AccessRules)
+    connections: ConnectionCounter = field(
+        default_factory=lambda: ConnectionCounter(ConnectionLimits())
+    )
+    login_gate: LoginGate = field(default_factory=lambda: LoginGate(64))
+    auth_timeout: float = 60.0
+    max_bad_commands: int = 10
+
+
 class POP3ServerFactory(Factory):
     """
     Builds L{POP3Server} connections that log in through C{portal}.
@@ -457,6 +583,7 @@ class POP3ServerFactory(Factory):
     @param tls: the certificate source for STLS; C{None} offers no STLS.
     @param plaintext_auth_networks: peers allowed to log in with USER/PASS
         without TLS (loopback by default).
+    @param policy: abuse limits; the documented defaults if C{None}.
     """
 
     protocol = POP3Server  # type: ignore[assignment]
@@ -469,6 +596,7 @@ class POP3ServerFactory(Factory):
         implementation: str = "pop3srv",
         tls: Any = None,
         plaintext_auth_networks: Iterable[IPNetwork] = LOOPBACK_NETWORKS,
+        policy: ServerPolicy | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -480,7 +608,9 @@ class POP3ServerFactory(Factory):
         self.implementation = implementation
         self.tls = tls
         self.plaintext_auth_networks = tuple(plaintext_auth_networks)
+        self.policy = policy if policy is not None else ServerPolicy()
         self._session_counter = 0
+        self._tag_prefix = f"{os.getpid():x}"
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         return POP3Server(self)
@@ -489,6 +619,10 @@ class POP3ServerFactory(Factory):
         """A number unique to this factory, for APOP timestamps."""
         self._session_counter += 1
         return self._session_counter
+
+    def next_session_tag(self) -> str:
+        """A session id for log lines, unique on this host while the process lives."""
+        return f"{self._tag_prefix}-{self.next_session_id()}"
 
     def apop_available(self) -> bool:
         """Whether some checker can verify an APOP digest."""

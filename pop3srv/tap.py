@@ -5,7 +5,6 @@ The C{twistd pop3srv} command: options, configuration file and service.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import signal
 from collections.abc import Callable
@@ -21,20 +20,31 @@ from twisted.internet.testing import MemoryReactor
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
-from pop3srv.config import ConfigError, load_config
-from pop3srv.protocol import LOOPBACK_NETWORKS, MIN_IDLE_TIMEOUT, POP3ServerFactory
+from pop3srv.checker import PasslibChecker
+from pop3srv.config import SETTINGS, ConfigError, convert, load_config
+from pop3srv.limits import (
+    AccessRules,
+    AuthThrottle,
+    ConnectionCounter,
+    ConnectionLimits,
+    LoginGate,
+    ThrottleSettings,
+)
+from pop3srv.protocol import POP3ServerFactory, ServerPolicy
 from pop3srv.realm import MboxRealm, check_mailbox_template
 from pop3srv.tls import TLSConfigError, TLSContextSource, TLSMinimum
 
-DEFAULT_LISTEN = "tcp:110"
-DEFAULT_MAILBOX = "/var/mail/{user}"
-DEFAULT_AUTH = "passlib:/etc/pop3srv/users"
-DEFAULT_PLAINTEXT_AUTH_NETWORKS = ",".join(str(n) for n in LOOPBACK_NETWORKS)
+DEFAULT_AUTH = SETTINGS["auth"].default[0]
 
 
-def _option_name(key: str) -> str:
-    return f"--{key.replace('_', '-')}"
+def _repeatable_option(key: str) -> Callable[[Options, str], None]:
+    def opt(self: Options, value: str) -> None:
+        self.given.setdefault(key, []).append(value)
+
+    opt.__doc__ = SETTINGS[key].help
+    return opt
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -43,29 +53,20 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     synopsis = "[options]"
     longdesc = (
         "Serve mbox maildrops over POP3. Every option can also be set in the "
-        "TOML file given with --config; the command line wins."
+        "TOML file given with --config (key: the option name with underscores); "
+        "the command line wins."
     )
     supportedInterfaces = [credentials.IUsernamePassword, credentials.IUsernameHashedPassword]
 
-    optParameters = [
-        ["config", "c", None, "TOML configuration file."],
-        ["mailbox", "m", None, f"Path template of each user's mbox [default: {DEFAULT_MAILBOX}]."],
-        ["idle-timeout", None, None,
-         f"Seconds of client silence before autologout (at least {MIN_IDLE_TIMEOUT}) "
-         f"[default: {MIN_IDLE_TIMEOUT}]."],
-        ["index-dir", None, None, "Directory for UIDL indexes [default: beside each mbox]."],
-        ["tls-cert", None, None, "PEM file: the certificate, then any intermediates."],
-        ["tls-key", None, None, "PEM file: the certificate's private key."],
-        ["tls-min-version", None, None, "Lowest TLS version accepted: 1.2 or 1.3 [default: 1.2]."],
-        ["plaintext-auth-networks", None, None,
-         "Comma-separated networks whose clients may log in without TLS "
-         f"[default: {DEFAULT_PLAINTEXT_AUTH_NETWORKS}]."],
-    ]  # fmt: skip
+    optParameters = [["config", "c", None, "TOML configuration file."]] + [
+        [s.key.replace("_", "-"), None, None, f"{s.help} [default: {s.default}]"]
+        for s in SETTINGS.values()
+        if not s.repeatable
+    ]
 
     def __init__(self) -> None:
+        self.given: dict[str, list[str]] = {}
         super().__init__()
-        self["listen"] = []
-        self["listen-tls"] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """
@@ -77,13 +78,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except usage.UsageError as e:
             raise SystemExit(f"twistd pop3srv: {e}") from None
 
-    def opt_listen(self, endpoint: str) -> None:
-        """Endpoint to serve POP3 on, e.g. tcp:110 (repeatable) [default: tcp:110]."""
-        self["listen"].append(endpoint)
-
-    def opt_listen_tls(self, endpoint: str) -> None:
-        """Endpoint to serve POP3 over implicit TLS on, e.g. tcp:995 (repeatable)."""
-        self["listen-tls"].append(endpoint)
+    opt_listen = _repeatable_option("listen")
+    opt_listen_tls = _repeatable_option("listen_tls")
+    opt_plaintext_auth_networks = _repeatable_option("plaintext_auth_networks")
+    opt_trusted_networks = _repeatable_option("trusted_networks")
+    opt_allow = _repeatable_option("allow")
+    opt_deny = _repeatable_option("deny")
 
     def opt_auth(self, description: str) -> None:
         """Credential checker, e.g. passlib:/etc/pop3srv/users (repeatable)."""
@@ -98,123 +98,97 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ) from None
         except strcred.InvalidAuthType as e:
             raise usage.UsageError(
-                f"{where} {description!r}: no checker plugin named {e.args[0]!r} (see --help-auth)"
+                f"{where} {description!r}: no checker plugin named {e.args[0]!r} "
+                "(see --help-auth)"
             ) from None
         except Exception as e:
             raise usage.UsageError(f"{where} {description!r}: {e}") from None
 
     def postOptions(self) -> None:
-        settings: dict[str, Any] = {}
-        locate: Callable[[str], str] = _option_name
+        try:
+            self._settle()
+        except ConfigError as e:
+            raise usage.UsageError(str(e)) from None
+
+    def _settle(self) -> None:
+        """Merge command line, file and defaults into C{self[key]}; validate."""
+        found: dict[str, Any] = {}
+        locate: Callable[[str], str] = lambda key: SETTINGS[key].option  # noqa: E731
         if self["config"]:
-            try:
-                settings, locate = load_config(self["config"])
-            except ConfigError as e:
-                raise usage.UsageError(str(e)) from None
-        cli = {
-            "listen": self["listen"] or None,
-            "listen_tls": self["listen-tls"] or None,
-            "mailbox": self["mailbox"],
-            "idle_timeout": self["idle-timeout"],
-            "index_dir": self["index-dir"],
-            "tls_cert": self["tls-cert"],
-            "tls_key": self["tls-key"],
-            "tls_min_version": self["tls-min-version"],
-            "plaintext_auth_networks": self["plaintext-auth-networks"],
-        }
+            found, locate = load_config(self["config"])
+        origin: dict[str, str] = {}
+        for key, setting in SETTINGS.items():
+            if key == "auth":
+                continue
+            raw = self.given.get(key) if setting.repeatable else self.get(key.replace("_", "-"))
+            if raw is not None:
+                self[key], origin[key] = convert(setting, raw, setting.option), setting.option
+            elif key in found:
+                self[key], origin[key] = found[key], locate(key)
+            else:
+                default = setting.default
+                self[key] = None if default is None else convert(setting, default, setting.option)
+                origin[key] = setting.option
 
-        def pick(key: str, default: Any) -> tuple[Any, str]:
-            """The value for C{key} and where it came from, for error messages."""
-            if cli[key] is not None:
-                return cli[key], _option_name(key)
-            if key in settings:
-                return settings[key], locate(key)
-            return default, _option_name(key)
-
-        def fail(where: str, message: str) -> usage.UsageError:
-            return usage.UsageError(f"{where}: {message}")
-
-        for key, default in (("listen", [DEFAULT_LISTEN]), ("listen_tls", [])):
-            descriptions, where = pick(key, default)
-            for description in descriptions:
+        for key in ("listen", "listen_tls"):
+            for description in self[key]:
                 try:
                     endpoints.serverFromString(MemoryReactor(), description)
                 except Exception as e:
-                    raise fail(where, f"bad endpoint {description!r}: {e}") from None
-            self[key] = list(descriptions)
-
-        mailbox, where = pick("mailbox", DEFAULT_MAILBOX)
+                    raise ConfigError(f"{origin[key]}: bad endpoint {description!r}: {e}") from None
         try:
-            check_mailbox_template(mailbox)
+            check_mailbox_template(self["mailbox"])
         except ValueError as e:
-            raise fail(where, str(e)) from None
-        self["mailbox"] = mailbox
-
-        timeout, where = pick("idle_timeout", MIN_IDLE_TIMEOUT)
-        try:
-            timeout = int(timeout)
-        except ValueError:
-            raise fail(where, "idle timeout must be a whole number of seconds") from None
-        if timeout < MIN_IDLE_TIMEOUT:
-            raise fail(
-                where,
-                f"idle timeout must be at least {MIN_IDLE_TIMEOUT} seconds (RFC 1939 section 3)",
-            )
-        self["idle_timeout"] = timeout
-
-        index_dir, where = pick("index_dir", None)
-        if index_dir is not None and not os.path.isdir(index_dir):
-            raise fail(where, f"{index_dir}: not a directory")
-        self["index_dir"] = index_dir
-
-        networks, where = pick("plaintext_auth_networks", DEFAULT_PLAINTEXT_AUTH_NETWORKS)
-        items = [networks] if isinstance(networks, str) else networks
-        try:
-            self["plaintext_auth_networks"] = [
-                ipaddress.ip_network(n.strip(), strict=False)
-                for item in items
-                for n in item.split(",")
-                if n.strip()
-            ]
-        except ValueError as e:
-            raise fail(where, f"bad network: {e}") from None
-
-        self["tls"] = self._tls(pick, fail)
+            raise ConfigError(f"{origin['mailbox']}: {e}") from None
+        if self["index_dir"] is not None and not os.path.isdir(self["index_dir"]):
+            raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
+        self["tls"] = self._tls(origin)
 
         if not self.get("credCheckers"):
-            if "auth" in settings:
-                for description in settings["auth"]:
-                    self._add_auth(description, locate("auth"))
-            else:
-                self._add_auth(DEFAULT_AUTH, "default --auth")
+            for description in found.get("auth", [DEFAULT_AUTH]):
+                self._add_auth(description, locate("auth") if "auth" in found else "default --auth")
 
-    def _tls(
-        self,
-        pick: Callable[[str, Any], tuple[Any, str]],
-        fail: Callable[[str, str], usage.UsageError],
-    ) -> TLSContextSource | None:
-        cert, cert_where = pick("tls_cert", None)
-        key, key_where = pick("tls_key", None)
-        version, version_where = pick("tls_min_version", TLSMinimum.TLS1_2.value)
-        try:
-            minimum = TLSMinimum(str(version))
-        except ValueError:
-            raise fail(
-                version_where, f"TLS minimum version must be 1.2 or 1.3, not {version!r}"
-            ) from None
+    def _tls(self, origin: dict[str, str]) -> TLSContextSource | None:
+        cert, key = self["tls_cert"], self["tls_key"]
         if cert is None and key is None:
             if self["listen_tls"]:
-                raise fail(
-                    _option_name("listen_tls"), "implicit TLS needs --tls-cert and --tls-key"
+                raise ConfigError(
+                    f"{origin['listen_tls']}: implicit TLS needs --tls-cert and --tls-key"
                 )
             return None
         if cert is None or key is None:
-            where = key_where if key is None else cert_where
-            raise fail(where, "--tls-cert and --tls-key go together")
+            missing = "tls_cert" if cert is None else "tls_key"
+            raise ConfigError(f"{origin[missing]}: --tls-cert and --tls-key go together")
         try:
-            return TLSContextSource(cert, key, minimum)
+            return TLSContextSource(cert, key, TLSMinimum(self["tls_min_version"]))
         except TLSConfigError as e:
-            raise usage.UsageError(str(e)) from None
+            raise ConfigError(str(e)) from None
+
+    def policy(self) -> ServerPolicy:
+        """The abuse limits these options set."""
+        throttle = ThrottleSettings(
+            failure_delay=self["failure_delay"],
+            max_failure_delay=self["max_failure_delay"],
+            address_limit=self["address_failure_limit"],
+            pair_limit=self["user_failure_limit"],
+            window=self["failure_window"],
+            lockout=self["lockout"],
+            trusted=tuple(self["trusted_networks"]),
+        )
+        return ServerPolicy(
+            throttle=AuthThrottle(throttle),
+            access=AccessRules(allow=tuple(self["allow"]), deny=tuple(self["deny"])),
+            connections=ConnectionCounter(
+                ConnectionLimits(
+                    max_connections=self["max_connections"],
+                    max_per_address=self["max_connections_per_address"],
+                    max_sessions_per_user=self["max_sessions_per_user"],
+                )
+            ),
+            login_gate=LoginGate(self["hash_threads"] + self["hash_queue"]),
+            auth_timeout=self["auth_timeout"],
+            max_bad_commands=self["max_bad_commands"],
+        )
 
 
 class Pop3Service(service.MultiService):
@@ -259,29 +233,48 @@ class Pop3Service(service.MultiService):
         return self.tls.reload()
 
 
-def build_portal(options: Options | dict[str, Any]) -> Portal:
-    """The cred portal: our realm and the configured checkers."""
-    realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
-    return Portal(realm, options["credCheckers"])
+class HashingPoolService(service.Service):
+    """Runs the thread pool that verifies passwords, sized by --hash-threads."""
+
+    def __init__(self, threads: int) -> None:
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-hashing")
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> Any:
+        self.pool.stop()
+        return super().stopService()
 
 
-def makeService(options: Options | dict[str, Any], reactor: Any = None) -> Pop3Service:
-    """Assemble one listening service per configured endpoint."""
+def makeService(options: Options, reactor: Any = None) -> Pop3Service:
+    """Assemble the services: one listener per endpoint and the hashing pool."""
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
-    tls = options.get("tls")
+    tls = options["tls"]
+    top = Pop3Service(tls, reactor)
+    hashing = HashingPoolService(options["hash_threads"])
+    hashing.setServiceParent(top)
+    checkers = [
+        PasslibChecker(c.users, reactor=reactor, threadpool=hashing.pool)
+        if isinstance(c, PasslibChecker)
+        else c
+        for c in options["credCheckers"]
+    ]
+    realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
     factory = POP3ServerFactory(
-        build_portal(options),
+        Portal(realm, checkers),
         idle_timeout=options["idle_timeout"],
         reactor=reactor,
         tls=tls,
-        plaintext_auth_networks=options.get("plaintext_auth_networks", LOOPBACK_NETWORKS),
+        plaintext_auth_networks=options["plaintext_auth_networks"],
+        policy=options.policy(),
     )
-    top = Pop3Service(tls, reactor)
     listeners = [(d, factory) for d in options["listen"]]
-    if options.get("listen_tls"):
+    if options["listen_tls"]:
         tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
         listeners += [(d, tls_factory) for d in options["listen_tls"]]
     for description, protocol_factory in listeners:

@@ -51,7 +51,7 @@ def write_mbox(path: Path, messages: list[bytes]) -> None:
 class Pop3Server:
     """One C{twistd -n pop3srv} process."""
 
-    def __init__(self, root: Path, *extra: str) -> None:
+    def __init__(self, root: Path, *extra: str, quick_failures: bool = True) -> None:
         self.root = root
         self.mail = root / "mail"
         self.mail.mkdir(exist_ok=True)
@@ -60,7 +60,9 @@ class Pop3Server:
             write_users(self.users)
         self.log = root / "twistd.log"
         self.port = free_port()
-        self.extra = list(extra)
+        # Tests that are not about the failure delay should not wait for it.
+        quick = ["--failure-delay", "0.05", "--max-failure-delay", "0.2"]
+        self.extra = (quick if quick_failures else []) + list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:

@@ -1,0 +1,166 @@
+"""
+Abuse resistance against the real C{twistd pop3srv} process on loopback:
+failure delay (not blocking others), lockout and its expiry, connection
+limits, allow/deny rules, bad-command disconnect, the audit log and the
+fail2ban filter.  Every loop is bounded in count and time.
+"""
+
+from __future__ import annotations
+
+import poplib
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from livepop3 import PASSWORDS, Pop3Server, write_mbox
+
+ROOT = Path(__file__).resolve().parent.parent
+FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "pop3srv.conf"
+
+
+def start(tmp_path: Path, *extra: str, quick_failures: bool = True) -> Pop3Server:
+    """A running server with a small mbox for alice."""
+    srv = Pop3Server(tmp_path, *extra, quick_failures=quick_failures)
+    write_mbox(srv.mail / "alice", [b"Subject: hi\n\nhello\n"])
+    return srv.start()
+
+
+def attempt(srv: Pop3Server, user: str, password: str, source: str = "127.0.0.1") -> bytes:
+    """One USER/PASS attempt on a fresh connection; the PASS reply."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=30,
+                                  source_address=(source, 0)) as s:  # fmt: skip
+        f = s.makefile("rwb")
+        f.readline()
+        f.write(f"USER {user}\r\nPASS {password}\r\n".encode())
+        f.flush()
+        f.readline()
+        reply = f.readline()
+        f.write(b"QUIT\r\n")
+        f.flush()
+        return reply
+
+
+def test_failure_delay_does_not_block_other_sessions(tmp_path: Path) -> None:
+    """A failed login waits about 1 s; meanwhile a logged-in session's NOOP is answered."""
+    srv = start(tmp_path, "--failure-delay", "1", quick_failures=False)
+    try:
+        honest = poplib.POP3("127.0.0.1", srv.port, timeout=30)
+        honest.user("alice")
+        honest.pass_(PASSWORDS["alice"])
+        noop_times: list[float] = []
+
+        def noops() -> None:
+            for _ in range(5):
+                started = time.monotonic()
+                honest.noop()
+                noop_times.append(time.monotonic() - started)
+                time.sleep(0.1)
+
+        started = time.monotonic()
+        worker = threading.Thread(target=noops)
+        worker.start()
+        reply = attempt(srv, "alice", "wrong")
+        elapsed = time.monotonic() - started
+        worker.join(30)
+        assert reply == b"-ERR [AUTH] Invalid username or password.\r\n"
+        assert elapsed >= 0.95
+        assert len(noop_times) == 5 and max(noop_times) < 0.5
+        honest.quit()
+    finally:
+        srv.stop()
+
+
+def test_lockout_and_expiry(tmp_path: Path) -> None:
+    """After 2 failures the right password is refused until the 2 s lockout ends."""
+    srv = start(tmp_path, "--user-failure-limit", "2", "--lockout", "2")
+    try:
+        assert attempt(srv, "alice", "wrong1").startswith(b"-ERR [AUTH]")
+        assert attempt(srv, "alice", "wrong2").startswith(b"-ERR [AUTH]")
+        assert attempt(srv, "alice", PASSWORDS["alice"]).startswith(b"-ERR [AUTH]")
+        deadline = time.monotonic() + 10
+        while not attempt(srv, "alice", PASSWORDS["alice"]).startswith(b"+OK"):
+            assert time.monotonic() < deadline, "lockout never expired"
+            time.sleep(0.5)
+        log = srv.log_text()
+        assert "event=lockout" in log and "reason=locked-out-address+user" in log
+    finally:
+        srv.stop()
+
+
+def test_connection_limit_per_address(tmp_path: Path) -> None:
+    """The third connection from one address is refused with [SYS/TEMP]."""
+    srv = start(tmp_path, "--max-connections-per-address", "2")
+    try:
+        held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
+        for s in held:
+            assert s.recv(100).startswith(b"+OK")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as third:
+            assert third.recv(100) == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+            assert third.recv(100) == b""
+        for s in held:
+            s.close()
+        assert "reason=max-connections-per-address" in srv.log_text()
+    finally:
+        srv.stop()
+
+
+def test_allow_and_deny_rules(tmp_path: Path) -> None:
+    """With 127.0.0.2 denied inside an allowed 127.0.0.0/8, only 127.0.0.2 is refused."""
+    srv = start(tmp_path, "--allow", "127.0.0.0/8", "--deny", "127.0.0.2/32")
+    try:
+        for source, expected in [("127.0.0.1", b"+OK"), ("127.0.0.3", b"+OK"),
+                                 ("127.0.0.2", b"-ERR [SYS/PERM] Access denied.")]:  # fmt: skip
+            with socket.create_connection(("127.0.0.1", srv.port), timeout=30,
+                                          source_address=(source, 0)) as s:  # fmt: skip
+                assert s.recv(100).startswith(expected), source
+    finally:
+        srv.stop()
+
+
+def test_bad_commands_disconnect(tmp_path: Path) -> None:
+    """Ten bad commands in a row end the connection."""
+    srv = start(tmp_path)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
+            s.recv(100)
+            s.sendall(b"HELO\r\n" * 12)
+            data = b""
+            while chunk := s.recv(4096):
+                data += chunk
+        assert data.count(b"-ERR Unknown command.") == 10
+        assert data.endswith(b"-ERR Too many bad commands; closing.\r\n")
+    finally:
+        srv.stop()
+
+
+@pytest.mark.skipif(shutil.which("fail2ban-regex") is None, reason="fail2ban is not installed")
+def test_audit_log_matches_fail2ban_filter_and_hides_passwords(tmp_path: Path) -> None:
+    """fail2ban-regex finds each failed login in the real log with the right address."""
+    srv = start(tmp_path, "--deny", "127.0.0.9/32")
+    try:
+        for source, user in [("127.0.0.5", "alice"), ("127.0.0.5", "nobody"),
+                             ("127.0.0.6", 'evil"peer=10.9.9.9')]:  # fmt: skip
+            assert attempt(srv, user, "Sekr1t-guess", source).startswith(b"-ERR [AUTH]")
+        assert attempt(srv, "alice", PASSWORDS["alice"]).startswith(b"+OK")
+        with socket.create_connection(("127.0.0.1", srv.port), timeout=30,
+                                      source_address=("127.0.0.9", 0)) as s:  # fmt: skip
+            s.recv(100)
+    finally:
+        srv.stop()
+    log = srv.log_text()
+    assert "Sekr1t-guess" not in log and PASSWORDS["alice"] not in log
+    assert re.search(r'event=login-ok session=\S+ peer=127\.0\.0\.1 user="alice"', log)
+    result = subprocess.run(
+        ["fail2ban-regex", "--print-all-matched", str(srv.log), str(FILTER)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"Failregex: 4 total", result.stdout), result.stdout
+    matched_part = result.stdout.split("Matched line(s):")[1].split("Missed line(s):")[0]
+    matched = re.findall(r"session=\S+ peer=(\S+) ", matched_part)
+    assert sorted(set(matched)) == ["127.0.0.5", "127.0.0.6", "127.0.0.9"]
