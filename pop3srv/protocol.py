@@ -37,8 +37,10 @@ from pop3srv.limits import (
     AuthThrottle,
     ConnectionCounter,
     ConnectionLimits,
+    IPNetwork,
     LoginGate,
     ThrottleSettings,
+    in_networks,
 )
 from pop3srv.wire import DotStuffer, TopFilter
 
@@ -48,7 +50,6 @@ CHUNK_SIZE = 64 * 1024
 # Pipelined input beyond this waits in the kernel, not in our memory.
 MAX_PENDING_INPUT = 64 * 1024
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
     ipaddress.ip_network("::1/128"),
@@ -63,15 +64,7 @@ def peer_in_networks(peer: object, networks: Iterable[IPNetwork]) -> bool:
     if isinstance(peer, UNIXAddress):
         return True
     host = getattr(peer, "host", None)
-    if not isinstance(host, str):
-        return False
-    try:
-        address = ipaddress.ip_address(host.split("%", 1)[0])
-    except ValueError:
-        return False
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return any(address in network for network in networks)
+    return isinstance(host, str) and in_networks(host, networks)
 
 
 class _Readable(TypingProtocol):
