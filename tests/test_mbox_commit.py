@@ -476,3 +476,60 @@ def test_apply_failure_after_commit_point(
     monkeypatch.setattr(os, "ftruncate", real_ftruncate)
     assert _digests(mbox) == [_digest(m) for i, m in enumerate(messages) if i != 2]
     assert not Path(state_paths(str(mbox)).journal).exists()
+
+
+def test_journal_set_aside_when_file_rewritten_after_crash(
+    mbox: Path, messages: list[bytes]
+) -> None:
+    """
+    After a crash past the truncate, if another program rewrites the mbox
+    before the next open, the journal no longer fits: it is kept aside, not
+    applied (applying it would duplicate mail).
+    """
+
+    def crash(where: str) -> None:
+        if where == "truncated":
+            raise SimulatedCrash(where)
+
+    mb = _open(mbox)
+    mb._fault = crash
+    mb.deleteMessage(1)
+    assert _sync(mb).check(CommitFailed)
+    mb.close()
+    rewritten = b"".join(m for i, m in enumerate(messages) if i not in (0, 1))
+    with mbox.open("r+b") as f:  # an MUA deletes message 0 in place
+        f.write(rewritten)
+        f.truncate(len(rewritten))
+    journal = Path(state_paths(str(mbox)).journal)
+    assert recover(str(mbox), str(journal)) is False
+    assert mbox.read_bytes() == rewritten
+    assert not journal.exists()
+    assert list(journal.parent.glob(journal.name + ".rejected-*"))
+
+
+def test_stale_index_is_dropped_after_maildrop_changed(tmp_path: Path) -> None:
+    """
+    A same-length edit in the middle plus an append can fool the grown-only
+    index check; the commit then refuses, and the index is dropped so that
+    the next session rescans and can delete mail again.
+    """
+    path = tmp_path / "mb"
+    body = b"y" * 8000 + b"\n\n"
+    path.write_bytes(
+        b"".join(b"From x\nSubject: %d\nStatus: O\n\n" % i + body for i in range(3))
+    )
+    _open(path).close()
+    data = bytearray(path.read_bytes())
+    flag = data.find(b"Subject: 1\nStatus: O") + len(b"Subject: 1\nStatus: ")
+    data[flag : flag + 1] = b"R"
+    path.write_bytes(bytes(data))
+    with path.open("ab") as f:
+        f.write(b"From z\nSubject: new\n\nhi\n\n")
+    outcomes = []
+    for _ in range(2):
+        mb = _open(path)
+        mb.deleteMessage(2)
+        result = _sync(mb)
+        mb.close()
+        outcomes.append(result is None)
+    assert outcomes[1], "the second session must be able to delete"

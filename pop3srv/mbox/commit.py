@@ -19,6 +19,7 @@ import hashlib
 import os
 import struct
 import tempfile
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -408,8 +409,17 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
             ):
                 # Not truncated yet: beyond old_size is mail from after the crash.
                 tail_start = header.old_size
-            else:
+            elif size >= header.new_size and _hash_range(
+                mbox_fd, header.start, header.new_size - header.start
+            ) == header.payload_hash:
+                # Truncated, so the payload is fully in place: beyond it is new mail.
                 tail_start = header.new_size
+            else:
+                # Neither state of our commit: another program rewrote the file
+                # after the crash.  Applying the journal now would duplicate or
+                # lose mail, so set it aside for the admin.
+                _set_aside(journal_path, mbox_path)
+                return False
             if size > tail_start:
                 os.close(jfd)
                 jfd = -1
@@ -422,6 +432,18 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
         return True
     finally:
         os.close(mbox_fd)
+
+
+def _set_aside(journal_path: str, mbox_path: str) -> None:
+    kept = f"{journal_path}.rejected-{int(time.time())}"
+    os.rename(journal_path, kept)
+    fsync_dir(os.path.dirname(journal_path))
+    _log.critical(
+        "Journal of an interrupted commit no longer matches {path}, which another program "
+        "rewrote; not applied, kept as {kept} for inspection",
+        path=mbox_path,
+        kept=kept,
+    )
 
 
 def _rejournal(

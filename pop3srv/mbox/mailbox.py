@@ -10,6 +10,7 @@ a worker thread.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from pop3srv.errors import CommitFailed, MaildropUnavailable
+from pop3srv.errors import CommitFailed, MaildropChanged, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
 from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
@@ -247,13 +248,21 @@ class MboxMailbox:
         """
         with MboxFileLock(self._paths.mbox, timeout=self._lock_timeout):
             recover(self._paths.mbox, self._paths.journal)
-            index = commit_deletions(
-                self._descriptor.get(),
-                self._paths,
-                self._index,
-                deleted,
-                fault=self._fault,
-            )
+            try:
+                index = commit_deletions(
+                    self._descriptor.get(),
+                    self._paths,
+                    self._index,
+                    deleted,
+                    fault=self._fault,
+                )
+            except MaildropChanged:
+                # The stored index no longer describes the file, and its size,
+                # mtime and probes may still match: drop it so the next open
+                # rescans instead of failing every commit from now on.
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(self._paths.index)
+                raise
             if index is None:
                 return None
             try:
