@@ -528,7 +528,7 @@ def test_stale_index_is_dropped_after_maildrop_changed(tmp_path: Path) -> None:
     outcomes = []
     for _ in range(2):
         mb = _open(path)
-        mb.deleteMessage(2)
+        mb.deleteMessage(0)
         result = _sync(mb)
         mb.close()
         outcomes.append(result is None)
