@@ -173,8 +173,16 @@ class _MessageStreamer:
         self._finish(Failure(ConnectionLost("connection lost while streaming")))
 
 
+@implementer(interfaces.IPushProducer)
 class POP3Server(Protocol):
-    """One POP3 connection."""
+    """
+    One POP3 connection.
+
+    It is the push producer of its own replies: when the transport's buffer
+    is full (a client that pipelines commands but does not read), it stops
+    taking commands until the buffer drains, so replies cannot pile up in
+    memory.  While a message streams, the streamer is the producer instead.
+    """
 
     _log = Logger()
 
@@ -186,6 +194,7 @@ class POP3Server(Protocol):
         self._busy = False
         self._running = False
         self._input_paused = False
+        self._output_paused = False
         self._idle_call: Any = None
         self._auth_deadline: Any = None
         self._peer = "?"
@@ -218,6 +227,7 @@ class POP3Server(Protocol):
             return
         self._counted = True
         self._set_nodelay()
+        self.transport.registerProducer(self, True)
         if self.factory.apop_available():
             self._apop_challenge = (
                 f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
@@ -311,7 +321,7 @@ class POP3Server(Protocol):
             return
         self._running = True
         try:
-            while not self._busy:
+            while not self._busy and not self._output_paused:
                 if self.machine.bad_commands >= self.factory.policy.max_bad_commands:
                     self._audit("limit-hit", "bad-commands", self.machine.username)
                     self._close_with(b"-ERR Too many bad commands; closing.\r\n")
@@ -329,6 +339,17 @@ class POP3Server(Protocol):
         if self._input_paused and self.machine.buffered <= MAX_PENDING_INPUT // 2:
             self._input_paused = False
             self.transport.resumeProducing()
+
+    def pauseProducing(self) -> None:
+        self._output_paused = True
+
+    def resumeProducing(self) -> None:
+        self._output_paused = False
+        if not self._busy:
+            self._run()
+
+    def stopProducing(self) -> None:
+        self._output_paused = True
 
     def _action_done(self, result: object) -> None:
         self._busy = False
@@ -495,10 +516,13 @@ class POP3Server(Protocol):
 
         def stream(source: _Readable) -> defer.Deferred[None]:
             self.transport.write(action.status)
+            self.transport.unregisterProducer()
             streamer = _MessageStreamer(
                 self.transport, source, action.top_lines, self.factory.reactor.callLater
             )
-            return streamer.start()
+            done = streamer.start()
+            done.addBoth(self._streamed)
+            return done
 
         def unreadable(failure: Failure) -> None:
             failure.trap(IndexError, ValueError, OSError, Pop3Error)
@@ -512,6 +536,15 @@ class POP3Server(Protocol):
 
         d.addCallbacks(stream, unreadable)
         return d
+
+    def _streamed(self, result: object) -> object:
+        """Take back the producer role after a message was sent."""
+        self._output_paused = False
+        if self.machine is not None and self.machine.state is not m.State.CLOSED:
+            self.transport.registerProducer(self, True)
+        if isinstance(result, Failure) and result.check(ConnectionLost):
+            return None  # the client went away mid-message; nothing to report
+        return result
 
     def _commit(self) -> defer.Deferred[None]:
         d = defer.maybeDeferred(self.mailbox.sync)

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import credentials, strcred
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
@@ -45,6 +46,20 @@ def _repeatable_option(key: str) -> Callable[[Options, str], None]:
 
     opt.__doc__ = SETTINGS[key].help
     return opt
+
+
+def _bytes_keyed(checker: Any) -> Any:
+    """
+    Twisted's C{memory} checker plugin stores names and passwords as text,
+    but cred credentials carry bytes, so as built it never matches; store
+    them as bytes.
+    """
+    if isinstance(checker, InMemoryUsernamePasswordDatabaseDontUse):
+        checker.users = {
+            (k.encode() if isinstance(k, str) else k): (v.encode() if isinstance(v, str) else v)
+            for k, v in checker.users.items()
+        }
+    return checker
 
 
 class Options(usage.Options, strcred.AuthOptionMixin):
@@ -91,7 +106,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def _add_auth(self, description: str, where: str) -> None:
         try:
-            self.addChecker(strcred.makeChecker(description))
+            self.addChecker(_bytes_keyed(strcred.makeChecker(description)))
         except strcred.UnsupportedInterfaces:
             raise usage.UsageError(
                 f"{where} {description!r}: this checker cannot check passwords"

@@ -318,3 +318,50 @@ def test_sigkill_during_commit_leaves_old_or_new_mailbox(tmp_path: Path) -> None
         srv.stop()
     print("new-state outcomes:", outcomes)
     assert len(outcomes) == 6
+
+
+def test_twisted_memory_checker_logs_in(tmp_path: Path) -> None:
+    """--auth memory:user:pw (Twisted's own checker plugin) really logs users in."""
+    srv = Pop3Server(tmp_path)
+    write_mbox(srv.mail / "carol", [b"Subject: m\n\nx\n"])
+    argv = srv.argv()
+    argv[argv.index(f"passlib:{srv.users}")] = "memory:carol:c-pw:dave:d-pw"
+    srv.argv = lambda: argv  # type: ignore[method-assign]
+    srv.start()
+    try:
+        client = poplib.POP3("127.0.0.1", srv.port, timeout=30)
+        client.user("carol")
+        client.pass_("c-pw")
+        assert client.stat()[0] == 1
+        client.quit()
+        assert b"<" in poplib.POP3("127.0.0.1", srv.port, timeout=30).getwelcome()
+    finally:
+        srv.stop()
+
+
+def rss_kib(pid: int) -> int:
+    """Resident set size of a process, in KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_client_that_never_reads_cannot_grow_server_memory(server: Pop3Server) -> None:
+    """Pipelining CAPA for seconds without reading replies leaves the server's memory flat."""
+    import socket
+
+    assert server.process is not None
+    before = rss_kib(server.process.pid)
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+        s.setblocking(False)
+        burst = b"CAPA\r\n" * 10_000
+        sent, deadline = 0, time.monotonic() + 6
+        while time.monotonic() < deadline and sent < 200_000_000:
+            try:
+                sent += s.send(burst)
+            except BlockingIOError:
+                time.sleep(0.01)
+        grown = rss_kib(server.process.pid) - before
+    assert sent > 1_000_000  # the server did read a lot before pushing back
+    assert grown < 40_000, f"server grew by {grown} KiB"

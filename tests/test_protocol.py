@@ -273,3 +273,14 @@ def test_password_never_logged() -> None:
     text = repr(events)
     assert "wrong-pw-123" not in text and "secret" not in text
     assert "login-ok" in text
+
+
+def test_replies_wait_while_the_transport_is_full() -> None:
+    """When the transport pauses its producer, no further commands are answered."""
+    session = Session()
+    session.transport.clear()
+    session.protocol.pauseProducing()
+    session.protocol.dataReceived(b"NOOP\r\n" * 5)
+    assert session.transport.value() == b""
+    session.protocol.resumeProducing()
+    assert session.transport.value() == b"+OK\r\n" * 5
