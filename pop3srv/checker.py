@@ -1,13 +1,31 @@
 # -*- test-case-name: tests.test_checker -*-
 """
-A credentials checker for L{IUsernamePassword} backed by a L{UserFile}.
+A credentials checker backed by a L{UserFile}: L{IUsernamePassword} (USER/PASS,
+SASL PLAIN and LOGIN) and L{ISCRAMProof} (SASL SCRAM-SHA-256), and the
+L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.
 
 Hash verification is slow on purpose, so it runs in a thread pool; the
 reactor thread only decodes the credentials and maps the result.
+
+Which password matched
+======================
+
+A user may have app passwords (see L{pop3srv.userfile}).  The avatar ID is
+still the user name as UTF-8 bytes, so realms need no change; which password
+matched is reported three ways:
+
+  - the avatar ID is an L{AvatarId}, a C{bytes} subclass whose C{label}
+    attribute is the app-password label (L{None} for the main password);
+  - if the credentials object has an C{app_label} attribute
+    (L{pop3srv.sasl.PasswordCredentials}, L{pop3srv.scram.SCRAMCredentials})
+    the checker sets it, so the protocol can read it after C{Portal.login};
+  - the checker logs C{"User {username!r} authenticated with app password
+    {label!r}"} at info level.
 """
 
 from __future__ import annotations
 
+import unicodedata
 from typing import TYPE_CHECKING
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -18,14 +36,16 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from pop3srv.scram import ISCRAMLookup, ISCRAMProof, StoredScram
+
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorFromThreads
     from twisted.python.failure import Failure
     from twisted.python.threadpool import ThreadPool
 
-    from pop3srv.userfile import UserFile
+    from pop3srv.userfile import UserFile, VerifyResult
 
-__all__ = ["FAILURE_MESSAGE", "PasslibChecker"]
+__all__ = ["FAILURE_MESSAGE", "AvatarId", "PasslibChecker"]
 
 #: The one message for every failed login, so that the text never tells an
 #: unknown user from a wrong password.
@@ -43,16 +63,38 @@ def _as_text(value: bytes | str) -> str:
     return value
 
 
-@implementer(ICredentialsChecker)
+class AvatarId(bytes):
+    """
+    An avatar ID: the user name as UTF-8 bytes, remembering which password
+    matched.
+
+    @ivar label: the app-password label, or L{None} for the main password.
+    """
+
+    label: str | None
+
+    def __new__(cls, username: bytes, label: str | None = None) -> AvatarId:
+        """
+        @param username: the user name, UTF-8.
+        @param label: the app-password label that matched, if any.
+        """
+        self = super().__new__(cls, username)
+        self.label = label
+        return self
+
+
+@implementer(ICredentialsChecker, ISCRAMLookup)
 class PasslibChecker:
     """
-    Check usernames and passwords against a user file of passlib hashes.
+    Check usernames and passwords, or SCRAM proofs, against a user file of
+    passlib hashes.
 
-    @ivar credentialInterfaces: only L{IUsernamePassword}: with the password
-        stored as a one-way hash, APOP-style challenge/response cannot work.
+    @ivar credentialInterfaces: L{IUsernamePassword} and L{ISCRAMProof}.  Not
+        APOP: with the password stored as a one-way hash, APOP's MD5
+        challenge/response cannot work.
     """
 
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, ISCRAMProof)
     log = Logger()
 
     def __init__(
@@ -95,16 +137,32 @@ class PasslibChecker:
             threadpool = reactor.getThreadPool()
         return reactor, threadpool
 
-    def requestAvatarId(self, credentials: IUsernamePassword) -> Deferred[bytes]:
+    def scram_credentials(self, username: str) -> Deferred[StoredScram]:
         """
-        Verify a username and password.
+        Look up a user's SCRAM-SHA-256 keys for the server-first message
+        (L{ISCRAMLookup}).  In the thread pool, as the file may be re-read.
 
-        @param credentials: with C{username} and C{password} as UTF-8 bytes
-            (Twisted's convention) or as text.
-        @return: a Deferred firing with the username as UTF-8 bytes, or
-            failing with L{UnauthorizedLogin} and L{FAILURE_MESSAGE} whatever
-            the reason.
+        @param username: the authentication identity.
+        @return: a Deferred firing with the keys, or with a stable fake for
+            a user who is unknown or has no scram hash (see
+            L{UserFile.scram_credentials}), so the salt tells nothing.
         """
+        reactor, threadpool = self._pool()
+        return deferToThreadPool(reactor, threadpool, self.users.scram_credentials, username)
+
+    def requestAvatarId(self, credentials: IUsernamePassword | ISCRAMProof) -> Deferred[bytes]:
+        """
+        Verify a username and password, or a SCRAM proof.
+
+        @param credentials: L{IUsernamePassword} with C{username} and
+            C{password} as UTF-8 bytes (Twisted's convention) or as text; or
+            L{ISCRAMProof}, checked against the user's current keys.
+        @return: a Deferred firing with an L{AvatarId} (the username as UTF-8
+            bytes, with the matched label), or failing with
+            L{UnauthorizedLogin} and L{FAILURE_MESSAGE} whatever the reason.
+        """
+        if ISCRAMProof.providedBy(credentials):
+            return self._check_scram(credentials)
         try:
             username = _as_text(credentials.username)
             password = _as_text(credentials.password)
@@ -112,13 +170,13 @@ class PasslibChecker:
             self.log.debug("Authentication failed: credentials are not UTF-8")
             return fail(UnauthorizedLogin(FAILURE_MESSAGE))
         reactor, threadpool = self._pool()
-        d = deferToThreadPool(reactor, threadpool, self.users.verify, username, password)
+        d = deferToThreadPool(reactor, threadpool, self.users.verify_detailed, username, password)
 
-        def on_result(ok: bool) -> bytes:
-            if not ok:
+        def on_result(result: VerifyResult) -> bytes:
+            if not result.ok:
                 self.log.debug("Authentication failed for user {username!r}", username=username)
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
-            return username.encode("utf-8")
+            return self._succeeded(credentials, username, result.label)
 
         def on_error(reason: Failure) -> bytes:
             self.log.failure(
@@ -129,3 +187,57 @@ class PasslibChecker:
             raise UnauthorizedLogin(FAILURE_MESSAGE)
 
         return d.addCallbacks(on_result, on_error)
+
+    def _check_scram(self, credentials: ISCRAMProof) -> Deferred[bytes]:
+        """
+        Check a SCRAM proof against the user's current keys.
+
+        @param credentials: from a finished SCRAM exchange.
+        @return: as for L{requestAvatarId}.
+        """
+        try:
+            username = _as_text(credentials.username)
+        except UnicodeDecodeError:
+            self.log.debug("Authentication failed: credentials are not UTF-8")
+            return fail(UnauthorizedLogin(FAILURE_MESSAGE))
+        reactor, threadpool = self._pool()
+        d = deferToThreadPool(reactor, threadpool, self.users.scram_lookup, username)
+
+        def on_result(stored: StoredScram | None) -> bytes:
+            if stored is None or not credentials.checkProof(stored):
+                self.log.debug(
+                    "SCRAM authentication failed for user {username!r}", username=username
+                )
+                raise UnauthorizedLogin(FAILURE_MESSAGE)
+            return self._succeeded(credentials, username, stored.label)
+
+        def on_error(reason: Failure) -> bytes:
+            self.log.failure(
+                "Unexpected error checking SCRAM proof for user {username!r}",
+                reason,
+                username=username,
+            )
+            raise UnauthorizedLogin(FAILURE_MESSAGE)
+
+        return d.addCallbacks(on_result, on_error)
+
+    def _succeeded(self, credentials: object, username: str, label: str | None) -> AvatarId:
+        """
+        Report a match.
+
+        @param credentials: set its C{app_label}, if it has one.
+        @param username: the user.
+        @param label: the app-password label that matched, or L{None}.
+        @return: the avatar ID: the user name in NFC, as in the user file.
+        """
+        if hasattr(credentials, "app_label"):
+            credentials.app_label = label
+        if label is not None:
+            self.log.info(
+                "User {username!r} authenticated with app password {label!r}",
+                username=username,
+                label=label,
+            )
+        # The same rule as userfile.normalise_username (NFC), so the realm
+        # maps a name sent with combining accents to the file's maildrop.
+        return AvatarId(unicodedata.normalize("NFC", username).encode("utf-8"), label)

@@ -107,7 +107,9 @@ class _MessageStreamer:
         source: _Readable,
         top_lines: int | None,
         call_later: Callable[..., Any],
+        on_progress: Callable[[], None] = lambda: None,
     ) -> None:
+        self._on_progress = on_progress
         self._transport = transport
         self._source = source
         self._top = TopFilter(top_lines) if top_lines is not None else None
@@ -130,6 +132,8 @@ class _MessageStreamer:
 
     def _pump(self) -> None:
         self._scheduled = False
+        # A slow reader is not an idle client: sending counts as activity.
+        self._on_progress()
         try:
             while not self._paused and not self._stopped:
                 data = self._source.read(CHUNK_SIZE)
@@ -195,6 +199,7 @@ class POP3Server(Protocol):
         self._running = False
         self._input_paused = False
         self._output_paused = False
+        self._producing = False
         self._idle_call: Any = None
         self._auth_deadline: Any = None
         self._peer = "?"
@@ -228,6 +233,7 @@ class POP3Server(Protocol):
         self._counted = True
         self._set_nodelay()
         self.transport.registerProducer(self, True)
+        self._producing = True
         if self.factory.apop_available():
             self._apop_challenge = (
                 f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
@@ -251,7 +257,7 @@ class POP3Server(Protocol):
         if self.machine is not None:
             self.machine.connection_lost()
         self.transport.write(line)
-        self.transport.loseConnection()
+        self._disconnect()
 
     def _capabilities(self, tls_active: bool | None = None) -> m.Capabilities:
         if tls_active is None:
@@ -311,7 +317,7 @@ class POP3Server(Protocol):
         self._idle_call = None
         self._log.info("Session of {peer} timed out", peer=self._peer)
         self.transport.write(b"-ERR Autologout; idle for too long.\r\n")
-        self.transport.loseConnection()
+        self._disconnect()
 
     # --- running actions
 
@@ -340,6 +346,17 @@ class POP3Server(Protocol):
             self._input_paused = False
             self.transport.resumeProducing()
 
+    def _disconnect(self) -> None:
+        """
+        Close after the pending replies.  The producer role is given up first:
+        a transport (TLS in particular) waits for its producer to unregister
+        before it closes.
+        """
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        self.transport.loseConnection()
+
     def pauseProducing(self) -> None:
         self._output_paused = True
 
@@ -356,7 +373,7 @@ class POP3Server(Protocol):
         if isinstance(result, Failure):
             self._log.failure("Unexpected error in session of {peer}", result, peer=self._peer)
             self.transport.write(b"-ERR [SYS/TEMP] Internal error.\r\n")
-            self.transport.loseConnection()
+            self._disconnect()
             return
         if self.machine is not None and self.machine.state is not m.State.CLOSED:
             self._run()
@@ -366,7 +383,7 @@ class POP3Server(Protocol):
             self.transport.write(action.data)
         elif isinstance(action, m.Close):
             self.transport.write(action.reply)
-            self.transport.loseConnection()
+            self._disconnect()
         elif isinstance(action, m.Authenticate):
             return self._authenticate(action)
         elif isinstance(action, m.SendMessage):
@@ -516,9 +533,14 @@ class POP3Server(Protocol):
 
         def stream(source: _Readable) -> defer.Deferred[None]:
             self.transport.write(action.status)
+            self._producing = False
             self.transport.unregisterProducer()
             streamer = _MessageStreamer(
-                self.transport, source, action.top_lines, self.factory.reactor.callLater
+                self.transport,
+                source,
+                action.top_lines,
+                self.factory.reactor.callLater,
+                self._reset_idle_timer,
             )
             done = streamer.start()
             done.addBoth(self._streamed)
@@ -542,6 +564,7 @@ class POP3Server(Protocol):
         self._output_paused = False
         if self.machine is not None and self.machine.state is not m.State.CLOSED:
             self.transport.registerProducer(self, True)
+            self._producing = True
         if isinstance(result, Failure) and result.check(ConnectionLost):
             return None  # the client went away mid-message; nothing to report
         return result
@@ -572,7 +595,7 @@ class POP3Server(Protocol):
 
         def close(_: object) -> None:
             self._release_mailbox()
-            self.transport.loseConnection()
+            self._disconnect()
 
         d.addCallbacks(committed, failed)
         d.addBoth(close)

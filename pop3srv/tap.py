@@ -18,6 +18,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
 from twisted.internet.testing import MemoryReactor
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
@@ -33,6 +34,7 @@ from pop3srv.limits import (
     LoginGate,
     ThrottleSettings,
 )
+from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.protocol import POP3ServerFactory, ServerPolicy
 from pop3srv.realm import MboxRealm, check_mailbox_template
 from pop3srv.tls import TLSConfigError, TLSContextSource, TLSMinimum
@@ -113,8 +115,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             ) from None
         except strcred.InvalidAuthType as e:
             raise usage.UsageError(
-                f"{where} {description!r}: no checker plugin named {e.args[0]!r} "
-                "(see --help-auth)"
+                f"{where} {description!r}: no checker plugin named {e.args[0]!r} (see --help-auth)"
             ) from None
         except Exception as e:
             raise usage.UsageError(f"{where} {description!r}: {e}") from None
@@ -263,6 +264,25 @@ class HashingPoolService(service.Service):
         return super().stopService()
 
 
+class SpoolSweepService(service.Service):
+    """At start-up, cleans the mail spool after a crash, in a worker thread."""
+
+    _log = Logger()
+
+    def __init__(
+        self, template: str, index_dir: str | None, reactor: Any, pool: ThreadPool
+    ) -> None:
+        self.template = template
+        self.index_dir = index_dir
+        self._reactor = reactor
+        self._pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        d = deferToThreadPool(self._reactor, self._pool, sweep_spool, self.template, self.index_dir)
+        d.addErrback(lambda f: self._log.failure("Sweeping the mail spool failed", f))
+
+
 def makeService(options: Options, reactor: Any = None) -> Pop3Service:
     """Assemble the services: one listener per endpoint and the hashing pool."""
     if reactor is None:
@@ -273,6 +293,10 @@ def makeService(options: Options, reactor: Any = None) -> Pop3Service:
     top = Pop3Service(tls, reactor)
     hashing = HashingPoolService(options["hash_threads"])
     hashing.setServiceParent(top)
+    # The hashing pool is idle at start-up, so the sweep borrows it.
+    SpoolSweepService(
+        options["mailbox"], options["index_dir"], reactor, hashing.pool
+    ).setServiceParent(top)
     checkers = [
         PasslibChecker(c.users, reactor=reactor, threadpool=hashing.pool)
         if isinstance(c, PasslibChecker)

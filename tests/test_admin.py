@@ -75,7 +75,7 @@ def test_add_creates_file_0640(
     line, and the password verifies.
     """
     path = tmp_path / "users"
-    assert run("--password-stdin", str(path), "alice", stdin="pw one\n") == 0
+    assert run("--allow-weak", "--password-stdin", str(path), "alice", stdin="pw one\n") == 0
     assert "Added user 'alice'" in capsys.readouterr().out
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o640
     [line] = path.read_text().splitlines()
@@ -91,12 +91,12 @@ def test_add_and_change_preserve_other_lines(
     keeps the mode, and only the newest password verifies.
     """
     before = users_file.read_bytes()
-    assert run("--password-stdin", str(users_file), "alice", stdin="first\n") == 0
+    assert run("--allow-weak", "--password-stdin", str(users_file), "alice", stdin="first\n") == 0
     after_add = users_file.read_bytes()
     assert after_add.startswith(before)
     assert after_add.count(b"\n") == before.count(b"\n") + 1
 
-    assert run("--password-stdin", str(users_file), "alice", stdin="second\n") == 0
+    assert run("--allow-weak", "--password-stdin", str(users_file), "alice", stdin="second\n") == 0
     assert "Changed password for user 'alice'" in capsys.readouterr().out
     after_change = users_file.read_bytes()
     assert after_change.startswith(before)
@@ -113,7 +113,15 @@ def test_change_keeps_extra_fields(run: Run, users_file: Path) -> None:
     """
     before = users_file.read_bytes()
     assert (
-        run("--password-stdin", "--scheme", "pbkdf2_sha256", str(users_file), "bob", stdin="new\n")
+        run(
+            "--allow-weak",
+            "--password-stdin",
+            "--scheme",
+            "pbkdf2_sha256",
+            str(users_file),
+            "bob",
+            stdin="new\n",
+        )
         == 0
     )
     after = users_file.read_bytes()
@@ -131,7 +139,7 @@ def test_delete(run: Run, users_file: Path, capsys: pytest.CaptureFixture[str]) 
     an error (exit 2, one line).
     """
     before = users_file.read_bytes()
-    assert run("--password-stdin", str(users_file), "alice", stdin="pw\n") == 0
+    assert run("--allow-weak", "--password-stdin", str(users_file), "alice", stdin="pw\n") == 0
     assert run("--delete", str(users_file), "alice") == 0
     assert users_file.read_bytes() == before
     capsys.readouterr()
@@ -159,7 +167,10 @@ def test_password_stdin_strips_only_newline(run: Run, tmp_path: Path) -> None:
     part of the password.
     """
     path = tmp_path / "users"
-    assert run("--password-stdin", str(path), "alice", stdin=" sp aces \r\nignored\n") == 0
+    assert (
+        run("--allow-weak", "--password-stdin", str(path), "alice", stdin=" sp aces \r\nignored\n")
+        == 0
+    )
     users = UserFile(path)
     assert users.verify("alice", " sp aces \r")
     assert not users.verify("alice", "sp aces")
@@ -178,7 +189,7 @@ def test_prompts_twice(run: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 
     monkeypatch.setattr(admin.getpass, "getpass", fake_getpass)
     path = tmp_path / "users"
-    assert run(str(path), "alice") == 0
+    assert run("--allow-weak", str(path), "alice") == 0
     assert prompts == ["Password: ", "Retype password: "]
     assert UserFile(path).verify("alice", "typed")
 
@@ -235,7 +246,29 @@ def test_bad_username(
         (["FILE"], "", "required: USER"),
         (["--verify", "--password-stdin", "MISSING", "alice"], "x\n", "No such file or directory"),
         (["--delete", "MISSING", "alice"], "", "No such file or directory"),
-        (["--password-stdin", "FILE", "alice"], "\udcff\n", "codec can't encode"),
+        (["--allow-weak", "--password-stdin", "FILE", "alice"], "\udcff\n", "codec can't encode"),
+        (["--password-stdin", "FILE", "alice"], "alice2024\n", "password is too weak"),
+        (
+            ["--min-score", "4", "--password-stdin", "FILE", "alice"],
+            "alicewonderland77\n",
+            "need 4",
+        ),
+        (["--app", "a b", "FILE", "alice"], "", "app password label"),
+        (
+            ["--app", "x", "--password-stdin", "FILE", "alice"],
+            "pw\n",
+            "app passwords are generated",
+        ),
+        (["--app", "x", "--no-pop3-main", "FILE", "alice"], "", "concern the main password"),
+        (["--app", "nope", "--delete", "FILE", "bob"], "", "has no app password 'nope'"),
+        (["--no-pop3-main", "FILE", "zed"], "", "has no main password"),
+        (
+            ["--scheme", "scram", "--scheme", "scram", "FILE", "alice"],
+            "",
+            "--scheme may be given twice",
+        ),
+        (["--no-pop3-main", "--scheme", "scram", "FILE", "alice"], "", "--scheme only applies"),
+        (["--min-score", "5", "FILE", "alice"], "", "invalid choice"),
     ],
 )
 def test_usage_errors(
@@ -273,7 +306,7 @@ def test_write_is_atomic(run: Run, users_file: Path, monkeypatch: pytest.MonkeyP
         real_replace(src, dst)
 
     monkeypatch.setattr(userfile.os, "replace", spy)
-    assert run("--password-stdin", str(users_file), "alice", stdin="pw\n") == 0
+    assert run("--allow-weak", "--password-stdin", str(users_file), "alice", stdin="pw\n") == 0
     [(src, dst)] = renames
     assert Path(src).parent == users_file.parent
     assert dst == str(users_file)
@@ -294,7 +327,13 @@ def test_console_script(tmp_path: Path) -> None:
         )
 
     added = script_run(
-        "--password-stdin", "--scheme", "pbkdf2_sha256", str(path), "alice", stdin="pw\n"
+        "--allow-weak",
+        "--password-stdin",
+        "--scheme",
+        "pbkdf2_sha256",
+        str(path),
+        "alice",
+        stdin="pw\n",
     )
     assert added.returncode == 0, added.stderr
     assert path.read_text().startswith("alice:$pbkdf2-sha256$")
@@ -307,3 +346,145 @@ def test_console_script(tmp_path: Path) -> None:
     bad = script_run("--password-stdin", str(path), "a/b", stdin="pw\n")
     assert bad.returncode == 2
     assert bad.stderr == "pop3srv-passwd: user name must not contain '/'\n"
+
+
+STRONG = "correct horse battery staple"
+
+
+def test_weak_password_refused_with_one_line(
+    run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    A weak password is refused with one line saying why (zxcvbn's score and
+    hint) and nothing is written; C{--allow-weak} accepts it; a strong one
+    passes.
+    """
+    path = tmp_path / "users"
+    assert run("--password-stdin", str(path), "alice", stdin="password1\n") == 2
+    line = error_line(capsys)
+    assert line.startswith("pop3srv-passwd: password is too weak (zxcvbn score ")
+    assert "--allow-weak" in line
+    assert not path.exists()
+    assert run("--allow-weak", "--password-stdin", str(path), "alice", stdin="password1\n") == 0
+    assert run("--password-stdin", str(path), "bob", stdin=STRONG + "\n") == 0
+    assert UserFile(path).verify("bob", STRONG)
+
+
+def test_user_name_is_a_hint(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    The user name is given to zxcvbn, so a password built on it scores lower
+    for that user than for another.
+    """
+    path = tmp_path / "users"
+    password = "qzxalice-qzxalice\n"
+    assert run("--min-score", "4", "--password-stdin", str(path), "bob", stdin=password) == 0
+    assert run("--min-score", "4", "--password-stdin", str(path), "qzxalice", stdin=password) == 2
+    assert "too weak" in error_line(capsys)
+
+
+def test_min_score_zero_accepts_anything(run: Run, tmp_path: Path) -> None:
+    """
+    C{--min-score 0} accepts even a trivial password.
+    """
+    assert (
+        run("--min-score", "0", "--password-stdin", str(tmp_path / "u"), "alice", stdin="a\n") == 0
+    )
+
+
+def test_scheme_scram_and_pair(run: Run, tmp_path: Path) -> None:
+    """
+    C{--scheme scram} writes a scram line; giving C{--scheme} twice writes an
+    argon2 and a scram line for the same password, which then serves both
+    clear-text logins and SCRAM.
+    """
+    path = tmp_path / "users"
+    assert (
+        run("--password-stdin", "--scheme", "scram", str(path), "alice", stdin=STRONG + "\n") == 0
+    )
+    assert path.read_text().startswith("alice:$scram$")
+    assert (
+        run(
+            "--password-stdin",
+            "--scheme",
+            "pbkdf2_sha256",
+            "--scheme",
+            "scram",
+            str(path),
+            "alice",
+            stdin="another " + STRONG + "\n",
+        )
+        == 0
+    )
+    lines = path.read_text().splitlines()
+    assert [line.split("$")[1] for line in lines] == ["pbkdf2-sha256", "scram"]
+    users = UserFile(path)
+    assert users.verify("alice", "another " + STRONG)
+    assert users.scram_lookup("alice") is not None
+
+
+def test_app_password_lifecycle(
+    run: Run, users_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    C{--app LABEL} prints a generated password once and stores only its
+    hash; it verifies with its label reported; C{--app LABEL --delete}
+    revokes it and leaves other lines alone.
+    """
+    before = users_file.read_bytes()
+    assert run("--app", "phone", str(users_file), "bob") == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == "New app password 'phone' for user 'bob':"
+    password = out[1]
+    assert len(password) == 23 and password.count("-") == 3
+    assert out[2] == "It is shown only this once."
+    text = users_file.read_text()
+    assert password not in text
+    assert text.rstrip("\n").endswith(":app=phone")
+    assert run("--verify", "--password-stdin", str(users_file), "bob", stdin=password + "\n") == 0
+    assert capsys.readouterr().out == "Password matches (app password 'phone').\n"
+    assert (
+        run(
+            "--verify",
+            "--app",
+            "other",
+            "--password-stdin",
+            str(users_file),
+            "bob",
+            stdin=password + "\n",
+        )
+        == 1
+    )
+    assert UserFile(users_file).verify("bob", "bob-pw")
+    assert run("--app", "phone", "--delete", str(users_file), "bob") == 0
+    assert "Revoked app password 'phone' of user 'bob'." in capsys.readouterr().out
+    assert users_file.read_bytes() == before
+    assert not UserFile(users_file).verify("bob", password)
+
+
+def test_generated_app_passwords_differ() -> None:
+    """
+    Generated app passwords are fresh each time and use the unambiguous
+    alphabet.
+    """
+    made = {admin.generate_app_password() for _ in range(20)}
+    assert len(made) == 20
+    assert all(set(p) <= set(admin._APP_ALPHABET + "-") for p in made)
+
+
+def test_no_pop3_main(run: Run, users_file: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """
+    C{--no-pop3-main} stops the main password logging in while app
+    passwords work; C{--pop3-main} undoes it byte for byte.
+    """
+    before = users_file.read_bytes()
+    assert run("--app", "mail", str(users_file), "bob") == 0
+    app_password = capsys.readouterr().out.splitlines()[1]
+    with_app = users_file.read_bytes()
+    assert run("--no-pop3-main", str(users_file), "bob") == 0
+    assert "now not usable for POP3" in capsys.readouterr().out
+    users = UserFile(users_file)
+    assert not users.verify("bob", "bob-pw")
+    assert users.verify_detailed("bob", app_password).label == "mail"
+    assert run("--pop3-main", str(users_file), "bob") == 0
+    assert users_file.read_bytes() == with_app
+    assert with_app.startswith(before)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
@@ -25,8 +26,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pop3srv.checker import FAILURE_MESSAGE, PasslibChecker
-from pop3srv.userfile import UserFile, UserFileError
+from pop3srv import sasl
+from pop3srv.checker import FAILURE_MESSAGE, AvatarId, PasslibChecker
+from pop3srv.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials
+from pop3srv.userfile import UserFile, UserFileError, VerifyResult
 
 PASSWORD = "s3cret-Pässword-7731"
 
@@ -121,10 +124,12 @@ class PasslibCheckerTests(SynchronousTestCase):
 
     def test_interfaces(self) -> None:
         """
-        The checker provides L{ICredentialsChecker} for L{IUsernamePassword}.
+        The checker provides L{ICredentialsChecker} for L{IUsernamePassword}
+        and L{ISCRAMProof}, and L{ISCRAMLookup}.
         """
         self.assertTrue(ICredentialsChecker.providedBy(self.checker))
-        self.assertEqual(PasslibChecker.credentialInterfaces, (IUsernamePassword,))
+        self.assertTrue(ISCRAMLookup.providedBy(self.checker))
+        self.assertEqual(PasslibChecker.credentialInterfaces, (IUsernamePassword, ISCRAMProof))
 
     def test_success_returns_bytes_avatar_id(self) -> None:
         """
@@ -182,10 +187,10 @@ class PasslibCheckerTests(SynchronousTestCase):
         (without the password) and becomes L{UnauthorizedLogin}.
         """
 
-        def broken(username: str, password: str) -> bool:
+        def broken(username: str, password: str) -> VerifyResult:
             raise RuntimeError("disk on fire")
 
-        self.users.verify = broken  # type: ignore[method-assign]
+        self.users.verify_detailed = broken  # type: ignore[method-assign]
         failure = self.failureResultOf(self.check(b"alice", PASSWORD.encode()), UnauthorizedLogin)
         self.assertEqual(str(failure.value), FAILURE_MESSAGE)
         [logged] = self.flushLoggedErrors(RuntimeError)
@@ -194,6 +199,146 @@ class PasslibCheckerTests(SynchronousTestCase):
         self.assertEqual(len(critical), 1)
         self.assertEqual(critical[0]["username"], "alice")
         self.assertNoPasswordLogged()
+
+
+class LabelAndScramTests(SynchronousTestCase):
+    """
+    App-password labels and SCRAM through L{PasslibChecker}, with the
+    synchronous pool.
+    """
+
+    def setUp(self) -> None:
+        """
+        Alice has a main password (argon2 and scram lines) and two app
+        passwords; carol's main password is not usable for POP3.
+        """
+        path = temp_dir(self) / "users"
+        cheap = sha256_crypt.using(rounds=1000)
+        scram_hash = passlib_hash.scram.using(rounds=1000, algs="sha-1,sha-256")
+        path.write_text(
+            f"alice:{cheap.hash(PASSWORD)}\n"
+            f"alice:{scram_hash.hash(PASSWORD)}\n"
+            f"alice:{cheap.hash('phone-pw')}:app=phone\n"
+            f"alice:{scram_hash.hash('tablet-pw')}:app=tablet\n"
+            f"carol:{scram_hash.hash(PASSWORD)}:nopop3\n"
+            f"carol:{scram_hash.hash('carol-app')}:app=mail\n"
+        )
+        self.checker = PasslibChecker(
+            UserFile(path), reactor=SyncReactor(), threadpool=SyncThreadPool()
+        )  # type: ignore[arg-type]
+        self.events: list[LogEvent] = []
+        globalLogPublisher.addObserver(self.events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
+
+    def test_label_reported(self) -> None:
+        """
+        An app password logs in as the user; the label is on the avatar ID,
+        on credentials that have room for it, and in the log.
+        """
+        creds = sasl.PasswordCredentials(b"alice", b"phone-pw")
+        avatar_id = self.successResultOf(self.checker.requestAvatarId(creds))
+        self.assertEqual(avatar_id, b"alice")
+        self.assertIsInstance(avatar_id, AvatarId)
+        self.assertEqual(avatar_id.label, "phone")  # type: ignore[attr-defined]
+        self.assertEqual(creds.app_label, "phone")
+        logged = [e for e in self.events if e.get("label") == "phone"]
+        self.assertEqual(len(logged), 1)
+        self.assertNotIn("phone-pw", repr(self.events))
+        main = self.successResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
+        )
+        self.assertIsNone(main.label)  # type: ignore[attr-defined]
+
+    def test_avatar_id_is_normalised(self) -> None:
+        """
+        A user name sent decomposed (NFD) logs in as the NFC name of the
+        file, so the realm finds the same maildrop.
+        """
+        path = temp_dir(self) / "users"
+        path.write_text(f"alic\u00e9:{sha256_crypt.using(rounds=1000).hash('x')}\n")
+        checker = PasslibChecker(UserFile(path), reactor=SyncReactor(), threadpool=SyncThreadPool())  # type: ignore[arg-type]
+        creds = UsernamePassword("alic" + "e\u0301", b"x")  # type: ignore[arg-type]
+        self.assertEqual(
+            self.successResultOf(checker.requestAvatarId(creds)), "alic\u00e9".encode()
+        )
+
+    def test_main_password_not_for_pop3(self) -> None:
+        """
+        Carol's main password is refused; her app password works.
+        """
+        self.failureResultOf(
+            self.checker.requestAvatarId(UsernamePassword(b"carol", PASSWORD.encode())),
+            UnauthorizedLogin,
+        )
+        self.assertEqual(
+            self.successResultOf(
+                self.checker.requestAvatarId(UsernamePassword(b"carol", b"carol-app"))
+            ).label,  # type: ignore[attr-defined]
+            "mail",
+        )
+
+    def scram_login(self, user: str, password: str) -> tuple[SCRAMCredentials, Deferred[bytes]]:
+        """
+        Run a SCRAM exchange against the checker's lookup, with a client
+        from RFC 5802, and hand the credentials to the checker.
+        """
+        from tests.test_sasl import ScramClient
+
+        server = sasl.SASLServer(
+            mechanisms=[sasl.SCRAM_SHA_256], tls_active=False, plaintext_allowed=False
+        )
+        client = ScramClient(user, password)
+        step = server.start(sasl.SCRAM_SHA_256, client.first())
+        assert isinstance(step, sasl.Lookup)
+        stored = self.successResultOf(self.checker.scram_credentials(step.username))
+        challenge = server.lookup_done(stored)
+        assert isinstance(challenge, sasl.Challenge)
+        verify = server.respond(client.final(challenge.payload))
+        assert isinstance(verify, sasl.Verify)
+        creds = verify.credentials
+        assert isinstance(creds, SCRAMCredentials)
+        return creds, self.checker.requestAvatarId(creds)
+
+    def test_scram_main_password(self) -> None:
+        """
+        SCRAM with the main password logs alice in, with no label.
+        """
+        creds, d = self.scram_login("alice", PASSWORD)
+        self.assertEqual(self.successResultOf(d), b"alice")
+        self.assertIsNone(creds.app_label)
+
+    def test_scram_app_password(self) -> None:
+        """
+        When the main password is not for POP3, SCRAM serves the first app
+        password with a scram hash, and reports its label.
+        """
+        creds, d = self.scram_login("carol", "carol-app")
+        self.assertEqual(self.successResultOf(d), b"carol")
+        self.assertEqual(creds.app_label, "mail")
+
+    def test_scram_wrong_password_and_unknown_user(self) -> None:
+        """
+        A wrong password, and an unknown user (served a fake salt), both fail
+        with the one message.
+        """
+        for user, password in [("alice", "wrong"), ("mallory", PASSWORD), ("carol", PASSWORD)]:
+            _, d = self.scram_login(user, password)
+            failure = self.failureResultOf(d, UnauthorizedLogin)
+            self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+
+    def test_scram_lookup_error(self) -> None:
+        """
+        An unexpected error while checking a proof is logged and becomes
+        L{UnauthorizedLogin}.
+        """
+
+        def broken(username: str) -> None:
+            raise RuntimeError("disk on fire")
+
+        self.checker.users.scram_lookup = broken  # type: ignore[method-assign]
+        d = self.checker.requestAvatarId(SCRAMCredentials(b"alice", b"m", b"p"))
+        self.failureResultOf(d, UnauthorizedLogin)
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
 
 class RealThreadPoolTests(TestCase):
@@ -221,13 +366,13 @@ class RealThreadPoolTests(TestCase):
         from twisted.internet import reactor
 
         threads: list[str] = []
-        real_verify = self.users.verify
+        real_verify = self.users.verify_detailed
 
-        def recording_verify(username: str, password: str) -> bool:
+        def recording_verify(username: str, password: str) -> VerifyResult:
             threads.append(threading.current_thread().name)
             return real_verify(username, password)
 
-        self.users.verify = recording_verify  # type: ignore[method-assign]
+        self.users.verify_detailed = recording_verify  # type: ignore[method-assign]
         checker = PasslibChecker(self.users, reactor=reactor, threadpool=self.pool)
         d = checker.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
 
@@ -292,7 +437,7 @@ def test_plugin_is_found() -> None:
     editable install), with help text and argument format.
     """
     factory = plugin()
-    assert factory.credentialInterfaces == (IUsernamePassword,)
+    assert factory.credentialInterfaces == (IUsernamePassword, ISCRAMProof)
     assert factory.argStringFormat == "A path to a user file of name:hash lines"
     assert factory.authHelp.count("\n") > 5
     for word in ("argon2", "bcrypt", "{SSHA}", "{SHA512-CRYPT}", "{PLAIN}", "name:hash"):

@@ -515,9 +515,7 @@ def test_stale_index_is_dropped_after_maildrop_changed(tmp_path: Path) -> None:
     """
     path = tmp_path / "mb"
     body = b"y" * 8000 + b"\n\n"
-    path.write_bytes(
-        b"".join(b"From x\nSubject: %d\nStatus: O\n\n" % i + body for i in range(3))
-    )
+    path.write_bytes(b"".join(b"From x\nSubject: %d\nStatus: O\n\n" % i + body for i in range(3)))
     _open(path).close()
     data = bytearray(path.read_bytes())
     flag = data.find(b"Subject: 1\nStatus: O") + len(b"Subject: 1\nStatus: ")

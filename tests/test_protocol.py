@@ -284,3 +284,31 @@ def test_replies_wait_while_the_transport_is_full() -> None:
     assert session.transport.value() == b""
     session.protocol.resumeProducing()
     assert session.transport.value() == b"+OK\r\n" * 5
+
+
+class BackpressureTransport(StringTransport):
+    """A transport that is "full" after every write, as to a client that reads slowly."""
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and self.streaming:
+            self.producer.pauseProducing()
+
+
+def test_slow_download_is_not_idle() -> None:
+    """A RETR to a slow reader keeps the session alive while it makes progress."""
+    session = Session()
+    session.mailbox.messages[0] = b"Subject: big\n\n" + (b"x" * 70 + b"\n") * 15_000
+    session.login()
+    transport = BackpressureTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    session.protocol.transport = transport
+    transport.registerProducer(session.protocol, True)
+    session.protocol.dataReceived(b"RETR 1\r\n")
+    for _ in range(12):
+        # Each minute the client reads one chunk.
+        session.clock.advance(60)
+        transport.producer.resumeProducing()
+        session.clock.advance(0)
+    assert b"Autologout" not in transport.value()
+    assert not transport.disconnecting
+    assert transport.producer is not None  # still streaming after 12 minutes

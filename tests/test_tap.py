@@ -144,6 +144,7 @@ def test_make_service_listens_on_each_endpoint(users: Path) -> None:
         (1111, "127.0.0.1"),
     ]
     assert isinstance(reactor.tcpServers[0][1], POP3ServerFactory)
+    top.stopService()
 
 
 def run_twistd(*argv: str) -> subprocess.CompletedProcess[str]:

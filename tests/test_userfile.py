@@ -21,12 +21,19 @@ from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
 from pop3srv import userfile
+from pop3srv.scram import salted_password, stored_from_salted
 from pop3srv.userfile import (
     HASH_SCHEMES,
     UserFile,
     UserFileError,
+    VerifyResult,
+    delete_app_password,
     delete_user,
     hash_password,
+    normalise_password,
+    replace_hash,
+    set_main_pop3,
+    set_password,
     set_user_hash,
     validate_username,
 )
@@ -309,10 +316,10 @@ def test_password_the_scheme_refuses_is_a_mismatch(tmp_path: Path, events: list[
 
 def test_deprecated_hash_logs_needs_update_once(tmp_path: Path, events: list[LogEvent]) -> None:
     """
-    A login with a deprecated (htpasswd MD5) hash succeeds and logs, once,
-    that the hash should be reset.
+    With upgrades turned off, a login with a deprecated (htpasswd MD5) hash
+    succeeds and logs, once, that the hash should be reset.
     """
-    users = UserFile(write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n"))
+    users = UserFile(write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n"), upgrade=False)
     assert users.verify("alice", PASSWORD)
     assert users.verify("alice", PASSWORD)
     notes = [m for m in messages(events) if "pop3srv-passwd" in m]
@@ -709,3 +716,342 @@ def test_delete_from_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserFileError, match="No such file or directory"):
         delete_user(path, "alice")
     assert not path.exists()
+
+
+# --- scram hashes, app passwords, normalisation, hash upgrade
+
+CHEAP_SCRAM = passlib_hash.scram.using(rounds=1000, algs="sha-1,sha-256")
+
+
+def cheap_scram(password: str = PASSWORD) -> str:
+    """
+    @return: a low-cost passlib scram hash with a SHA-256 digest.
+    """
+    return str(CHEAP_SCRAM.hash(password))
+
+
+def scram_keys_match(users: UserFile, name: str, password: str) -> bool:
+    """
+    @return: whether the user's SCRAM keys are those of C{password}.
+    """
+    stored = users.scram_lookup(name)
+    assert stored is not None
+    expected = stored_from_salted(
+        stored.salt,
+        stored.iterations,
+        salted_password(normalise_password(password).encode(), stored.salt, stored.iterations),
+    )
+    return (stored.stored_key, stored.server_key) == (expected.stored_key, expected.server_key)
+
+
+def test_scram_line_serves_plain_and_scram(tmp_path: Path) -> None:
+    """
+    A user with only a scram hash logs in with a password, and its SCRAM
+    keys are those of the password.
+    """
+    users = UserFile(write(tmp_path / "users", f"alice:{cheap_scram()}\n"))
+    assert users.verify("alice", PASSWORD)
+    assert not users.verify("alice", WRONG)
+    assert scram_keys_match(users, "alice", PASSWORD)
+    assert users.scram_lookup("bob") is None
+
+
+def test_scram_and_argon2_for_one_user(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """
+    One user may have an argon2 line and a scram line: passwords are checked
+    against the argon2 hash, SCRAM uses the scram one, and a third line of
+    either kind is a duplicate.
+    """
+    argon, scram_hash = cheap("argon2id"), cheap_scram()
+    text = f"alice:{argon}\nalice:{scram_hash}\nalice:{cheap_scram('x')}\n"
+    users = UserFile(write(tmp_path / "users", text), upgrade=False)
+    checked: list[str] = []
+    real_verify = users.context.verify
+
+    def spy(secret: str, hashed: str, **kwargs: Any) -> bool:
+        checked.append(hashed)
+        return bool(real_verify(secret, hashed, **kwargs))
+
+    monkeypatch.setattr(users.context, "verify", spy)
+    assert users.verify("alice", PASSWORD)
+    assert checked == [argon]
+    assert scram_keys_match(users, "alice", PASSWORD)
+    assert users.labels("alice") == [None]
+
+
+def test_scram_hash_without_sha256_is_not_served(tmp_path: Path) -> None:
+    """
+    A scram hash with SHA-1 only verifies passwords but cannot serve
+    SCRAM-SHA-256.
+    """
+    sha1_only = passlib_hash.scram.using(rounds=1000, algs="sha-1").hash(PASSWORD)
+    users = UserFile(write(tmp_path / "users", f"alice:{sha1_only}\n"))
+    assert users.verify("alice", PASSWORD)
+    assert users.scram_lookup("alice") is None
+
+
+def test_scram_fake_for_unknown_user(tmp_path: Path) -> None:
+    """
+    An unknown user (or one without a scram hash) gets fake SCRAM keys with
+    the same iteration count and salt length as real ones, stable across
+    lookups and across a re-read of the file, different per user.
+    """
+    path = write(tmp_path / "users", f"alice:{cheap_scram()}\nbob:{cheap()}\n")
+    users = UserFile(path)
+    real = users.scram_credentials("alice")
+    ghost = users.scram_credentials("ghost")
+    bob = users.scram_credentials("bob")
+    assert ghost.iterations == real.iterations == 1000
+    assert len(ghost.salt) == len(real.salt)
+    assert ghost == users.scram_credentials("ghost") == UserFile(path).scram_credentials("ghost")
+    assert ghost.salt != bob.salt
+    assert users.scram_lookup("bob") is None
+    empty = UserFile(write(tmp_path / "empty", "\n"))
+    assert empty.scram_credentials("ghost").iterations == 4096
+
+
+def test_app_passwords_report_label(tmp_path: Path) -> None:
+    """
+    App passwords are extra lines with an C{app=LABEL} field; each logs in
+    and the result names its label; the main password has label L{None}.
+    """
+    text = (
+        f"alice:{cheap()}:1000:1000::/home/alice::\n"
+        f"alice:{cheap(password='phone-pw')}:app=phone\n"
+        f"alice:{cheap(password='laptop-pw')}:app=laptop\n"
+    )
+    users = UserFile(write(tmp_path / "users", text))
+    assert users.verify_detailed("alice", PASSWORD) == VerifyResult(ok=True, label=None)
+    assert users.verify_detailed("alice", "phone-pw") == VerifyResult(ok=True, label="phone")
+    assert users.verify_detailed("alice", "laptop-pw").label == "laptop"
+    assert users.verify_detailed("alice", WRONG) == VerifyResult(ok=False)
+    assert users.labels("alice") == [None, "phone", "laptop"]
+
+
+def test_main_password_marked_nopop3(tmp_path: Path) -> None:
+    """
+    C{nopop3} after the hash makes the main password (both its lines)
+    useless here, while app passwords still work and SCRAM uses the first
+    app password with a scram hash.
+    """
+    text = (
+        f"alice:{cheap()}:nopop3\n"
+        f"alice:{cheap_scram()}:nopop3\n"
+        f"alice:{cheap_scram('app-pw')}:app=mail\n"
+        f"bob:{cheap()}:nopop3\n"
+    )
+    users = UserFile(write(tmp_path / "users", text))
+    assert not users.verify("alice", PASSWORD)
+    assert users.verify_detailed("alice", "app-pw") == VerifyResult(ok=True, label="mail")
+    stored = users.scram_lookup("alice")
+    assert stored is not None and stored.label == "mail"
+    assert scram_keys_match(users, "alice", "app-pw")
+    assert "bob" in users
+    assert not users.verify("bob", PASSWORD)
+    assert users.labels("bob") == []
+
+
+@pytest.mark.parametrize(
+    ("line", "reason"),
+    [
+        ("alice:{h}:app=", "app password label"),
+        ("alice:{h}:app=bad/label", "app password label"),
+        ("alice:{h}:app=a:app=b", "more than one app= field"),
+        ("alice:{h}:app=a:nopop3", "main password only"),
+    ],
+)
+def test_bad_app_lines(tmp_path: Path, events: list[LogEvent], line: str, reason: str) -> None:
+    """
+    Bad labels and contradictory markers are logged and the line skipped.
+    """
+    path = write(tmp_path / "users", line.format(h=cheap()) + "\n")
+    assert "alice" not in UserFile(path)
+    assert any(reason in m for m in messages(events)), messages(events)
+
+
+def test_duplicate_app_password(tmp_path: Path, events: list[LogEvent]) -> None:
+    """
+    A second line for the same app label and kind is skipped with a message.
+    """
+    text = f"alice:{cheap()}:app=phone\nalice:{cheap(password='x')}:app=phone\n"
+    users = UserFile(write(tmp_path / "users", text))
+    assert users.verify("alice", PASSWORD)
+    assert not users.verify("alice", "x")
+    assert any(
+        "duplicate app password 'phone' for user 'alice' (first defined on line 1)" in m
+        for m in messages(events)
+    )
+
+
+def test_unicode_normalisation(tmp_path: Path) -> None:
+    """
+    User names are compared in NFC and passwords after SASLprep: a name
+    with a combining accent finds the precomposed one, and a no-break space
+    matches a space.  A hash made from an unnormalised password (before
+    normalisation existed) still verifies.
+    """
+    nfc, nfd = "jos\u00e9", "jose\u0301"
+    legacy = CHEAP["sha256_crypt"].hash("caf\u00e9\u00a0noir")
+    text = f"{nfc}:{cheap(password='pass word')}\nbob:{legacy}\n"
+    users = UserFile(write(tmp_path / "users", text))
+    assert nfd in users
+    assert users.verify(nfd, "pass\u00a0word")
+    assert users.verify("bob", "caf\u00e9\u00a0noir")
+    prepared = hash_password("a\u00a0b", "pbkdf2_sha256")
+    assert UserFile(write(tmp_path / "u2", f"carol:{prepared}\n")).verify("carol", "a b")
+
+
+def test_upgrade_rewrites_atomically_and_keeps_other_lines(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    After a login with a deprecated hash, the line gets a new argon2 hash
+    by an atomic rename, keeping its other fields; every other line stays
+    byte-identical; the event is logged without the password; the new hash
+    verifies.
+    """
+    before = (
+        "# users\r\n"
+        f"bob:{cheap(password='b')}:x\n"
+        f"alice:{OPENSSL_APR1}:1000:1000::/home/alice::\r\n"
+        f"alice:{cheap(password='app')}:app=phone\n"
+        "carol:{SHA512-CRYPT}" + OPENSSL_SHA512 + "\n"
+    )
+    path = write(tmp_path / "users", before)
+    renames: list[str] = []
+    real_replace = os.replace
+
+    def spy(src: str, dst: str) -> None:
+        renames.append(dst)
+        real_replace(src, dst)
+
+    monkeypatch.setattr(userfile.os, "replace", spy)
+    monkeypatch.setattr(
+        userfile._CONTEXT,
+        "hash",
+        lambda secret: CHEAP["argon2id"].using(memory_cost=16).hash(secret),
+    )
+    users = UserFile(path)
+    result = users.verify_detailed("alice", PASSWORD)
+    assert result == VerifyResult(ok=True, label=None, upgraded=True)
+    assert renames == [str(path)]
+    after = path.read_bytes().decode()
+    [line] = [x for x in after.splitlines(keepends=True) if x.startswith("alice:$argon2")]
+    assert line.startswith("alice:$argon2id$") and line.endswith(":1000:1000::/home/alice::\r\n")
+    assert after.replace(line, "") == before.replace(
+        f"alice:{OPENSSL_APR1}:1000:1000::/home/alice::\r\n", ""
+    )
+    assert users.verify("alice", PASSWORD)
+    assert users.verify_detailed("alice", "app").label == "phone"
+    logged = [m for m in messages(events) if "upgraded" in m]
+    # (The cheap argon2 made here is itself upgraded by the next login.)
+    assert logged[0] == f"{path}: upgraded the apr_md5_crypt hash of user 'alice' to argon2"
+    assert PASSWORD not in repr(events)
+
+
+def test_upgrade_keeps_dovecot_prefix(tmp_path: Path) -> None:
+    """
+    A Dovecot line with a scheme prefix gets the new scheme's prefix.
+    """
+    path = write(tmp_path / "users", "alice:{MD5-CRYPT}" + OPENSSL_MD5 + "::::::\n")
+    assert UserFile(path).verify_detailed("alice", PASSWORD).upgraded
+    text = path.read_text()
+    assert text.startswith("alice:{ARGON2ID}$argon2id$") and text.endswith("::::::\n")
+    assert UserFile(path).verify("alice", PASSWORD)
+
+
+def test_upgrade_skipped_while_locked(tmp_path: Path, events: list[LogEvent]) -> None:
+    """
+    While C{pop3srv-passwd} holds the lock, the upgrade is given up (after a
+    short wait), logged, and the login still succeeds; the file is unchanged.
+    """
+    path = write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n")
+    before = path.read_bytes()
+    with userfile._editor_lock(str(path)):
+        result = UserFile(path).verify_detailed("alice", PASSWORD)
+    assert result == VerifyResult(ok=True, needs_update=True)
+    assert path.read_bytes() == before
+    assert any("could not upgrade" in m and "still locked" in m for m in messages(events))
+
+
+def test_replace_hash_only_if_unchanged(tmp_path: Path) -> None:
+    """
+    L{replace_hash} leaves the file alone when the old hash is no longer
+    there (a password changed meanwhile by C{pop3srv-passwd}).
+    """
+    old, new = cheap(), cheap(password="n")
+    path = write(tmp_path / "users", f"alice:{cheap(password='changed')}\n")
+    before = path.read_bytes()
+    assert replace_hash(path, "alice", old, new) is False
+    assert path.read_bytes() == before
+    path.write_text(f"alice:{old}\n")
+    assert replace_hash(path, "alice", old, new) is True
+    assert path.read_text() == f"alice:{new}\n"
+
+
+def test_scram_hash_is_never_upgraded(tmp_path: Path) -> None:
+    """
+    A scram hash is left as it is even if passlib finds it weak: an argon2
+    hash in its place would break SCRAM.
+    """
+    path = write(tmp_path / "users", f"alice:{cheap_scram()}\n")
+    before = path.read_bytes()
+    assert UserFile(path).verify_detailed("alice", PASSWORD) == VerifyResult(ok=True)
+    assert path.read_bytes() == before
+
+
+def test_set_password_app_and_both_kinds(tmp_path: Path) -> None:
+    """
+    L{set_password} adds an app password, sets a main password as a pair of
+    lines (argon2 and scram), replaces both on change, and
+    L{delete_app_password} revokes one app password only.
+    """
+    path = write(tmp_path / "users", f"bob:{cheap()}\nalice:{cheap()}:uid\n")
+    assert set_password(path, "alice", [cheap(password="p1")], "phone") is True
+    assert set_password(path, "alice", [cheap(password="m2"), cheap_scram("m2")]) is False
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("bob:")
+    assert lines[1].startswith("alice:$5$") and lines[1].endswith(":uid")
+    assert lines[2].startswith("alice:$scram$") and lines[2].endswith(":uid")
+    assert lines[3].endswith(":app=phone")
+    users = UserFile(path)
+    assert users.verify_detailed("alice", "m2") == VerifyResult(ok=True)
+    assert scram_keys_match(users, "alice", "m2")
+    assert users.verify_detailed("alice", "p1").label == "phone"
+    assert set_password(path, "alice", [cheap(password="m3")]) is False
+    assert path.read_text().count("$scram$") == 0
+    assert delete_app_password(path, "alice", "phone") is True
+    assert delete_app_password(path, "alice", "phone") is False
+    users = UserFile(path)
+    assert users.verify("alice", "m3") and not users.verify("alice", "p1")
+    assert users.verify("bob", PASSWORD)
+    with pytest.raises(ValueError, match="one scram and one other"):
+        set_password(path, "alice", [cheap(), cheap()])
+
+
+def test_set_main_pop3_toggles(tmp_path: Path) -> None:
+    """
+    L{set_main_pop3} adds and removes C{nopop3} on every main-password line
+    and leaves app lines alone; a user with no main password is reported.
+    """
+    text = f"alice:{cheap()}::x\nalice:{cheap_scram()}\nalice:{cheap(password='a')}:app=p\n"
+    path = write(tmp_path / "users", text)
+    assert set_main_pop3(path, "alice", usable=False)
+    assert path.read_text().count(":nopop3") == 2
+    assert not UserFile(path).verify("alice", PASSWORD)
+    assert UserFile(path).verify("alice", "a")
+    assert set_main_pop3(path, "alice", usable=True)
+    assert path.read_text() == text
+    write(path, f"carol:{cheap()}:app=p\n")
+    assert set_main_pop3(path, "carol", usable=False) is False
+
+
+def test_set_user_hash_ignores_app_lines(tmp_path: Path) -> None:
+    """
+    L{set_user_hash} changes the main password line, not an app password
+    line before it.
+    """
+    app, main, new = cheap(password="a"), cheap(), cheap(password="n")
+    path = write(tmp_path / "users", f"alice:{app}:app=x\nalice:{main}\n")
+    assert set_user_hash(path, "alice", new) is False
+    assert path.read_text() == f"alice:{app}:app=x\nalice:{new}\n"

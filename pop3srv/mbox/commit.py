@@ -409,9 +409,11 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
             ):
                 # Not truncated yet: beyond old_size is mail from after the crash.
                 tail_start = header.old_size
-            elif size >= header.new_size and _hash_range(
-                mbox_fd, header.start, header.new_size - header.start
-            ) == header.payload_hash:
+            elif (
+                size >= header.new_size
+                and _hash_range(mbox_fd, header.start, header.new_size - header.start)
+                == header.payload_hash
+            ):
                 # Truncated, so the payload is fully in place: beyond it is new mail.
                 tail_start = header.new_size
             else:

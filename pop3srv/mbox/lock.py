@@ -131,6 +131,22 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def left_by_dead_local_process(path: str, hostname: str) -> bool:
+    """
+    Whether the lock file at C{path} says it was written by a process of
+    this host (C{"<pid> <hostname>"}) that is no longer alive.
+    """
+    try:
+        with open(path, "rb") as f:
+            fields = f.read(256).split()
+    except FileNotFoundError:
+        return False
+    if len(fields) != 2 or not fields[0].isdigit():
+        return False
+    host = fields[1].decode("utf-8", "replace")
+    return host == hostname and not _pid_alive(int(fields[0]))
+
+
 class MboxFileLock:
     """
     The fcntl lock plus dotlock on an mbox, held while it is read or
@@ -260,16 +276,9 @@ class MboxFileLock:
     def _break_stale_dotlock(self) -> None:
         try:
             st = os.stat(self.dotlock_path)
-            with open(self.dotlock_path, "rb") as f:
-                content = f.read(256)
         except FileNotFoundError:
             return
-        fields = content.split()
-        stale = False
-        if len(fields) == 2 and fields[0].isdigit():
-            pid, host = int(fields[0]), fields[1].decode("utf-8", "replace")
-            if host == self._hostname and not _pid_alive(pid):
-                stale = True
+        stale = left_by_dead_local_process(self.dotlock_path, self._hostname)
         if not stale and time.time() - st.st_mtime > self.stale_age:
             stale = True
         if not stale:

@@ -2,8 +2,9 @@
 """
 The C{passlib} strcred plugin: C{--auth passlib:/path/to/users}.
 
-Only Twisted is imported at module level; pop3srv's modules (and passlib)
-load when a checker is built, so plugin scanning stays cheap.
+Only Twisted and L{pop3srv.scram} (for the L{ISCRAMProof} interface; it
+imports nothing heavy) load at module level; the checker and passlib load
+when a checker is built, so plugin scanning stays cheap.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from twisted.cred.strcred import ICheckerFactory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
+from pop3srv.scram import ISCRAMProof
+
 if TYPE_CHECKING:
     from pop3srv.checker import PasslibChecker
 
@@ -25,12 +28,17 @@ the hash are ignored (so a Dovecot passwd-file works), and the file is
 re-read whenever it changes.
 
 Accepted hashes: argon2 (the default for new hashes), bcrypt,
-sha512_crypt, sha256_crypt, pbkdf2_sha256, pbkdf2_sha512 and LDAP
+sha512_crypt, sha256_crypt, pbkdf2_sha256, pbkdf2_sha512, scram
+(passlib's; serves SASL SCRAM-SHA-256 and -PLUS as well) and LDAP
 {SSHA}, {SSHA256}, {SSHA512}; for htpasswd migration also $apr1$ and $1$
 (deprecated). Dovecot prefixes {SHA512-CRYPT}, {SHA256-CRYPT},
 {BLF-CRYPT}, {MD5-CRYPT}, {ARGON2ID}, {ARGON2I} and {CRYPT} are
 understood. Plaintext ({PLAIN}) and unknown schemes are rejected, and a
 bad line is logged and skipped.
+
+A user may have a scram and an argon2 line for one password, app passwords
+(a field app=LABEL after the hash, one line each) and a main password
+marked unusable for POP3 (a field nopop3).
 
 Manage the file with pop3srv-passwd.
 """
@@ -45,7 +53,7 @@ class PasslibCheckerFactory:
     authType = "passlib"
     authHelp = PASSLIB_HELP
     argStringFormat = "A path to a user file of name:hash lines"
-    credentialInterfaces = (IUsernamePassword,)
+    credentialInterfaces = (IUsernamePassword, ISCRAMProof)
 
     def generateChecker(self, argstring: str = "") -> PasslibChecker:
         """

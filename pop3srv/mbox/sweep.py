@@ -1,0 +1,88 @@
+# -*- test-case-name: tests.test_mbox_sweep -*-
+"""
+Start-up clean-up of the mail spool after a crash: dotlocks left by dead
+pop3srv processes of this host are removed (so deliveries are not held up
+until the lock ages out), and interrupted commits are finished (so local
+mail readers do not see a half-applied mbox until the user's next login).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass, field
+
+from twisted.logger import Logger
+
+from pop3srv.errors import Pop3Error
+from pop3srv.mbox.commit import recover
+from pop3srv.mbox.lock import MboxFileLock, left_by_dead_local_process
+from pop3srv.mbox.paths import state_paths
+
+_log = Logger()
+USER_FIELD = "{user}"
+JOURNAL_SUFFIX = ".pop3srv-journal"
+
+
+@dataclass
+class SweepReport:
+    """What a sweep did."""
+
+    removed_dotlocks: list[str] = field(default_factory=list)
+    recovered: list[str] = field(default_factory=list)
+
+
+def _candidate_users(names: list[str]) -> set[str]:
+    users = set()
+    for name in names:
+        if name.endswith(JOURNAL_SUFFIX):
+            stem = name[: -len(JOURNAL_SUFFIX)]
+            # Beside the mbox: ".USER"; in an index dir: "<hash>-USER".
+            users.add(stem[1:] if stem.startswith(".") else stem.partition("-")[2])
+    return {u for u in users if u and "/" not in u}
+
+
+def sweep_spool(template: str, index_dir: str | None = None) -> SweepReport:
+    """
+    Clean up after a crash, for mboxes named by C{template}.  Blocking: run
+    it in a thread.  Only a template whose C{{user}} is in the last path
+    component names a spool directory that can be swept.
+    """
+    report = SweepReport()
+    spool, base = os.path.split(template)
+    if USER_FIELD in spool or USER_FIELD not in base:
+        return report
+    hostname = socket.gethostname()
+    try:
+        names = os.listdir(spool)
+    except OSError as e:
+        _log.warn("Cannot sweep mail spool {spool}: {error}", spool=spool, error=e)
+        return report
+    for name in names:
+        if name.endswith(".lock") or ".lock." in name:
+            path = os.path.join(spool, name)
+            if left_by_dead_local_process(path, hostname):
+                try:
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                report.removed_dotlocks.append(path)
+                _log.info("Removed dotlock {path} left by a dead pop3srv", path=path)
+    journal_dir = index_dir if index_dir is not None else spool
+    try:
+        journal_names = [n for n in os.listdir(journal_dir) if n.endswith(JOURNAL_SUFFIX)]
+    except OSError:
+        journal_names = []
+    for user in sorted(_candidate_users(journal_names)):
+        mbox = template.replace(USER_FIELD, user)
+        paths = state_paths(mbox, index_dir)
+        if not os.path.exists(paths.journal):
+            continue
+        try:
+            with MboxFileLock(mbox, timeout=5):
+                if recover(mbox, paths.journal):
+                    report.recovered.append(mbox)
+        except (OSError, Pop3Error) as e:
+            _log.warn("Could not finish the interrupted commit of {path}: {error}",
+                      path=mbox, error=e)  # fmt: skip
+    return report

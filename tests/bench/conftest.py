@@ -1,0 +1,3 @@
+"""Benchmarks are run by `make bench`, never collected by pytest."""
+
+collect_ignore_glob = ["*"]
