@@ -99,8 +99,39 @@ class Stls:
     """C{STLS} (RFC 2595)."""
 
 
+@dataclass(frozen=True, slots=True)
+class Auth:
+    """
+    C{AUTH [mechanism [initial-response]]} (RFC 5034); a bare C{AUTH} asks
+    for the list of mechanisms.
+    """
+
+    mechanism: str | None
+    initial_response: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class Utf8:
+    """C{UTF8} (RFC 6856)."""
+
+
 Command = (
-    User | Pass | Apop | Stat | List | Retr | Dele | Noop | Rset | Quit | Top | Uidl | Capa | Stls
+    User
+    | Pass
+    | Apop
+    | Stat
+    | List
+    | Retr
+    | Dele
+    | Noop
+    | Rset
+    | Quit
+    | Top
+    | Uidl
+    | Capa
+    | Stls
+    | Auth
+    | Utf8
 )
 
 

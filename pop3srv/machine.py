@@ -14,8 +14,10 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from pop3srv import commands as c
+from pop3srv import sasl
 from pop3srv.wire import (
     MAX_COMMAND_LINE,
     LineBuffer,
@@ -37,7 +39,9 @@ class State(enum.Enum):
 
 
 ALLOWED: dict[State, frozenset[type]] = {
-    State.AUTHORIZATION: frozenset({c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop, c.Stls}),
+    State.AUTHORIZATION: frozenset(
+        {c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop, c.Stls, c.Auth, c.Utf8}
+    ),
     State.TRANSACTION: frozenset(
         {c.Stat, c.List, c.Retr, c.Dele, c.Noop, c.Rset, c.Quit, c.Top, c.Uidl, c.Capa}
     ),
@@ -122,13 +126,57 @@ class StartTLS:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslLookup:
+    """
+    SCRAM: find C{username}'s stored SCRAM secrets and pass them (or
+    C{None}) to L{Pop3Machine.sasl_lookup_done}.
+    """
+
+    username: str
+
+
+@dataclass(frozen=True, slots=True)
+class SaslVerify:
+    """
+    Log in with these SASL credentials (opening C{authzid}'s maildrop if
+    set), then call L{Pop3Machine.sasl_verified} or L{Pop3Machine.login_failed}.
+    """
+
+    credentials: Any
+    username: str
+    authzid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class AbortLogin:
+    """
+    The SASL exchange failed after the credentials were verified (the client
+    rejected the server's proof): release the maildrop, then send C{reply}.
+    """
+
+    reply: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Close:
     """Send C{reply} and close the connection."""
 
     reply: bytes
 
 
-Action = Reply | Authenticate | SendMessage | MarkDeleted | UnmarkDeleted | Commit | Close
+Action = (
+    Reply
+    | Authenticate
+    | SendMessage
+    | MarkDeleted
+    | UnmarkDeleted
+    | Commit
+    | StartTLS
+    | Close
+    | SaslLookup
+    | SaslVerify
+    | AbortLogin
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,6 +195,7 @@ class Capabilities:
     @ivar stls: whether STLS is offered (a certificate is configured and the
         connection is not encrypted yet).
     @ivar tls_active: whether the connection is encrypted.
+    @ivar sasl: the SASL mechanisms this session offers (RFC 5034).
     """
 
     implementation: str = "pop3srv"
@@ -156,6 +205,7 @@ class Capabilities:
     plaintext_auth: bool = True
     stls: bool = False
     tls_active: bool = False
+    sasl: tuple[str, ...] = ()
     extra: tuple[str, ...] = field(default=())
 
     def lines(self) -> list[str]:
@@ -165,11 +215,14 @@ class Capabilities:
             lines.append("USER")
         if self.stls:
             lines.append("STLS")
+        if self.sasl:
+            lines.append("SASL " + " ".join(self.sasl))
         lines += ["UIDL", "PIPELINING", "RESP-CODES", "AUTH-RESP-CODE"]
         if self.expire is not None:
             lines.append(f"EXPIRE {self.expire}")
         if self.login_delay is not None:
             lines.append(f"LOGIN-DELAY {self.login_delay}")
+        lines.append("UTF8")
         lines += list(self.extra)
         lines.append(f"IMPLEMENTATION {self.implementation}")
         return lines
@@ -222,6 +275,7 @@ class Pop3Machine:
         self,
         capabilities: Capabilities | None = None,
         max_line: int = MAX_COMMAND_LINE,
+        start_sasl: Callable[[], sasl.SASLServer] | None = None,
     ) -> None:
         self.capabilities = capabilities or Capabilities()
         self.state = State.AUTHORIZATION
@@ -232,6 +286,9 @@ class Pop3Machine:
         self._maildrop: _Maildrop | None = None
         self._authenticating = False
         self._starting_tls = False
+        self._start_sasl = start_sasl
+        self._sasl: sasl.SASLServer | None = None
+        self._pending_login: tuple[str, Sequence[int], Callable[[int], str | bytes]] | None = None
 
     @property
     def buffered(self) -> int:
@@ -258,6 +315,10 @@ class Pop3Machine:
         line = self._lines.next_line()
         if line is None:
             return NEED_DATA
+        if self._sasl is not None:
+            if isinstance(line, LineTooLong):
+                return self._sasl_step(sasl.Failure(None, "Response too long.", "over-long line"))
+            return self._sasl_step(self._sasl.respond(line))
         if isinstance(line, LineTooLong):
             return self._bad("Command line too long.")
         command = parse_command(line)
@@ -284,6 +345,68 @@ class Pop3Machine:
         self._starting_tls = True
         return StartTLS(format_ok("Begin TLS negotiation."))
 
+    def _auth(self, command: c.Auth) -> Action:
+        if command.mechanism is None:
+            return Reply(format_multiline("Mechanisms follow.", self.capabilities.sasl))
+        if self._start_sasl is None or not self.capabilities.sasl:
+            return self._bad("AUTH is not available.")
+        self._user = None
+        self._sasl = self._start_sasl()
+        # RFC 5034: continuation responses may be longer than a command line.
+        self._lines.max_line = sasl.MAX_RESPONSE_OCTETS + 2
+        return self._sasl_step(self._sasl.start(command.mechanism, command.initial_response))
+
+    @property
+    def sasl_mechanism(self) -> str:
+        """The mechanism of the SASL exchange under way."""
+        return (self._sasl.mechanism if self._sasl else None) or "?"
+
+    def _end_sasl(self) -> None:
+        self._sasl = None
+        self._lines.max_line = MAX_COMMAND_LINE
+
+    def _sasl_step(self, step: sasl.Step) -> Action:
+        """Turn a step of the SASL exchange into an action."""
+        if isinstance(step, sasl.Challenge):
+            return Reply(b"+ " + step.text_b64.encode("ascii") + b"\r\n")
+        if isinstance(step, sasl.Lookup):
+            self._authenticating = True
+            return SaslLookup(step.username)
+        if isinstance(step, sasl.Verify):
+            self._authenticating = True
+            return SaslVerify(step.credentials, step.username, step.authzid)
+        if isinstance(step, sasl.Success):
+            assert self._pending_login is not None
+            self._end_sasl()
+            username, sizes, uidl_of = self._pending_login
+            self._pending_login = None
+            return Reply(self.login_succeeded(username, sizes, uidl_of))
+        self._end_sasl()
+        reply = format_err(step.text, step.code)
+        if self._pending_login is not None:
+            self._pending_login = None
+            return AbortLogin(reply)
+        self.bad_commands += 1
+        return Reply(reply)
+
+    def sasl_lookup_done(self, stored: Any) -> Action:
+        """The SCRAM secrets of a L{SaslLookup} (or C{None}): the next action."""
+        self._authenticating = False
+        assert self._sasl is not None
+        return self._sasl_step(self._sasl.lookup_done(stored))
+
+    def sasl_verified(
+        self, username: str, sizes: Sequence[int], uidl_of: Callable[[int], str | bytes]
+    ) -> Action:
+        """
+        The credentials of a L{SaslVerify} were good and the maildrop is
+        open: the next action (C{+OK}, or SCRAM's final challenge first).
+        """
+        self._authenticating = False
+        assert self._sasl is not None
+        self._pending_login = (username, sizes, uidl_of)
+        return self._sasl_step(self._sasl.verified())
+
     def tls_started(self, capabilities: Capabilities) -> None:
         """
         The handshake has begun: forget everything from before it and offer
@@ -308,6 +431,10 @@ class Pop3Machine:
     def _authorization(self, command: c.Command) -> Action:
         if isinstance(command, c.Stls):
             return self._stls()
+        if isinstance(command, c.Utf8):
+            return Reply(format_ok("UTF8 enabled."))
+        if isinstance(command, c.Auth):
+            return self._auth(command)
         if isinstance(command, c.User | c.Pass) and not self.capabilities.plaintext_auth:
             self._user = None
             return self._bad(PLAINTEXT_REFUSED, "AUTH")
@@ -384,6 +511,7 @@ class Pop3Machine:
     def login_failed(self, code: str, text: str = AUTH_FAILED) -> bytes:
         """Stay in AUTHORIZATION after a failed login; return the C{-ERR} line."""
         self._authenticating = False
+        self._end_sasl()
         self.bad_commands += 1
         return format_err(text, code)
 

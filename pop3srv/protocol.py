@@ -30,6 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3srv import machine as m
+from pop3srv import sasl, scram
 from pop3srv.audit import audit
 from pop3srv.errors import InvalidUsername, Pop3Error
 from pop3srv.limits import (
@@ -238,7 +239,7 @@ class POP3Server(Protocol):
             self._apop_challenge = (
                 f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
             )
-        self.machine = m.Pop3Machine(self._capabilities())
+        self.machine = m.Pop3Machine(self._capabilities(), start_sasl=self._start_sasl)
         self.transport.write(self.machine.greeting())
         self._reset_idle_timer()
         self._auth_deadline = self.factory.reactor.callLater(
@@ -396,6 +397,22 @@ class POP3Server(Protocol):
             self.transport.write(action.reply)
         elif isinstance(action, m.Commit):
             return self._commit()
+        elif isinstance(action, m.SaslLookup):
+            return self._sasl_lookup(action)
+        elif isinstance(action, m.SaslVerify):
+            mechanism = self.machine.sasl_mechanism if self.machine else "?"
+            return self._login(
+                action.username,
+                action.credentials,
+                method=f"sasl-{mechanism.lower()}",
+                authzid=action.authzid,
+            )
+        elif isinstance(action, m.AbortLogin):
+            self._release_mailbox()
+            if self._session_user is not None:
+                self.factory.policy.connections.end_session(self._session_user, self._host)
+                self._session_user = None
+            self.transport.write(action.reply)
         elif isinstance(action, m.StartTLS):
             self.transport.write(action.reply)
             self.transport.startTLS(self.factory.tls)
@@ -408,7 +425,35 @@ class POP3Server(Protocol):
 
     def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None] | None:
         assert self.machine is not None
-        username = action.username
+        creds: credentials.ICredentials
+        if action.apop_digest is not None:
+            creds = APOPCredentials(
+                (self.machine.capabilities.apop_challenge or "").encode(),
+                action.username.encode("utf-8"),
+                action.apop_digest,
+            )
+            return self._login(action.username, creds, method="apop")
+        assert action.password is not None
+        creds = sasl.PasswordCredentials(
+            action.username.encode("utf-8"), action.password.encode("utf-8")
+        )
+        return self._login(action.username, creds, method="password")
+
+    def _login(
+        self,
+        username: str,
+        creds: credentials.ICredentials,
+        *,
+        method: str,
+        authzid: str | None = None,
+    ) -> defer.Deferred[None] | None:
+        """
+        Check C{creds} (unless the throttle or the hashing queue refuses),
+        open the maildrop, and enter TRANSACTION; on failure answer after
+        the failure delay.  C{method} names the login kind in the audit log;
+        for SASL (C{sasl-...}) the machine finishes the exchange.
+        """
+        assert self.machine is not None
         policy = self.factory.policy
         now = self.factory.reactor.seconds()
         refusal = policy.throttle.check(self._host, username, now)
@@ -423,27 +468,88 @@ class POP3Server(Protocol):
                 self.machine.login_failed("SYS/TEMP", "Server busy, try again later.")
             )
             return None
-        creds: credentials.ICredentials
-        if action.apop_digest is not None:
-            creds = APOPCredentials(
-                (self.machine.capabilities.apop_challenge or "").encode(),
-                username.encode("utf-8"),
-                action.apop_digest,
-            )
-        else:
-            assert action.password is not None
-            creds = credentials.UsernamePassword(
-                username.encode("utf-8"), action.password.encode("utf-8")
-            )
-        d = self.factory.portal.login(creds, None, IMailbox)
+        d = self._portal_login(creds, authzid)
 
         def leave_gate(result: object) -> object:
             policy.login_gate.leave()
             return result
 
         d.addBoth(leave_gate)
-        d.addCallbacks(self._logged_in, self._login_failed, (username,), None, (username,))
+        owner = authzid or username
+        d.addCallbacks(
+            self._logged_in,
+            self._login_failed,
+            (owner, creds, method),
+            None,
+            (username,),
+        )
         return d
+
+    def _portal_login(
+        self, creds: credentials.ICredentials, authzid: str | None
+    ) -> defer.Deferred[tuple[Any, Any, Callable[[], None]]]:
+        """
+        C{Portal.login}; with an C{authzid} (a master user acting for
+        another), the checker verifies C{creds} and the realm opens the
+        C{authzid}'s maildrop.
+        """
+        portal = self.factory.portal
+        if authzid is None:
+            return portal.login(creds, None, IMailbox)
+        for interface, checker in portal.checkers.items():
+            if interface.providedBy(creds):
+                d = defer.maybeDeferred(checker.requestAvatarId, creds)
+                d.addCallback(
+                    lambda _: portal.realm.requestAvatar(authzid.encode("utf-8"), None, IMailbox)
+                )
+                return d
+        return defer.fail(error.UnhandledCredentials())
+
+    def _sasl_lookup(self, action: m.SaslLookup) -> defer.Deferred[None]:
+        """Fetch SCRAM secrets from the first checker that has them."""
+        lookups = [
+            c for c in self.factory.portal.checkers.values() if scram.ISCRAMLookup.providedBy(c)
+        ]
+        d: defer.Deferred[Any] = (
+            defer.maybeDeferred(lookups[0].scram_credentials, action.username)
+            if lookups
+            else defer.succeed(None)
+        )
+
+        def found(stored: Any) -> None:
+            assert self.machine is not None
+            if self.machine.state is m.State.AUTHORIZATION:
+                self._perform(self.machine.sasl_lookup_done(stored))
+
+        def failed(failure: Failure) -> None:
+            self._log.failure("SCRAM lookup for {peer} failed", failure, peer=self._peer)
+            assert self.machine is not None
+            self.transport.write(
+                self.machine.login_failed("SYS/TEMP", "Temporary failure, try again later.")
+            )
+
+        d.addCallbacks(found, failed)
+        return d
+
+    def _start_sasl(self) -> sasl.SASLServer:
+        """A SASL exchange for this session's mechanisms and TLS channel bindings."""
+        assert self.machine is not None
+        caps = self.machine.capabilities
+        bindings: list[sasl.ChannelBinding] = []
+        if caps.tls_active:
+            handle = getattr(self.transport, "getHandle", None)
+            if handle is not None:
+                bindings = sasl.bindings_from_tls_connection(handle())
+        authorizers = [
+            c for c in self.factory.portal.checkers.values() if sasl.IAuthorizer.providedBy(c)
+        ]
+        return sasl.SASLServer(
+            mechanisms=caps.sasl,
+            tls_active=caps.tls_active,
+            plaintext_allowed=caps.plaintext_auth,
+            channel_bindings=bindings,
+            authorize=authorizers[0].authorize if authorizers else None,
+        )
 
     def _answer_later(self, delay: float, code: str, text: str) -> defer.Deferred[None]:
         """Send a login failure after C{delay} seconds, holding no thread meanwhile."""
@@ -454,7 +560,13 @@ class POP3Server(Protocol):
 
         return task.deferLater(self.factory.reactor, delay, answer)
 
-    def _logged_in(self, result: tuple[Any, Any, Callable[[], None]], username: str) -> Any:
+    def _logged_in(
+        self,
+        result: tuple[Any, Any, Callable[[], None]],
+        username: str,
+        creds: credentials.ICredentials,
+        method: str,
+    ) -> Any:
         _, mailbox, logout = result
         if self.machine is None or self.machine.state is m.State.CLOSED:
             logout()
@@ -471,19 +583,31 @@ class POP3Server(Protocol):
         self._session_user = username
         self.mailbox, self._logout = mailbox, logout
         d = defer.maybeDeferred(mailbox.listMessages)
-        d.addCallback(self._entered_transaction, username)
+        d.addCallback(self._entered_transaction, username, creds, method)
         return d
 
-    def _entered_transaction(self, sizes: Sequence[int], username: str) -> None:
+    def _entered_transaction(
+        self,
+        sizes: Sequence[int],
+        username: str,
+        creds: credentials.ICredentials,
+        method: str,
+    ) -> None:
         assert self.machine is not None
         if self.machine.state is m.State.CLOSED:
             self._release_mailbox()
             return
-        self._audit("login-ok", "password", username)
+        label = getattr(creds, "app_label", None)
+        self._audit("login-ok", f"{method}+app:{label}" if label else method, username)
         if self._auth_deadline is not None and self._auth_deadline.active():
             self._auth_deadline.cancel()
         self._auth_deadline = None
-        self.transport.write(self.machine.login_succeeded(username, sizes, self.mailbox.getUidl))
+        if method.startswith("sasl-"):
+            self._perform(self.machine.sasl_verified(username, sizes, self.mailbox.getUidl))
+        else:
+            self.transport.write(
+                self.machine.login_succeeded(username, sizes, self.mailbox.getUidl)
+            )
         self._reset_idle_timer()
 
     def _login_failed(self, failure: Failure, username: str) -> defer.Deferred[None] | None:
@@ -681,10 +805,18 @@ class POP3ServerFactory(Factory):
         self, apop_challenge: str | None, tls_active: bool, peer: object
     ) -> m.Capabilities:
         """The capabilities a session offers, given its encryption and peer."""
+        plaintext = tls_active or peer_in_networks(peer, self.plaintext_auth_networks)
         return m.Capabilities(
             implementation=self.implementation,
             apop_challenge=apop_challenge,
-            plaintext_auth=tls_active or peer_in_networks(peer, self.plaintext_auth_networks),
+            plaintext_auth=plaintext,
             stls=self.tls is not None and not tls_active,
             tls_active=tls_active,
+            sasl=tuple(
+                sasl.mechanisms_for(
+                    set(self.portal.checkers.values()),
+                    tls_active=tls_active,
+                    plaintext_allowed=plaintext,
+                )
+            ),
         )

@@ -19,6 +19,8 @@ MAX_ARGUMENT = 40
 # Ten digits hold any msn a 32-bit mailbox can have; more is noise.
 _NUMBER = re.compile(r"[0-9]{1,10}")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+# RFC 4422 section 3.1: 1 to 20 of upper-case letters, digits, hyphen, underscore.
+_MECHANISM = re.compile(r"[A-Za-z0-9_-]{1,20}")
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
@@ -39,7 +41,7 @@ class LineBuffer:
     """
 
     def __init__(self, max_line: int = MAX_COMMAND_LINE) -> None:
-        self._max_line = max_line
+        self.max_line = max_line
         self._buffer = bytearray()
         self._discarding = False
         self._scanned = 0
@@ -64,7 +66,7 @@ class LineBuffer:
         """
         end = self._buffer.find(b"\n", self._scanned)
         if end < 0:
-            if len(self._buffer) > self._max_line:
+            if len(self._buffer) > self.max_line:
                 self._discarding = True
                 del self._buffer[:]
             self._scanned = len(self._buffer)
@@ -72,7 +74,7 @@ class LineBuffer:
         line = bytes(self._buffer[:end])
         del self._buffer[: end + 1]
         self._scanned = 0
-        if self._discarding or end + 1 > self._max_line:
+        if self._discarding or end + 1 > self.max_line:
             self._discarding = False
             return LineTooLong()
         if line.endswith(b"\r"):
@@ -148,6 +150,16 @@ def _parse_top(args: list[str]) -> c.Command | c.BadCommand:
     return c.Top(msn, int(args[1]))
 
 
+def _parse_auth(args: list[str]) -> c.Command | c.BadCommand:
+    if not args:
+        return c.Auth(None, None)
+    if len(args) > 2:
+        return c.BadCommand("AUTH takes a mechanism and an optional initial response.")
+    if not _MECHANISM.fullmatch(args[0]):
+        return c.BadCommand("Invalid SASL mechanism name.")
+    return c.Auth(args[0].upper(), args[1] if len(args) == 2 else None)
+
+
 _PARSERS: dict[str, Callable[[list[str]], c.Command | c.BadCommand]] = {
     "USER": _parse_user,
     "APOP": _parse_apop,
@@ -162,6 +174,8 @@ _PARSERS: dict[str, Callable[[list[str]], c.Command | c.BadCommand]] = {
     "UIDL": _optional_msn(c.Uidl),
     "CAPA": _no_args(c.Capa),
     "STLS": _no_args(c.Stls),
+    "AUTH": _parse_auth,
+    "UTF8": _no_args(c.Utf8),
 }
 
 
@@ -194,7 +208,9 @@ def parse_command(line: bytes) -> c.Command | c.BadCommand:
     args = rest.rstrip(" ").split(" ") if rest.strip(" ") else []
     if any(not arg for arg in args):
         return c.BadCommand("Arguments are separated by a single space.")
-    if any(len(arg.encode("utf-8")) > MAX_ARGUMENT for arg in args):
+    # An AUTH initial response is base64 and may be longer than an argument.
+    checked = args[:1] if keyword == "AUTH" else args
+    if any(len(arg.encode("utf-8")) > MAX_ARGUMENT for arg in checked):
         return c.BadCommand("Argument too long.")
     return parser(args)
 

@@ -18,6 +18,8 @@ COMMAND_LINES = {
     "NOOP": b"NOOP",
     "RSET": b"RSET",
     "QUIT": b"QUIT",
+    "AUTH": b"AUTH",
+    "UTF8": b"UTF8",
     "TOP": b"TOP 1 0",
     "UIDL": b"UIDL",
     "CAPA": b"CAPA",
@@ -147,6 +149,7 @@ def test_capa_and_greeting() -> None:
         b"AUTH-RESP-CODE",
         b"EXPIRE NEVER",
         b"LOGIN-DELAY 30",
+        b"UTF8",
         b"IMPLEMENTATION pop3srv",
     ]
     assert run(machine, b"APOP a b\r\n") == [m.Reply(b"-ERR APOP is not available.\r\n")]

@@ -99,6 +99,14 @@ def test_parse_each_command() -> None:
     assert parse_command(b"UIDL") == c.Uidl(None)
     assert parse_command(b"uidl 7") == c.Uidl(7)
     assert parse_command(b"CAPA") == c.Capa()
+    assert parse_command(b"AUTH") == c.Auth(None, None)
+    assert parse_command(b"auth plain") == c.Auth("PLAIN", None)
+    assert parse_command(b"AUTH PLAIN " + b"QQ" * 60 + b"==") == c.Auth("PLAIN", "QQ" * 60 + "==")
+    assert parse_command(b"UTF8") == c.Utf8()
+    assert parse_command(b"AUTH a b c") == c.BadCommand(
+        "AUTH takes a mechanism and an optional initial response."
+    )
+    assert parse_command(b"AUTH PL@IN") == c.BadCommand("Invalid SASL mechanism name.")
 
 
 def test_parse_errors_have_reasons() -> None:
