@@ -29,19 +29,19 @@ class IAuthCounters(Interface):
     C{pair:<ip>:<user>} and C{user:<user>}.
     """
 
-    def add(key: str, now: float, window: float) -> int:  # type: ignore[misc]
+    def add(key: str, now: float, window: float) -> int:
         """Record an event for C{key}; return how many fell within C{window} seconds."""
 
-    def count(key: str, now: float, window: float) -> int:  # type: ignore[misc]
+    def count(key: str, now: float, window: float) -> int:
         """How many events for C{key} fell within C{window} seconds before C{now}."""
 
-    def clear(key: str) -> None:  # type: ignore[misc]
+    def clear(key: str) -> None:
         """Forget the events and any block of C{key}."""
 
-    def block(key: str, until: float) -> None:  # type: ignore[misc]
+    def block(key: str, until: float) -> None:
         """Block C{key} until the time C{until}."""
 
-    def blocked_until(key: str, now: float) -> float | None:  # type: ignore[misc]
+    def blocked_until(key: str, now: float) -> float | None:
         """When the block on C{key} ends, or C{None} if it is not blocked at C{now}."""
 
 

@@ -190,6 +190,9 @@ class POP3Server(Protocol):
     """
 
     _log = Logger()
+    # A TCP, UNIX or TLS transport: ITransport plus the producer, TLS and
+    # TCP-option methods, which no single interface describes.
+    transport: Any
 
     def __init__(self, factory: POP3ServerFactory) -> None:
         self.factory = factory
@@ -423,7 +426,7 @@ class POP3Server(Protocol):
 
     # --- authentication
 
-    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None] | None:
+    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[Any] | None:
         assert self.machine is not None
         creds: credentials.ICredentials
         if action.apop_digest is not None:
@@ -446,7 +449,7 @@ class POP3Server(Protocol):
         *,
         method: str,
         authzid: str | None = None,
-    ) -> defer.Deferred[None] | None:
+    ) -> defer.Deferred[Any] | None:
         """
         Check C{creds} (unless the throttle or the hashing queue refuses),
         open the maildrop, and enter TRANSACTION; on failure answer after
@@ -479,9 +482,8 @@ class POP3Server(Protocol):
         d.addCallbacks(
             self._logged_in,
             self._login_failed,
-            (owner, creds, method),
-            None,
-            (username,),
+            callbackArgs=(owner, creds, method),
+            errbackArgs=(username,),
         )
         return d
 
@@ -759,7 +761,7 @@ class POP3ServerFactory(Factory):
     @param policy: abuse limits; the documented defaults if C{None}.
     """
 
-    protocol = POP3Server  # type: ignore[assignment]
+    protocol = POP3Server
 
     def __init__(
         self,

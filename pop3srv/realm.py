@@ -71,16 +71,18 @@ class MboxRealm:
         return self.template.replace(USER_FIELD, username)
 
     def requestAvatar(
-        self, avatarId: bytes | str, mind: object, *interfaces: Any
+        self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
     ) -> defer.Deferred[tuple[Any, Any, Callable[[], None]]]:
         if IMailbox not in interfaces:
             return defer.fail(NotImplementedError("MboxRealm only provides IMailbox"))
+        if not isinstance(avatarId, bytes):
+            return defer.fail(InvalidUsername("anonymous login has no maildrop"))
         try:
-            username = avatarId.decode("utf-8") if isinstance(avatarId, bytes) else avatarId
+            username = avatarId.decode("utf-8")
             path = self.mailbox_path(username)
         except (UnicodeDecodeError, InvalidUsername) as e:
             return defer.fail(InvalidUsername(str(e)))
-        d = self._defer_to_thread(
+        d: defer.Deferred[Any] = self._defer_to_thread(
             open_maildrop,
             path,
             index_dir=self.index_dir,

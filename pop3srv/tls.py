@@ -81,10 +81,12 @@ def load_tls(cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS
     chain = _load_chain(cert_path)
     key = _load_key(key_path)
     try:
+        # pyOpenSSL takes cryptography objects (its own PKey and X509 are
+        # deprecated); Twisted's annotations still name the old types.
         options = CertificateOptions(
-            privateKey=key,
-            certificate=chain[0],
-            extraCertChain=chain[1:],
+            privateKey=key,  # type: ignore[arg-type]
+            certificate=chain[0],  # type: ignore[arg-type]
+            extraCertChain=chain[1:],  # type: ignore[arg-type]
             raiseMinimumTo=TLSVersion.TLSv1_3
             if minimum is TLSMinimum.TLS1_3
             else TLSVersion.TLSv1_2,
