@@ -255,6 +255,31 @@ class DotStuffer:
         """Encode the next chunk of content."""
         if not data:
             return b""
+        if not self._after_cr and b"\r" not in data:
+            # Mail stored with bare LF is the common case: with no CR in play
+            # one replace does the CRLF conversion (the CRLF -> LF pass of the
+            # general path would only search), and the dot check is a memchr-
+            # speed scan that rarely finds anything.
+            return self._feed_lf_only(data)
+        return self._feed_general(data)
+
+    def _feed_lf_only(self, data: bytes) -> bytes:
+        """
+        Encode a non-empty chunk that holds no CR, after one that did not
+        end in CR.
+        """
+        out = data.replace(b"\n", b"\r\n")
+        if b"\n." in data:
+            out = out.replace(b"\n.", b"\n..")
+        if self._at_line_start and data[0] == 0x2E:
+            out = b"." + out
+        self._at_line_start = data[-1] == 0x0A
+        return out
+
+    def _feed_general(self, data: bytes) -> bytes:
+        """
+        Encode a non-empty chunk of any content.
+        """
         head = b""
         if self._after_cr and data[:1] == b"\n":
             head, data = b"\n", data[1:]

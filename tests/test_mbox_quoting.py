@@ -99,3 +99,40 @@ def test_finish_resets() -> None:
     assert unquoter.feed(b"abc") == b"abc"
     assert unquoter.finish() == b""
     assert unquoter.feed(b">From x\n") == b"From x\n"
+
+
+_RUN_PIECES = st.sampled_from(
+    [b">" * 999, b">" * 1000, b">" * 1001, b">", b"From ", b"From", b"\n", b"\r\n", b"x"]
+)
+
+
+@settings(deadline=None, max_examples=200)
+@given(
+    st.lists(_RUN_PIECES, max_size=12).map(b"".join),
+    st.lists(st.integers(min_value=0, max_value=5_000), max_size=8),
+)
+def test_long_runs_and_chunks_without_quotes(content: bytes, cuts: list[int]) -> None:
+    """
+    Quote runs at and around the cap, split anywhere, and chunks with no
+    C{>} at all (the pass-through path) give the reference output; the
+    counter agrees.
+    """
+    expected = reference_unquote(content)
+    chunks = _chunked(content, cuts)
+    assert _feed_all(chunks) == expected
+    counter = QuotedLineCounter()
+    count = sum(counter.feed(c) for c in chunks) + counter.finish()
+    assert count == len(content) - len(expected)
+
+
+def test_chunk_without_quote_is_passed_through() -> None:
+    """
+    A chunk with no C{>} is returned as the same object (no copy), and the
+    line state it leaves is used for the next chunk.
+    """
+    unquoter = MboxUnquoter()
+    chunk = b"no quotes here\nnor here"
+    assert unquoter.feed(chunk) is chunk
+    # Mid-line now: a ">From " continuing that line is not a line start.
+    assert unquoter.feed(b">From x\n>From y\n") == b">From x\nFrom y\n"
+    assert unquoter.finish() == b""

@@ -240,3 +240,33 @@ def test_top_header_blank_line_and_n_body_lines() -> None:
 def test_top_does_not_depend_on_segmentation(data: bytes, n: int, cuts: list[int]) -> None:
     """TOP output is the same however the message is split."""
     assert top(data, n, cuts) == top(data, n, [])
+
+
+def general_encode(data: bytes, cuts: list[int]) -> bytes:
+    """Encode C{data} in pieces through the general path only."""
+    stuffer = DotStuffer()
+    pieces = [piece for piece in split_at(data, cuts) if piece]
+    return b"".join(stuffer._feed_general(piece) for piece in pieces) + stuffer.finish()
+
+
+any_line_ends = st.lists(
+    st.sampled_from([b"a", b".", b"..", b"\n", b"\r", b"\r\n", b"\n.", b"From "]), max_size=60
+).map(b"".join)
+
+
+@given(any_line_ends, st.lists(st.integers(0, 300), max_size=8))
+def test_lf_only_fast_path_equals_general_path(data: bytes, cuts: list[int]) -> None:
+    """
+    Whichever path each chunk takes (LF-only chunks, chunks with CR, a CR
+    at a chunk's end, bare CR), the output is byte for byte what the general
+    path gives, for any chunking.
+    """
+    assert encode(data, cuts) == general_encode(data, cuts)
+
+
+@given(message_bytes.map(lambda b: b.replace(b"\r", b"")), st.lists(st.integers(0, 200)))
+def test_lf_only_input_whole_bytewise_and_split(data: bytes, cuts: list[int]) -> None:
+    """LF-only content (the fast path throughout) encodes like the reference."""
+    expected = reference_encode(data)
+    assert encode(data, cuts) == expected
+    assert encode(data, list(range(len(data)))) == expected

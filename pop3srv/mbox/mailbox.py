@@ -77,14 +77,17 @@ class MessageReader:
         self._end = end
         self._unquoter = MboxUnquoter()
         self._pending = b""
+        # Bytes of _pending already returned: a large block is handed out in
+        # smaller reads without re-copying its rest on every call.
+        self._offset = 0
         self._done = start >= end
         self.closed = False
 
     def _fill(self) -> None:
         """
-        Make C{_pending} non-empty unless the message is exhausted.
+        Make C{_pending[_offset:]} non-empty unless the message is exhausted.
         """
-        while not self._pending and not self._done:
+        while self._offset >= len(self._pending) and not self._done:
             fd = self._descriptor.get()
             want = min(READ_CHUNK, self._end - self._pos)
             raw = os.pread(fd, want, self._pos)
@@ -96,6 +99,7 @@ class MessageReader:
                 out += self._unquoter.finish()
                 self._done = True
             self._pending = out
+            self._offset = 0
 
     def read(self, n: int = -1) -> bytes:
         """
@@ -105,24 +109,29 @@ class MessageReader:
         """
         if self.closed:
             raise ValueError("read of closed message")
-        if n < 0:
-            parts: list[bytes] = []
-            while True:
-                self._fill()
-                if not self._pending:
-                    return b"".join(parts)
-                parts.append(self._pending)
-                self._pending = b""
-        self._fill()
-        out, self._pending = self._pending[:n], self._pending[n:]
-        return out
+        parts: list[bytes] = []
+        while n < 0 or not parts:
+            self._fill()
+            pending, offset = self._pending, self._offset
+            if offset >= len(pending):
+                break
+            if n < 0 or len(pending) - offset <= n:
+                # All that is left of the block: no copy if none was read.
+                parts.append(pending[offset:] if offset else pending)
+                self._pending, self._offset = b"", 0
+            else:
+                parts.append(pending[offset : offset + n])
+                self._offset = offset + n
+        if len(parts) == 1:
+            return parts[0]
+        return b"".join(parts)
 
     def close(self) -> None:
         """
         Stop reading; the mailbox's descriptor stays open.
         """
         self.closed = True
-        self._pending = b""
+        self._pending, self._offset = b"", 0
 
     def __enter__(self) -> MessageReader:
         return self

@@ -22,6 +22,7 @@ MAX_QUOTES = 1000
 MAX_CARRY = MAX_QUOTES + len(b"From")
 
 _QUOTED = re.compile(rb"^>(>{0,%d}From )" % (MAX_QUOTES - 1), re.MULTILINE)
+_QUOTED_AFTER_LF = re.compile(rb"\n>(>{0,%d}From )" % (MAX_QUOTES - 1))
 _PARTIAL = re.compile(rb">{1,%d}(?:F|Fr|Fro|From)?" % MAX_QUOTES)
 _NEEDLE = b">From "
 
@@ -95,10 +96,37 @@ class MboxUnquoter(_LineStartCarry):
         @param data: the next raw bytes of the message content.
         @return: the un-quoted bytes that can be decided so far.
         """
-        mid_line, lines = self._take(data)
-        if _NEEDLE in lines:
-            lines = _QUOTED.sub(rb"\1", lines)
-        return mid_line + lines if mid_line else lines
+        if not self._carry and b">" not in data:
+            # No ">" at all (attachments, most plain text): nothing can be
+            # un-quoted or carried, so the chunk passes through uncopied.
+            if data:
+                self._at_line_start = data[-1] == 0x0A
+            return data
+        buf = self._carry + data if self._carry else data
+        self._carry = b""
+        at_line_start = self._at_line_start
+        last_nl = buf.rfind(b"\n")
+        if last_nl < 0 and not at_line_start:
+            # The middle of a line that began earlier: no line start here.
+            return buf
+        tail_start = last_nl + 1
+        decided = buf
+        if tail_start == len(buf):
+            self._at_line_start = True
+        elif buf[tail_start] == 0x3E and _PARTIAL.fullmatch(buf, tail_start) is not None:
+            self._carry = buf[tail_start:]
+            self._at_line_start = True
+            decided = buf[:tail_start]
+        else:
+            self._at_line_start = False
+        # Every line start but the first follows an LF, so one C-speed sub
+        # over the whole span does them (returning the span itself when
+        # nothing matches); the first line is checked on its own, and only
+        # if it starts at a line start.  No slicing at the first LF.
+        out = _QUOTED_AFTER_LF.sub(rb"\n\1", decided)
+        if at_line_start and out[:1] == b">" and _QUOTED.match(out) is not None:
+            out = out[1:]
+        return out
 
     def finish(self) -> bytes:
         """

@@ -9,19 +9,24 @@ minus a trailing separator: if the two bytes before the next C{From } line
 are C{\\r\\n\\r\\n} the last CRLF is dropped.  This is what CPython's
 C{mailbox.mbox._generate_toc} does (plus the CRLF variant).
 
-The scanner reads fixed-size chunks and works on each chunk with C-speed
-bytes operations, so a single long line or a huge message costs no more
-memory than a chunk.
+The scanner reads fixed-size chunks and does all per-byte work with C-speed
+bytes and regex operations over offsets of the chunk (no per-line Python
+loop, no copies of message slices): one regex pass finds both the message
+starts and the mboxrd-quoted lines, C{bytes.count} with bounds gives the LF
+and CRLF counts, and the digest is updated with memoryview slices.  A single
+long line or a huge message costs no more memory than a chunk plus a short
+carry (see L{_undecided_from}).
 """
 
 from __future__ import annotations
 
 import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
-from pop3srv.mbox.quoting import QuotedLineCounter
+from pop3srv.mbox.quoting import MAX_QUOTES
 
 #: Bytes read per call.
 CHUNK_SIZE = 1 << 20
@@ -29,10 +34,18 @@ CHUNK_SIZE = 1 << 20
 #: Size of the per-message digest used for UIDLs.
 DIGEST_SIZE = 12
 
-_FROM = b"From "
-_LINE_FROM = b"\nFrom "
-# A "\nFrom " straddling two chunks needs this many bytes of the first one.
-_HOLD_BACK = len(_LINE_FROM) - 1
+# Every line start that matters is an LF followed by some ">" and "From ":
+# none is a message start, 1..MAX_QUOTES is a line the un-quoter shortens.
+# One pass of this regex (whose literal LF prefix sre searches for at C
+# speed) finds both, so the content is not searched twice.
+_LINE_FROM = re.compile(rb"\n>*From ")
+_FROM_LEN = len(b"\nFrom ")
+# A buffer that ends inside a possible match: LF, ">"s, a prefix of "From".
+_PARTIAL_TAIL = re.compile(rb">{0,%d}(?:F|Fr|Fro|From)?" % MAX_QUOTES)
+# The longest partial tail after its LF; a longer last line is decided.
+_MAX_PARTIAL = MAX_QUOTES + len(b"From")
+# Raw bytes before a message end that decide its separator.
+_HISTORY = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,84 +72,73 @@ class MessageRecord:
 
 class _Message:
     """
-    Accumulates one message while its bytes stream past.
+    One message while its bytes stream past, as counts.
+
+    @ivar lf: LFs after the C{From } line.
+    @ivar crlf: CR LF pairs after the C{From } line.
+    @ivar quoted: lines after the C{From } line that lose a C{>}.
     """
 
-    __slots__ = (
-        "body_start",
-        "counter",
-        "crlf",
-        "hasher",
-        "lf",
-        "quoted",
-        "span_len",
-        "start",
-        "tail",
-    )
+    __slots__ = ("body_start", "crlf", "hasher", "lf", "quoted", "start")
 
     def __init__(self, start: int) -> None:
         self.start = start
         self.body_start = -1
         self.hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
-        self.span_len = 0
         self.lf = 0
         self.crlf = 0
         self.quoted = 0
-        self.counter = QuotedLineCounter()
-        # Last four raw bytes seen, From_ line included, for the separator.
-        self.tail = b""
 
-    def absorb(self, data: bytes, offset: int) -> None:
+    def absorb(self, buf: bytes, lo: int, hi: int, base: int, has_cr: bool) -> None:
         """
-        Take the next raw bytes of this message.
+        Take the raw bytes C{buf[lo:hi]} of this message.
 
-        @param data: bytes that belong to this message.
-        @param offset: file offset of C{data[0]}.
+        A CRLF is counted where its CR is, so one whose LF lies just past
+        C{hi} is counted here (the caller keeps that byte in C{buf}) and not
+        again with the next range.
+
+        @param buf: the current buffer.
+        @param lo: first index of the range.
+        @param hi: index just past the range.
+        @param base: file offset of C{buf[0]}.
+        @param has_cr: whether C{buf[lo:hi]} may hold a CR.
         """
-        if not data:
+        if lo >= hi:
             return
-        self.hasher.update(data)
+        self.hasher.update(memoryview(buf)[lo:hi])
         if self.body_start < 0:
-            nl = data.find(b"\n")
+            nl = buf.find(b"\n", lo, hi)
             if nl < 0:
-                self.tail = (self.tail + data)[-4:]
                 return
-            self.body_start = offset + nl + 1
-            self.tail = (self.tail + data[: nl + 1])[-4:]
-            data = data[nl + 1 :]
-            if not data:
-                return
-        # A CRLF split across two calls is seen through the carried tail.
-        if self.tail.endswith(b"\r") and data[0] == 0x0A and self.span_len:
-            self.crlf += 1
-        self.span_len += len(data)
-        self.lf += data.count(b"\n")
-        self.crlf += data.count(b"\r\n")
-        self.quoted += self.counter.feed(data)
-        self.tail = (self.tail + data[-4:])[-4:]
+            self.body_start = base + nl + 1
+            lo = nl + 1
+        self.lf += buf.count(b"\n", lo, hi)
+        if has_cr:
+            self.crlf += buf.count(b"\r\n", lo, hi + 1)
 
-    def finish(self, next_start: int) -> MessageRecord:
+    def finish(self, next_start: int, tail: bytes) -> MessageRecord:
         """
         Close the message at C{next_start} (the next From_ line or EOF).
 
+        @param tail: the last (up to four) raw bytes of the message.
         @return: the finished record.
         """
-        self.counter.finish()
         if self.body_start < 0:
             # A From_ line with no LF at EOF: no content at all.
             self.body_start = next_start
+        span_len = next_start - self.body_start
         drop_len = drop_lf = drop_crlf = 0
-        if self.tail.endswith(b"\n\n"):
+        if tail.endswith(b"\n\n"):
             drop_len, drop_lf = 1, 1
-        elif self.tail == b"\r\n\r\n":
+        elif tail == b"\r\n\r\n":
             drop_len, drop_lf, drop_crlf = 2, 1, 1
-        content_len = self.span_len - drop_len
+        content_len = span_len - drop_len
         if content_len <= 0:
             size = 0
             content_len = 0
         else:
             size = content_len - self.quoted + (self.lf - drop_lf) - (self.crlf - drop_crlf)
-            if not drop_len and not self.tail.endswith(b"\n"):
+            if not drop_len and not tail.endswith(b"\n"):
                 size += 2
         return MessageRecord(
             start=self.start,
@@ -145,6 +147,26 @@ class _Message:
             size=size,
             digest=self.hasher.digest(),
         )
+
+
+def _undecided_from(buf: bytes, lo: int) -> int:
+    """
+    Where the undecided end of C{buf} begins, when more bytes will follow.
+
+    An LF at index C{p} is decided once C{buf} shows whether a
+    C{\\n>*From } match starts there (and a CR once its next byte is
+    there).  Only the last line can be undecided: everything before its LF
+    is complete.
+
+    @return: an index C{>= lo}; C{buf[lo:result]} can be processed now.
+    """
+    end = len(buf)
+    # "\nFrom " and "\r\n" need at most this many bytes after their start.
+    decided = max(lo, end - (_FROM_LEN - 1))
+    last_nl = buf.rfind(b"\n", max(lo, end - _MAX_PARTIAL - 1))
+    if last_nl >= 0 and _PARTIAL_TAIL.fullmatch(buf, last_nl + 1) is not None:
+        decided = min(decided, last_nl)
+    return decided
 
 
 def scan_mbox(
@@ -165,44 +187,56 @@ def scan_mbox(
     @return: records in file order.
     """
     fileobj.seek(start)
-    # The byte before the buffer; an LF means "line start", as at offset 0.
-    prev = b"\n"
-    # Unconsumed bytes (at most _HOLD_BACK between reads) and their offset.
-    buf = b""
-    buf_off = start
+    # The buffer starts with an LF that is not in the file, so a From_ line
+    # at C{start} is found like any other; C{base} is the offset of buf[0].
+    buf = b"\n"
+    base = start - 1
+    # buf[:lo] is done (at most _HISTORY bytes of it are kept).
+    lo = 0
     pos = start
     msg: _Message | None = None
     eof = False
     while not eof:
         want = chunk_size if limit is None else min(chunk_size, limit - pos)
         chunk = fileobj.read(want) if want > 0 else b""
-        if not chunk:
+        if chunk:
+            pos += len(chunk)
+            buf += chunk
+            hi = _undecided_from(buf, lo)
+            if hi <= lo:
+                continue
+        else:
             eof = True
-        pos += len(chunk)
-        buf = buf + chunk if buf else chunk
-        i = 0
-        # A From_ at buf[0] has its LF in the previous read (or is at start);
-        # it may already have been started if it was held back last time.
-        if prev == b"\n" and buf.startswith(_FROM) and (msg is None or msg.start != buf_off):
+            hi = len(buf)
+        has_cr = buf.find(b"\r", lo, hi) >= 0
+        i = lo
+        for m in _LINE_FROM.finditer(buf, lo):
+            p = m.start()
+            if p >= hi:
+                break
+            quotes = m.end() - p - _FROM_LEN
+            if quotes:
+                if msg is not None and quotes <= MAX_QUOTES:
+                    msg.quoted += 1
+                continue
+            # A message starts at p + 1; the LF at p ends the previous one.
+            nxt = p + 1
             if msg is not None:
-                yield msg.finish(buf_off)
-            msg = _Message(buf_off)
-        hit = buf.find(_LINE_FROM)
-        while hit >= 0:
-            p = hit + 1
-            if msg is not None:
-                msg.absorb(buf[i:p], buf_off + i)
-                yield msg.finish(buf_off + p)
-            msg = _Message(buf_off + p)
-            i = p
-            hit = buf.find(_LINE_FROM, p)
-        keep = 0 if eof else min(_HOLD_BACK, len(buf) - i)
-        done = len(buf) - keep
-        if msg is not None and done > i:
-            msg.absorb(buf[i:done], buf_off + i)
-        if done:
-            prev = buf[done - 1 : done]
-            buf_off += done
-            buf = buf[done:]
+                msg.absorb(buf, i, nxt, base, has_cr)
+                first = max(msg.start - base, nxt - _HISTORY)
+                yield msg.finish(base + nxt, buf[first:nxt])
+            msg = _Message(base + nxt)
+            i = nxt
+        if msg is not None:
+            msg.absorb(buf, i, hi, base, has_cr)
+        if eof:
+            break
+        # Keep the undecided end and a little history for the separator.
+        keep = max(0, hi - _HISTORY)
+        buf = buf[keep:]
+        base += keep
+        lo = hi - keep
     if msg is not None:
-        yield msg.finish(buf_off)
+        end = len(buf)
+        first = max(msg.start - base, end - _HISTORY)
+        yield msg.finish(base + end, buf[first:end])
