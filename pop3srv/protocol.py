@@ -123,7 +123,10 @@ class _MessageStreamer:
 
     def start(self) -> defer.Deferred[None]:
         self._transport.registerProducer(self, True)
-        self._schedule()
+        # Start at once: a small message is then sent in the same reactor
+        # turn as its status line; a large one stops when the transport
+        # pauses us.
+        self._pump()
         return self.done
 
     def _schedule(self) -> None:
