@@ -426,7 +426,12 @@ async def idle_sessions(
 
 
 def probe_process(
-    port: int, account: Account, seconds: float, interval: float, python: str = sys.executable
+    port: int,
+    account: Account,
+    seconds: float,
+    interval: float,
+    python: str = sys.executable,
+    retr: bool = False,
 ) -> Callable[[], dict[str, Any]]:
     """
     Start the NOOP prober in its own process, wait until it is logged in,
@@ -449,6 +454,7 @@ def probe_process(
             str(seconds),
             "--interval",
             str(interval),
+            *(["--retr"] if retr else []),
         ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
@@ -475,8 +481,13 @@ def probe_process(
     return collect
 
 
-def probe_main(port: int, account: Account, seconds: float, interval: float) -> None:
-    """The prober process: blocking socket, NOOP every C{interval} seconds."""
+def probe_main(
+    port: int, account: Account, seconds: float, interval: float, retr: bool = False
+) -> None:
+    """
+    The prober process: blocking socket, NOOP every C{interval} seconds
+    (and, with C{retr}, a RETR of message 1 after each NOOP).
+    """
     s = socket.create_connection((HOST, port), timeout=30)
     s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     f = s.makefile("rb")
@@ -499,12 +510,19 @@ def probe_main(port: int, account: Account, seconds: float, interval: float) -> 
     print("ready", flush=True)
     sys.stdin.readline()
     latencies: list[float] = []
+    retr_latencies: list[float] = []
     deadline = time.monotonic() + seconds
     next_at = time.monotonic()
     while time.monotonic() < deadline and len(latencies) < 1_000_000:
         t0 = time.perf_counter()
         cmd("NOOP")
         latencies.append(time.perf_counter() - t0)
+        if retr:
+            t0 = time.perf_counter()
+            cmd("RETR 1")
+            while f.readline() != b".\r\n":
+                pass
+            retr_latencies.append(time.perf_counter() - t0)
         next_at += interval
         pause = next_at - time.monotonic()
         if pause > 0:
@@ -521,6 +539,9 @@ def probe_main(port: int, account: Account, seconds: float, interval: float) -> 
                 "noop_p99_ms": percentile(latencies, 99) * 1000,
                 "noop_max_ms": max(latencies) * 1000 if latencies else float("nan"),
                 "noop_mean_ms": statistics.fmean(latencies) * 1000 if latencies else float("nan"),
+                "retr_p99_ms": percentile(retr_latencies, 99) * 1000
+                if retr_latencies
+                else float("nan"),
             }
         ),
         flush=True,
@@ -550,6 +571,41 @@ async def noop_during_flood(
     return result
 
 
+async def latency_under_wrong_passwords(
+    port: int,
+    probe_account: Account,
+    flood_accounts: Sequence[Account],
+    seconds: float,
+    interval: float = 0.02,
+) -> dict[str, Any]:
+    """
+    (h, issue 4) NOOP and RETR p99 of a logged-in session, first on an idle
+    server, then while C{len(flood_accounts)} clients hammer logins with
+    wrong passwords; the ratios are busy over idle (target: within 2x).
+    """
+    loop = asyncio.get_running_loop()
+    collect = await loop.run_in_executor(
+        None, lambda: probe_process(port, probe_account, seconds, interval, retr=True)
+    )
+    idle = await loop.run_in_executor(None, collect)
+    wrong = [Account(a.user, "wrong-" + a.password) for a in flood_accounts]
+    collect = await loop.run_in_executor(
+        None, lambda: probe_process(port, probe_account, seconds, interval, retr=True)
+    )
+    flood_result = await flood(port, wrong, seconds)
+    busy = await loop.run_in_executor(None, collect)
+    return {
+        "idle_noop_p99_ms": idle["noop_p99_ms"],
+        "idle_retr_p99_ms": idle["retr_p99_ms"],
+        "busy_noop_p99_ms": busy["noop_p99_ms"],
+        "busy_retr_p99_ms": busy["retr_p99_ms"],
+        "noop_ratio": busy["noop_p99_ms"] / idle["noop_p99_ms"],
+        "retr_ratio": busy["retr_p99_ms"] / idle["retr_p99_ms"],
+        "failed_attempts": flood_result["errors"],
+        "clients": len(wrong),
+    }
+
+
 # --- command line -----------------------------------------------------------
 
 
@@ -577,10 +633,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seconds", type=float, default=10.0)
     p.add_argument("--interval", type=float, default=0.01)
     p.add_argument("--server-pid", type=int, default=0, help="for idle: whose memory to read")
+    p.add_argument("--retr", action="store_true", help="probe: also RETR 1 after each NOOP")
     args = p.parse_args(argv)
     account = Account(args.user or "", args.password or "")
     if args.scenario == "probe":
-        probe_main(args.port, account, args.seconds, args.interval)
+        probe_main(args.port, account, args.seconds, args.interval, args.retr)
         return 0
     raise_nofile()
     if args.scenario == "flood":
