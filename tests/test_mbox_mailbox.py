@@ -260,3 +260,18 @@ def test_missing_directory_with_index_dir(tmp_path: Path) -> None:
     mb = _open(tmp_path / "no-such-dir" / "user", index_dir=str(tmp_path))
     assert mb.listMessages() == []
     mb.close()
+
+
+def test_symlinked_mbox_is_refused(tmp_path: Path) -> None:
+    """An mbox path that is a symlink is not followed: the maildrop is unavailable."""
+    from pop3srv.errors import MaildropUnavailable
+    from pop3srv.mbox import open_maildrop
+    from pop3srv.mbox.testing import synchronous_defer_to_thread
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"From a\nSubject: secret\n\nx\n")
+    link = tmp_path / "attacker"
+    link.symlink_to(victim)
+    with pytest.raises(MaildropUnavailable):
+        open_maildrop(str(link), defer_to_thread=synchronous_defer_to_thread, lock_timeout=1)
+    assert victim.read_bytes() == b"From a\nSubject: secret\n\nx\n"

@@ -393,7 +393,7 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
     if not os.path.exists(journal_path):
         return False
     try:
-        mbox_fd = os.open(mbox_path, os.O_RDWR | os.O_CLOEXEC)
+        mbox_fd = os.open(mbox_path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
     except FileNotFoundError:
         return False
     try:

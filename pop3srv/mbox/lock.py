@@ -210,8 +210,10 @@ class MboxFileLock:
         return False
 
     def _take_fcntl(self) -> bool:
+        # O_NOFOLLOW: with a template such as /home/{user}/mbox a user could
+        # otherwise point their mbox at someone else's spool file.
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC)
+            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
         except FileNotFoundError:
             self.fd = None
             return True
