@@ -355,7 +355,10 @@ def _read_journal(journal_path: str, mbox_st: os.stat_result) -> tuple[int, Jour
         problem = None
         if header is None:
             problem = "damaged header"
-        elif (header.dev, header.ino) != (mbox_st.st_dev, mbox_st.st_ino):
+        elif header.ino != mbox_st.st_ino:
+            # Not st_dev: device numbers can change across a reboot (LVM,
+            # btrfs, NFS), and discarding a committed journal then would leave
+            # a half-applied mbox.  recover() checks the file's content too.
             problem = "journal belongs to another file"
         elif os.fstat(fd).st_size != HEADER_SIZE + header.new_size - header.start:
             problem = "truncated payload"
