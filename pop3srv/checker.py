@@ -4,8 +4,11 @@ A credentials checker backed by a L{UserFile}: L{IUsernamePassword} (USER/PASS,
 SASL PLAIN and LOGIN) and L{ISCRAMProof} (SASL SCRAM-SHA-256), and the
 L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.
 
-Hash verification is slow on purpose, so it runs in a thread pool; the
-reactor thread only decodes the credentials and maps the result.
+Hash verification is slow on purpose, so it runs in a thread pool, or,
+given a C{verifier} (L{pop3srv.hashing.ProcessVerifier}, as C{twistd
+pop3srv} does), in worker processes, so that a backend that holds the GIL
+cannot stall the reactor; the reactor thread only decodes the credentials
+and maps the result.  SCRAM lookups are cheap and stay in the thread pool.
 
 Which password matched
 ======================
@@ -26,6 +29,7 @@ matched is reported three ways:
 from __future__ import annotations
 
 import unicodedata
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from twisted.cred.checkers import ICredentialsChecker
@@ -102,6 +106,7 @@ class PasslibChecker:
         users: UserFile | str,
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
+        verifier: Callable[[str, str], Deferred[VerifyResult]] | None = None,
     ) -> None:
         """
         @param users: the user file to verify against, or its path.
@@ -110,6 +115,10 @@ class PasslibChecker:
         @param threadpool: runs the verification; if L{None}, the pool of
             C{reactor}, which must then also provide
             L{twisted.internet.interfaces.IReactorThreads}.
+        @param verifier: verifies a password instead of
+            C{users.verify_detailed} in C{threadpool}, e.g.
+            L{pop3srv.hashing.ProcessVerifier.verify_detailed}; it must
+            check the same file.
         """
         if isinstance(users, str):
             from pop3srv.userfile import UserFile
@@ -118,6 +127,7 @@ class PasslibChecker:
         self.users = users
         self._reactor = reactor
         self._threadpool = threadpool
+        self.verifier = verifier
 
     def _pool(self) -> tuple[IReactorFromThreads, ThreadPool]:
         """
@@ -169,8 +179,14 @@ class PasslibChecker:
         except UnicodeDecodeError:
             self.log.debug("Authentication failed: credentials are not UTF-8")
             return fail(UnauthorizedLogin(FAILURE_MESSAGE))
-        reactor, threadpool = self._pool()
-        d = deferToThreadPool(reactor, threadpool, self.users.verify_detailed, username, password)
+        d: Deferred[VerifyResult]
+        if self.verifier is not None:
+            d = self.verifier(username, password)
+        else:
+            reactor, threadpool = self._pool()
+            d = deferToThreadPool(
+                reactor, threadpool, self.users.verify_detailed, username, password
+            )
 
         def on_result(result: VerifyResult) -> bytes:
             if not result.ok:

@@ -89,8 +89,14 @@ SETTINGS: dict[str, Setting] = {
         Setting("max_bad_commands", "int", 10, "Consecutive bad commands before closing.", 1),
         Setting("allow", "networks", [], "Only these networks may connect (if set)."),
         Setting("deny", "networks", [], "These networks may not connect."),
-        Setting("hash_threads", "int", _CPUS, "Threads that verify passwords.", 1),
-        Setting("hash_queue", "int", 32, "Logins that may wait for a hashing thread.", 0),
+        Setting("hash_workers", "int", None,
+                "Processes that verify passwords, per server process "
+                "[default: CPUs / workers, at least 1].", 1),
+        Setting("hash_threads", "int", None, "Old name of --hash-workers.", 1),
+        Setting("hash_queue", "int", 32,
+                "Logins that may wait for a hashing process, per server process.", 0),
+        Setting("workers", "int", _CPUS,
+                "Server processes sharing the listening sockets (1: no child processes).", 1),
     ]
 }  # fmt: skip
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -26,6 +27,7 @@ from twisted.python.threadpool import ThreadPool
 
 from pop3srv.checker import PasslibChecker
 from pop3srv.config import SETTINGS, ConfigError, convert, load_config
+from pop3srv.hashing import ProcessVerifier
 from pop3srv.limits import (
     AccessRules,
     AuthThrottle,
@@ -38,6 +40,7 @@ from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.protocol import POP3ServerFactory, ServerPolicy
 from pop3srv.realm import MboxRealm, check_mailbox_template
 from pop3srv.tls import TLSConfigError, TLSContextSource, TLSMinimum
+from pop3srv.workers import AdoptedPortService, WorkerSupervisor
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
 
@@ -83,6 +86,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def __init__(self) -> None:
         self.given: dict[str, list[str]] = {}
+        #: The arguments as given, for child processes (C{--workers}).
+        self.args: list[str] = []
         super().__init__()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -90,6 +95,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         Parse, and turn a usage error into one line on stderr and exit
         status 1, rather than twistd's full usage text around it.
         """
+        self.args = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -159,6 +165,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["index_dir"] is not None and not os.path.isdir(self["index_dir"]):
             raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
         self["tls"] = self._tls(origin)
+        if self["hash_workers"] is None:
+            # The old name still works; otherwise share the CPUs out among
+            # the server processes, each of which has its own hashing pool.
+            self["hash_workers"] = self["hash_threads"] or max(
+                1, (os.cpu_count() or 1) // self["workers"]
+            )
+        self["hash_threads"] = self["hash_workers"]
 
         if not self.get("credCheckers"):
             for description in found.get("auth", [DEFAULT_AUTH]):
@@ -201,7 +214,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     max_sessions_per_user=self["max_sessions_per_user"],
                 )
             ),
-            login_gate=LoginGate(self["hash_threads"] + self["hash_queue"]),
+            login_gate=LoginGate(self["hash_workers"] + self["hash_queue"]),
             auth_timeout=self["auth_timeout"],
             max_bad_commands=self["max_bad_commands"],
         )
@@ -220,6 +233,8 @@ class Pop3Service(service.MultiService):
         self.tls = tls
         self._reactor = reactor
         self._previous_handler: Any = None
+        #: The child processes (C{--workers} above 1), told of SIGHUP too.
+        self.supervisor: WorkerSupervisor | None = None
 
     def privilegedStartService(self) -> None:
         try:
@@ -241,6 +256,8 @@ class Pop3Service(service.MultiService):
     def _on_sighup(self, signum: int, frame: object) -> None:
         # A signal handler may interrupt the reactor anywhere; do the work in it.
         self._reactor.callFromThread(self.reload_tls)
+        if self.supervisor is not None:
+            self._reactor.callFromThread(self.supervisor.signal_all, "HUP")
 
     def reload_tls(self) -> bool:
         """Re-read the certificate and key (for embedders and SIGHUP)."""
@@ -250,7 +267,10 @@ class Pop3Service(service.MultiService):
 
 
 class HashingPoolService(service.Service):
-    """Runs the thread pool that verifies passwords, sized by --hash-threads."""
+    """
+    Runs the thread pool for SCRAM lookups and the spool sweep (and for
+    password checks of a L{PasslibChecker} built without a verifier).
+    """
 
     def __init__(self, threads: int) -> None:
         self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-hashing")
@@ -261,6 +281,24 @@ class HashingPoolService(service.Service):
 
     def stopService(self) -> Any:
         self.pool.stop()
+        return super().stopService()
+
+
+class VerifierService(service.Service):
+    """Starts the password-hashing processes with the server, stops them with it."""
+
+    _log = Logger()
+
+    def __init__(self, verifier: ProcessVerifier) -> None:
+        self.verifier = verifier
+
+    def startService(self) -> None:
+        super().startService()
+        # Started now, so the first logins do not wait for process start-up.
+        self.verifier.start()
+
+    def stopService(self) -> Any:
+        self.verifier.stop()
         return super().stopService()
 
 
@@ -283,26 +321,52 @@ class SpoolSweepService(service.Service):
         d.addErrback(lambda f: self._log.failure("Sweeping the mail spool failed", f))
 
 
-def makeService(options: Options, reactor: Any = None) -> Pop3Service:
-    """Assemble the services: one listener per endpoint and the hashing pool."""
+def makeService(
+    options: Options, reactor: Any = None, inherited: list[tuple[int, str]] | None = None
+) -> Pop3Service:
+    """
+    Assemble the services: one listener per endpoint, the hashing processes,
+    and, for C{--workers} above 1, the child server processes.
+
+    @param options: parsed options.
+    @param reactor: the reactor; the global one if L{None}.
+    @param inherited: in a child server process (L{pop3srv.workers}), the
+        listening sockets it inherited, as C{(fd, "plain" or "tls")}: they
+        are adopted instead of binding the endpoints, no children are
+        started and the spool is not swept (the parent does that).
+    """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
-    hashing = HashingPoolService(options["hash_threads"])
+    hashing = HashingPoolService(options["hash_workers"])
     hashing.setServiceParent(top)
-    # The hashing pool is idle at start-up, so the sweep borrows it.
-    SpoolSweepService(
-        options["mailbox"], options["index_dir"], reactor, hashing.pool
-    ).setServiceParent(top)
-    checkers = [
-        PasslibChecker(c.users, reactor=reactor, threadpool=hashing.pool)
-        if isinstance(c, PasslibChecker)
-        else c
-        for c in options["credCheckers"]
-    ]
+    if inherited is None:
+        # The thread pool is idle at start-up, so the sweep borrows it.
+        SpoolSweepService(
+            options["mailbox"], options["index_dir"], reactor, hashing.pool
+        ).setServiceParent(top)
+    checkers = []
+    for checker in options["credCheckers"]:
+        if isinstance(checker, PasslibChecker):
+            # Verify in processes: a backend that holds the GIL (pure-Python
+            # sha512_crypt) would otherwise stall every session.
+            verifier = ProcessVerifier(
+                checker.users.path,
+                options["hash_workers"],
+                reactor,
+                upgrade=checker.users.upgrade,
+            )
+            VerifierService(verifier).setServiceParent(top)
+            checker = PasslibChecker(
+                checker.users,
+                reactor=reactor,
+                threadpool=hashing.pool,
+                verifier=verifier.verify_detailed,
+            )
+        checkers.append(checker)
     realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
     factory = POP3ServerFactory(
         Portal(realm, checkers),
@@ -312,15 +376,26 @@ def makeService(options: Options, reactor: Any = None) -> Pop3Service:
         plaintext_auth_networks=options["plaintext_auth_networks"],
         policy=options.policy(),
     )
-    listeners = [(d, factory) for d in options["listen"]]
+    factories: dict[str, Any] = {"plain": factory}
+    listeners = [(d, "plain") for d in options["listen"]]
     if options["listen_tls"]:
-        tls_factory = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
-        listeners += [(d, tls_factory) for d in options["listen_tls"]]
-    for description, protocol_factory in listeners:
+        factories["tls"] = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
+        listeners += [(d, "tls") for d in options["listen_tls"]]
+    if inherited is not None:
+        for fd, kind in inherited:
+            AdoptedPortService(reactor, fd, factories[kind]).setServiceParent(top)
+        return top
+    servers = []
+    for description, kind in listeners:
         server = StreamServerEndpointService(
-            endpoints.serverFromString(reactor, description), protocol_factory
+            endpoints.serverFromString(reactor, description), factories[kind]
         )
         # Fail start-up (not log and carry on) if a port cannot be bound.
         server._raiseSynchronously = True
         server.setServiceParent(top)
+        servers.append((server, kind))
+    if options["workers"] > 1:
+        # Added last: it starts after every port is bound, to pass them on.
+        top.supervisor = WorkerSupervisor(reactor, options["workers"] - 1, options.args, servers)
+        top.supervisor.setServiceParent(top)
     return top

@@ -76,6 +76,7 @@ from passlib.hash import scram as passlib_scram  # type: ignore[import-untyped]
 from passlib.utils import saslprep  # type: ignore[import-untyped]
 from twisted.logger import Logger
 
+from pop3srv.oscrypt import verify_sha_crypt
 from pop3srv.scram import DEFAULT_ITERATIONS, StoredScram, fake_stored, stored_from_salted
 
 __all__ = [
@@ -776,6 +777,11 @@ class UserFile:
         @param hashed: a hash that parsed when the file was read.
         @return: whether the password matches.
         """
+        # SHA-crypt through the system's libcrypt: half the CPU of passlib's
+        # pure-Python backend (see pop3srv.oscrypt); None means "ask passlib".
+        fast = verify_sha_crypt(password, hashed)
+        if fast is not None:
+            return fast
         try:
             return bool(self.context.verify(password, hashed))
         except (ValueError, TypeError) as e:

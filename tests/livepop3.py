@@ -62,7 +62,10 @@ class Pop3Server:
         self.port = free_port()
         # Tests that are not about the failure delay should not wait for it.
         quick = ["--failure-delay", "0.05", "--max-failure-delay", "0.2"]
-        self.extra = (quick if quick_failures else []) + list(extra)
+        # One process unless a test asks for more: these tests count limits
+        # and kill "the server", which --workers N would split over processes.
+        single = [] if any(a.startswith("--workers") for a in extra) else ["--workers", "1"]
+        self.extra = (quick if quick_failures else []) + single + list(extra)
         self.process: subprocess.Popen[bytes] | None = None
 
     def argv(self) -> list[str]:

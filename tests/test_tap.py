@@ -134,6 +134,9 @@ def test_make_service_listens_on_each_endpoint(users: Path) -> None:
         "tcp:1110:interface=127.0.0.1",
         "--listen",
         "tcp:1111:interface=127.0.0.1",
+        # MemoryReactor cannot spawn processes; --workers has its own tests.
+        "--workers",
+        "1",
     )
     reactor = MemoryReactor()
     top = makeService(options, reactor=reactor)

@@ -1,0 +1,322 @@
+# -*- test-case-name: tests.test_workers -*-
+"""
+Several server processes on the same listening sockets (C{--workers N}).
+
+The process twistd starts binds every C{--listen} and C{--listen-tls}
+endpoint and serves like a single-process server; it also starts N-1
+children (L{WorkerSupervisor}) running L{child_main}, giving
+them the listening sockets as inherited descriptors and its own pop3srv
+arguments.  Each child builds the same service with L{makeService
+<pop3srv.tap.makeService>}, adopting the sockets
+(C{IReactorSocket.adoptStreamPort}) instead of binding, so the kernel hands
+each new connection to whichever process accepts first.
+
+The parent:
+  - forwards SIGHUP, so every process re-reads the TLS certificate;
+  - re-publishes the children's log events (sent as JSON lines on their
+    standard output) in its own log, so there is one log and one audit
+    trail, with each child's session ids carrying its pid;
+  - restarts a child that dies, at most L{MAX_RESTARTS} times per slot in
+    L{RESTART_WINDOW} seconds;
+  - on stop, sends SIGTERM to the children and waits for them (SIGKILL after
+    L{STOP_TIMEOUT} seconds).
+
+A child stops when its standard input (a pipe from the parent) closes, so
+children never outlive a parent that was killed.
+
+Limits are per process: see the README ("Several processes").
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import abstract, fdesc
+from twisted.internet.defer import Deferred, DeferredList, succeed
+from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.python.failure import Failure
+
+__all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
+
+#: Restarts of one child slot allowed within L{RESTART_WINDOW} seconds.
+MAX_RESTARTS = 5
+RESTART_WINDOW = 60.0
+#: Seconds between a child's death and its restart.
+RESTART_DELAY = 1.0
+#: Seconds stopped children get before SIGKILL.
+STOP_TIMEOUT = 10.0
+#: The first descriptor number of inherited listening sockets in a child.
+FIRST_FD = 3
+#: A child's standard output is its log; cap one line so a broken child
+#: cannot grow the parent's buffer without bound.
+MAX_LOG_LINE = 1 << 20
+
+
+#: What a child runs (C{-c}, not C{-m}, so this module is imported once).
+_CHILD_CODE = "from pop3srv.workers import child_main; child_main()"
+
+
+class AdoptedPortService(service.Service):
+    """Serves a listening socket inherited from the parent process."""
+
+    def __init__(self, reactor: Any, fd: int, factory: Any) -> None:
+        self._reactor = reactor
+        self.fd = fd
+        self.factory = factory
+        self.port: Any = None
+
+    def startService(self) -> None:
+        super().startService()
+        # adoptStreamPort needs the family; the socket knows it.
+        probe = socket.socket(fileno=self.fd)
+        family = probe.family
+        probe.detach()
+        self.port = self._reactor.adoptStreamPort(self.fd, family, self.factory)
+        # adoptStreamPort duplicated the descriptor; the original is not needed.
+        os.close(self.fd)
+
+    def stopService(self) -> Any:
+        super().stopService()
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
+
+
+def _keep(result: Any, into: list[Any]) -> Any:
+    """A callback that records the result and passes it on."""
+    into.append(result)
+    return result
+
+
+class _ChildProtocol(ProcessProtocol):
+    """The parent's end of one child: its log and its exit."""
+
+    def __init__(self, supervisor: WorkerSupervisor, slot: int) -> None:
+        self.supervisor = supervisor
+        self.slot = slot
+        self.ended: Deferred[None] = Deferred()
+        self._buffers: dict[int, bytes] = {1: b"", 2: b""}
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        buffered = self._buffers.get(childFD, b"") + data
+        *lines, rest = buffered.split(b"\n")
+        if len(rest) > MAX_LOG_LINE:
+            lines.append(rest)
+            rest = b""
+        self._buffers[childFD] = rest
+        for line in lines:
+            self.supervisor.child_output(self, childFD, line)
+
+    def processEnded(self, reason: Failure) -> None:
+        for fd, rest in self._buffers.items():
+            if rest:
+                self.supervisor.child_output(self, fd, rest)
+        self._buffers = {}
+        self.supervisor.child_ended(self, reason)
+        self.ended.callback(None)
+
+
+class WorkerSupervisor(service.Service):
+    """
+    Starts, watches and stops the child server processes.
+
+    @ivar children: the running children's protocols, by slot.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        reactor: Any,
+        count: int,
+        args: Sequence[str],
+        listeners: Sequence[tuple[Any, str]],
+        executable: str = sys.executable,
+    ) -> None:
+        """
+        @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
+        @param count: how many children to run.
+        @param args: the pop3srv arguments the children parse.
+        @param listeners: the parent's listening services, each a
+            L{StreamServerEndpointService} that has bound its port, with its
+            kind: C{"plain"} or C{"tls"}.
+        @param executable: the Python to run the children with.
+        """
+        self._reactor = reactor
+        self.count = count
+        self.args = list(args)
+        self.listeners = list(listeners)
+        self.executable = executable
+        self.children: dict[int, _ChildProtocol] = {}
+        self._restarts: dict[int, list[float]] = {}
+        self._pending: dict[int, Any] = {}
+        self._ports: list[tuple[int, str]] = []
+        self._stopping = False
+
+    def startService(self) -> None:
+        super().startService()
+        self._stopping = False
+        self._ports = []
+        for server, kind in self.listeners:
+            # The endpoint service bound in privilegedStartService, so its
+            # Deferred has fired; take the port without consuming the result.
+            found: list[Any] = []
+            server._waitingForPort.addCallback(_keep, found)
+            if not found:
+                raise RuntimeError("a listening port was not bound before the workers started")
+            self._ports.append((found[0].fileno(), kind))
+        for slot in range(1, self.count + 1):
+            self._spawn(slot)
+
+    def _spawn(self, slot: int) -> None:
+        self._pending.pop(slot, None)
+        if self._stopping:
+            return
+        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        spec = []
+        for i, (fd, kind) in enumerate(self._ports):
+            child_fds[FIRST_FD + i] = fd
+            spec.append([FIRST_FD + i, kind])
+        protocol = _ChildProtocol(self, slot)
+        argv = [self.executable, "-c", _CHILD_CODE, json.dumps(spec), *self.args]
+        self._reactor.spawnProcess(
+            protocol, self.executable, argv, env=dict(os.environ), childFDs=child_fds
+        )
+        self.children[slot] = protocol
+        pid = getattr(protocol.transport, "pid", None)
+        self.log.info("Started server process {pid} (worker {slot})", pid=pid, slot=slot)
+
+    def child_output(self, child: _ChildProtocol, fd: int, line: bytes) -> None:
+        """A line from a child: a JSON log event (stdout) or raw text (stderr)."""
+        text = line.decode("utf-8", "replace").strip("\x1e\r\n ")
+        if not text:
+            return
+        if fd == 1:
+            try:
+                event = eventFromJSON(text)
+            except ValueError:
+                event = None
+            if isinstance(event, dict):
+                globalLogPublisher(event)
+                return
+        pid = getattr(child.transport, "pid", None)
+        self.log.warn("worker {slot} (pid {pid}): {text}", slot=child.slot, pid=pid, text=text)
+
+    def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
+        """A child exited: restart it unless stopping or it keeps dying."""
+        if self.children.get(child.slot) is child:
+            del self.children[child.slot]
+        if self._stopping:
+            return
+        now = self._reactor.seconds()
+        recent = [t for t in self._restarts.get(child.slot, []) if t > now - RESTART_WINDOW]
+        if len(recent) >= MAX_RESTARTS:
+            self.log.error(
+                "Server process of worker {slot} exited ({reason}) {n} times within "
+                "{window:g} s; not restarting it",
+                slot=child.slot,
+                reason=reason.getErrorMessage(),
+                n=len(recent),
+                window=RESTART_WINDOW,
+            )
+            self._restarts[child.slot] = recent
+            return
+        recent.append(now)
+        self._restarts[child.slot] = recent
+        self.log.warn(
+            "Server process of worker {slot} exited ({reason}); restarting it",
+            slot=child.slot,
+            reason=reason.getErrorMessage(),
+        )
+        self._pending[child.slot] = self._reactor.callLater(RESTART_DELAY, self._spawn, child.slot)
+
+    def signal_all(self, name: str) -> None:
+        """Send a signal (e.g. C{"HUP"}) to every child."""
+        for child in list(self.children.values()):
+            if child.transport is None:
+                continue
+            try:
+                child.transport.signalProcess(name)
+            except ProcessExitedAlready:
+                # It exited; processEnded will follow.
+                continue
+
+    def stopService(self) -> Deferred[Any]:
+        super().stopService()
+        self._stopping = True
+        for call in self._pending.values():
+            if call.active():
+                call.cancel()
+        self._pending.clear()
+        waiting = [child.ended for child in self.children.values()]
+        self.signal_all("TERM")
+        if not waiting:
+            return succeed(None)
+        kill = self._reactor.callLater(STOP_TIMEOUT, self.signal_all, "KILL")
+        done: Deferred[Any] = DeferredList(waiting)
+
+        def cancel_kill(result: object) -> object:
+            if kill.active():
+                kill.cancel()
+            return result
+
+        return done.addBoth(cancel_kill)
+
+
+class _ParentPipe(abstract.FileDescriptor):
+    """A child's standard input: when the parent's end closes, stop."""
+
+    def __init__(self, reactor: Any, fd: int, on_close: Any) -> None:
+        super().__init__(reactor)
+        self._fd = fd
+        self._on_close = on_close
+        fdesc.setNonBlocking(fd)
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def doRead(self) -> Any:
+        return fdesc.readFromFD(self._fd, lambda data: None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        abstract.FileDescriptor.connectionLost(self, reason)
+        self._on_close()
+
+
+def child_main(argv: Sequence[str] | None = None) -> None:
+    """
+    Run one child server process: C{python -c _CHILD_CODE SPEC ARGS...}.
+
+    @param argv: the JSON list of C{[fd, kind]} of the inherited listening
+        sockets, then the pop3srv arguments; C{sys.argv[1:]} if L{None}.
+    """
+    args = list(sys.argv[1:] if argv is None else argv)
+    spec = [(int(fd), str(kind)) for fd, kind in json.loads(args[0])]
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, jsonFileLogObserver
+
+    out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
+    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
+
+    from pop3srv.tap import Options, makeService
+
+    options = Options()
+    options.parseOptions(args[1:])
+    top = makeService(options, reactor, inherited=spec)
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    _ParentPipe(reactor, 0, stop).startReading()
+    top.privilegedStartService()
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()

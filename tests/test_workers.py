@@ -1,0 +1,202 @@
+"""
+Tests for C{--workers}: the real C{twistd pop3srv} with child server
+processes on loopback (L{pop3srv.workers}).
+"""
+
+from __future__ import annotations
+
+import os
+import poplib
+import re
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from livepop3 import PASSWORDS, Pop3Server, write_mbox
+
+
+def children(pid: int) -> list[int]:
+    """The direct children of C{pid} that are pop3srv server processes."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == pid and b"child_main" in cmdline:
+            found.append(int(entry))
+    return found
+
+
+def descendants(pid: int) -> set[int]:
+    """Every process below C{pid} (children, hashing processes, fork servers)."""
+    parents: dict[int, int] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+    found: set[int] = set()
+    frontier = {pid}
+    for _ in range(10):  # the tree is a few levels deep
+        frontier = {p for p, ppid in parents.items() if ppid in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def wait_for(condition: object, timeout: float = 20.0) -> bool:
+    """Poll C{condition()} every 50 ms for at most C{timeout} seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if condition():  # type: ignore[operator]
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def session_pids(log: str, event: str) -> set[str]:
+    """The pid parts (hex) of the session ids of audit lines for C{event}."""
+    return set(re.findall(rf"event={event} session=([0-9a-f]+)-\d+", log))
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[Pop3Server]:
+    """A pop3srv with two server processes and mail for alice and bob."""
+    srv = Pop3Server(tmp_path, "--workers", "2")
+    for name in PASSWORDS:
+        write_mbox(srv.mail / name, [b"Subject: hello\n\nmessage for %s\n" % name.encode()])
+    srv.start()
+    assert srv.process is not None
+    # The child adopts the socket a moment after the parent listens.
+    assert wait_for(lambda: len(children(srv.process.pid)) == 1)
+    yield srv
+    srv.stop()
+
+
+def login(srv: Pop3Server, user: str) -> poplib.POP3:
+    """A logged-in session."""
+    client = poplib.POP3("127.0.0.1", srv.port, timeout=20)
+    client.user(user)
+    client.pass_(PASSWORDS[user])
+    return client
+
+
+def test_both_processes_serve(server: Pop3Server) -> None:
+    """Sessions are served by both processes (the pid is in each session id)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 20
+    while len(seen) < 2 and time.monotonic() < deadline:
+        # Two at once (one per user: a maildrop takes one session).
+        clients = [login(server, user) for user in PASSWORDS]
+        for c, user in zip(clients, PASSWORDS, strict=True):
+            body = b"Subject: hello\r\n\r\nmessage for %s\r\n" % user.encode()
+            assert c.stat() == (1, len(body))
+        for c in clients:
+            c.quit()
+        seen = session_pids(server.log_text(), "login-ok")
+    assert server.process is not None
+    expected = {f"{server.process.pid:x}"} | {f"{p:x}" for p in children(server.process.pid)}
+    assert seen == expected
+
+
+def test_in_use_across_processes(server: Pop3Server) -> None:
+    """A maildrop locked by a session in one process is [IN-USE] in the other."""
+    holder = login(server, "alice")
+    (holder_pid,) = session_pids(server.log_text(), "login-ok")
+    refused_by: set[str] = set()
+    try:
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            client = poplib.POP3("127.0.0.1", server.port, timeout=20)
+            client.user("alice")
+            with pytest.raises(poplib.error_proto, match=r"IN-USE"):
+                client.pass_(PASSWORDS["alice"])
+            client.quit()
+            refused_by = set(
+                re.findall(
+                    r"event=login-refused session=([0-9a-f]+)-\d+ .*reason=in-use",
+                    server.log_text(),
+                )
+            )
+            if refused_by - {holder_pid}:
+                break
+    finally:
+        holder.quit()
+    assert refused_by - {holder_pid}, "no refusal came from the other process"
+
+
+def test_sigterm_stops_every_process(server: Pop3Server) -> None:
+    """SIGTERM to twistd stops it and its children (and their hashing processes)."""
+    assert server.process is not None
+    parent = server.process.pid
+    (child,) = children(parent)
+    server.process.send_signal(signal.SIGTERM)
+    server.process.wait(20)
+    assert wait_for(lambda: not alive(child))
+
+
+def test_children_exit_when_the_parent_is_killed(server: Pop3Server) -> None:
+    """
+    When the parent dies, even by SIGKILL, every process it started stops by
+    itself: the child server and all the hashing processes.
+    """
+    assert server.process is not None
+    (child,) = children(server.process.pid)
+    # Wait until the hashing processes of both server processes are up.
+    assert wait_for(lambda: len(descendants(server.process.pid)) >= 7)  # type: ignore[union-attr]
+    tree = descendants(server.process.pid)
+    assert child in tree
+    server.kill()
+    assert wait_for(lambda: not any(alive(p) for p in tree)), [p for p in tree if alive(p)]
+
+
+def test_a_dead_child_is_restarted(server: Pop3Server) -> None:
+    """A child that dies is replaced, and the replacement serves."""
+    assert server.process is not None
+    parent = server.process.pid
+    (child,) = children(parent)
+    os.kill(child, signal.SIGKILL)
+    assert wait_for(lambda: children(parent) not in ([], [child]))
+    (replacement,) = children(parent)
+    assert replacement != child
+    assert "restarting it" in server.log_text()
+    # It serves once it has started up and adopted the socket.
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        login(server, "bob").quit()
+        if f"{replacement:x}" in session_pids(server.log_text(), "login-ok"):
+            break
+        time.sleep(0.02)
+    assert f"{replacement:x}" in session_pids(server.log_text(), "login-ok")
+
+
+def test_one_worker_starts_no_children(tmp_path: Path) -> None:
+    """--workers 1: a single process, as before."""
+    srv = Pop3Server(tmp_path, "--workers", "1").start()
+    try:
+        assert srv.process is not None
+        time.sleep(0.5)
+        assert children(srv.process.pid) == []
+        write_mbox(srv.mail / "bob", [b"Subject: x\n\ny\n"])
+        login(srv, "bob").quit()
+        assert session_pids(srv.log_text(), "login-ok") == {f"{srv.process.pid:x}"}
+    finally:
+        srv.stop()
