@@ -168,8 +168,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["hash_workers"] is None:
             # The old name still works; otherwise share the CPUs out among
             # the server processes, each of which has its own hashing pool.
-            self["hash_workers"] = self["hash_threads"] or max(
-                1, (os.cpu_count() or 1) // self["workers"]
+            self["hash_workers"] = (
+                self["hash_threads"]
+                if self["hash_threads"] is not None
+                else max(1, (os.cpu_count() or 1) // self["workers"])
             )
         self["hash_threads"] = self["hash_workers"]
 
@@ -214,7 +216,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                     max_sessions_per_user=self["max_sessions_per_user"],
                 )
             ),
-            login_gate=LoginGate(self["hash_workers"] + self["hash_queue"]),
+            login_gate=LoginGate(max(1, self["hash_workers"]) + self["hash_queue"]),
             auth_timeout=self["auth_timeout"],
             max_bad_commands=self["max_bad_commands"],
         )
@@ -341,7 +343,7 @@ def makeService(
         reactor = global_reactor
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
-    hashing = HashingPoolService(options["hash_workers"])
+    hashing = HashingPoolService(max(1, options["hash_workers"]))
     hashing.setServiceParent(top)
     if inherited is None:
         # The thread pool is idle at start-up, so the sweep borrows it.
@@ -350,7 +352,9 @@ def makeService(
         ).setServiceParent(top)
     checkers = []
     for checker in options["credCheckers"]:
-        if isinstance(checker, PasslibChecker):
+        if isinstance(checker, PasslibChecker) and options["hash_workers"] == 0:
+            checker = PasslibChecker(checker.users, reactor=reactor, threadpool=hashing.pool)
+        elif isinstance(checker, PasslibChecker):
             # Verify in processes: a backend that holds the GIL (pure-Python
             # sha512_crypt) would otherwise stall every session.
             verifier = ProcessVerifier(

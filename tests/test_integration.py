@@ -365,3 +365,19 @@ def test_client_that_never_reads_cannot_grow_server_memory(server: Pop3Server) -
         grown = rss_kib(server.process.pid) - before
     assert sent > 1_000_000  # the server did read a lot before pushing back
     assert grown < 40_000, f"server grew by {grown} KiB"
+
+
+def test_hash_workers_zero_verifies_in_process(tmp_path: Path) -> None:
+    """--hash-workers 0 (small machines): logins work and no helper process is started."""
+    srv = Pop3Server(tmp_path, "--hash-workers", "0")
+    write_mbox(srv.mail / "alice", [b"Subject: m\n\nx\n"])
+    srv.start()
+    try:
+        client = connect(srv)
+        assert client.stat()[0] == 1
+        client.quit()
+        assert srv.process is not None
+        children = Path(f"/proc/{srv.process.pid}/task/{srv.process.pid}/children").read_text()
+        assert children.split() == []
+    finally:
+        srv.stop()
