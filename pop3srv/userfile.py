@@ -703,10 +703,13 @@ class UserFile:
         secrets_of = snapshot.users.get(username)
         candidates = _password_forms(password)
         if not secrets_of:
-            if snapshot.decoy is None:
-                self.context.dummy_verify()
-            else:
-                self._checked_verify(username, candidates[0], snapshot.decoy)
+            # As many hash checks as a known user with one password makes, so
+            # a password whose normalised form differs does not tell them apart.
+            for candidate in candidates:
+                if snapshot.decoy is None:
+                    self.context.dummy_verify()
+                else:
+                    self._checked_verify(username, candidate, snapshot.decoy)
             return VerifyResult(ok=False)
         for secret in secrets_of:
             for candidate in candidates:

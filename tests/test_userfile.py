@@ -285,6 +285,13 @@ def test_unknown_user_verifies_against_real_hash(
     assert not users.verify("../etc/passwd", "x")
     assert len(calls) == 3
     assert dummy == []
+    # A password whose SASLprep form differs (U+00A0 becomes a space) is
+    # checked in both forms for a known user, so twice for an unknown one too.
+    calls.clear()
+    assert not users.verify("mallory", "pass\u00a0word")
+    assert not users.verify("alice", "pass\u00a0word")
+    assert len(calls) == 4
+    assert calls[0][1] == calls[1][1] == alice
 
 
 def test_unknown_user_in_empty_file_uses_dummy_verify(
