@@ -39,6 +39,15 @@ class CommitFailed(Pop3Error):
     text = "Could not commit deletions; mailbox unchanged, try again later."
 
 
+class CommitPending(CommitFailed):
+    """
+    The deletions are recorded in the journal but could not be applied yet;
+    the next open of the maildrop completes them.
+    """
+
+    text = "Deletions are recorded and will be completed at the next login."
+
+
 class MaildropChanged(CommitFailed):
     """Another program rewrote the maildrop during the session."""
 

@@ -531,3 +531,21 @@ def test_stale_index_is_dropped_after_maildrop_changed(tmp_path: Path) -> None:
         mb.close()
         outcomes.append(result is None)
     assert outcomes[1], "the second session must be able to delete"
+
+
+def test_failure_after_commit_point_says_deletions_pending(mbox: Path) -> None:
+    """An error after the journal is written is not reported as 'mailbox unchanged'."""
+    from pop3srv.errors import CommitPending
+
+    def crash(where: str) -> None:
+        if where == "payload_partial":
+            raise SimulatedCrash(where)
+
+    mb = _open(mbox)
+    mb._fault = crash
+    mb.deleteMessage(0)
+    result = _sync(mb)
+    mb.close()
+    assert result.check(CommitPending)
+    assert "unchanged" not in result.value.text
+    assert len(_digests(mbox)) == 4  # the next open completed the commit

@@ -22,7 +22,7 @@ from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
-from pop3srv.errors import CommitFailed, MaildropChanged, MaildropUnavailable
+from pop3srv.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
 from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
@@ -271,6 +271,11 @@ class MboxMailbox:
                 # rescans instead of failing every commit from now on.
                 with contextlib.suppress(FileNotFoundError):
                     os.unlink(self._paths.index)
+                raise
+            except Exception as e:
+                if os.path.exists(self._paths.journal):
+                    # Past the commit point: "mailbox unchanged" would be untrue.
+                    raise CommitPending(str(e)) from e
                 raise
             if index is None:
                 return None
