@@ -268,14 +268,14 @@ class Pop3Service(service.MultiService):
         return self.tls.reload()
 
 
-class HashingPoolService(service.Service):
+class ThreadPoolService(service.Service):
     """
-    Runs the thread pool for SCRAM lookups and the spool sweep (and for
-    password checks of a L{PasslibChecker} built without a verifier).
+    Runs the thread pool for SCRAM lookups and the spool sweep, and for
+    password checks with C{--hash-workers 0}.
     """
 
     def __init__(self, threads: int) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-hashing")
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-workers")
 
     def startService(self) -> None:
         super().startService()
@@ -288,8 +288,6 @@ class HashingPoolService(service.Service):
 
 class VerifierService(service.Service):
     """Starts the password-hashing processes with the server, stops them with it."""
-
-    _log = Logger()
 
     def __init__(self, verifier: ProcessVerifier) -> None:
         self.verifier = verifier
@@ -343,32 +341,29 @@ def makeService(
         reactor = global_reactor
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
-    hashing = HashingPoolService(max(1, options["hash_workers"]))
-    hashing.setServiceParent(top)
+    threads = ThreadPoolService(max(1, options["hash_workers"]))
+    threads.setServiceParent(top)
     if inherited is None:
-        # The thread pool is idle at start-up, so the sweep borrows it.
         SpoolSweepService(
-            options["mailbox"], options["index_dir"], reactor, hashing.pool
+            options["mailbox"], options["index_dir"], reactor, threads.pool
         ).setServiceParent(top)
     checkers = []
     for checker in options["credCheckers"]:
-        if isinstance(checker, PasslibChecker) and options["hash_workers"] == 0:
-            checker = PasslibChecker(checker.users, reactor=reactor, threadpool=hashing.pool)
-        elif isinstance(checker, PasslibChecker):
-            # Verify in processes: a backend that holds the GIL (pure-Python
-            # sha512_crypt) would otherwise stall every session.
-            verifier = ProcessVerifier(
-                checker.users.path,
-                options["hash_workers"],
-                reactor,
-                upgrade=checker.users.upgrade,
-            )
-            VerifierService(verifier).setServiceParent(top)
+        if isinstance(checker, PasslibChecker):
+            verify = None
+            if options["hash_workers"] > 0:
+                # Verify in processes: a backend that holds the GIL (pure-Python
+                # sha512_crypt) would otherwise stall every session.
+                verifier = ProcessVerifier(
+                    checker.users.path,
+                    options["hash_workers"],
+                    reactor,
+                    upgrade=checker.users.upgrade,
+                )
+                VerifierService(verifier).setServiceParent(top)
+                verify = verifier.verify_detailed
             checker = PasslibChecker(
-                checker.users,
-                reactor=reactor,
-                threadpool=hashing.pool,
-                verifier=verifier.verify_detailed,
+                checker.users, reactor=reactor, threadpool=threads.pool, verifier=verify
             )
         checkers.append(checker)
     realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
