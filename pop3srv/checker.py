@@ -194,15 +194,7 @@ class PasslibChecker:
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
             return self._succeeded(credentials, username, result.label)
 
-        def on_error(reason: Failure) -> bytes:
-            self.log.failure(
-                "Unexpected error verifying credentials for user {username!r}",
-                reason,
-                username=username,
-            )
-            raise UnauthorizedLogin(FAILURE_MESSAGE)
-
-        return d.addCallbacks(on_result, on_error)
+        return d.addCallbacks(on_result, self._unexpected, errbackArgs=(username,))
 
     def _check_scram(self, credentials: ISCRAMProof) -> Deferred[bytes]:
         """
@@ -227,15 +219,16 @@ class PasslibChecker:
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
             return self._succeeded(credentials, username, stored.label)
 
-        def on_error(reason: Failure) -> bytes:
-            self.log.failure(
-                "Unexpected error checking SCRAM proof for user {username!r}",
-                reason,
-                username=username,
-            )
-            raise UnauthorizedLogin(FAILURE_MESSAGE)
+        return d.addCallbacks(on_result, self._unexpected, errbackArgs=(username,))
 
-        return d.addCallbacks(on_result, on_error)
+    def _unexpected(self, reason: Failure, username: str) -> bytes:
+        """Log a checking error in full; the client only learns the login failed."""
+        self.log.failure(
+            "Unexpected error checking credentials for user {username!r}",
+            reason,
+            username=username,
+        )
+        raise UnauthorizedLogin(FAILURE_MESSAGE)
 
     def _succeeded(self, credentials: object, username: str, label: str | None) -> AvatarId:
         """
