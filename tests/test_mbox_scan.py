@@ -69,10 +69,13 @@ def test_records_match_reference(data: bytes, chunk_size: int) -> None:
     """
     Offsets, sizes and digests equal those of a whole-buffer reference,
     whatever the chunk size; sizes equal the length of the un-quoted,
-    CRLF-normalised content plus the final CRLF fix.
+    CRLF-normalised content plus the final CRLF fix.  Both digest modes
+    agree: a scan without a limit digests in a helper thread, a small
+    limited one inline.
     """
     records = _scan(data, chunk_size=chunk_size)
     assert records == _expected(data)
+    assert _scan(data, chunk_size=chunk_size, limit=len(data)) == records
     for rec in records:
         # The same size again, through the production un-quoter.
         text = unquote(data[rec.body_start : rec.end])
