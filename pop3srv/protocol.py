@@ -148,7 +148,11 @@ class _MessageStreamer:
                     finished = not data
                 out = self._encoder.feed(data)
                 if finished:
-                    self._transport.write(out + self._encoder.finish())
+                    # Two writes, not a concatenation: the transport joins its
+                    # buffer once anyway, so a whole message is not copied twice.
+                    if out:
+                        self._transport.write(out)
+                    self._transport.write(self._encoder.finish())
                     self._finish(None)
                     return
                 if out:

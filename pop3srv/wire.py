@@ -24,6 +24,10 @@ _MECHANISM = re.compile(r"[A-Za-z0-9_-]{1,20}")
 
 CRLF = b"\r\n"
 TERMINATOR = b".\r\n"
+# A line that starts with a dot, after the first.  sre finds the LF with
+# memchr and copies the literal replacement: about twice as fast as
+# bytes.replace, and no slower than a separate "is there one?" search.
+_DOT_AFTER_LF = re.compile(rb"\n\.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -258,8 +262,7 @@ class DotStuffer:
         if not self._after_cr and b"\r" not in data:
             # Mail stored with bare LF is the common case: with no CR in play
             # one replace does the CRLF conversion (the CRLF -> LF pass of the
-            # general path would only search), and the dot check is a memchr-
-            # speed scan that rarely finds anything.
+            # general path would only search).
             return self._feed_lf_only(data)
         return self._feed_general(data)
 
@@ -268,9 +271,7 @@ class DotStuffer:
         Encode a non-empty chunk that holds no CR, after one that did not
         end in CR.
         """
-        out = data.replace(b"\n", b"\r\n")
-        if b"\n." in data:
-            out = out.replace(b"\n.", b"\n..")
+        out = _DOT_AFTER_LF.sub(b"\n..", data).replace(b"\n", b"\r\n")
         if self._at_line_start and data[0] == 0x2E:
             out = b"." + out
         self._at_line_start = data[-1] == 0x0A
@@ -284,9 +285,7 @@ class DotStuffer:
         if self._after_cr and data[:1] == b"\n":
             head, data = b"\n", data[1:]
             self._at_line_start = True
-        out = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
-        if b"\n." in out:
-            out = out.replace(b"\n.", b"\n..")
+        out = _DOT_AFTER_LF.sub(b"\n..", data.replace(b"\r\n", b"\n")).replace(b"\n", b"\r\n")
         if self._at_line_start and out[:1] == b".":
             out = b"." + out
         out = head + out

@@ -22,7 +22,10 @@ MAX_QUOTES = 1000
 MAX_CARRY = MAX_QUOTES + len(b"From")
 
 _QUOTED = re.compile(rb"^>(>{0,%d}From )" % (MAX_QUOTES - 1), re.MULTILINE)
-_QUOTED_AFTER_LF = re.compile(rb"\n>(>{0,%d}From )" % (MAX_QUOTES - 1))
+# The ">" after an LF that a quoted line loses, the rest as a lookahead: the
+# replacement is then a literal LF, which sre copies without expanding a
+# template per match.
+_QUOTED_AFTER_LF = re.compile(rb"\n>(?=>{0,%d}From )" % (MAX_QUOTES - 1))
 _PARTIAL = re.compile(rb">{1,%d}(?:F|Fr|Fro|From)?" % MAX_QUOTES)
 _NEEDLE = b">From "
 
@@ -123,7 +126,11 @@ class MboxUnquoter(_LineStartCarry):
         # over the whole span does them (returning the span itself when
         # nothing matches); the first line is checked on its own, and only
         # if it starts at a line start.  No slicing at the first LF.
-        out = _QUOTED_AFTER_LF.sub(rb"\n\1", decided)
+        if _NEEDLE not in decided:
+            # Every quoted line holds ">From ": one C-speed search rules
+            # out most chunks with a ">" in them (reply quoting).
+            return decided
+        out = _QUOTED_AFTER_LF.sub(b"\n", decided)
         if at_line_start and out[:1] == b">" and _QUOTED.match(out) is not None:
             out = out[1:]
         return out
