@@ -2,120 +2,110 @@
 """
 The worker side of L{pop3srv.hashing}: what runs in a hashing process.
 
-Kept apart, and free of C{twisted.internet}, so that the processes (and the
-fork server they come from) import only the user file code.
+A worker is a fork of a server process (L{pop3srv.forking}).  It reads
+requests from descriptor 0 and writes answers to descriptor 1, one at a
+time, each a frame: a 4-byte big-endian length and a pickle.  A request is
+C{(username, password)}; the answer is C{(VerifyResult, events)}, the log
+events the check emitted (upgrade notices, rejected passwords) as plain
+dicts, for the server process to log.  The worker exits at end-of-file on
+descriptor 0, which is also what happens when its server process dies.
 """
 
 from __future__ import annotations
 
 import os
-import select
-import threading
-import time
+import pickle
+import struct
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel, globalLogBeginner
+from twisted.logger import ILogObserver, LogLevel
 from zope.interface import implementer
 
-from pop3srv.userfile import UserFile, VerifyResult
+from pop3srv.forking import log_only_to, set_process_name
+from pop3srv.userfile import UserFile
+
+__all__ = ["HEADER", "MAX_FRAME", "serve"]
+
+#: A frame's length prefix.
+HEADER = struct.Struct("!I")
+#: The largest frame either side accepts (a request holds a user name and a
+#: password, an answer a result and a few log events).
+MAX_FRAME = 1 << 20
 
 #: Types of event fields that cross the pipe as they are.
 _PLAIN = (str, int, float, bool, type(None))
 
-# --- the worker side: module globals live in each worker process only.
-
-_users: UserFile | None = None
-_events: list[dict[str, Any]] = []
-
 
 @implementer(ILogObserver)
-def _collect(event: dict[str, Any]) -> None:
-    """Keep a log event of the current verification, to send back."""
-    level = event.get("log_level")
-    fields = {k: v for k, v in event.items() if not k.startswith("log_") and isinstance(v, _PLAIN)}
-    _events.append(
-        {
-            "namespace": event.get("log_namespace", __name__),
-            "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
-            "format": event.get("log_format") or "",
-            "fields": fields,
+class _Collector:
+    """Keeps the log events of the current check, to send back."""
+
+    def __init__(self) -> None:
+        self.events: list[dict[str, Any]] = []
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        level = event.get("log_level")
+        fields = {
+            k: v for k, v in event.items() if not k.startswith("log_") and isinstance(v, _PLAIN)
         }
-    )
+        self.events.append(
+            {
+                "namespace": event.get("log_namespace", __name__),
+                "level": level.name if isinstance(level, type(LogLevel.info)) else "info",
+                "format": event.get("log_format") or "",
+                "fields": fields,
+            }
+        )
 
 
-def _exit_with(owner: int) -> None:
+def _read_exactly(fd: int, n: int) -> bytes | None:
+    """C{n} bytes from C{fd}, or L{None} at end-of-file."""
+    parts = []
+    while n:
+        data = os.read(fd, n)
+        if not data:
+            return None
+        parts.append(data)
+        n -= len(data)
+    return b"".join(parts)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view) :]
+
+
+def serve(users: UserFile, niceness: int) -> None:
     """
-    Exit when the process C{owner} has exited.
+    Answer requests on descriptors 0 and 1 until end-of-file.
 
-    A worker cannot count on seeing end-of-file when a server process is
-    killed: the executor gives every worker both ends of its queues, and the
-    fork server's liveness pipe too, so the worker, its fork server and the
-    resource tracker would otherwise outlive a server killed by SIGKILL.
-    """
-    try:
-        fd = os.pidfd_open(owner)
-    except ProcessLookupError:
-        os._exit(0)
-    except (AttributeError, OSError):
-        fd = None
-    if fd is not None:
-        # A pidfd becomes readable when the process exits.
-        select.select([fd], [], [])
-    else:
-        while True:
-            time.sleep(1.0)
-            try:
-                os.kill(owner, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                # It exists (as another user).
-                continue
-    os._exit(0)
-
-
-def init_worker(path: str, upgrade: bool, niceness: int = 0, owner: int = 0) -> None:
-    """
-    Open the user file in a new worker process.
-
-    @param path: the user file.
-    @param upgrade: whether to rewrite deprecated hashes after a match.
+    @param users: the user file, as loaded in the server process; it
+        re-reads the file when it changes.
     @param niceness: added to the process's nice value.
-    @param owner: the server process's pid: the worker exits when it does.
     """
-    global _users
-    if owner:
-        threading.Thread(
-            target=_exit_with, args=(owner,), daemon=True, name="pop3srv-owner-watch"
-        ).start()
+    set_process_name("pop3srv-hash")
     # Below the server processes in CPU priority: when hashing saturates
     # the CPUs, a session's NOOP or RETR runs first, and logins only wait a
     # little longer.  (SCHED_IDLE was tried too: no clear gain over nice 19
     # in the benchmark, and it can starve logins behind any other busy task.)
     if niceness:
         os.nice(niceness)
-    # Without an observer twisted.logger would buffer every event forever.
-    globalLogBeginner.beginLoggingTo([_collect], redirectStandardIO=False, discardBuffer=True)
-    _users = UserFile(path, upgrade=upgrade)
-    # The server process parsed the same file and already logged its
-    # problems; do not repeat them for every worker.
-    _events.clear()
-
-
-def verify(username: str, password: str) -> tuple[VerifyResult, list[dict[str, Any]]]:
-    """
-    Verify in a worker process.
-
-    @return: the result and the log events emitted meanwhile.
-    """
-    assert _users is not None
-    _events.clear()
-    try:
-        return _users.verify_detailed(username, password), list(_events)
-    finally:
-        _events.clear()
-
-
-def ping() -> int:
-    """Start-up check: the worker runs and has opened the file."""
-    return os.getpid()
+    collector = _Collector()
+    log_only_to(collector)
+    while True:
+        header = _read_exactly(0, HEADER.size)
+        if header is None:
+            return
+        (length,) = HEADER.unpack(header)
+        if length > MAX_FRAME:
+            raise ValueError(f"request frame of {length} bytes")
+        body = _read_exactly(0, length)
+        if body is None:
+            return
+        username, password = pickle.loads(body)  # noqa: S301 (our own parent)
+        collector.events.clear()
+        result = users.verify_detailed(username, password)
+        answer = pickle.dumps((result, list(collector.events)))
+        collector.events.clear()
+        _write_all(1, HEADER.pack(len(answer)) + answer)

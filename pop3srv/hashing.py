@@ -5,43 +5,104 @@ Password verification in worker processes.
 Some hash backends hold the GIL for the whole verification: passlib's
 pure-Python sha512_crypt is about 2 ms of bytecode per login.  In a thread
 of the server process that starves the reactor, so every other session
-waits.  L{ProcessVerifier} runs L{UserFile.verify_detailed} in a small pool
-of long-lived processes instead (L{concurrent.futures.ProcessPoolExecutor}
-with the C{forkserver} start method: the workers are forked from a clean
-helper process started with exec, never from the process that runs the
-reactor).  The workers run at the lowest CPU priority (L{NICENESS}), so
-sessions come first when hashing fills the CPUs.
+waits.  L{ProcessVerifier} runs L{UserFile.verify_detailed} in a few
+long-lived worker processes instead (L{pop3srv._hashworker}).
 
-Each worker opens the user file itself, by path, and re-reads it when it
-changes, exactly as the server's own L{UserFile} does; only the user name
-and password cross the pipe, and only the L{VerifyResult} comes back, with
-the log events the verification produced (upgrade notices, rejected
-passwords), which are re-emitted in the server process so they reach its
-log.  A hash upgrade is done by the worker that verified the password:
-L{pop3srv.userfile.replace_hash} takes the same lock as C{pop3srv-passwd}
-and rewrites only if the old hash is still there, so two workers upgrading
-the same user at once rewrite the file once.
+The workers are forks of the server process (L{pop3srv.forking}): they
+share its memory pages, start in a millisecond, and already hold the user
+file, which they re-read when it changes, exactly as the server's own
+L{UserFile} does.  Only the user name and password cross the pipe, and only
+the L{VerifyResult} comes back, with the log events the check produced
+(upgrade notices, rejected passwords), re-emitted here so they reach the
+server's log.  A hash upgrade is done by the worker that verified the
+password: L{pop3srv.userfile.replace_hash} takes the same lock as
+C{pop3srv-passwd} and rewrites only if the old hash is still there, so two
+workers upgrading the same user at once rewrite the file once.
+
+Each worker has one check at a time; the rest wait here, in order.  A
+worker that dies fails the check it had and is replaced.
 """
 
 from __future__ import annotations
 
-import multiprocessing
-import os
+import pickle
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
-from pop3srv._hashworker import init_worker, ping, verify
-from pop3srv.userfile import VerifyResult
+from pop3srv._hashworker import HEADER, MAX_FRAME, serve
+from pop3srv.forking import ForkedProcess
+from pop3srv.userfile import UserFile, VerifyResult
 
-__all__ = ["NICENESS", "ProcessVerifier"]
+__all__ = ["NICENESS", "HashWorkerDied", "ProcessVerifier"]
 
 #: How much lower the hashing processes' CPU priority is (see nice(2)).
 NICENESS = 19
+#: Seconds before a worker that died is replaced.
+RESTART_DELAY = 0.5
+
+
+class HashWorkerDied(Exception):
+    """The process checking a password exited before answering."""
+
+
+class _WorkerProtocol(ProcessProtocol):
+    """The server's end of one hashing process."""
+
+    def __init__(self, verifier: ProcessVerifier) -> None:
+        self.verifier = verifier
+        self.current: Deferred[Any] | None = None
+        self.dead = False
+        self._buffer = b""
+
+    def send(self, username: str, password: str, d: Deferred[Any]) -> None:
+        self.current = d
+        body = pickle.dumps((username, password))
+        self.transport.write(HEADER.pack(len(body)) + body)
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == 2:
+            self.verifier.log.warn(
+                "password-hashing process: {text}", text=data.decode("utf-8", "replace").strip()
+            )
+            return
+        self._buffer += data
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                self.transport.signalProcess("KILL")
+                return
+            if len(self._buffer) < HEADER.size + length:
+                return
+            body = self._buffer[HEADER.size : HEADER.size + length]
+            self._buffer = self._buffer[HEADER.size + length :]
+            d, self.current = self.current, None
+            if d is not None:
+                d.callback(pickle.loads(body))  # noqa: S301 (our own child)
+            self.verifier._idle(self)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        # Its answers' pipe closing is its death, whether or not the exit
+        # status has been reaped yet.
+        if childFD == 1:
+            self._died()
+
+    def processEnded(self, reason: Failure) -> None:
+        self._died()
+
+    def _died(self) -> None:
+        if self.dead:
+            return
+        self.dead = True
+        d, self.current = self.current, None
+        self.verifier._lost(self)
+        if d is not None:
+            d.errback(HashWorkerDied("the password-hashing process exited"))
 
 
 class ProcessVerifier:
@@ -49,99 +110,96 @@ class ProcessVerifier:
     Verifies passwords against a user file in C{workers} processes.
 
     Callers bound the number of calls in flight (see
-    L{pop3srv.limits.LoginGate}); the executor queues the rest.  If a worker
-    dies, the pool is replaced on the next call; the calls that were in it
-    fail (the checker turns that into a failed login and logs it).
+    L{pop3srv.limits.LoginGate}); the rest wait here for a free worker.
     """
 
     log = Logger()
 
     def __init__(
         self,
-        path: str,
+        users: UserFile,
         workers: int,
         reactor: Any,
-        upgrade: bool = True,
-        start_method: str = "forkserver",
         niceness: int = NICENESS,
     ) -> None:
         """
-        @param path: the user file.
+        @param users: the user file; each worker inherits it as it is now.
         @param workers: the number of processes.
-        @param reactor: an L{IReactorFromThreads} to deliver results on.
-        @param upgrade: as for L{UserFile}.
-        @param start_method: a L{multiprocessing} start method; never
-            C{fork}, which would copy a running reactor.
+        @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
         @param niceness: added to the workers' nice value, so that the
             server processes come first when the CPUs are busy hashing.
         """
-        if start_method == "fork":
-            raise ValueError("the fork start method would copy the reactor's state")
-        self.path = os.path.abspath(path)
+        self.users = users
         self.workers = workers
         self._reactor = reactor
-        self._upgrade = upgrade
         self._niceness = niceness
-        self._context = multiprocessing.get_context(start_method)
-        if start_method == "forkserver":
-            # Workers forked from a server that has these imported start in
-            # milliseconds and share their pages.
-            self._context.set_forkserver_preload(["pop3srv._hashworker"])
-        self._executor: ProcessPoolExecutor | None = None
+        self._pool: list[_WorkerProtocol] = []
+        self._free: deque[_WorkerProtocol] = deque()
+        self._waiting: deque[tuple[str, str, Deferred[Any]]] = deque()
+        self._restarts: list[Any] = []
+        self._running = False
 
-    def _pool(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=self._context,
-                initializer=init_worker,
-                initargs=(self.path, self._upgrade, self._niceness, os.getpid()),
-            )
-        return self._executor
+    @property
+    def pids(self) -> list[int]:
+        """The worker processes' pids."""
+        return [w.transport.pid for w in self._pool if w.transport is not None]
 
     def start(self) -> None:
-        """
-        Start the worker processes now rather than at the first login.
+        """Start the worker processes."""
+        self._running = True
+        while len(self._pool) < self.workers:
+            self._spawn()
 
-        A worker that cannot start breaks the pool; the next verification
-        then fails, is logged, and a new pool is built.
-        """
-        pool = self._pool()
-        for _ in range(self.workers):
-            pool.submit(ping)
+    def _spawn(self) -> None:
+        if not self._running:
+            return
+        worker = _WorkerProtocol(self)
+        users, niceness = self.users, self._niceness
+        ForkedProcess(
+            self._reactor,
+            lambda: serve(users, niceness),
+            worker,
+            {0: "w", 1: "r", 2: "r"},
+        )
+        self._pool.append(worker)
+        self._idle(worker)
 
     def stop(self) -> None:
-        """Stop the workers; calls in flight fail."""
-        executor, self._executor = self._executor, None
-        if executor is not None:
-            executor.shutdown(wait=False, cancel_futures=True)
+        """Stop the workers (they exit when their input closes); calls waiting fail."""
+        self._running = False
+        for call in self._restarts:
+            if call.active():
+                call.cancel()
+        self._restarts = []
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, d in waiting:
+            d.errback(HashWorkerDied("the password-hashing processes were stopped"))
+        pool, self._pool = self._pool, []
+        self._free.clear()
+        for worker in pool:
+            if worker.transport is not None:
+                worker.transport.closeStdin()
 
-    def _wrap(self, future: Future[Any], pool: ProcessPoolExecutor | None) -> Deferred[Any]:
-        """
-        A Deferred that fires in the reactor thread when C{future} is done.
+    def _idle(self, worker: _WorkerProtocol) -> None:
+        """C{worker} can take a call."""
+        if worker.dead or worker not in self._pool:
+            return
+        if self._waiting:
+            username, password, d = self._waiting.popleft()
+            worker.send(username, password, d)
+        else:
+            self._free.append(worker)
 
-        @param pool: the executor that ran it, dropped if it broke.
-        """
-        d: Deferred[Any] = Deferred()
-
-        def deliver(done: Future[Any]) -> None:
-            exception = done.exception()
-            if exception is not None:
-                if isinstance(exception, BrokenProcessPool):
-                    self._reactor.callFromThread(self._replace, pool)
-                self._reactor.callFromThread(d.errback, exception)
-            else:
-                self._reactor.callFromThread(d.callback, done.result())
-
-        future.add_done_callback(deliver)
-        return d
-
-    def _replace(self, broken: ProcessPoolExecutor | None) -> None:
-        """Drop a pool whose worker died, so the next call builds a new one."""
-        # Only that pool: an earlier failure may have replaced it already.
-        if broken is not None and self._executor is broken:
-            self.log.error("A password-hashing worker process died; starting new ones")
-            self.stop()
+    def _lost(self, worker: _WorkerProtocol) -> None:
+        """C{worker} died: replace it."""
+        if worker in self._pool:
+            self._pool.remove(worker)
+        if worker in self._free:
+            self._free.remove(worker)
+        if self._running:
+            self.log.error("A password-hashing process died; starting a new one")
+            self._restarts = [c for c in self._restarts if c.active()]
+            self._restarts.append(self._reactor.callLater(RESTART_DELAY, self._spawn))
 
     def verify_detailed(self, username: str, password: str) -> Deferred[VerifyResult]:
         """
@@ -149,15 +207,14 @@ class ProcessVerifier:
 
         @return: a Deferred firing with the L{VerifyResult}.
         """
-        pool: ProcessPoolExecutor | None = self._pool()
-        try:
-            future = self._pool().submit(verify, username, password)
-        except BrokenProcessPool as e:
-            self.stop()
-            pool = None
-            future = Future()
-            future.set_exception(e)
-        d = self._wrap(future, pool)
+        d: Deferred[Any] = Deferred()
+        if not self._running:
+            d.errback(HashWorkerDied("the password-hashing processes are not running"))
+            return d
+        if self._free:
+            self._free.popleft().send(username, password, d)
+        else:
+            self._waiting.append((username, password, d))
         return d.addCallback(self._replay)
 
     def _replay(self, outcome: tuple[VerifyResult, list[dict[str, Any]]]) -> VerifyResult:

@@ -354,12 +354,7 @@ def makeService(
             if options["hash_workers"] > 0:
                 # Verify in processes: a backend that holds the GIL (pure-Python
                 # sha512_crypt) would otherwise stall every session.
-                verifier = ProcessVerifier(
-                    checker.users.path,
-                    options["hash_workers"],
-                    reactor,
-                    upgrade=checker.users.upgrade,
-                )
+                verifier = ProcessVerifier(checker.users, options["hash_workers"], reactor)
                 VerifierService(verifier).setServiceParent(top)
                 verify = verifier.verify_detailed
             checker = PasslibChecker(
@@ -395,6 +390,8 @@ def makeService(
         servers.append((server, kind))
     if options["workers"] > 1:
         # Added last: it starts after every port is bound, to pass them on.
-        top.supervisor = WorkerSupervisor(reactor, options["workers"] - 1, options.args, servers)
+        top.supervisor = WorkerSupervisor(
+            reactor, options["workers"] - 1, options.args, servers, options=options
+        )
         top.supervisor.setServiceParent(top)
     return top

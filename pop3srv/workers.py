@@ -4,9 +4,12 @@ Several server processes on the same listening sockets (C{--workers N}).
 
 The process twistd starts binds every C{--listen} and C{--listen-tls}
 endpoint and serves like a single-process server; it also starts N-1
-children (L{WorkerSupervisor}) running L{child_main}, giving
-them the listening sockets as inherited descriptors and its own pop3srv
-arguments.  Each child builds the same service with L{makeService
+children (L{WorkerSupervisor}), giving them the listening sockets as
+inherited descriptors.  A child is a fork of the running parent
+(L{pop3srv.forking}: it shares the parent's memory pages and uses its parsed
+options) that builds a new reactor; with a reactor a fork cannot rebuild it
+is a new Python process running L{child_main} with the parent's pop3srv
+arguments.  Either way it builds the same service with L{makeService
 <pop3srv.tap.makeService>}, adopting the sockets
 (C{IReactorSocket.adoptStreamPort}) instead of binding, so the kernel hands
 each new connection to whichever process accepts first.
@@ -43,6 +46,14 @@ from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
+
+from pop3srv.forking import (
+    ForkedProcess,
+    can_fork_reactor,
+    fresh_reactor,
+    log_only_to,
+    set_process_name,
+)
 
 __all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
 
@@ -139,6 +150,7 @@ class WorkerSupervisor(service.Service):
         args: Sequence[str],
         listeners: Sequence[tuple[Any, str]],
         executable: str = sys.executable,
+        options: Any = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
@@ -148,10 +160,16 @@ class WorkerSupervisor(service.Service):
             L{StreamServerEndpointService} that has bound its port, with its
             kind: C{"plain"} or C{"tls"}.
         @param executable: the Python to run the children with.
+        @param options: the parsed L{pop3srv.tap.Options}.  With them, and a
+            reactor a fork can rebuild, children are forks of this process
+            (L{pop3srv.forking}) that share its memory and use these options;
+            otherwise they are new Python processes that parse C{args}.
         """
         self._reactor = reactor
         self.count = count
         self.args = list(args)
+        self.options = options
+        self.fork = options is not None and can_fork_reactor(reactor)
         self.listeners = list(listeners)
         self.executable = executable
         self.children: dict[int, _ChildProtocol] = {}
@@ -185,10 +203,17 @@ class WorkerSupervisor(service.Service):
             child_fds[FIRST_FD + i] = fd
             spec.append([FIRST_FD + i, kind])
         protocol = _ChildProtocol(self, slot)
-        argv = [self.executable, "-c", _CHILD_CODE, json.dumps(spec), *self.args]
-        self._reactor.spawnProcess(
-            protocol, self.executable, argv, env=dict(os.environ), childFDs=child_fds
-        )
+        if self.fork:
+            inherited = [(fd, kind) for fd, kind in spec]
+            options = self.options
+            ForkedProcess(
+                self._reactor, lambda: _forked_child(inherited, options), protocol, child_fds
+            )
+        else:
+            argv = [self.executable, "-c", _CHILD_CODE, json.dumps(spec), *self.args]
+            self._reactor.spawnProcess(
+                protocol, self.executable, argv, env=dict(os.environ), childFDs=child_fds
+            )
         self.children[slot] = protocol
         pid = getattr(protocol.transport, "pid", None)
         self.log.info("Started server process {pid} (worker {slot})", pid=pid, slot=slot)
@@ -290,6 +315,37 @@ class _ParentPipe(abstract.FileDescriptor):
         self._on_close()
 
 
+def _serve(reactor: Any, inherited: Sequence[tuple[int, str]], options: Any) -> None:
+    """Build a child's service on its inherited sockets and run it."""
+    from pop3srv.tap import makeService
+
+    top = makeService(options, reactor, inherited=inherited)
+
+    def stop() -> None:
+        if reactor.running:
+            reactor.stop()
+
+    _ParentPipe(reactor, 0, stop).startReading()
+    top.privilegedStartService()
+    top.startService()
+    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.run()
+
+
+def _forked_child(inherited: Sequence[tuple[int, str]], options: Any) -> None:
+    """Run a child server process that is a fork of the parent."""
+    from twisted.logger import jsonFileLogObserver
+
+    set_process_name("pop3srv-worker")
+    reactor = fresh_reactor()
+    out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
+    log_only_to(jsonFileLogObserver(out))
+    try:
+        _serve(reactor, inherited, options)
+    finally:
+        out.flush()
+
+
 def child_main(argv: Sequence[str] | None = None) -> None:
     """
     Run one child server process: C{python -c _CHILD_CODE SPEC ARGS...}.
@@ -305,18 +361,8 @@ def child_main(argv: Sequence[str] | None = None) -> None:
     out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
 
-    from pop3srv.tap import Options, makeService
+    from pop3srv.tap import Options
 
     options = Options()
     options.parseOptions(args[1:])
-    top = makeService(options, reactor, inherited=spec)
-
-    def stop() -> None:
-        if reactor.running:
-            reactor.stop()
-
-    _ParentPipe(reactor, 0, stop).startReading()
-    top.privilegedStartService()
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.run()
+    _serve(reactor, spec, options)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,39 +19,31 @@ from passlib.hash import (
 )
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import reactor
 from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
 from pop3srv import oscrypt
 from pop3srv.checker import AvatarId, PasslibChecker
-from pop3srv.hashing import ProcessVerifier
+from pop3srv.hashing import NICENESS, HashWorkerDied, ProcessVerifier
 from pop3srv.userfile import UserFile, VerifyResult
 
 
-class ThreadCallReactor:
-    """Just enough reactor: C{callFromThread} queues; L{run_until} runs the queue."""
-
-    def __init__(self) -> None:
-        self.calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        self.calls.append((f, args))
-
-    def run_until(self, d: Deferred[Any], timeout: float = 30.0) -> Any:
-        """Run queued calls until C{d} fires; return its result or raise its failure."""
-        results: list[Any] = []
-        d.addBoth(results.append)
-        deadline = time.monotonic() + timeout
-        while not results:
-            assert time.monotonic() < deadline, "timed out"
-            while self.calls:
-                f, args = self.calls.pop(0)
-                f(*args)
-            time.sleep(0.005)
-        if isinstance(results[0], Failure):
-            results[0].raiseException()
-        return results[0]
+def run_until(d: Deferred[Any], timeout: float = 30.0) -> Any:
+    """
+    Iterate the global reactor (real pipes, real child processes) until
+    C{d} fires; return its result or raise its failure.
+    """
+    results: list[Any] = []
+    d.addBoth(results.append)
+    deadline = time.monotonic() + timeout
+    while not results:
+        assert time.monotonic() < deadline, "timed out"
+        reactor.iterate(0.01)
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
 
 
 def write_users(path: Path, alice_hash: str | None = None) -> Path:
@@ -66,64 +58,63 @@ def write_users(path: Path, alice_hash: str | None = None) -> Path:
 
 
 @pytest.fixture
-def reactor() -> ThreadCallReactor:
-    """The fake reactor results are delivered to."""
-    return ThreadCallReactor()
-
-
-@pytest.fixture
-def verifier(tmp_path: Path, reactor: ThreadCallReactor) -> Iterator[ProcessVerifier]:
+def verifier(tmp_path: Path) -> Iterator[ProcessVerifier]:
     """A started verifier with two worker processes on a fresh user file."""
-    v = ProcessVerifier(str(write_users(tmp_path / "users")), 2, reactor)
+    v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 2, reactor)
     v.start()
     yield v
     v.stop()
 
 
-def test_verifies_in_another_process(verifier: ProcessVerifier, reactor: ThreadCallReactor) -> None:
+def test_verifies_in_other_processes(verifier: ProcessVerifier) -> None:
     """Right, wrong and unknown: the same results as UserFile, with labels."""
     check = verifier.verify_detailed
-    assert reactor.run_until(check("alice", "alice-pw")) == VerifyResult(ok=True)
-    assert reactor.run_until(check("alice", "nope")) == VerifyResult(ok=False)
-    assert reactor.run_until(check("nobody", "alice-pw")) == VerifyResult(ok=False)
-    assert reactor.run_until(check("bob", "phone-pw")) == VerifyResult(ok=True, label="phone")
+    assert run_until(check("alice", "alice-pw")) == VerifyResult(ok=True)
+    assert run_until(check("alice", "nope")) == VerifyResult(ok=False)
+    assert run_until(check("nobody", "alice-pw")) == VerifyResult(ok=False)
+    assert run_until(check("bob", "phone-pw")) == VerifyResult(ok=True, label="phone")
+    pids = verifier.pids
+    assert len(pids) == 2 and os.getpid() not in pids
+    for pid in pids:
+        with open(f"/proc/{pid}/comm") as f:
+            assert f.read().strip() == "pop3srv-hash"
+        assert os.getpriority(os.PRIO_PROCESS, pid) >= NICENESS
 
 
-def test_fork_is_refused(tmp_path: Path, reactor: ThreadCallReactor) -> None:
-    """The fork start method would copy a running reactor: refused."""
-    with pytest.raises(ValueError, match="fork"):
-        ProcessVerifier(str(write_users(tmp_path / "users")), 1, reactor, start_method="fork")
+def test_calls_beyond_the_workers_wait_their_turn(verifier: ProcessVerifier) -> None:
+    """More calls than processes: each is answered, with its own result."""
+    calls = [("alice", "alice-pw"), ("alice", "bad"), ("bob", "bob-pw"), ("bob", "x")] * 3
+    pending = [verifier.verify_detailed(u, p) for u, p in calls]
+    results = [run_until(d).ok for d in pending]
+    assert results == [True, False, True, False] * 3
 
 
-def test_workers_reload_the_file(
-    tmp_path: Path, verifier: ProcessVerifier, reactor: ThreadCallReactor
-) -> None:
-    """The workers read the file themselves and notice a change."""
-    assert reactor.run_until(verifier.verify_detailed("alice", "alice-pw")).ok
+def test_workers_reload_the_file(tmp_path: Path, verifier: ProcessVerifier) -> None:
+    """The workers notice a change to the file themselves."""
+    assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
     path = tmp_path / "users"
     write_users(path, sha512_crypt.using(rounds=1000).hash("new-pw"))
     # Make sure the change is visible even on a coarse mtime.
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
     for _ in range(4):  # every worker, whichever gets the call
-        assert reactor.run_until(verifier.verify_detailed("alice", "new-pw")).ok
-        assert not reactor.run_until(verifier.verify_detailed("alice", "alice-pw")).ok
+        assert run_until(verifier.verify_detailed("alice", "new-pw")).ok
+        assert not run_until(verifier.verify_detailed("alice", "alice-pw")).ok
 
 
-def test_upgrade_happens_in_the_worker_and_is_logged_here(
-    tmp_path: Path, reactor: ThreadCallReactor
-) -> None:
+def test_upgrade_happens_in_the_worker_and_is_logged_here(tmp_path: Path) -> None:
     """
     A deprecated hash is rewritten once by a worker; the worker's log event
     is re-emitted in this process; the other worker finds it done.
     """
     path = write_users(tmp_path / "users", apr_md5_crypt.hash("alice-pw"))
-    v = ProcessVerifier(str(path), 2, reactor)
+    v = ProcessVerifier(UserFile(path), 2, reactor)
+    v.start()
     events: list[LogEvent] = []
     observer: Any = events.append
     globalLogPublisher.addObserver(observer)
     try:
-        first = reactor.run_until(v.verify_detailed("alice", "alice-pw"))
-        again = [reactor.run_until(v.verify_detailed("alice", "alice-pw")) for _ in range(3)]
+        first = run_until(v.verify_detailed("alice", "alice-pw"))
+        again = [run_until(v.verify_detailed("alice", "alice-pw")) for _ in range(3)]
     finally:
         globalLogPublisher.removeObserver(observer)
         v.stop()
@@ -136,38 +127,60 @@ def test_upgrade_happens_in_the_worker_and_is_logged_here(
     assert all("alice-pw" not in formatEvent(e) for e in events)
 
 
-def test_a_dead_worker_is_replaced(verifier: ProcessVerifier, reactor: ThreadCallReactor) -> None:
-    """After a worker is killed, a call may fail, but the pool is rebuilt."""
-    assert reactor.run_until(verifier.verify_detailed("alice", "alice-pw")).ok
-    executor = verifier._executor
-    assert executor is not None
-    for pid in list(executor._processes):
+def test_a_dead_worker_fails_its_call_and_is_replaced(verifier: ProcessVerifier) -> None:
+    """A worker killed mid-check fails that check; a new process takes its place."""
+    assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
+    before = set(verifier.pids)
+    for pid in before:
+        os.kill(pid, signal.SIGSTOP)
+    stuck = verifier.verify_detailed("alice", "alice-pw")
+    for pid in before:
         os.kill(pid, signal.SIGKILL)
-    outcomes = []
-    for _ in range(5):
-        try:
-            outcomes.append(reactor.run_until(verifier.verify_detailed("alice", "alice-pw")).ok)
-        except Exception:
-            outcomes.append("failed")
-        if outcomes[-1] is True:
-            break
-    assert outcomes[-1] is True, outcomes
-    assert verifier._executor is not executor
+    with pytest.raises(HashWorkerDied):
+        run_until(stuck)
+    deadline = time.monotonic() + 20
+    while len(set(verifier.pids) - before) < 2:
+        assert time.monotonic() < deadline, "no replacement processes"
+        reactor.iterate(0.05)
+    assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
 
 
-def test_checker_uses_the_verifier(tmp_path: Path, reactor: ThreadCallReactor) -> None:
+def test_stop_ends_the_processes(tmp_path: Path) -> None:
+    """After stop the workers exit, and new calls fail at once."""
+    v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 2, reactor)
+    v.start()
+    assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+    pids = v.pids
+    v.stop()
+    deadline = time.monotonic() + 20
+    while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
+        assert time.monotonic() < deadline, "workers still running"
+        reactor.iterate(0.05)
+    with pytest.raises(HashWorkerDied):
+        run_until(v.verify_detailed("alice", "alice-pw"))
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def test_checker_uses_the_verifier(tmp_path: Path) -> None:
     """PasslibChecker with a verifier: same avatar IDs and failures."""
     path = write_users(tmp_path / "users")
-    v = ProcessVerifier(str(path), 1, reactor)
-    fake: Any = reactor
-    checker = PasslibChecker(UserFile(path), reactor=fake, verifier=v.verify_detailed)
+    v = ProcessVerifier(UserFile(path), 1, reactor)
+    v.start()
+    checker = PasslibChecker(UserFile(path), reactor=reactor, verifier=v.verify_detailed)
     try:
-        avatar = reactor.run_until(checker.requestAvatarId(UsernamePassword(b"bob", b"phone-pw")))
+        avatar = run_until(checker.requestAvatarId(UsernamePassword(b"bob", b"phone-pw")))
         assert avatar == b"bob" and isinstance(avatar, AvatarId) and avatar.label == "phone"
         with pytest.raises(UnauthorizedLogin):
-            reactor.run_until(checker.requestAvatarId(UsernamePassword(b"bob", b"bad")))
+            run_until(checker.requestAvatarId(UsernamePassword(b"bob", b"bad")))
         with pytest.raises(UnauthorizedLogin):
-            reactor.run_until(checker.requestAvatarId(UsernamePassword(b"eve", b"bad")))
+            run_until(checker.requestAvatarId(UsernamePassword(b"eve", b"bad")))
     finally:
         v.stop()
 

@@ -1,0 +1,181 @@
+# -*- test-case-name: tests.test_forking -*-
+"""
+Child processes that are forks of this one, not new programs.
+
+A child server process (L{pop3srv.workers}) or password-hashing process
+(L{pop3srv.hashing}) started with exec imports Python, Twisted, pyOpenSSL
+and cryptography again: 30-40 MiB of private memory each.  A fork shares
+those pages with its parent until either writes them, so with the cyclic
+garbage collector kept off the inherited objects (L{gc.freeze}) most of
+them stay shared for the life of the process.
+
+L{ForkedProcess} is Twisted's own child process (pipes, exit reporting,
+signals), except that the child runs a Python function instead of exec.
+By then Twisted has closed every descriptor the child was not given (the
+parent's reactor, listening sockets, sessions and log file among them), so
+the copy of the parent's reactor is dead weight the child never runs;
+L{fresh_reactor} installs a new one for a child that needs a reactor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import gc
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Callable
+from typing import Any
+
+from twisted.internet import process
+from twisted.internet.interfaces import IProcessProtocol
+from twisted.logger import globalLogPublisher
+
+__all__ = [
+    "ForkedProcess",
+    "can_fork_reactor",
+    "fresh_reactor",
+    "log_only_to",
+    "set_process_name",
+]
+
+#: prctl(2) option that sets the calling thread's name (what ps and top show).
+_PR_SET_NAME = 15
+
+#: The signals a Twisted reactor or twistd handles; a forked child resets
+#: them so that the parent's handlers (and its wakeup descriptor) are gone
+#: before the child installs its own.
+_PARENT_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD", "SIGUSR1", "SIGUSR2")
+
+
+def _reactor_classes() -> tuple[type, ...]:
+    """The reactor classes L{fresh_reactor} can build anew."""
+    classes = []
+    for module, name in (
+        ("twisted.internet.epollreactor", "EPollReactor"),
+        ("twisted.internet.pollreactor", "PollReactor"),
+        ("twisted.internet.selectreactor", "SelectReactor"),
+    ):
+        try:
+            classes.append(getattr(__import__(module, fromlist=[name]), name))
+        except (ImportError, AttributeError):
+            continue
+    return tuple(classes)
+
+
+def can_fork_reactor(reactor: Any) -> bool:
+    """
+    Whether a fork of this process can run a reactor of C{reactor}'s kind:
+    the poll-style reactors need no state but their own descriptors.  Others
+    (asyncio, for one) carry state a fork would share, so their children
+    are started with exec.
+    """
+    return type(reactor) in _reactor_classes()
+
+
+def _forget_parent() -> None:
+    """
+    Drop what a fork inherits from the parent's reactor and twistd: their
+    signal handlers (and the wakeup descriptor, now closed, whose number
+    may be reused) and the parent's child processes, which are not ours.
+    """
+    signal.set_wakeup_fd(-1)
+    for name in _PARENT_SIGNALS:
+        number = getattr(signal, name, None)
+        if number is not None:
+            signal.signal(number, signal.SIG_DFL)
+    process.reapProcessHandlers.clear()
+
+
+def fresh_reactor() -> Any:
+    """
+    In a forked child, replace the installed reactor (the parent's, whose
+    descriptors are closed) with a new one of the same class.
+
+    @return: the new reactor, now C{twisted.internet.reactor}.
+    """
+    from twisted.internet.main import installReactor
+
+    old = sys.modules.pop("twisted.internet.reactor", None)
+    if old is None or not can_fork_reactor(old):
+        raise RuntimeError(f"cannot build a new reactor like {old!r} in a forked child")
+    reactor = type(old)()
+    installReactor(reactor)
+    return reactor
+
+
+def log_only_to(observer: Callable[[dict[str, Any]], None]) -> None:
+    """
+    In a forked child, send every log event to C{observer} only, instead of
+    to the parent's observers (its log file, whose descriptor is closed).
+    """
+    for old in list(getattr(globalLogPublisher, "_observers", [])):
+        globalLogPublisher.removeObserver(old)
+    globalLogPublisher.addObserver(observer)
+
+
+def set_process_name(name: str) -> None:
+    """
+    Name this process (C{/proc/PID/comm}, what C{ps} and C{top} show, at most
+    15 bytes): a fork keeps its parent's command line, so this is how an
+    admin tells the processes apart.  Does nothing where prctl is missing.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode()[:15], 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+
+
+class ForkedProcess(process.Process):
+    """
+    A child process that runs C{main()} in a fork of this process.
+
+    The parent side is an ordinary Twisted process transport: C{childFDs},
+    the process protocol, L{signalProcess}, and C{processEnded} with the
+    exit status, which is C{main}'s return value (0 for L{None}) or 1 if
+    it raised (the traceback goes to the child's descriptor 2).
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        main: Callable[[], int | None],
+        protocol: IProcessProtocol,
+        childFDs: dict[int, Any],
+    ) -> None:
+        self._main = main
+        # Keep the garbage collector off the objects the child inherits: a
+        # collection writes to every object it visits, which would copy
+        # the page it is on.  Objects created later are collected as usual.
+        gc.freeze()
+        super().__init__(
+            reactor, sys.executable, [sys.executable], None, None, protocol, childFDs=childFDs
+        )
+
+    def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
+        # posix_spawn would exec; this process must fork.
+        return False
+
+    def _execChild(
+        self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any
+    ) -> None:
+        # Runs in the child after Twisted has set up its descriptors, with
+        # the collector disabled (Twisted does that around fork).
+        status = 1
+        try:
+            gc.enable()
+            _forget_parent()
+            result = self._main()
+            status = 0 if result is None else int(result)
+        except BaseException:
+            # Nowhere else to report it: the parent logs descriptor 2.
+            with contextlib.suppress(BaseException):
+                with open(2, "w", encoding="utf-8", closefd=False) as err:
+                    traceback.print_exc(file=err)
+        finally:
+            # Never return into the parent's call stack, and skip the
+            # parent's exit handlers.
+            os._exit(status)
