@@ -25,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from pop3srv import malloc
 from pop3srv.checker import PasslibChecker
 from pop3srv.config import SETTINGS, ConfigError, convert, load_config
 from pop3srv.hashing import ProcessVerifier
@@ -339,6 +340,7 @@ def makeService(
         from twisted.internet import reactor as global_reactor
 
         reactor = global_reactor
+    malloc.tune()
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
     threads = ThreadPoolService(max(1, options["hash_workers"]))

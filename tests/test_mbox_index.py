@@ -10,11 +10,15 @@ from pathlib import Path
 from typing import BinaryIO
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from pop3srv.mbox import index as index_module
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.index import (
+    IndexRecord,
     MboxIndex,
+    RecordTable,
     decode_index,
     encode_index,
     read_index,
@@ -260,3 +264,48 @@ def test_unwritable_index_is_not_fatal(mbox: Path) -> None:
     Path(state_paths(str(mbox)).index).mkdir()
     assert len(_uidls(mbox)) == 3
     assert _loaded(mbox).scanned_from == 0
+
+
+_RECORDS = st.lists(
+    st.builds(
+        IndexRecord,
+        st.integers(0, 2**63 - 1),
+        st.integers(0, 2**63 - 1),
+        st.integers(0, 2**63 - 1),
+        st.integers(0, 2**63 - 1),
+        st.binary(min_size=12, max_size=12),
+        st.integers(0, 2**32 - 1),
+    ),
+    max_size=20,
+)
+
+
+@given(_RECORDS, st.integers(-25, 25), st.integers(-25, 25))
+def test_record_table_behaves_like_the_list(records: list[IndexRecord], i: int, j: int) -> None:
+    """Packed records read back as the list they came from, however indexed."""
+    table = RecordTable.pack(records)
+    assert len(table) == len(records) and list(table) == records
+    assert table == records and table == RecordTable(table.data)
+    assert table.sizes() == [r.size for r in records]
+    assert table[i:j] == records[i:j]
+    if -len(records) <= i < len(records):
+        assert table[i] == records[i]
+    else:
+        with pytest.raises(IndexError):
+            table[i]
+    assert RecordTable.pack(table) is table
+
+
+def test_a_loaded_index_holds_packed_records(tmp_path: Path) -> None:
+    """Scanned, grown or read back, the records are one packed buffer."""
+    mbox = tmp_path / "mbox"
+    mbox.write_bytes(b"From a\n\nx\n\nFrom b\n\ny\n")
+    first = _loaded(mbox)
+    assert isinstance(first.records, RecordTable) and len(first.records) == 2
+    with open(mbox, "ab") as f:
+        f.write(b"\nFrom c\n\nz\n")
+    grown = _loaded(mbox)
+    assert isinstance(grown.records, RecordTable) and grown.scanned_from is not None
+    assert list(grown.records)[:1] == list(first.records)[:1] and len(grown.records) == 3
+    again = _loaded(mbox)
+    assert again.scanned_from is None and again.records == grown.records

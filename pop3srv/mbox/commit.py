@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from twisted.logger import Logger
 
 from pop3srv.errors import MaildropChanged
-from pop3srv.mbox.index import MboxIndex, probes, trim_retired
+from pop3srv.mbox.index import MboxIndex, RecordTable, probes, trim_retired
 from pop3srv.mbox.paths import StatePaths, fsync_dir
 
 _log = Logger()
@@ -335,7 +335,7 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
         st.st_ino,
         size,
         st.st_mtime_ns,
-        records,
+        RecordTable.pack(records),
         trim_retired(retired),
         None,
         *probes(fd, size),

@@ -19,10 +19,12 @@ from __future__ import annotations
 import hashlib
 import os
 import struct
+import sys
 import tempfile
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from typing import overload
 
 from twisted.logger import Logger
 
@@ -84,6 +86,84 @@ class IndexRecord:
         )
 
 
+class RecordTable(Sequence[IndexRecord]):
+    """
+    The records of an index, packed as they are stored in its file.
+
+    A mailbox of tens of thousands of messages as that many Python objects
+    costs several MiB per open session, and the allocator keeps much of it
+    after the session ends; packed, it is one buffer of 48 bytes a message.
+    Records are unpacked when asked for.
+    """
+
+    __slots__ = ("_count", "_data")
+
+    def __init__(self, data: bytes) -> None:
+        """
+        @param data: packed records, L{_RECORD} each.
+        """
+        if len(data) % _RECORD.size:
+            raise ValueError("not a whole number of records")
+        self._data = data
+        self._count = len(data) // _RECORD.size
+
+    @classmethod
+    def pack(cls, records: Iterable[IndexRecord]) -> RecordTable:
+        """Pack records (or return a table as it is)."""
+        if isinstance(records, RecordTable):
+            return records
+        # Packed one by one into one buffer: a record is garbage as soon as
+        # it is packed, so a streamed scan never holds them all as objects.
+        pack = _RECORD.pack
+        data = bytearray()
+        for r in records:
+            data += pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal)
+        return cls(bytes(data))
+
+    @property
+    def data(self) -> bytes:
+        """The packed records, as written to the index file."""
+        return self._data
+
+    def __len__(self) -> int:
+        return self._count
+
+    @overload
+    def __getitem__(self, i: int) -> IndexRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> list[IndexRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> IndexRecord | list[IndexRecord]:
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(self._count))]
+        if i < 0:
+            i += self._count
+        if not 0 <= i < self._count:
+            raise IndexError("record index out of range")
+        return IndexRecord(*_RECORD.unpack_from(self._data, i * _RECORD.size))
+
+    def __iter__(self) -> Iterator[IndexRecord]:
+        for fields in _RECORD.iter_unpack(self._data):
+            yield IndexRecord(*fields)
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, RecordTable):
+            return self._data == other._data
+        if isinstance(other, Sequence):
+            return list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def sizes(self) -> list[int]:
+        """Every record's C{size}, without unpacking whole records."""
+        if sys.byteorder == "little":
+            # Each record is six little-endian 64-bit words; size is the 4th.
+            return memoryview(self._data).cast("Q")[3 :: _RECORD.size // 8].tolist()
+        return [r.size for r in self]
+
+
 @dataclass(slots=True)
 class MboxIndex:
     """
@@ -106,7 +186,7 @@ class MboxIndex:
     ino: int
     size: int
     mtime_ns: int
-    records: list[IndexRecord]
+    records: Sequence[IndexRecord]
     retired: dict[bytes, int] = field(default_factory=dict)
     scanned_from: int | None = None
     head_probe: bytes = bytes(_PROBE_SIZE)
@@ -189,10 +269,7 @@ def encode_index(index: MboxIndex) -> bytes:
             len(index.retired),
         )
     ]
-    pack = _RECORD.pack
-    parts.extend(
-        pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal) for r in index.records
-    )
+    parts.append(RecordTable.pack(index.records).data)
     parts.extend(_RETIRED.pack(d, n) for d, n in index.retired.items())
     body = b"".join(parts)
     return body + hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest()
@@ -215,7 +292,7 @@ def decode_index(data: bytes) -> MboxIndex | None:
     rec_end = _HEADER.size + n_rec * _RECORD.size
     if len(body) != rec_end + n_ret * _RETIRED.size:
         return None
-    records = [IndexRecord(*fields) for fields in _RECORD.iter_unpack(body[_HEADER.size : rec_end])]
+    records = RecordTable(body[_HEADER.size : rec_end])
     retired = dict(_RETIRED.iter_unpack(body[rec_end:]))
     return MboxIndex(dev, ino, size, mtime_ns, records, retired, head_probe=head, tail_probe=tail)
 
@@ -272,21 +349,22 @@ def probes(fd: int, size: int) -> tuple[bytes, bytes]:
     return _hash_at(fd, 0, span), _hash_at(fd, size - span, span)
 
 
-def _scan(fd: int, start: int, limit: int) -> list[MessageRecord]:
+def _scan(fd: int, start: int, limit: int) -> Iterator[MessageRecord]:
     # closefd=False: the caller's fd (and its lock) must outlive the scan.
     with open(fd, "rb", buffering=0, closefd=False) as f:
-        return list(scan_mbox(f, start, limit))
+        yield from scan_mbox(f, start, limit)
 
 
 def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
+    # Streamed, not listed: see RecordTable.pack.
     scanned = _scan(fd, 0, st.st_size)
     old_records: Sequence[IndexRecord] = old.records if old else ()
     old_retired = old.retired if old else {}
     alloc = _OrdinalAllocator(old_records, (), old_retired)
-    records = [
+    records = RecordTable.pack(
         IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
         for m in scanned
-    ]
+    )
     return MboxIndex(
         st.st_dev,
         st.st_ino,
@@ -301,19 +379,20 @@ def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
 
 def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
     last = old.records[-1]
-    scanned = _scan(fd, last.start, st.st_size)
+    scanned = list(_scan(fd, last.start, st.st_size))
     if not scanned or scanned[0].start != last.start:
         return None
     if scanned[0].digest != last.digest:
         return None
-    kept = old.records[:-1]
+    kept = RecordTable.pack(old.records).data[: -_RECORD.size]
     alloc = _OrdinalAllocator((), old.records, old.retired)
     m = scanned[0]
-    records = [*kept, IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, last.ordinal)]
-    records.extend(
+    appended = [IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, last.ordinal)]
+    appended.extend(
         IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
         for m in scanned[1:]
     )
+    records = RecordTable(kept + RecordTable.pack(appended).data)
     return MboxIndex(
         st.st_dev,
         st.st_ino,

@@ -22,15 +22,25 @@ from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer  # type: ignore[import-untyped]
 
+from pop3srv import malloc
 from pop3srv.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
-from pop3srv.mbox.index import IndexRecord, MboxIndex, empty_index, load_index, write_index
+from pop3srv.mbox.index import (
+    IndexRecord,
+    MboxIndex,
+    RecordTable,
+    empty_index,
+    load_index,
+    write_index,
+)
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
 from pop3srv.mbox.paths import StatePaths, remove_stale_temps, state_paths
 from pop3srv.mbox.quoting import MboxUnquoter
 
 #: Raw bytes read per pread when streaming a message.
 READ_CHUNK = 64 * 1024
+#: A scan of at least this many bytes is followed by L{malloc.trim}.
+BIG_SCAN = 16 << 20
 
 DeferToThread = Callable[..., "Deferred[Any]"]
 
@@ -201,7 +211,12 @@ class MboxMailbox:
         records = self._index.records
         if index is None:
             deleted = self._deleted
-            return [0 if i in deleted else rec.size for i, rec in enumerate(records)]
+            sizes = (
+                records.sizes() if isinstance(records, RecordTable) else [r.size for r in records]
+            )
+            for i in deleted:
+                sizes[i] = 0
+            return sizes
         if not 0 <= index < len(records):
             raise IndexError(index)
         return 0 if index in self._deleted else records[index].size
@@ -374,6 +389,10 @@ def open_maildrop(
     except BaseException:
         _cleanup(fd, session)
         raise
+    if index.scanned_from is not None and index.size - index.scanned_from >= BIG_SCAN:
+        # The scan's buffers and records are garbage now; give them back
+        # rather than keep the peak of the largest scan for good.
+        malloc.trim()
     return MboxMailbox(
         paths,
         index,

@@ -1,0 +1,62 @@
+# -*- test-case-name: tests.test_malloc -*-
+"""
+Hand memory that big mailbox operations used back to the system.
+
+A cold index scan of a large mbox, or a commit, allocates and frees
+megabytes in a worker thread.  glibc keeps freed memory for reuse: in the
+thread's own arena, and, after a large block is freed, it raises the size
+above which blocks get their own mapping (so the next ones stay on the
+heap too).  A server process would then keep the peak of its largest scan
+for good.  L{tune} pins that threshold; L{trim} returns free pages after
+a big operation.  Both do nothing without glibc.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+
+__all__ = ["MMAP_THRESHOLD", "trim", "tune"]
+
+#: Blocks this large or larger get a mapping of their own, which is
+#: returned to the system when freed (glibc's initial default, kept fixed).
+MMAP_THRESHOLD = 128 * 1024
+
+#: mallopt(3) parameter numbers.
+_M_MMAP_THRESHOLD = -3
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        libc = ctypes.CDLL(None)
+        libc.mallopt  # noqa: B018 (probe: glibc has it, musl does not)
+        libc.malloc_trim  # noqa: B018
+    except (OSError, AttributeError):
+        return None
+    return libc
+
+
+_LIBC = _libc()
+
+
+def tune() -> bool:
+    """
+    Keep large blocks in their own mappings for the life of the process
+    (and of its forks).
+
+    @return: whether glibc took the setting.
+    """
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+
+
+def trim() -> bool:
+    """
+    Return free heap pages, in every arena, to the system.
+
+    @return: whether any memory was released.
+    """
+    if _LIBC is None:
+        return False
+    return bool(_LIBC.malloc_trim(0))

@@ -1,0 +1,39 @@
+"""
+Tests for L{pop3srv.malloc}.
+"""
+
+from __future__ import annotations
+
+import platform
+
+import pytest
+
+from pop3srv import malloc
+
+
+def _private_dirty_kib() -> int:
+    with open("/proc/self/smaps_rollup") as f:
+        for line in f:
+            if line.startswith("Private_Dirty:"):
+                return int(line.split()[1])
+    raise AssertionError("no Private_Dirty")
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="glibc only")
+def test_tuned_large_blocks_go_back_to_the_system() -> None:
+    """
+    After tune(), a block just over the threshold is its own mapping: many
+    of them, freed, leave no heap behind, even after a larger block was
+    freed (which would otherwise raise glibc's threshold above them).
+    """
+    assert malloc.tune()
+    big = bytearray(8 << 20)
+    del big
+    before = _private_dirty_kib()
+    blocks = [bytearray(malloc.MMAP_THRESHOLD * 2) for _ in range(200)]
+    during = _private_dirty_kib()
+    del blocks
+    after = _private_dirty_kib()
+    assert during - before > 40_000
+    assert after - before < 4_000
+    assert isinstance(malloc.trim(), bool)
