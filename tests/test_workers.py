@@ -129,6 +129,8 @@ def test_both_processes_serve(server: Pop3Server) -> None:
 def test_in_use_across_processes(server: Pop3Server) -> None:
     """A maildrop locked by a session in one process is [IN-USE] in the other."""
     holder = login(server, "alice")
+    # A child's log lines reach the parent's log a moment later.
+    assert wait_for(lambda: session_pids(server.log_text(), "login-ok"))
     (holder_pid,) = session_pids(server.log_text(), "login-ok")
     refused_by: set[str] = set()
     try:
