@@ -119,7 +119,46 @@ class _MessageStreamer:
         self._paused = False
         self._stopped = False
         self._scheduled = False
+        self._pending: list[bytes] = []
         self.done: defer.Deferred[None] = defer.Deferred()
+
+    def send_if_small(self) -> bool:
+        """
+        Send the whole message now if it fits in one chunk.
+
+        Most mail is small, and for it the producer hand-over, the Deferred
+        and the idle-timer reset of L{start} cost more than the copying.  If
+        the message is bigger, what was read is kept for L{start}.
+
+        @return: whether the message was sent (and the source closed).
+        """
+        try:
+            first = self._source.read(CHUNK_SIZE)
+            rest = self._source.read(CHUNK_SIZE) if first else b""
+            if rest:
+                self._pending = [first, rest]
+                return False
+            data = first
+            if self._top is not None:
+                data = self._top.feed(data) if data else b""
+            out = self._encoder.feed(data)
+            if out:
+                self._transport.write(out)
+            self._transport.write(self._encoder.finish())
+        except BaseException:
+            self._close_source()
+            raise
+        self._stopped = True
+        self._close_source()
+        return True
+
+    def _close_source(self) -> None:
+        close = getattr(self._source, "close", None)
+        if close is not None:
+            close()
+
+    def _read(self) -> bytes:
+        return self._pending.pop(0) if self._pending else self._source.read(CHUNK_SIZE)
 
     def start(self) -> defer.Deferred[None]:
         self._transport.registerProducer(self, True)
@@ -140,7 +179,7 @@ class _MessageStreamer:
         self._on_progress()
         try:
             while not self._paused and not self._stopped:
-                data = self._source.read(CHUNK_SIZE)
+                data = self._read()
                 if self._top is not None:
                     data = self._top.feed(data) if data else b""
                     finished = self._top.done or not data
@@ -164,9 +203,7 @@ class _MessageStreamer:
         if self._stopped:
             return
         self._stopped = True
-        close = getattr(self._source, "close", None)
-        if close is not None:
-            close()
+        self._close_source()
         self._transport.unregisterProducer()
         if result is None:
             self.done.callback(None)
@@ -664,10 +701,8 @@ class POP3Server(Protocol):
     def _send_message(self, action: m.SendMessage) -> defer.Deferred[None]:
         d = defer.maybeDeferred(self.mailbox.getMessage, action.index)
 
-        def stream(source: _Readable) -> defer.Deferred[None]:
+        def stream(source: _Readable) -> defer.Deferred[None] | None:
             self.transport.write(action.status)
-            self._producing = False
-            self.transport.unregisterProducer()
             streamer = _MessageStreamer(
                 self.transport,
                 source,
@@ -675,6 +710,10 @@ class POP3Server(Protocol):
                 self.factory.reactor.callLater,
                 self._reset_idle_timer,
             )
+            if streamer.send_if_small():
+                return None
+            self._producing = False
+            self.transport.unregisterProducer()
             done = streamer.start()
             done.addBoth(self._streamed)
             return done

@@ -271,7 +271,13 @@ class DotStuffer:
         Encode a non-empty chunk that holds no CR, after one that did not
         end in CR.
         """
-        out = _DOT_AFTER_LF.sub(b"\n..", data).replace(b"\n", b"\r\n")
+        if b"." in data:
+            data_stuffed = _DOT_AFTER_LF.sub(b"\n..", data)
+        else:
+            # No dot at all (base64 attachments have none): a memchr-speed
+            # check saves the per-line search.
+            data_stuffed = data
+        out = data_stuffed.replace(b"\n", b"\r\n")
         if self._at_line_start and data[0] == 0x2E:
             out = b"." + out
         self._at_line_start = data[-1] == 0x0A

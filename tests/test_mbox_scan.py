@@ -18,6 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pop3srv.mbox import open_maildrop
+from pop3srv.mbox import scan as scan_module
 from pop3srv.mbox.quoting import unquote
 from pop3srv.mbox.scan import MessageRecord, scan_mbox
 from pop3srv.mbox.testing import (
@@ -76,6 +77,14 @@ def test_records_match_reference(data: bytes, chunk_size: int) -> None:
     records = _scan(data, chunk_size=chunk_size)
     assert records == _expected(data)
     assert _scan(data, chunk_size=chunk_size, limit=len(data)) == records
+    # Ranges queued for the helper thread, every one or only the longer.
+    saved = scan_module.OFFLOAD_MIN
+    try:
+        for offload_min in (1, 3):
+            scan_module.OFFLOAD_MIN = offload_min
+            assert _scan(data, chunk_size=chunk_size) == records
+    finally:
+        scan_module.OFFLOAD_MIN = saved
     for rec in records:
         # The same size again, through the production un-quoter.
         text = unquote(data[rec.body_start : rec.end])

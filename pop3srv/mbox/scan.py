@@ -40,6 +40,10 @@ DIGEST_SIZE = 12
 
 #: A scan of at least this many bytes digests in a helper thread.
 PARALLEL_DIGEST_MIN = 16 << 20
+#: Ranges shorter than this are digested at once: they hold the GIL anyway
+#: (hashlib releases it only for larger updates), and queueing them would
+#: make the helper thread contend for it.
+OFFLOAD_MIN = 16 << 10
 
 # Every line start that matters is an LF followed by some ">" and "From ":
 # none is a message start, 1..MAX_QUOTES is a line the un-quoter shortens.
@@ -86,7 +90,7 @@ class _Message:
     @ivar quoted: lines after the C{From } line that lose a C{>}.
     """
 
-    __slots__ = ("body_start", "crlf", "hasher", "lf", "quoted", "start")
+    __slots__ = ("body_start", "crlf", "hasher", "lf", "offloaded", "quoted", "start")
 
     def __init__(self, start: int) -> None:
         self.start = start
@@ -95,6 +99,7 @@ class _Message:
         self.lf = 0
         self.crlf = 0
         self.quoted = 0
+        self.offloaded = False
 
     def absorb(self, buf: bytes, lo: int, hi: int, base: int, has_cr: bool, batch: _Batch) -> None:
         """
@@ -109,11 +114,16 @@ class _Message:
         @param hi: index just past the range.
         @param base: file offset of C{buf[0]}.
         @param has_cr: whether C{buf[lo:hi]} may hold a CR.
-        @param batch: where the range is queued for the digest.
+        @param batch: where a long range is queued for the digest.
         """
         if lo >= hi:
             return
-        batch.append((self.hasher, buf, lo, hi))
+        if self.offloaded or hi - lo >= OFFLOAD_MIN:
+            # Once one range is queued, every later one is, to keep order.
+            self.offloaded = True
+            batch.append((self.hasher, buf, lo, hi))
+        else:
+            self.hasher.update(memoryview(buf)[lo:hi])
         if self.body_start < 0:
             nl = buf.find(b"\n", lo, hi)
             if nl < 0:
