@@ -12,6 +12,7 @@ Which command is legal in which state is written down once, in L{ALLOWED}.
 from __future__ import annotations
 
 import enum
+from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -236,17 +237,19 @@ class _Maildrop:
     """The session's view of the maildrop: sizes, deletion marks and UIDLs."""
 
     def __init__(self, sizes: Sequence[int], uidl_of: Callable[[int], str | bytes]) -> None:
-        self.sizes = list(sizes)
+        # Packed: a session on a mailbox of tens of thousands of messages
+        # holds 8 bytes a message, not an int object each.
+        self.sizes = array("q", sizes)
         self.deleted: set[int] = set()
         self._uidl_of = uidl_of
-        self._uidls: dict[int, str] = {}
 
     def uidl(self, index: int) -> str:
-        if index not in self._uidls:
-            uidl = self._uidl_of(index)
-            # Twisted's IMailbox returns bytes; accept str too.
-            self._uidls[index] = uidl.decode("ascii") if isinstance(uidl, bytes) else uidl
-        return self._uidls[index]
+        # Asked of the mailbox each time, not cached: IMailbox promises a
+        # stable UIDL, and a cache would hold one string per message for
+        # the whole session.
+        uidl = self._uidl_of(index)
+        # Twisted's IMailbox returns bytes; accept str too.
+        return uidl.decode("ascii") if isinstance(uidl, bytes) else uidl
 
     def live(self) -> list[int]:
         return [i for i in range(len(self.sizes)) if i not in self.deleted]
@@ -470,8 +473,9 @@ class Pop3Machine:
                 drop.sizes.__getitem__ if isinstance(command, c.List) else drop.uidl
             )
             if command.msn is None:
-                listing = [f"{i + 1} {describe(i)}" for i in drop.live()]
-                return Reply(format_multiline(f"{len(listing)} messages.", listing))
+                live = drop.live()
+                listing = (f"{i + 1} {describe(i)}" for i in live)
+                return Reply(format_multiline(f"{len(live)} messages.", listing))
             index = drop.index_of(command.msn)
             if isinstance(index, bytes):
                 return Reply(index)
@@ -529,3 +533,6 @@ class Pop3Machine:
     def connection_lost(self) -> None:
         """The connection is gone; nothing is committed."""
         self.state = State.CLOSED
+        # Let the maildrop (and, through its UIDL function, the mailbox and
+        # its index) go now, not when the collector reaches the session.
+        self._maildrop = None

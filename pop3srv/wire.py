@@ -232,12 +232,17 @@ def format_err(text: str, code: str | None = None) -> bytes:
 
 def format_multiline(status: str, lines: Iterable[str]) -> bytes:
     """Format a C{+OK} status line followed by dot-stuffed lines and the terminator."""
-    parts = [format_ok(status)]
+    # Appended one line at a time: a listing of tens of thousands of lines
+    # never exists as that many objects at once.
+    out = bytearray(format_ok(status))
     for line in lines:
         data = line.encode("utf-8")
-        parts.append(b"." + data + CRLF if data.startswith(b".") else data + CRLF)
-    parts.append(TERMINATOR)
-    return b"".join(parts)
+        if data.startswith(b"."):
+            out += b"."
+        out += data
+        out += CRLF
+    out += TERMINATOR
+    return bytes(out)
 
 
 class DotStuffer:

@@ -6,8 +6,10 @@ fire later (the IMailbox contract allows all three).
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import io
+import weakref
 from typing import Any
 
 import pytest
@@ -216,6 +218,26 @@ def test_dropped_connection_commits_nothing() -> None:
     session.protocol.connectionLost()
     assert session.mailbox.synced is None
     assert session.realm.logouts == 1
+
+
+def test_a_closed_session_lets_go_of_its_mailbox() -> None:
+    """
+    Once the connection is lost, nothing the session keeps refers to the
+    mailbox, so its index is freed at once, not whenever the cyclic
+    collector gets to the session.
+    """
+    gc.disable()
+    try:
+        session = Session()
+        session.login()
+        session.send(b"UIDL\r\nLIST\r\n")
+        mailbox = weakref.ref(session.mailbox)
+        session.realm.mailbox = None  # type: ignore[assignment]
+        del session.mailbox
+        session.protocol.connectionLost()
+        assert mailbox() is None
+    finally:
+        gc.enable()
 
 
 def test_bad_input_gets_err_and_session_goes_on() -> None:
