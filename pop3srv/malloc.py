@@ -24,8 +24,14 @@ __all__ = ["MMAP_THRESHOLD", "trim", "tune"]
 #: page fault per 4 KiB, a quarter of a cold 1 GB scan's time.
 MMAP_THRESHOLD = 4 << 20
 
+#: At most this many malloc arenas.  glibc gives each new thread its own
+#: (up to eight per CPU), each keeping what it once held; with the GIL the
+#: threads seldom allocate at the same moment, so sharing costs little.
+ARENA_MAX = 2
+
 #: mallopt(3) parameter numbers.
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 
 def _libc() -> ctypes.CDLL | None:
@@ -43,14 +49,15 @@ _LIBC = _libc()
 
 def tune() -> bool:
     """
-    Keep large blocks in their own mappings for the life of the process
-    (and of its forks).
+    Keep large blocks in their own mappings, and the number of arenas
+    small, for the life of the process (and of its forks).
 
     @return: whether glibc took the setting.
     """
     if _LIBC is None:
         return False
-    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
+    arenas = _LIBC.mallopt(_M_ARENA_MAX, ARENA_MAX)
+    return bool(_LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD)) and bool(arenas)
 
 
 def trim() -> bool:
