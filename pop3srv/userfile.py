@@ -67,6 +67,7 @@ import tempfile
 import threading
 import time
 import unicodedata
+import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -474,6 +475,23 @@ def _parse_tags(fields: list[str]) -> tuple[str | None, bool]:
     return label, nopop3
 
 
+#: Every UserFile, for L{_new_locks_after_fork}.
+_OPEN_FILES: weakref.WeakSet[UserFile] = weakref.WeakSet()
+
+
+def _new_locks_after_fork() -> None:
+    """
+    In a forked child (a hashing or server process), give every user file a
+    new lock: a thread of the parent may have held the old one at the fork,
+    and that thread does not exist in the child to release it.
+    """
+    for users in list(_OPEN_FILES):
+        users._lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_locks_after_fork)
+
+
 class UserFile:
     """
     A user file, re-read whenever it changes on disk.
@@ -505,6 +523,7 @@ class UserFile:
         self.context = _CONTEXT if context is None else context
         self.upgrade = upgrade
         self._lock = threading.Lock()
+        _OPEN_FILES.add(self)
         self._last_error: str | None = None
         self._logged_updates: set[tuple[str, str]] = set()
         try:

@@ -4,6 +4,7 @@ Tests for L{pop3srv.hashing}: password verification in worker processes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -166,6 +167,29 @@ def _zombie(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] == "Z"
     except OSError:
         return True
+
+
+def test_a_lock_held_at_the_fork_does_not_hang_the_worker(tmp_path: Path) -> None:
+    """
+    A thread of the server may hold the user file's lock (a SCRAM lookup)
+    just when a worker is forked: the worker must not wait for it forever.
+    """
+    users = UserFile(write_users(tmp_path / "users"))
+    v = ProcessVerifier(users, 1, reactor)
+    held = users._lock
+    held.acquire()
+    try:
+        v.start()
+    finally:
+        held.release()
+    pids = v.pids
+    try:
+        assert run_until(v.verify_detailed("alice", "alice-pw"), timeout=10).ok
+    finally:
+        v.stop()
+        for pid in pids:  # a hung worker would not see its input close
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_checker_uses_the_verifier(tmp_path: Path) -> None:
