@@ -7,7 +7,8 @@ requests from descriptor 0 and writes answers to descriptor 1, one at a
 time, each a frame: a 4-byte big-endian length and a pickle.  A request is
 C{(username, password)}; the answer is C{(VerifyResult, events)}, the log
 events the check emitted (upgrade notices, rejected passwords) as plain
-dicts, for the server process to log.  The worker exits at end-of-file on
+dicts, for the server process to log (if the check raised, the result is
+L{None} and the error is among the events).  The worker exits at end-of-file on
 descriptor 0, which is also what happens when its server process dies.
 """
 
@@ -18,7 +19,7 @@ import pickle
 import struct
 from typing import Any
 
-from twisted.logger import ILogObserver, LogLevel
+from twisted.logger import ILogObserver, Logger, LogLevel
 from zope.interface import implementer
 
 from pop3srv.forking import log_only_to, set_process_name
@@ -31,6 +32,8 @@ HEADER = struct.Struct("!I")
 #: The largest frame either side accepts (a request holds a user name and a
 #: password, an answer a result and a few log events).
 MAX_FRAME = 1 << 20
+
+_log = Logger()
 
 #: Types of event fields that cross the pipe as they are.
 _PLAIN = (str, int, float, bool, type(None))
@@ -105,7 +108,12 @@ def serve(users: UserFile, niceness: int) -> None:
             return
         username, password = pickle.loads(body)  # noqa: S301 (our own parent)
         collector.events.clear()
-        result = users.verify_detailed(username, password)
+        try:
+            result = users.verify_detailed(username, password)
+        except Exception as e:
+            # Reported, not fatal: the next check may well succeed.
+            _log.error("Password check failed: {error}", error=repr(e))
+            result = None
         answer = pickle.dumps((result, list(collector.events)))
         collector.events.clear()
         _write_all(1, HEADER.pack(len(answer)) + answer)

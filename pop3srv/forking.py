@@ -44,6 +44,12 @@ __all__ = [
 #: prctl(2) option that sets the calling thread's name (what ps and top show).
 _PR_SET_NAME = 15
 
+#: What a forked child stops using but must not free: objects of the parent
+#: (its reactor, log observers, child processes) may own Python socket or
+#: file objects whose descriptor numbers the child has since reused, and
+#: freeing them would close those.
+_KEPT: list[Any] = []
+
 #: The signals a Twisted reactor or twistd handles; a forked child resets
 #: them so that the parent's handlers (and its wakeup descriptor) are gone
 #: before the child installs its own.
@@ -86,6 +92,7 @@ def _forget_parent() -> None:
         number = getattr(signal, name, None)
         if number is not None:
             signal.signal(number, signal.SIG_DFL)
+    _KEPT.append(dict(process.reapProcessHandlers))
     process.reapProcessHandlers.clear()
 
 
@@ -101,6 +108,7 @@ def fresh_reactor() -> Any:
     old = sys.modules.pop("twisted.internet.reactor", None)
     if old is None or not can_fork_reactor(old):
         raise RuntimeError(f"cannot build a new reactor like {old!r} in a forked child")
+    _KEPT.append(old)
     reactor = type(old)()
     installReactor(reactor)
     return reactor
@@ -112,6 +120,7 @@ def log_only_to(observer: Callable[[dict[str, Any]], None]) -> None:
     to the parent's observers (its log file, whose descriptor is closed).
     """
     for old in list(getattr(globalLogPublisher, "_observers", [])):
+        _KEPT.append(old)
         globalLogPublisher.removeObserver(old)
     globalLogPublisher.addObserver(observer)
 
@@ -147,17 +156,30 @@ class ForkedProcess(process.Process):
         childFDs: dict[int, Any],
     ) -> None:
         self._main = main
-        # Keep the garbage collector off the objects the child inherits: a
-        # collection writes to every object it visits, which would copy
-        # the page it is on.  Objects created later are collected as usual.
-        gc.freeze()
+        if not ForkedProcess._froze:
+            # Keep the collector off what every child inherits, the start-up
+            # state: a collection writes to every object it visits, copying
+            # the page it is on.  Done once, after collecting start-up
+            # garbage; objects made later are collected as usual.
+            ForkedProcess._froze = True
+            gc.collect()
+            gc.freeze()
         super().__init__(
             reactor, sys.executable, [sys.executable], None, None, protocol, childFDs=childFDs
         )
 
+    _froze = False
+
     def _trySpawnInsteadOfFork(self, *args: Any, **kwargs: Any) -> bool:
         # posix_spawn would exec; this process must fork.
         return False
+
+    def _resetSignalDisposition(self) -> None:
+        # Twisted restores ignored signals to their defaults for the program
+        # it is about to exec.  A fork stays this Python process, which
+        # ignores SIGPIPE (a client that resets the connection mid-write
+        # must not kill the process) and SIGXFSZ: keep them ignored.
+        return
 
     def _execChild(
         self, path: Any, uid: Any, gid: Any, executable: Any, args: Any, environment: Any
@@ -166,6 +188,8 @@ class ForkedProcess(process.Process):
         # the collector disabled (Twisted does that around fork).
         status = 1
         try:
+            # The parent's objects are this child's start-up state too.
+            gc.freeze()
             gc.enable()
             _forget_parent()
             result = self._main()

@@ -25,12 +25,14 @@ worker that dies fails the check it had and is replaced.
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -39,16 +41,26 @@ from pop3srv._hashworker import HEADER, MAX_FRAME, serve
 from pop3srv.forking import ForkedProcess
 from pop3srv.userfile import UserFile, VerifyResult
 
-__all__ = ["NICENESS", "HashWorkerDied", "ProcessVerifier"]
+__all__ = ["NICENESS", "HashCheckFailed", "HashWorkerDied", "ProcessVerifier"]
 
 #: How much lower the hashing processes' CPU priority is (see nice(2)).
 NICENESS = 19
-#: Seconds before a worker that died is replaced.
+#: Seconds before a worker that died is replaced; doubled after each death
+#: in a row (a worker that dies at once is not re-forked in a tight loop),
+#: up to L{MAX_RESTART_DELAY}.
 RESTART_DELAY = 0.5
+MAX_RESTART_DELAY = 30.0
+#: Seconds a check may take before its worker is taken for hung and killed
+#: (a fork can inherit a lock that a thread of the parent held).
+CHECK_TIMEOUT = 60.0
 
 
 class HashWorkerDied(Exception):
     """The process checking a password exited before answering."""
+
+
+class HashCheckFailed(Exception):
+    """The password check raised in the worker (the worker logged why)."""
 
 
 class _WorkerProtocol(ProcessProtocol):
@@ -59,11 +71,25 @@ class _WorkerProtocol(ProcessProtocol):
         self.current: Deferred[Any] | None = None
         self.dead = False
         self._buffer = b""
+        self._deadline: Any = None
 
     def send(self, username: str, password: str, d: Deferred[Any]) -> None:
         self.current = d
         body = pickle.dumps((username, password))
+        self._deadline = self.verifier._reactor.callLater(CHECK_TIMEOUT, self._hung)
         self.transport.write(HEADER.pack(len(body)) + body)
+
+    def _hung(self) -> None:
+        self._deadline = None
+        self.verifier.log.error(
+            "A password-hashing process took over {timeout:g} s; killing it",
+            timeout=CHECK_TIMEOUT,
+        )
+        self._kill()
+
+    def _kill(self) -> None:
+        with contextlib.suppress(ProcessExitedAlready):
+            self.transport.signalProcess("KILL")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:
@@ -75,16 +101,34 @@ class _WorkerProtocol(ProcessProtocol):
         while len(self._buffer) >= HEADER.size:
             (length,) = HEADER.unpack_from(self._buffer)
             if length > MAX_FRAME:
-                self.transport.signalProcess("KILL")
+                self._kill()
                 return
             if len(self._buffer) < HEADER.size + length:
                 return
             body = self._buffer[HEADER.size : HEADER.size + length]
             self._buffer = self._buffer[HEADER.size + length :]
+            try:
+                result, events = pickle.loads(body)  # noqa: S301 (our own child)
+            except Exception:
+                self.verifier.log.failure("Unreadable answer from a password-hashing process")
+                self._kill()
+                return
+            self._stop_deadline()
+            # It answered: earlier deaths are no longer "in a row".
+            self.verifier._deaths_in_a_row = 0
             d, self.current = self.current, None
             if d is not None:
-                d.callback(pickle.loads(body))  # noqa: S301 (our own child)
+                if result is None:
+                    self.verifier._emit(events)
+                    d.errback(HashCheckFailed("the password check failed"))
+                else:
+                    d.callback((result, events))
             self.verifier._idle(self)
+
+    def _stop_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
 
     def childConnectionLost(self, childFD: int) -> None:
         # Its answers' pipe closing is its death, whether or not the exit
@@ -99,6 +143,7 @@ class _WorkerProtocol(ProcessProtocol):
         if self.dead:
             return
         self.dead = True
+        self._stop_deadline()
         d, self.current = self.current, None
         self.verifier._lost(self)
         if d is not None:
@@ -137,6 +182,7 @@ class ProcessVerifier:
         self._free: deque[_WorkerProtocol] = deque()
         self._waiting: deque[tuple[str, str, Deferred[Any]]] = deque()
         self._restarts: list[Any] = []
+        self._deaths_in_a_row = 0
         self._running = False
 
     @property
@@ -155,14 +201,34 @@ class ProcessVerifier:
             return
         worker = _WorkerProtocol(self)
         users, niceness = self.users, self._niceness
-        ForkedProcess(
-            self._reactor,
-            lambda: serve(users, niceness),
-            worker,
-            {0: "w", 1: "r", 2: "r"},
-        )
+        try:
+            ForkedProcess(
+                self._reactor,
+                lambda: serve(users, niceness),
+                worker,
+                {0: "w", 1: "r", 2: "r"},
+            )
+        except OSError:
+            self.log.failure("Cannot start a password-hashing process")
+            self._schedule_spawn()
+            return
+        if worker.dead:
+            return  # it died (and was reaped) at once; _lost has rescheduled
         self._pool.append(worker)
         self._idle(worker)
+
+    def _schedule_spawn(self) -> None:
+        """Start a worker later, waiting longer after each death in a row."""
+        delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2**self._deaths_in_a_row)
+        self._deaths_in_a_row += 1
+        if not self._pool:
+            # No process left to serve them: fail the waiting checks now
+            # rather than hold the logins until one starts.
+            waiting, self._waiting = self._waiting, deque()
+            for _, _, d in waiting:
+                d.errback(HashWorkerDied("no password-hashing process is running"))
+        self._restarts = [c for c in self._restarts if c.active()]
+        self._restarts.append(self._reactor.callLater(delay, self._spawn))
 
     def stop(self) -> None:
         """Stop the workers (they exit when their input closes); calls waiting fail."""
@@ -198,8 +264,7 @@ class ProcessVerifier:
             self._free.remove(worker)
         if self._running:
             self.log.error("A password-hashing process died; starting a new one")
-            self._restarts = [c for c in self._restarts if c.active()]
-            self._restarts.append(self._reactor.callLater(RESTART_DELAY, self._spawn))
+            self._schedule_spawn()
 
     def verify_detailed(self, username: str, password: str) -> Deferred[VerifyResult]:
         """
@@ -220,7 +285,11 @@ class ProcessVerifier:
     def _replay(self, outcome: tuple[VerifyResult, list[dict[str, Any]]]) -> VerifyResult:
         """Emit the worker's log events here, then return its result."""
         result, events = outcome
+        self._emit(events)
+        return result
+
+    def _emit(self, events: list[dict[str, Any]]) -> None:
+        """Log a worker's events here, in the server's log."""
         for event in events:
             emit: Callable[..., None] = Logger(namespace=event["namespace"]).emit
             emit(LogLevel.lookupByName(event["level"]), event["format"], **event["fields"])
-        return result

@@ -5,6 +5,7 @@ Tests for L{pop3srv.forking}: child processes that are forks of this one.
 from __future__ import annotations
 
 import os
+import signal
 import time
 from typing import Any
 
@@ -93,3 +94,19 @@ def test_only_the_given_descriptors_are_open_in_the_child() -> None:
 def test_the_default_reactor_can_be_rebuilt() -> None:
     assert can_fork_reactor(reactor)
     assert not can_fork_reactor(object())
+
+
+def test_the_child_keeps_ignoring_sigpipe() -> None:
+    """
+    Python ignores SIGPIPE; a forked server must too, or a client that
+    resets its connection mid-write kills the process and its sessions.
+    """
+
+    def main() -> None:
+        with open("/proc/self/status") as f:
+            ignored = next(line for line in f if line.startswith("SigIgn:"))
+        os.write(1, ignored.split()[1].encode())
+
+    recorder = run(main)
+    ignored = int(recorder.output[1], 16)
+    assert ignored & (1 << (signal.SIGPIPE - 1))

@@ -25,9 +25,9 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from pop3srv import oscrypt
+from pop3srv import hashing, oscrypt
 from pop3srv.checker import AvatarId, PasslibChecker
-from pop3srv.hashing import NICENESS, HashWorkerDied, ProcessVerifier
+from pop3srv.hashing import NICENESS, HashCheckFailed, HashWorkerDied, ProcessVerifier
 from pop3srv.userfile import UserFile, VerifyResult
 
 
@@ -190,6 +190,63 @@ def test_a_lock_held_at_the_fork_does_not_hang_the_worker(tmp_path: Path) -> Non
         for pid in pids:  # a hung worker would not see its input close
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
+
+
+def _misbehaving(users: UserFile) -> UserFile:
+    """
+    The user file, with checks of "boom" raising and of "slow" hanging, in
+    the workers forked from now on (they inherit this process's objects).
+    """
+    check = users.verify_detailed
+
+    def verify_detailed(username: str, password: str) -> VerifyResult:
+        if username == "boom":
+            raise RuntimeError("broken backend")
+        if username == "slow":
+            time.sleep(60)
+        return check(username, password)
+
+    users.verify_detailed = verify_detailed  # type: ignore[method-assign]
+    return users
+
+
+def test_a_check_that_raises_fails_alone(tmp_path: Path) -> None:
+    """The error is logged here and that login fails; the worker lives on."""
+    v = ProcessVerifier(_misbehaving(UserFile(write_users(tmp_path / "users"))), 1, reactor)
+    v.start()
+    events: list[LogEvent] = []
+    observer: Any = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        pids = v.pids
+        with pytest.raises(HashCheckFailed):
+            run_until(v.verify_detailed("boom", "x"))
+        assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+        assert v.pids == pids
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        v.stop()
+    assert any("broken backend" in formatEvent(e) for e in events)
+
+
+def test_a_hung_check_is_killed_and_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that does not answer in time is killed; a new one serves."""
+    monkeypatch.setattr(hashing, "CHECK_TIMEOUT", 0.5)
+    v = ProcessVerifier(_misbehaving(UserFile(write_users(tmp_path / "users"))), 1, reactor)
+    v.start()
+    try:
+        (pid,) = v.pids
+        with pytest.raises(HashWorkerDied):
+            run_until(v.verify_detailed("slow", "x"), timeout=20)
+        deadline = time.monotonic() + 20
+        while not v.pids or v.pids == [pid]:
+            assert time.monotonic() < deadline, "no replacement process"
+            reactor.iterate(0.05)
+        assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+    finally:
+        v.stop()
 
 
 def test_checker_uses_the_verifier(tmp_path: Path) -> None:
