@@ -345,10 +345,6 @@ def makeService(
     top = Pop3Service(tls, reactor)
     threads = ThreadPoolService(max(1, options["hash_workers"]))
     threads.setServiceParent(top)
-    if inherited is None:
-        SpoolSweepService(
-            options["mailbox"], options["index_dir"], reactor, threads.pool
-        ).setServiceParent(top)
     checkers = []
     for checker in options["credCheckers"]:
         if isinstance(checker, PasslibChecker):
@@ -391,9 +387,15 @@ def makeService(
         server.setServiceParent(top)
         servers.append((server, kind))
     if options["workers"] > 1:
-        # Added last: it starts after every port is bound, to pass them on.
+        # Added after the listeners: it starts once every port is bound, to
+        # pass them on.
         top.supervisor = WorkerSupervisor(
             reactor, options["workers"] - 1, options.args, servers, options=options
         )
         top.supervisor.setServiceParent(top)
+    # Last, so that its thread starts after the hashing and child processes
+    # are forked: a fork copies the locks other threads hold at that moment.
+    SpoolSweepService(
+        options["mailbox"], options["index_dir"], reactor, threads.pool
+    ).setServiceParent(top)
     return top
