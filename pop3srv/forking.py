@@ -105,7 +105,7 @@ def fresh_reactor() -> Any:
     """
     from twisted.internet.main import installReactor
 
-    old = sys.modules.pop("twisted.internet.reactor", None)
+    old: Any = sys.modules.pop("twisted.internet.reactor", None)
     if old is None or not can_fork_reactor(old):
         raise RuntimeError(f"cannot build a new reactor like {old!r} in a forked child")
     _KEPT.append(old)
@@ -114,10 +114,11 @@ def fresh_reactor() -> Any:
     return reactor
 
 
-def log_only_to(observer: Callable[[dict[str, Any]], None]) -> None:
+def log_only_to(observer: Any) -> None:
     """
-    In a forked child, send every log event to C{observer} only, instead of
-    to the parent's observers (its log file, whose descriptor is closed).
+    In a forked child, send every log event to C{observer} (an
+    L{ILogObserver}) only, instead of to the parent's observers (its log
+    file, whose descriptor is closed).
     """
     for old in list(getattr(globalLogPublisher, "_observers", [])):
         _KEPT.append(old)

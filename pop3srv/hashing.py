@@ -77,6 +77,7 @@ class _WorkerProtocol(ProcessProtocol):
         self.current = d
         body = pickle.dumps((username, password))
         self._deadline = self.verifier._reactor.callLater(CHECK_TIMEOUT, self._hung)
+        assert self.transport is not None
         self.transport.write(HEADER.pack(len(body)) + body)
 
     def _hung(self) -> None:
@@ -89,7 +90,8 @@ class _WorkerProtocol(ProcessProtocol):
 
     def _kill(self) -> None:
         with contextlib.suppress(ProcessExitedAlready):
-            self.transport.signalProcess("KILL")
+            if self.transport is not None:
+                self.transport.signalProcess("KILL")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == 2:

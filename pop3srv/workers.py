@@ -198,13 +198,13 @@ class WorkerSupervisor(service.Service):
         if self._stopping:
             return
         child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
-        spec = []
+        inherited: list[tuple[int, str]] = []
         for i, (fd, kind) in enumerate(self._ports):
             child_fds[FIRST_FD + i] = fd
-            spec.append([FIRST_FD + i, kind])
+            inherited.append((FIRST_FD + i, kind))
+        spec = [list(pair) for pair in inherited]
         protocol = _ChildProtocol(self, slot)
         if self.fork:
-            inherited = [(fd, kind) for fd, kind in spec]
             options = self.options
             ForkedProcess(
                 self._reactor, lambda: _forked_child(inherited, options), protocol, child_fds
@@ -315,7 +315,7 @@ class _ParentPipe(abstract.FileDescriptor):
         self._on_close()
 
 
-def _serve(reactor: Any, inherited: Sequence[tuple[int, str]], options: Any) -> None:
+def _serve(reactor: Any, inherited: list[tuple[int, str]], options: Any) -> None:
     """Build a child's service on its inherited sockets and run it."""
     from pop3srv.tap import makeService
 
@@ -332,7 +332,7 @@ def _serve(reactor: Any, inherited: Sequence[tuple[int, str]], options: Any) -> 
     reactor.run()
 
 
-def _forked_child(inherited: Sequence[tuple[int, str]], options: Any) -> None:
+def _forked_child(inherited: list[tuple[int, str]], options: Any) -> None:
     """Run a child server process that is a fork of the parent."""
     from twisted.logger import jsonFileLogObserver
 
