@@ -195,7 +195,8 @@ class ProcessVerifier:
     def start(self) -> None:
         """Start the worker processes."""
         self._running = True
-        while len(self._pool) < self.workers:
+        # Each attempt once: one that fails schedules its own retry.
+        for _ in range(self.workers - len(self._pool)):
             self._spawn()
 
     def _spawn(self) -> None:
