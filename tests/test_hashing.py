@@ -5,6 +5,7 @@ Tests for L{pop3srv.hashing}: password verification in worker processes.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import signal
 import time
@@ -245,6 +246,28 @@ def test_a_hung_check_is_killed_and_replaced(
             assert time.monotonic() < deadline, "no replacement process"
             reactor.iterate(0.05)
         assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+    finally:
+        v.stop()
+
+
+def test_a_failed_fork_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """start() returns even if a fork fails; a check waits for the retry."""
+    real = hashing.ForkedProcess
+    attempts: list[int] = []
+
+    def flaky(*args: Any, **kwargs: Any) -> Any:
+        attempts.append(1)
+        if len(attempts) == 1:
+            raise OSError(errno.EAGAIN, "Resource temporarily unavailable")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(hashing, "ForkedProcess", flaky)
+    v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 1, reactor)
+    v.start()
+    try:
+        assert v.pids == []
+        assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+        assert len(attempts) == 2
     finally:
         v.stop()
 
