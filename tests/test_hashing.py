@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import resource
 import signal
 import time
 from collections.abc import Iterator
@@ -14,8 +15,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from argon2 import low_level as argon2_low_level
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from passlib.hash import (
     apr_md5_crypt,
+    argon2,
     sha256_crypt,
     sha512_crypt,
 )
@@ -26,7 +31,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from pop3srv import hashing, oscrypt
+from pop3srv import argon2check, hashing, oscrypt
 from pop3srv.checker import AvatarId, PasslibChecker
 from pop3srv.hashing import NICENESS, HashCheckFailed, HashWorkerDied, ProcessVerifier
 from pop3srv.userfile import UserFile, VerifyResult
@@ -313,3 +318,90 @@ def test_libcrypt_defers_to_passlib() -> None:
     implicit = implicit.replace("rounds=5000$", "")
     if oscrypt.available():
         assert oscrypt.verify_sha_crypt("pw", implicit) is True
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    password=st.text(max_size=40),
+    variant=st.sampled_from(["ID", "I", "D"]),
+    lanes=st.integers(1, 4),
+    passes=st.integers(1, 3),
+)
+def test_argon2_one_thread_agrees_with_passlib(
+    password: str, variant: str, lanes: int, passes: int
+) -> None:
+    """The one-thread argon2 check gives passlib's answer, right or wrong."""
+    scheme = argon2.using(type=variant, memory_cost=8 * lanes, rounds=passes, parallelism=lanes)
+    hashed = scheme.hash(password)
+    assert argon2check.verify_argon2(password, hashed) is True
+    assert argon2check.verify_argon2(password + "x", hashed) is False
+    assert scheme.verify(password + "x", hashed) is False
+
+
+def test_argon2_one_thread_reads_version_16() -> None:
+    """Hashes of argon2 1.0 (C{v=16}, or no version field) verify too."""
+    raw = argon2_low_level.hash_secret(
+        b"pw", b"saltsaltsalt", 1, 16, 2, 16, argon2_low_level.Type.ID, version=16
+    ).decode()
+    assert "$v=16$" in raw
+    assert argon2check.verify_argon2("pw", raw) is True
+    assert argon2check.verify_argon2("pv", raw) is False
+    assert argon2check.verify_argon2("pw", raw.replace("v=16$", "")) is True
+
+
+@pytest.mark.parametrize(
+    "hashed",
+    [
+        "$argon2id$v=19$m=65536,t=3,p=4,data=YWJj$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2id$v=18$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2id$v=19$m=16,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2id$v=19$m=99999999,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2id$v=19$m=65536,t=0,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2x$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFzaGhhc2hoYXNo",
+        "$argon2id$v=19$m=65536,t=3,p=4$c2FsdHNhbHQ$aGFz!GhhcG",
+        "$6$saltsalt$" + "A" * 86,
+    ],
+)
+def test_argon2_one_thread_defers_to_passlib(hashed: str) -> None:
+    """Extra fields, unknown versions or variants, and silly costs answer None."""
+    assert argon2check.verify_argon2("pw", hashed) is None
+
+
+def test_argon2_check_runs_on_the_calling_thread() -> None:
+    """
+    The lanes are filled by the thread that asked, not by threads started
+    per slice: nearly all the CPU time of the check is this thread's.
+    """
+    hashed = argon2.using(memory_cost=16 * 1024, rounds=2, parallelism=4).hash("pw")
+    thread_before = resource.getrusage(resource.RUSAGE_THREAD)
+    process_before = resource.getrusage(resource.RUSAGE_SELF)
+    assert argon2check.verify_argon2("pw", hashed) is True
+    thread_after = resource.getrusage(resource.RUSAGE_THREAD)
+    process_after = resource.getrusage(resource.RUSAGE_SELF)
+
+    def cpu(after: Any, before: Any) -> float:
+        return float(after.ru_utime - before.ru_utime + after.ru_stime - before.ru_stime)
+
+    assert cpu(thread_after, thread_before) >= 0.8 * cpu(process_after, process_before)
+
+
+def test_user_file_checks_argon2_on_one_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """UserFile sends argon2 hashes to the one-thread check, and passlib
+    still answers when that check cannot."""
+    path = tmp_path / "users"
+    path.write_text("alice:" + argon2.using(memory_cost=64, rounds=1).hash("pw") + "\n")
+    users = UserFile(str(path))
+    seen = []
+
+    def spy(password: str, hashed: str) -> bool | None:
+        seen.append(hashed)
+        return real(password, hashed)
+
+    real = argon2check.verify_argon2
+    monkeypatch.setattr("pop3srv.userfile.verify_argon2", spy)
+    assert users.verify("alice", "pw") and not users.verify("alice", "pv")
+    assert len(seen) == 2
+    monkeypatch.setattr("pop3srv.userfile.verify_argon2", lambda p, h: None)
+    assert users.verify("alice", "pw") and not users.verify("alice", "pv")
