@@ -18,7 +18,6 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactor
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -44,6 +43,29 @@ from pop3srv.tls import TLSConfigError, TLSContextSource, TLSMinimum
 from pop3srv.workers import AdoptedPortService, WorkerSupervisor
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
+
+
+class _ParseOnlyReactor:
+    """
+    The reactor of endpoints built only to check their descriptions:
+    endpoints keep their reactor and use it only to listen.  (Twisted's
+    MemoryReactor would do, but its module loads trial and unittest, about
+    3 MiB in every server process.)
+    """
+
+
+def _make_checker(description: str) -> Any:
+    """
+    C{strcred.makeChecker}, but C{passlib:} is built without a plugin scan,
+    which would import every checker plugin installed (Twisted's C{sshkeys}
+    loads conch: about 1 MiB in every server process).
+    """
+    from twisted.plugins.pop3srv_cred import thePasslibCheckerFactory
+
+    auth_type, _, argstring = description.partition(":")
+    if auth_type == thePasslibCheckerFactory.authType:
+        return thePasslibCheckerFactory.generateChecker(argstring)
+    return strcred.makeChecker(description)
 
 
 def _repeatable_option(key: str) -> Callable[[Options, str], None]:
@@ -115,7 +137,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def _add_auth(self, description: str, where: str) -> None:
         try:
-            self.addChecker(_bytes_keyed(strcred.makeChecker(description)))
+            self.addChecker(_bytes_keyed(_make_checker(description)))
         except strcred.UnsupportedInterfaces:
             raise usage.UsageError(
                 f"{where} {description!r}: this checker cannot check passwords"
@@ -156,7 +178,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         for key in ("listen", "listen_tls"):
             for description in self[key]:
                 try:
-                    endpoints.serverFromString(MemoryReactor(), description)
+                    endpoints.serverFromString(_ParseOnlyReactor(), description)
                 except Exception as e:
                     raise ConfigError(f"{origin[key]}: bad endpoint {description!r}: {e}") from None
         try:
