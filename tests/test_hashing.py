@@ -53,6 +53,26 @@ def run_until(d: Deferred[Any], timeout: float = 30.0) -> Any:
     return results[0]
 
 
+@pytest.fixture(autouse=True)
+def _processes_gone_after_each_test() -> Iterator[None]:
+    """
+    After a test, iterate the global reactor until the hashing processes it
+    started have gone and their pipes are closed, so later tests (trial ones
+    check for it) find a clean reactor.
+    """
+    yield
+    from twisted.internet.process import ProcessReader, ProcessWriter
+
+    def pipes() -> list[Any]:
+        selectables = [*reactor.getReaders(), *reactor.getWriters()]  # type: ignore[attr-defined]
+        return [s for s in selectables if isinstance(s, ProcessReader | ProcessWriter)]
+
+    deadline = time.monotonic() + 10
+    while pipes() and time.monotonic() < deadline:
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    assert not pipes(), "a hashing process outlived its test"
+
+
 def write_users(path: Path, alice_hash: str | None = None) -> Path:
     """A user file with alice (password C{alice-pw}) and bob (C{bob-pw}), cheap hashes."""
     cheap = sha512_crypt.using(rounds=1000)
