@@ -187,7 +187,7 @@ def check_strength(password: str, user_inputs: list[str], min_score: int) -> str
     @param min_score: the lowest acceptable score, 0-4.
     @return: L{None} if it is strong enough, else a one-line reason.
     """
-    from zxcvbn import zxcvbn  # type: ignore[import-untyped]
+    from zxcvbn import zxcvbn
 
     result = zxcvbn(password[:_MAX_SCORED_LENGTH], user_inputs=user_inputs)
     score = int(result["score"])

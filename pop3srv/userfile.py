@@ -72,9 +72,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from passlib.context import CryptContext  # type: ignore[import-untyped]
-from passlib.hash import scram as passlib_scram  # type: ignore[import-untyped]
-from passlib.utils import saslprep  # type: ignore[import-untyped]
+from passlib.context import CryptContext
+from passlib.hash import scram as passlib_scram
+from passlib.utils import saslprep
 from twisted.logger import Logger
 
 from pop3srv.argon2check import verify_argon2

@@ -14,13 +14,13 @@ import contextlib
 import errno
 import os
 from collections.abc import Callable
-from typing import Any
+from typing import Any, overload
 
 from twisted.internet.defer import Deferred, fail, succeed
 from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
-from zope.interface import implementer  # type: ignore[import-untyped]
+from zope.interface import implementer
 
 from pop3srv import malloc
 from pop3srv.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
@@ -199,6 +199,12 @@ class MboxMailbox:
         if index in self._deleted:
             raise ValueError(f"message {index} is deleted")
         return self._index.records[index]
+
+    @overload
+    def listMessages(self) -> list[int]: ...
+
+    @overload
+    def listMessages(self, index: int) -> int: ...
 
     def listMessages(self, index: int | None = None) -> list[int] | int:
         """
