@@ -21,6 +21,9 @@ The parent:
     trail, with each child's session ids carrying its pid;
   - restarts a child that dies, at most L{MAX_RESTARTS} times per slot in
     L{RESTART_WINDOW} seconds;
+  - kills (and so restarts) a child that has not said it serves within
+    L{READY_TIMEOUT} seconds: a fork made while another thread of the parent
+    held a lock could otherwise wait for that lock for ever;
   - on stop, sends SIGTERM to the children and waits for them (SIGKILL after
     L{STOP_TIMEOUT} seconds).
 
@@ -60,6 +63,14 @@ __all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
 #: Restarts of one child slot allowed within L{RESTART_WINDOW} seconds.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
+
+#: Seconds a child has, from its start, to say it serves (see L{READY_KEY}).
+READY_TIMEOUT = 30.0
+
+#: The key of the log event by which a child says it serves.
+READY_KEY = "pop3srv_worker_ready"
+
+_log = Logger()
 #: Seconds between a child's death and its restart.
 RESTART_DELAY = 1.0
 #: Seconds stopped children get before SIGKILL.
@@ -113,6 +124,7 @@ class _ChildProtocol(ProcessProtocol):
         self.supervisor = supervisor
         self.slot = slot
         self.ended: Deferred[None] = Deferred()
+        self.ready_timer: Any = None
         self._buffers: dict[int, bytes] = {1: b"", 2: b""}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -217,6 +229,24 @@ class WorkerSupervisor(service.Service):
         self.children[slot] = protocol
         pid = getattr(protocol.transport, "pid", None)
         self.log.info("Started server process {pid} (worker {slot})", pid=pid, slot=slot)
+        protocol.ready_timer = self._reactor.callLater(READY_TIMEOUT, self._not_ready, protocol)
+
+    def _not_ready(self, child: _ChildProtocol) -> None:
+        """A child did not say it serves in time: kill it; it is restarted."""
+        pid = getattr(child.transport, "pid", None)
+        self.log.error(
+            "Server process {pid} (worker {slot}) did not start serving within "
+            "{timeout:g} s; killing it",
+            pid=pid,
+            slot=child.slot,
+            timeout=READY_TIMEOUT,
+        )
+        if child.transport is None:
+            return
+        try:
+            child.transport.signalProcess("KILL")
+        except ProcessExitedAlready:
+            pass
 
     def child_output(self, child: _ChildProtocol, fd: int, line: bytes) -> None:
         """A line from a child: a JSON log event (stdout) or raw text (stderr)."""
@@ -229,6 +259,10 @@ class WorkerSupervisor(service.Service):
             except ValueError:
                 event = None
             if isinstance(event, dict):
+                if event.get(READY_KEY) and child.ready_timer is not None:
+                    if child.ready_timer.active():
+                        child.ready_timer.cancel()
+                    child.ready_timer = None
                 globalLogPublisher(event)
                 return
         pid = getattr(child.transport, "pid", None)
@@ -236,6 +270,8 @@ class WorkerSupervisor(service.Service):
 
     def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
         """A child exited: restart it unless stopping or it keeps dying."""
+        if child.ready_timer is not None and child.ready_timer.active():
+            child.ready_timer.cancel()
         if self.children.get(child.slot) is child:
             del self.children[child.slot]
         if self._stopping:
@@ -329,6 +365,9 @@ def _serve(reactor: Any, inherited: list[tuple[int, str]], options: Any) -> None
     top.privilegedStartService()
     top.startService()
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+    reactor.callWhenRunning(
+        _log.info, "Server process {pid} is serving", pid=os.getpid(), **{READY_KEY: True}
+    )
     reactor.run()
 
 

@@ -15,6 +15,10 @@ from pathlib import Path
 
 import pytest
 from livepop3 import PASSWORDS, Pop3Server, write_mbox
+from twisted.internet import reactor
+from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+
+from pop3srv import workers
 
 
 def children(pid: int) -> list[int]:
@@ -124,6 +128,10 @@ def test_both_processes_serve(server: Pop3Server) -> None:
     assert server.process is not None
     expected = {f"{server.process.pid:x}"} | {f"{p:x}" for p in children(server.process.pid)}
     assert seen == expected
+    # The child said it serves, so the parent's start-up deadline was called off.
+    (child,) = children(server.process.pid)
+    assert f"Server process {child} is serving" in server.log_text()
+    assert "did not start serving" not in server.log_text()
 
 
 def test_in_use_across_processes(server: Pop3Server) -> None:
@@ -213,3 +221,43 @@ def test_one_worker_starts_no_children(tmp_path: Path) -> None:
         assert session_pids(srv.log_text(), "login-ok") == {f"{srv.process.pid:x}"}
     finally:
         srv.stop()
+
+
+def test_a_child_that_never_serves_is_killed_and_restarted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A child that has not said it serves within READY_TIMEOUT (as a fork
+    hung on a lock another thread held would) is killed and started again.
+    """
+    hang = tmp_path / "hang"
+    hang.write_text("#!/bin/sh\nexec sleep 60\n")
+    hang.chmod(0o755)
+    monkeypatch.setattr(workers, "READY_TIMEOUT", 0.5)
+    monkeypatch.setattr(workers, "RESTART_DELAY", 0.1)
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    # No options: children are new processes of `executable`, here one that
+    # never serves.
+    supervisor = workers.WorkerSupervisor(reactor, 1, [], [], executable=str(hang))
+    try:
+        supervisor.startService()
+        first = supervisor.children[1]
+        first_pid = first.transport.pid  # type: ignore[union-attr]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not (first.ended.called and 1 in supervisor.children):
+            reactor.iterate(0.02)  # type: ignore[attr-defined]
+        assert first.ended.called, "the hung child was not killed"
+        assert supervisor.children[1] is not first
+        assert not alive(first_pid)
+        text = "\n".join(formatEvent(e) for e in events)
+        assert f"Server process {first_pid} (worker 1) did not start serving within 0.5 s" in text
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        stopped = supervisor.stopService()
+        done: list[object] = []
+        stopped.addBoth(done.append)
+        deadline = time.monotonic() + 20
+        while not done and time.monotonic() < deadline:
+            reactor.iterate(0.02)  # type: ignore[attr-defined]
+    assert done, "the child did not stop"
