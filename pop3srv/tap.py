@@ -28,6 +28,7 @@ from pop3srv import malloc
 from pop3srv.checker import PasslibChecker
 from pop3srv.config import SETTINGS, ConfigError, convert, load_config
 from pop3srv.hashing import ProcessVerifier
+from pop3srv.hashrelay import RelayClient, adopt
 from pop3srv.limits import (
     AccessRules,
     AuthThrottle,
@@ -189,12 +190,12 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
         self["tls"] = self._tls(origin)
         if self["hash_workers"] is None:
-            # The old name still works; otherwise share the CPUs out among
-            # the server processes, each of which has its own hashing pool.
+            # The old name still works; otherwise one hashing process per
+            # CPU, in one pool for all the server processes (hashrelay).
             self["hash_workers"] = (
                 self["hash_threads"]
                 if self["hash_threads"] is not None
-                else max(1, (os.cpu_count() or 1) // self["workers"])
+                else max(1, os.cpu_count() or 1)
             )
         self["hash_threads"] = self["hash_workers"]
 
@@ -356,7 +357,9 @@ def makeService(
     @param inherited: in a child server process (L{pop3srv.workers}), the
         listening sockets it inherited, as C{(fd, "plain" or "tls")}: they
         are adopted instead of binding the endpoints, no children are
-        started and the spool is not swept (the parent does that).
+        started and the spool is not swept (the parent does that).  An
+        entry C{(fd, "hash")} is the socket to the parent's hashing pool
+        (L{pop3srv.hashrelay}), used instead of a pool of its own.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -367,16 +370,30 @@ def makeService(
     top = Pop3Service(tls, reactor)
     threads = ThreadPoolService(max(1, options["hash_workers"]))
     threads.setServiceParent(top)
+    relay = None
+    if inherited is not None:
+        for fd, kind in inherited:
+            if kind == "hash":
+                # A child server process: its checks go to the parent's pool.
+                relay = RelayClient()
+                adopt(reactor, fd, relay)
+                os.close(fd)
+        inherited = [(fd, kind) for fd, kind in inherited if kind != "hash"]
     checkers = []
+    verifiers: list[Any] = []
     for checker in options["credCheckers"]:
         if isinstance(checker, PasslibChecker):
             verify = None
             if options["hash_workers"] > 0:
                 # Verify in processes: a backend that holds the GIL (pure-Python
                 # sha512_crypt) would otherwise stall every session.
-                verifier = ProcessVerifier(checker.users, options["hash_workers"], reactor)
-                VerifierService(verifier).setServiceParent(top)
-                verify = verifier.verify_detailed
+                if relay is not None:
+                    verify = relay.verifier(len(verifiers))
+                else:
+                    verifier = ProcessVerifier(checker.users, options["hash_workers"], reactor)
+                    VerifierService(verifier).setServiceParent(top)
+                    verify = verifier.verify_detailed
+                verifiers.append(verify)
             checker = PasslibChecker(
                 checker.users, reactor=reactor, threadpool=threads.pool, verifier=verify
             )
@@ -412,7 +429,12 @@ def makeService(
         # Added after the listeners: it starts once every port is bound, to
         # pass them on.
         top.supervisor = WorkerSupervisor(
-            reactor, options["workers"] - 1, options.args, servers, options=options
+            reactor,
+            options["workers"] - 1,
+            options.args,
+            servers,
+            options=options,
+            verifiers=verifiers,
         )
         top.supervisor.setServiceParent(top)
     # Last, so that its thread starts after the hashing and child processes

@@ -39,7 +39,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -57,6 +57,7 @@ from pop3srv.forking import (
     log_only_to,
     set_process_name,
 )
+from pop3srv.hashrelay import RelayServer, adopt
 
 __all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
 
@@ -163,6 +164,7 @@ class WorkerSupervisor(service.Service):
         listeners: Sequence[tuple[Any, str]],
         executable: str = sys.executable,
         options: Any = None,
+        verifiers: Sequence[Callable[[str, str], Deferred[Any]]] = (),
     ) -> None:
         """
         @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
@@ -176,6 +178,9 @@ class WorkerSupervisor(service.Service):
             reactor a fork can rebuild, children are forks of this process
             (L{pop3srv.forking}) that share its memory and use these options;
             otherwise they are new Python processes that parse C{args}.
+        @param verifiers: this process's password verifiers (one per
+            C{passlib} checker, in order) that the children's checks are
+            relayed to (L{pop3srv.hashrelay}); none: children verify alone.
         """
         self._reactor = reactor
         self.count = count
@@ -184,6 +189,7 @@ class WorkerSupervisor(service.Service):
         self.fork = options is not None and can_fork_reactor(reactor)
         self.listeners = list(listeners)
         self.executable = executable
+        self.verifiers = list(verifiers)
         self.children: dict[int, _ChildProtocol] = {}
         self._restarts: dict[int, list[float]] = {}
         self._pending: dict[int, Any] = {}
@@ -214,6 +220,11 @@ class WorkerSupervisor(service.Service):
         for i, (fd, kind) in enumerate(self._ports):
             child_fds[FIRST_FD + i] = fd
             inherited.append((FIRST_FD + i, kind))
+        relay: tuple[socket.socket, socket.socket] | None = None
+        if self.verifiers:
+            relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            child_fds[FIRST_FD + len(inherited)] = relay[1].fileno()
+            inherited.append((FIRST_FD + len(inherited), "hash"))
         spec = [list(pair) for pair in inherited]
         protocol = _ChildProtocol(self, slot)
         if self.fork:
@@ -226,6 +237,11 @@ class WorkerSupervisor(service.Service):
             self._reactor.spawnProcess(
                 protocol, self.executable, argv, env=dict(os.environ), childFDs=child_fds
             )
+        if relay is not None:
+            ours, theirs = relay
+            adopt(self._reactor, ours.fileno(), RelayServer(self.verifiers))
+            ours.close()
+            theirs.close()
         self.children[slot] = protocol
         pid = getattr(protocol.transport, "pid", None)
         self.log.info("Started server process {pid} (worker {slot})", pid=pid, slot=slot)

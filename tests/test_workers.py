@@ -134,6 +134,23 @@ def test_both_processes_serve(server: Pop3Server) -> None:
     assert "did not start serving" not in server.log_text()
 
 
+def test_one_hashing_pool_for_all_processes(server: Pop3Server) -> None:
+    """
+    The hashing processes (one per CPU) are the parent's; the child has none
+    and its logins are checked by them.
+    """
+    assert server.process is not None
+    parent = server.process.pid
+    (child,) = children(parent)
+    below_parent = descendants(parent) - {child}
+    assert sorted(process_name(p) for p in below_parent) == ["pop3srv-hash"] * (os.cpu_count() or 1)
+    assert descendants(child) == set()
+    deadline = time.monotonic() + 20
+    while f"{child:x}" not in session_pids(server.log_text(), "login-ok"):
+        assert time.monotonic() < deadline, "no login on the child"
+        login(server, "bob").quit()
+
+
 def test_in_use_across_processes(server: Pop3Server) -> None:
     """A maildrop locked by a session in one process is [IN-USE] in the other."""
     holder = login(server, "alice")

@@ -1,0 +1,162 @@
+"""
+Tests for L{pop3srv.hashrelay}: a child server process's password checks
+sent over a real UNIX socket pair to verifiers in the parent.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+from twisted.internet import reactor
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.python.failure import Failure
+
+from pop3srv.hashing import HashCheckFailed, HashWorkerDied
+from pop3srv.hashrelay import RelayClient, RelayServer, adopt
+from pop3srv.userfile import VerifyResult
+
+
+def run_until(d: Deferred[Any], timeout: float = 10.0) -> Any:
+    """Iterate the global reactor until C{d} fires; its result, or raise."""
+    results: list[Any] = []
+    d.addBoth(results.append)
+    deadline = time.monotonic() + timeout
+    while not results:
+        assert time.monotonic() < deadline, "timed out"
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    if isinstance(results[0], Failure):
+        results[0].raiseException()
+    return results[0]
+
+
+class Relay:
+    """A RelayServer and a RelayClient on the two ends of a socket pair."""
+
+    def __init__(self, verifiers: list[Any]) -> None:
+        self.server = RelayServer(verifiers)
+        self.client = RelayClient()
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        adopt(reactor, ours.fileno(), self.server)
+        adopt(reactor, theirs.fileno(), self.client)
+        ours.close()
+        theirs.close()
+
+    def close(self) -> None:
+        for protocol in (self.server, self.client):
+            if protocol.transport is not None:
+                protocol.transport.loseConnection()
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and not self.client._lost:
+            reactor.iterate(0.01)  # type: ignore[attr-defined]
+
+
+@pytest.fixture
+def relay_to() -> Iterator[Any]:
+    relays: list[Relay] = []
+
+    def make(*verifiers: Any) -> Relay:
+        relays.append(Relay(list(verifiers)))
+        return relays[-1]
+
+    yield make
+    for relay in relays:
+        relay.close()
+
+
+def test_a_check_comes_back_with_its_result(relay_to: Any) -> None:
+    """The child gets the parent verifier's VerifyResult, label included."""
+    asked: list[tuple[str, str]] = []
+
+    def verify(username: str, password: str) -> Deferred[VerifyResult]:
+        asked.append((username, password))
+        return succeed(VerifyResult(ok=username == "alice", label="phone"))
+
+    relay = relay_to(verify)
+    check = relay.client.verifier(0)
+    assert run_until(check("alice", "pä ss")) == VerifyResult(ok=True, label="phone")
+    assert run_until(check("eve", "x")).ok is False
+    assert asked == [("alice", "pä ss"), ("eve", "x")]
+
+
+def test_answers_find_their_checks_in_any_order(relay_to: Any) -> None:
+    """Checks answered out of order each get their own answer."""
+    pending: dict[str, Deferred[VerifyResult]] = {}
+
+    def verify(username: str, password: str) -> Deferred[VerifyResult]:
+        pending[username] = Deferred()
+        return pending[username]
+
+    relay = relay_to(verify)
+    check = relay.client.verifier(0)
+    first, second = check("first", "pw"), check("second", "pw")
+    deadline = time.monotonic() + 5
+    while len(pending) < 2 and time.monotonic() < deadline:
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    pending["second"].callback(VerifyResult(ok=True, label="2"))
+    pending["first"].callback(VerifyResult(ok=False))
+    assert run_until(second) == VerifyResult(ok=True, label="2")
+    assert run_until(first) == VerifyResult(ok=False)
+
+
+def test_the_checker_number_picks_the_verifier(relay_to: Any) -> None:
+    """Each passlib checker has its own verifier; an unknown number fails."""
+    relay = relay_to(
+        lambda u, p: succeed(VerifyResult(ok=True, label="one")),
+        lambda u, p: succeed(VerifyResult(ok=True, label="two")),
+    )
+    assert run_until(relay.client.verifier(1)("a", "b")).label == "two"
+    assert run_until(relay.client.verifier(0)("a", "b")).label == "one"
+    with pytest.raises(HashCheckFailed):
+        run_until(relay.client.verifier(2)("a", "b"))
+
+
+def test_failures_cross_as_their_kind(relay_to: Any) -> None:
+    """A dead hashing process stays HashWorkerDied; anything else is HashCheckFailed."""
+    relay = relay_to(
+        lambda u, p: fail(HashWorkerDied("gone")),
+        lambda u, p: fail(ValueError("boom")),
+    )
+    with pytest.raises(HashWorkerDied):
+        run_until(relay.client.verifier(0)("a", "b"))
+    with pytest.raises(HashCheckFailed):
+        run_until(relay.client.verifier(1)("a", "b"))
+
+
+def test_waiting_checks_fail_when_the_parent_goes(relay_to: Any) -> None:
+    """The socket closing fails the checks in flight, and later ones at once."""
+    relay = relay_to(lambda u, p: Deferred())
+    waiting = relay.client.verifier(0)("alice", "pw")
+    reactor.iterate(0.05)  # type: ignore[attr-defined]
+    assert relay.server.transport is not None
+    relay.server.transport.loseConnection()
+    with pytest.raises(HashWorkerDied):
+        run_until(waiting)
+    with pytest.raises(HashWorkerDied):
+        run_until(relay.client.verifier(0)("alice", "pw"))
+
+
+def test_an_answer_for_a_gone_child_is_dropped(relay_to: Any) -> None:
+    """A check that ends after its child went away is not written anywhere."""
+    late: Deferred[VerifyResult] = Deferred()
+    asked: list[str] = []
+
+    def verify(username: str, password: str) -> Deferred[VerifyResult]:
+        asked.append(username)
+        return late
+
+    relay = relay_to(verify)
+    relay.client.verifier(0)("alice", "pw").addErrback(lambda f: None)
+    deadline = time.monotonic() + 5
+    while not asked and time.monotonic() < deadline:
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    assert relay.client.transport is not None
+    relay.client.transport.loseConnection()
+    deadline = time.monotonic() + 5
+    while relay.server._open and time.monotonic() < deadline:
+        reactor.iterate(0.01)  # type: ignore[attr-defined]
+    assert not relay.server._open
+    late.callback(VerifyResult(ok=True))  # must not raise
