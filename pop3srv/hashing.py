@@ -119,7 +119,8 @@ class _WorkerProtocol(ProcessProtocol):
             # It answered: earlier deaths are no longer "in a row".
             self.verifier._deaths_in_a_row = 0
             d, self.current = self.current, None
-            if d is not None:
+            # A cancelled check (its asker went away) has already fired.
+            if d is not None and not d.called:
                 if result is None:
                     self.verifier._emit(events)
                     d.errback(HashCheckFailed("the password check failed"))
@@ -148,7 +149,7 @@ class _WorkerProtocol(ProcessProtocol):
         self._stop_deadline()
         d, self.current = self.current, None
         self.verifier._lost(self)
-        if d is not None:
+        if d is not None and not d.called:
             d.errback(HashWorkerDied("the password-hashing process exited"))
 
 
@@ -229,7 +230,8 @@ class ProcessVerifier:
             # rather than hold the logins until one starts.
             waiting, self._waiting = self._waiting, deque()
             for _, _, d in waiting:
-                d.errback(HashWorkerDied("no password-hashing process is running"))
+                if not d.called:
+                    d.errback(HashWorkerDied("no password-hashing process is running"))
         self._restarts = [c for c in self._restarts if c.active()]
         self._restarts.append(self._reactor.callLater(delay, self._spawn))
 
@@ -242,7 +244,8 @@ class ProcessVerifier:
         self._restarts = []
         waiting, self._waiting = self._waiting, deque()
         for _, _, d in waiting:
-            d.errback(HashWorkerDied("the password-hashing processes were stopped"))
+            if not d.called:
+                d.errback(HashWorkerDied("the password-hashing processes were stopped"))
         pool, self._pool = self._pool, []
         self._free.clear()
         for worker in pool:
@@ -253,11 +256,12 @@ class ProcessVerifier:
         """C{worker} can take a call."""
         if worker.dead or worker not in self._pool:
             return
-        if self._waiting:
+        while self._waiting:
             username, password, d = self._waiting.popleft()
-            worker.send(username, password, d)
-        else:
-            self._free.append(worker)
+            if not d.called:  # else cancelled while it waited: skip it
+                worker.send(username, password, d)
+                return
+        self._free.append(worker)
 
     def _lost(self, worker: _WorkerProtocol) -> None:
         """C{worker} died: replace it."""

@@ -12,17 +12,20 @@ hashing process sat idle (argon2 logins: 9.7/s with a pool per process,
 13.2/s with one pool, in `make bench`).
 
 Frames are L{pop3srv._hashworker.HEADER}-prefixed pickles, between a parent
-and the child it forked: C{(request id, checker number, username,
-password)} one way, C{(request id, result or None, error text)} the other.
-The checker number is the position of the C{passlib} checker among the
-server's checkers, which parent and child build from the same options.
+and its child: C{(request id, user file path, username, password)} one way,
+C{(request id, result or None, error text)} the other.  The path picks the
+parent's verifier for that C{passlib} checker.
+
+A child whose socket closes while it runs cannot check passwords any more;
+it stops, and the parent starts it afresh with a new pair.  When a child
+goes, the checks it still had waiting in the parent's pool are cancelled.
 """
 
 from __future__ import annotations
 
 import pickle
 import socket
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from twisted.internet.defer import Deferred
@@ -78,44 +81,69 @@ class _Framed(Protocol):
 class RelayServer(_Framed):
     """The parent's end of one child's socket: checks them in its pool."""
 
-    def __init__(self, verifiers: Sequence[Callable[[str, str], Deferred[VerifyResult]]]) -> None:
+    def __init__(
+        self, verifiers: Mapping[str, Callable[[str, str], Deferred[VerifyResult]]]
+    ) -> None:
+        """
+        @param verifiers: the parent's verifiers by the path of their user file.
+        """
         super().__init__()
         self.verifiers = verifiers
         self._open = True
+        self._checks: dict[int, Deferred[VerifyResult]] = {}
 
     def message_received(self, message: Any) -> None:
-        request_id, number, username, password = message
-        if not 0 <= number < len(self.verifiers):
+        try:
+            request_id, path, username, password = message
+            verify = self.verifiers[path]
+        except (TypeError, ValueError, KeyError):
+            _log.error("Bad request on the hashing relay: {kind}", kind=type(message).__name__)
+            if isinstance(message, tuple) and message and isinstance(message[0], int):
+                self._answer(message[0], None, "HashCheckFailed")
+            return
+        try:
+            d = verify(username, password)
+        except Exception as e:
+            _log.failure("Password check could not start", Failure(e))
             self._answer(request_id, None, "HashCheckFailed")
             return
-        d = self.verifiers[number](username, password)
+        self._checks[request_id] = d
         d.addCallbacks(
             lambda result: self._answer(request_id, result, ""),
             lambda failure: self._answer(request_id, None, failure.type.__name__),
         )
 
     def _answer(self, request_id: int, result: VerifyResult | None, error: str) -> None:
+        self._checks.pop(request_id, None)
         # A child that died meanwhile has nobody waiting for the answer.
         if self._open:
             self.send((request_id, result, error))
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:  # noqa: B008
         self._open = False
+        # Checks still queued for a hashing process would be work for nobody.
+        checks, self._checks = self._checks, {}
+        for d in checks.values():
+            d.cancel()
 
 
 class RelayClient(_Framed):
     """A child's end: sends checks to the parent and waits for the answers."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_lost: Callable[[], object] = lambda: None) -> None:
+        """
+        @param on_lost: called when the socket closes (the child then stops).
+        """
         super().__init__()
         self._pending: dict[int, Deferred[VerifyResult]] = {}
         self._next_id = 0
         self._lost = False
+        self._on_lost = on_lost
 
-    def verifier(self, number: int) -> Callable[[str, str], Deferred[VerifyResult]]:
+    def verifier(self, path: str) -> Callable[[str, str], Deferred[VerifyResult]]:
         """
-        @param number: the position of the C{passlib} checker among the
-            server's checkers.
+        @param path: the user file of the C{passlib} checker, which names
+            the parent's verifier for it.
         @return: a C{verifier} for L{pop3srv.checker.PasslibChecker}.
         """
 
@@ -126,7 +154,7 @@ class RelayClient(_Framed):
                 return d
             self._next_id += 1
             self._pending[self._next_id] = d
-            self.send((self._next_id, number, username, password))
+            self.send((self._next_id, path, username, password))
             return d
 
         return verify
@@ -146,6 +174,7 @@ class RelayClient(_Framed):
         pending, self._pending = self._pending, {}
         for d in pending.values():
             d.errback(HashWorkerDied("the parent server process is gone"))
+        self._on_lost()
 
 
 def adopt(reactor: Any, fd: int, protocol: Protocol) -> None:

@@ -45,6 +45,8 @@ from pop3srv.workers import AdoptedPortService, WorkerSupervisor
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
 
+_log = Logger()
+
 
 class _ParseOnlyReactor:
     """
@@ -292,6 +294,12 @@ class Pop3Service(service.MultiService):
         return self.tls.reload()
 
 
+def _stop_running(reactor: Any) -> None:
+    _log.error("Lost the parent's password-hashing pool; stopping this server process")
+    if reactor.running:
+        reactor.stop()
+
+
 class ThreadPoolService(service.Service):
     """
     Runs the thread pool for SCRAM lookups and the spool sweep, and for
@@ -375,12 +383,13 @@ def makeService(
         for fd, kind in inherited:
             if kind == "hash":
                 # A child server process: its checks go to the parent's pool.
-                relay = RelayClient()
+                # Without it no login can succeed here: stop, to be restarted.
+                relay = RelayClient(on_lost=lambda: _stop_running(reactor))
                 adopt(reactor, fd, relay)
                 os.close(fd)
         inherited = [(fd, kind) for fd, kind in inherited if kind != "hash"]
     checkers = []
-    verifiers: list[Any] = []
+    verifiers: dict[str, Any] = {}
     for checker in options["credCheckers"]:
         if isinstance(checker, PasslibChecker):
             verify = None
@@ -388,12 +397,12 @@ def makeService(
                 # Verify in processes: a backend that holds the GIL (pure-Python
                 # sha512_crypt) would otherwise stall every session.
                 if relay is not None:
-                    verify = relay.verifier(len(verifiers))
+                    verify = relay.verifier(checker.users.path)
                 else:
                     verifier = ProcessVerifier(checker.users, options["hash_workers"], reactor)
                     VerifierService(verifier).setServiceParent(top)
                     verify = verifier.verify_detailed
-                verifiers.append(verify)
+                verifiers[checker.users.path] = verify
             checker = PasslibChecker(
                 checker.users, reactor=reactor, threadpool=threads.pool, verifier=verify
             )

@@ -39,7 +39,7 @@ import json
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -126,6 +126,7 @@ class _ChildProtocol(ProcessProtocol):
         self.slot = slot
         self.ended: Deferred[None] = Deferred()
         self.ready_timer: Any = None
+        self.ready = False
         self._buffers: dict[int, bytes] = {1: b"", 2: b""}
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
@@ -164,7 +165,7 @@ class WorkerSupervisor(service.Service):
         listeners: Sequence[tuple[Any, str]],
         executable: str = sys.executable,
         options: Any = None,
-        verifiers: Sequence[Callable[[str, str], Deferred[Any]]] = (),
+        verifiers: Mapping[str, Callable[[str, str], Deferred[Any]]] | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
@@ -178,9 +179,9 @@ class WorkerSupervisor(service.Service):
             reactor a fork can rebuild, children are forks of this process
             (L{pop3srv.forking}) that share its memory and use these options;
             otherwise they are new Python processes that parse C{args}.
-        @param verifiers: this process's password verifiers (one per
-            C{passlib} checker, in order) that the children's checks are
-            relayed to (L{pop3srv.hashrelay}); none: children verify alone.
+        @param verifiers: this process's password verifiers, by the path of
+            their C{passlib} checker's user file, that the children's checks
+            are relayed to (L{pop3srv.hashrelay}); none: children verify alone.
         """
         self._reactor = reactor
         self.count = count
@@ -189,7 +190,7 @@ class WorkerSupervisor(service.Service):
         self.fork = options is not None and can_fork_reactor(reactor)
         self.listeners = list(listeners)
         self.executable = executable
-        self.verifiers = list(verifiers)
+        self.verifiers = dict(verifiers or {})
         self.children: dict[int, _ChildProtocol] = {}
         self._restarts: dict[int, list[float]] = {}
         self._pending: dict[int, Any] = {}
@@ -248,7 +249,17 @@ class WorkerSupervisor(service.Service):
         protocol.ready_timer = self._reactor.callLater(READY_TIMEOUT, self._not_ready, protocol)
 
     def _not_ready(self, child: _ChildProtocol) -> None:
-        """A child did not say it serves in time: kill it; it is restarted."""
+        """
+        A child's time to say it serves is up.  Look once more after the
+        reactor has read what is waiting (a stalled parent may not have read
+        the child's word yet); then, if it still has not, kill it.
+        """
+        child.ready_timer = self._reactor.callLater(0, self._kill_if_not_ready, child)
+
+    def _kill_if_not_ready(self, child: _ChildProtocol) -> None:
+        child.ready_timer = None
+        if child.ready or self._stopping or self.children.get(child.slot) is not child:
+            return
         pid = getattr(child.transport, "pid", None)
         self.log.error(
             "Server process {pid} (worker {slot}) did not start serving within "
@@ -275,8 +286,9 @@ class WorkerSupervisor(service.Service):
             except ValueError:
                 event = None
             if isinstance(event, dict):
-                if event.get(READY_KEY) and child.ready_timer is not None:
-                    if child.ready_timer.active():
+                if event.get(READY_KEY):
+                    child.ready = True
+                    if child.ready_timer is not None and child.ready_timer.active():
                         child.ready_timer.cancel()
                     child.ready_timer = None
                 globalLogPublisher(event)
@@ -332,6 +344,10 @@ class WorkerSupervisor(service.Service):
             if call.active():
                 call.cancel()
         self._pending.clear()
+        for child in self.children.values():
+            if child.ready_timer is not None and child.ready_timer.active():
+                child.ready_timer.cancel()
+            child.ready_timer = None
         waiting = [child.ended for child in self.children.values()]
         self.signal_all("TERM")
         if not waiting:

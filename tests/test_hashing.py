@@ -27,7 +27,7 @@ from passlib.hash import (
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
@@ -114,6 +114,32 @@ def test_calls_beyond_the_workers_wait_their_turn(verifier: ProcessVerifier) -> 
     pending = [verifier.verify_detailed(u, p) for u, p in calls]
     results = [run_until(d).ok for d in pending]
     assert results == [True, False, True, False] * 3
+
+
+def test_cancelled_checks_are_skipped(tmp_path: Path) -> None:
+    """
+    A check cancelled while it waits (its child server process went away)
+    is never hashed; the worker goes on with the next check.
+    """
+    old_hash = apr_md5_crypt.hash("alice-pw")
+    path = write_users(tmp_path / "users", old_hash)
+    v = ProcessVerifier(UserFile(path), 1, reactor)
+    v.start()
+    try:
+        pids = v.pids
+        running = v.verify_detailed("bob", "bob-pw")
+        # A match against the old hash would upgrade it in the file.
+        waiting = v.verify_detailed("alice", "alice-pw")
+        after = v.verify_detailed("bob", "bad")
+        waiting.cancel()
+        assert run_until(running).ok
+        assert run_until(after) == VerifyResult(ok=False)
+        with pytest.raises(CancelledError):
+            run_until(waiting)
+        assert old_hash in path.read_text()
+        assert v.pids == pids  # the same worker throughout
+    finally:
+        v.stop()
 
 
 def test_workers_reload_the_file(tmp_path: Path, verifier: ProcessVerifier) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 from twisted.internet import reactor
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
 from pop3srv.hashing import HashCheckFailed, HashWorkerDied
@@ -36,9 +36,10 @@ def run_until(d: Deferred[Any], timeout: float = 10.0) -> Any:
 class Relay:
     """A RelayServer and a RelayClient on the two ends of a socket pair."""
 
-    def __init__(self, verifiers: list[Any]) -> None:
+    def __init__(self, verifiers: dict[str, Any]) -> None:
         self.server = RelayServer(verifiers)
-        self.client = RelayClient()
+        self.lost: list[bool] = []
+        self.client = RelayClient(on_lost=lambda: self.lost.append(True))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         adopt(reactor, ours.fileno(), self.server)
         adopt(reactor, theirs.fileno(), self.client)
@@ -59,7 +60,7 @@ def relay_to() -> Iterator[Any]:
     relays: list[Relay] = []
 
     def make(*verifiers: Any) -> Relay:
-        relays.append(Relay(list(verifiers)))
+        relays.append(Relay({f"/users/{i}": v for i, v in enumerate(verifiers)}))
         return relays[-1]
 
     yield make
@@ -76,7 +77,7 @@ def test_a_check_comes_back_with_its_result(relay_to: Any) -> None:
         return succeed(VerifyResult(ok=username == "alice", label="phone"))
 
     relay = relay_to(verify)
-    check = relay.client.verifier(0)
+    check = relay.client.verifier("/users/0")
     assert run_until(check("alice", "pä ss")) == VerifyResult(ok=True, label="phone")
     assert run_until(check("eve", "x")).ok is False
     assert asked == [("alice", "pä ss"), ("eve", "x")]
@@ -91,7 +92,7 @@ def test_answers_find_their_checks_in_any_order(relay_to: Any) -> None:
         return pending[username]
 
     relay = relay_to(verify)
-    check = relay.client.verifier(0)
+    check = relay.client.verifier("/users/0")
     first, second = check("first", "pw"), check("second", "pw")
     deadline = time.monotonic() + 5
     while len(pending) < 2 and time.monotonic() < deadline:
@@ -102,16 +103,16 @@ def test_answers_find_their_checks_in_any_order(relay_to: Any) -> None:
     assert run_until(first) == VerifyResult(ok=False)
 
 
-def test_the_checker_number_picks_the_verifier(relay_to: Any) -> None:
-    """Each passlib checker has its own verifier; an unknown number fails."""
+def test_the_user_file_picks_the_verifier(relay_to: Any) -> None:
+    """Each passlib checker (user file) has its own verifier; an unknown one fails."""
     relay = relay_to(
         lambda u, p: succeed(VerifyResult(ok=True, label="one")),
         lambda u, p: succeed(VerifyResult(ok=True, label="two")),
     )
-    assert run_until(relay.client.verifier(1)("a", "b")).label == "two"
-    assert run_until(relay.client.verifier(0)("a", "b")).label == "one"
+    assert run_until(relay.client.verifier("/users/1")("a", "b")).label == "two"
+    assert run_until(relay.client.verifier("/users/0")("a", "b")).label == "one"
     with pytest.raises(HashCheckFailed):
-        run_until(relay.client.verifier(2)("a", "b"))
+        run_until(relay.client.verifier("/users/2")("a", "b"))
 
 
 def test_failures_cross_as_their_kind(relay_to: Any) -> None:
@@ -121,26 +122,31 @@ def test_failures_cross_as_their_kind(relay_to: Any) -> None:
         lambda u, p: fail(ValueError("boom")),
     )
     with pytest.raises(HashWorkerDied):
-        run_until(relay.client.verifier(0)("a", "b"))
+        run_until(relay.client.verifier("/users/0")("a", "b"))
     with pytest.raises(HashCheckFailed):
-        run_until(relay.client.verifier(1)("a", "b"))
+        run_until(relay.client.verifier("/users/1")("a", "b"))
 
 
 def test_waiting_checks_fail_when_the_parent_goes(relay_to: Any) -> None:
     """The socket closing fails the checks in flight, and later ones at once."""
     relay = relay_to(lambda u, p: Deferred())
-    waiting = relay.client.verifier(0)("alice", "pw")
+    waiting = relay.client.verifier("/users/0")("alice", "pw")
     reactor.iterate(0.05)  # type: ignore[attr-defined]
     assert relay.server.transport is not None
     relay.server.transport.loseConnection()
     with pytest.raises(HashWorkerDied):
         run_until(waiting)
     with pytest.raises(HashWorkerDied):
-        run_until(relay.client.verifier(0)("alice", "pw"))
+        run_until(relay.client.verifier("/users/0")("alice", "pw"))
+    # The child is told, so it can stop and be restarted.
+    assert relay.lost == [True]
 
 
-def test_an_answer_for_a_gone_child_is_dropped(relay_to: Any) -> None:
-    """A check that ends after its child went away is not written anywhere."""
+def test_a_gone_childs_checks_are_cancelled(relay_to: Any) -> None:
+    """
+    When a child goes, its checks still in the parent are cancelled (no
+    hashing for nobody), and nothing is written for them.
+    """
     late: Deferred[VerifyResult] = Deferred()
     asked: list[str] = []
 
@@ -149,7 +155,7 @@ def test_an_answer_for_a_gone_child_is_dropped(relay_to: Any) -> None:
         return late
 
     relay = relay_to(verify)
-    relay.client.verifier(0)("alice", "pw").addErrback(lambda f: None)
+    relay.client.verifier("/users/0")("alice", "pw").addErrback(lambda f: None)
     deadline = time.monotonic() + 5
     while not asked and time.monotonic() < deadline:
         reactor.iterate(0.01)  # type: ignore[attr-defined]
@@ -159,4 +165,18 @@ def test_an_answer_for_a_gone_child_is_dropped(relay_to: Any) -> None:
     while relay.server._open and time.monotonic() < deadline:
         reactor.iterate(0.01)  # type: ignore[attr-defined]
     assert not relay.server._open
-    late.callback(VerifyResult(ok=True))  # must not raise
+    assert late.called  # cancelled
+    late.addErrback(lambda f: f.trap(CancelledError))
+
+
+def test_a_bad_request_fails_alone(relay_to: Any) -> None:
+    """A verifier that raises at once fails that check; the relay goes on."""
+
+    def broken(username: str, password: str) -> Deferred[VerifyResult]:
+        raise RuntimeError("no")
+
+    relay = relay_to(broken, lambda u, p: succeed(VerifyResult(ok=True)))
+    with pytest.raises(HashCheckFailed):
+        run_until(relay.client.verifier("/users/0")("a", "b"))
+    assert run_until(relay.client.verifier("/users/1")("a", "b")).ok
+    assert relay.lost == []
