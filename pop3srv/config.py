@@ -90,9 +90,15 @@ SETTINGS: dict[str, Setting] = {
         Setting("allow", "networks", [], "Only these networks may connect (if set)."),
         Setting("deny", "networks", [], "These networks may not connect."),
         Setting("hash_workers", "int", None,
-                "Processes that verify passwords, one pool for all server "
-                "processes; 0 verifies in one thread of each server process "
-                "instead (less memory) [default: the number of CPUs].", 0),
+                "Processes that verify passwords (per server process, or in "
+                "all with --hash-pool shared); 0 verifies in one thread of each "
+                "server process instead (less memory) [default: CPUs / workers, "
+                "at least 1; shared: CPUs].", 0),
+        Setting("hash_pool", "str", "per-process",
+                "per-process: each server process has its own hashing processes "
+                "(steadier sessions during a login flood); shared: one pool, in "
+                "the first server process, for all (more logins per second).",
+                choices=("per-process", "shared")),
         Setting("hash_threads", "int", None, "Old name of --hash-workers.", 1),
         Setting("hash_queue", "int", 32,
                 "Logins that may wait for a hashing process, per server process.", 0),

@@ -1,15 +1,17 @@
 # -*- test-case-name: tests.test_hashrelay -*-
 """
-One hashing pool for every server process (C{--workers} above 1).
+One hashing pool for every server process (C{--hash-pool shared}).
 
 The parent server process runs the password-hashing processes
 (L{pop3srv.hashing.ProcessVerifier}); each child server process sends its
 checks to the parent over a UNIX socket pair made when the child starts, and
-the parent queues them with its own.  One pool, not one per server process:
-the kernel does not spread logins evenly between the server processes, and
-with a pool each, one process's checks would queue while the other's
-hashing process sat idle (argon2 logins: 9.7/s with a pool per process,
-13.2/s with one pool, in `make bench`).
+the parent queues them with its own.  With a pool per server process, the
+kernel does not spread logins evenly between the processes, so one
+process's checks queue while the other's hashing process sits idle: in
+`make bench`, argon2 logins run at 10/s with a pool each and 13.6/s with
+one pool.  The relay costs the parent some work per check, though: the
+NOOP p99 of a session during a SHA512-CRYPT flood went from 1.2-1.9 ms to
+2.5 ms, which is why it is not the default.
 
 Frames are L{pop3srv._hashworker.HEADER}-prefixed pickles, between a parent
 and its child: C{(request id, user file path, username, password)} one way,

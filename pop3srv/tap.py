@@ -193,11 +193,15 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self["tls"] = self._tls(origin)
         if self["hash_workers"] is None:
             # The old name still works; otherwise one hashing process per
-            # CPU, in one pool for all the server processes (hashrelay).
+            # CPU, shared out among the server processes' pools unless they
+            # share one (hashrelay).
+            cpus = os.cpu_count() or 1
             self["hash_workers"] = (
                 self["hash_threads"]
                 if self["hash_threads"] is not None
-                else max(1, os.cpu_count() or 1)
+                else cpus
+                if self["hash_pool"] == "shared"
+                else max(1, cpus // self["workers"])
             )
         self["hash_threads"] = self["hash_workers"]
 
@@ -443,7 +447,7 @@ def makeService(
             options.args,
             servers,
             options=options,
-            verifiers=verifiers,
+            verifiers=verifiers if options["hash_pool"] == "shared" else None,
         )
         top.supervisor.setServiceParent(top)
     # Last, so that its thread starts after the hashing and child processes

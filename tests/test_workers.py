@@ -134,21 +134,45 @@ def test_both_processes_serve(server: Pop3Server) -> None:
     assert "did not start serving" not in server.log_text()
 
 
-def test_one_hashing_pool_for_all_processes(server: Pop3Server) -> None:
-    """
-    The hashing processes (one per CPU) are the parent's; the child has none
-    and its logins are checked by them.
-    """
+def test_each_server_process_has_its_hashing_pool(server: Pop3Server) -> None:
+    """By default each server process forks its own hashing processes."""
     assert server.process is not None
     parent = server.process.pid
     (child,) = children(parent)
-    below_parent = descendants(parent) - {child}
-    assert sorted(process_name(p) for p in below_parent) == ["pop3srv-hash"] * (os.cpu_count() or 1)
-    assert descendants(child) == set()
-    deadline = time.monotonic() + 20
-    while f"{child:x}" not in session_pids(server.log_text(), "login-ok"):
-        assert time.monotonic() < deadline, "no login on the child"
-        login(server, "bob").quit()
+    expected = ["pop3srv-hash"] * max(1, (os.cpu_count() or 1) // 2)
+
+    def pools() -> list[list[str]]:
+        own = descendants(parent) - {child} - descendants(child)
+        return [sorted(process_name(p) for p in below) for below in (own, descendants(child))]
+
+    # The child forks its hashing processes as it starts.
+    assert wait_for(lambda: pools() == [expected, expected]), pools()
+
+
+def test_one_hashing_pool_for_all_processes(tmp_path: Path) -> None:
+    """
+    With --hash-pool shared the hashing processes (one per CPU) are the
+    parent's; the child has none and its logins are checked by them.
+    """
+    srv = Pop3Server(tmp_path, "--workers", "2", "--hash-pool", "shared")
+    write_mbox(srv.mail / "bob", [b"Subject: hello\n\nmessage for bob\n"])
+    srv.start()
+    try:
+        assert srv.process is not None
+        parent = srv.process.pid
+        assert wait_for(lambda: len(children(parent)) == 1)
+        (child,) = children(parent)
+        below_parent = descendants(parent) - {child}
+        assert sorted(process_name(p) for p in below_parent) == ["pop3srv-hash"] * (
+            os.cpu_count() or 1
+        )
+        assert descendants(child) == set()
+        deadline = time.monotonic() + 20
+        while f"{child:x}" not in session_pids(srv.log_text(), "login-ok"):
+            assert time.monotonic() < deadline, "no login on the child"
+            login(srv, "bob").quit()
+    finally:
+        srv.stop()
 
 
 def test_in_use_across_processes(server: Pop3Server) -> None:
