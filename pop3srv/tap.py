@@ -5,6 +5,7 @@ The C{twistd pop3srv} command: options, configuration file and service.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import sys
@@ -17,7 +18,7 @@ from twisted.cred import credentials, strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
-from twisted.internet.error import CannotListenError
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -300,7 +301,8 @@ class Pop3Service(service.MultiService):
 
 def _stop_running(reactor: Any) -> None:
     _log.error("Lost the parent's password-hashing pool; stopping this server process")
-    if reactor.running:
+    # The parent's end of stdin closing may have stopped it already.
+    with contextlib.suppress(ReactorNotRunning):
         reactor.stop()
 
 

@@ -35,6 +35,7 @@ Limits are per process: see the README ("Several processes").
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
@@ -45,7 +46,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessExitedAlready
+from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
@@ -390,7 +391,8 @@ def _serve(reactor: Any, inherited: list[tuple[int, str]], options: Any) -> None
     top = makeService(options, reactor, inherited=inherited)
 
     def stop() -> None:
-        if reactor.running:
+        # The relay to the parent's hashing pool closing may have stopped it.
+        with contextlib.suppress(ReactorNotRunning):
             reactor.stop()
 
     _ParentPipe(reactor, 0, stop).startReading()

@@ -209,3 +209,27 @@ def test_sample_config_parses_and_documents_every_setting() -> None:
     text = sample.read_text()
     for key in SETTINGS:
         assert re.search(rf"^(# )?{key} = ", text, re.MULTILINE), key
+
+
+def test_losing_the_hashing_relay_after_a_stop_is_harmless() -> None:
+    """
+    A child whose parent dies sees its stdin and its relay to the hashing
+    pool close together: the second stop must not raise.
+    """
+    from twisted.internet.selectreactor import SelectReactor
+
+    from pop3srv.tap import _stop_running
+
+    reactor = SelectReactor()
+    errors: list[Exception] = []
+
+    def both() -> None:
+        reactor.stop()
+        try:
+            _stop_running(reactor)
+        except Exception as e:
+            errors.append(e)
+
+    reactor.callWhenRunning(both)
+    reactor.run(installSignalHandlers=False)
+    assert errors == []
