@@ -138,13 +138,9 @@ class _MessageStreamer:
             if rest:
                 self._pending = [first, rest]
                 return False
-            data = first
-            if self._top is not None:
-                data = self._top.feed(data) if data else b""
-            out = self._encoder.feed(data)
-            if out:
-                self._transport.write(out)
-            self._transport.write(self._encoder.finish())
+            # The whole message: the last chunk, whatever TOP says.
+            out, _ = self._encode(first)
+            self._write_last(out)
         except BaseException:
             self._close_source()
             raise
@@ -159,6 +155,27 @@ class _MessageStreamer:
 
     def _read(self) -> bytes:
         return self._pending.pop(0) if self._pending else self._source.read(CHUNK_SIZE)
+
+    def _encode(self, data: bytes) -> tuple[bytes, bool]:
+        """
+        Encode one chunk read from the source.
+
+        @return: the bytes to send, and whether nothing more is wanted
+            (the source ended, or TOP has its lines).
+        """
+        if self._top is not None:
+            data = self._top.feed(data) if data else b""
+            finished = self._top.done or not data
+        else:
+            finished = not data
+        return self._encoder.feed(data), finished
+
+    def _write_last(self, out: bytes) -> None:
+        # Two writes, not a concatenation: the transport joins its buffer
+        # once anyway, so a whole message is not copied twice.
+        if out:
+            self._transport.write(out)
+        self._transport.write(self._encoder.finish())
 
     def start(self) -> defer.Deferred[None]:
         self._transport.registerProducer(self, True)
@@ -179,19 +196,9 @@ class _MessageStreamer:
         self._on_progress()
         try:
             while not self._paused and not self._stopped:
-                data = self._read()
-                if self._top is not None:
-                    data = self._top.feed(data) if data else b""
-                    finished = self._top.done or not data
-                else:
-                    finished = not data
-                out = self._encoder.feed(data)
+                out, finished = self._encode(self._read())
                 if finished:
-                    # Two writes, not a concatenation: the transport joins its
-                    # buffer once anyway, so a whole message is not copied twice.
-                    if out:
-                        self._transport.write(out)
-                    self._transport.write(self._encoder.finish())
+                    self._write_last(out)
                     self._finish(None)
                     return
                 if out:
