@@ -217,9 +217,9 @@ class MboxMailbox:
         records = self._index.records
         if index is None:
             deleted = self._deleted
-            sizes = (
-                records.sizes() if isinstance(records, RecordTable) else [r.size for r in records]
-            )
+            # A no-op for a table read or scanned here; packs the lists
+            # some callers build indexes from.
+            sizes = RecordTable.pack(records).sizes()
             for i in deleted:
                 sizes[i] = 0
             return sizes
