@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import pickle
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 from twisted.logger import ILogObserver, Logger, LogLevel
@@ -25,7 +26,7 @@ from zope.interface import implementer
 from pop3srv.forking import log_only_to, set_process_name
 from pop3srv.userfile import UserFile
 
-__all__ = ["HEADER", "MAX_FRAME", "serve"]
+__all__ = ["HEADER", "MAX_FRAME", "FrameBuffer", "FrameTooLarge", "frame", "serve"]
 
 #: A frame's length prefix.
 HEADER = struct.Struct("!I")
@@ -34,6 +35,42 @@ HEADER = struct.Struct("!I")
 MAX_FRAME = 1 << 20
 
 _log = Logger()
+
+
+def frame(message: Any) -> bytes:
+    """C{message} pickled, behind its length."""
+    body = pickle.dumps(message)
+    return HEADER.pack(len(body)) + body
+
+
+class FrameTooLarge(ValueError):
+    """A frame claims more than L{MAX_FRAME} bytes: the stream is unusable."""
+
+
+class FrameBuffer:
+    """Splits a byte stream, as it arrives, into the bodies of its frames."""
+
+    def __init__(self) -> None:
+        self._buffer = b""
+
+    def feed(self, data: bytes) -> Iterator[bytes]:
+        """
+        Add C{data}; yield each frame body it completes, in order.
+
+        @raise FrameTooLarge: a frame claims more than L{MAX_FRAME} bytes.
+        """
+        self._buffer += data
+        while len(self._buffer) >= HEADER.size:
+            (length,) = HEADER.unpack_from(self._buffer)
+            if length > MAX_FRAME:
+                self._buffer = b""
+                raise FrameTooLarge(f"frame of {length} bytes")
+            end = HEADER.size + length
+            if len(self._buffer) < end:
+                return
+            body, self._buffer = self._buffer[HEADER.size : end], self._buffer[end:]
+            yield body
+
 
 #: Types of event fields that cross the pipe as they are.
 _PLAIN = (str, int, float, bool, type(None))
@@ -114,6 +151,6 @@ def serve(users: UserFile, niceness: int) -> None:
             # Reported, not fatal: the next check may well succeed.
             _log.error("Password check failed: {error}", error=repr(e))
             result = None
-        answer = pickle.dumps((result, list(collector.events)))
+        answer = frame((result, list(collector.events)))
         collector.events.clear()
-        _write_all(1, HEADER.pack(len(answer)) + answer)
+        _write_all(1, answer)

@@ -37,7 +37,7 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from pop3srv._hashworker import HEADER, MAX_FRAME, serve
+from pop3srv._hashworker import FrameBuffer, FrameTooLarge, frame, serve
 from pop3srv.forking import ForkedProcess
 from pop3srv.userfile import UserFile, VerifyResult
 
@@ -70,15 +70,14 @@ class _WorkerProtocol(ProcessProtocol):
         self.verifier = verifier
         self.current: Deferred[Any] | None = None
         self.dead = False
-        self._buffer = b""
+        self._frames = FrameBuffer()
         self._deadline: Any = None
 
     def send(self, username: str, password: str, d: Deferred[Any]) -> None:
         self.current = d
-        body = pickle.dumps((username, password))
         self._deadline = self.verifier._reactor.callLater(CHECK_TIMEOUT, self._hung)
         assert self.transport is not None
-        self.transport.write(HEADER.pack(len(body)) + body)
+        self.transport.write(frame((username, password)))
 
     def _hung(self) -> None:
         self._deadline = None
@@ -99,34 +98,34 @@ class _WorkerProtocol(ProcessProtocol):
                 "password-hashing process: {text}", text=data.decode("utf-8", "replace").strip()
             )
             return
-        self._buffer += data
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                self._kill()
-                return
-            if len(self._buffer) < HEADER.size + length:
-                return
-            body = self._buffer[HEADER.size : HEADER.size + length]
-            self._buffer = self._buffer[HEADER.size + length :]
-            try:
-                result, events = pickle.loads(body)  # noqa: S301 (our own child)
-            except Exception:
-                self.verifier.log.failure("Unreadable answer from a password-hashing process")
-                self._kill()
-                return
-            self._stop_deadline()
-            # It answered: earlier deaths are no longer "in a row".
-            self.verifier._deaths_in_a_row = 0
-            d, self.current = self.current, None
-            # A cancelled check (its asker went away) has already fired.
-            if d is not None and not d.called:
-                if result is None:
-                    self.verifier._emit(events)
-                    d.errback(HashCheckFailed("the password check failed"))
-                else:
-                    d.callback((result, events))
-            self.verifier._idle(self)
+        try:
+            for body in self._frames.feed(data):
+                if not self._answered(body):
+                    return
+        except FrameTooLarge:
+            self._kill()
+
+    def _answered(self, body: bytes) -> bool:
+        """One answer from the worker; L{False} if it was unreadable (then killed)."""
+        try:
+            result, events = pickle.loads(body)  # noqa: S301 (our own child)
+        except Exception:
+            self.verifier.log.failure("Unreadable answer from a password-hashing process")
+            self._kill()
+            return False
+        self._stop_deadline()
+        # It answered: earlier deaths are no longer "in a row".
+        self.verifier._deaths_in_a_row = 0
+        d, self.current = self.current, None
+        # A cancelled check (its asker went away) has already fired.
+        if d is not None and not d.called:
+            if result is None:
+                self.verifier._emit(events)
+                d.errback(HashCheckFailed("the password check failed"))
+            else:
+                d.callback((result, events))
+        self.verifier._idle(self)
+        return True
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():

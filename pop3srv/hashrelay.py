@@ -35,7 +35,7 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3srv._hashworker import HEADER, MAX_FRAME
+from pop3srv._hashworker import FrameBuffer, FrameTooLarge, frame
 from pop3srv.hashing import HashCheckFailed, HashWorkerDied
 from pop3srv.userfile import VerifyResult
 
@@ -53,28 +53,20 @@ class _Framed(Protocol):
     """Length-prefixed pickles in both directions."""
 
     def __init__(self) -> None:
-        self._buffer = b""
+        self._frames = FrameBuffer()
 
     def send(self, message: Any) -> None:
-        body = pickle.dumps(message)
         assert self.transport is not None
-        self.transport.write(HEADER.pack(len(body)) + body)
+        self.transport.write(frame(message))
 
     def dataReceived(self, data: bytes) -> None:
-        self._buffer += data
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                _log.error("Oversized frame on the hashing relay; closing it")
-                self._buffer = b""
-                assert self.transport is not None
-                self.transport.loseConnection()
-                return
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                return
-            body, self._buffer = self._buffer[HEADER.size : end], self._buffer[end:]
-            self.message_received(pickle.loads(body))  # noqa: S301 (parent and its own child)
+        try:
+            for body in self._frames.feed(data):
+                self.message_received(pickle.loads(body))  # noqa: S301 (parent and its child)
+        except FrameTooLarge:
+            _log.error("Oversized frame on the hashing relay; closing it")
+            assert self.transport is not None
+            self.transport.loseConnection()
 
     def message_received(self, message: Any) -> None:
         raise NotImplementedError

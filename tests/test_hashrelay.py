@@ -5,6 +5,7 @@ sent over a real UNIX socket pair to verifiers in the parent.
 
 from __future__ import annotations
 
+import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -15,6 +16,7 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
+from pop3srv._hashworker import HEADER, MAX_FRAME, FrameBuffer, FrameTooLarge, frame
 from pop3srv.hashing import HashCheckFailed, HashWorkerDied
 from pop3srv.hashrelay import RelayClient, RelayServer, adopt
 from pop3srv.userfile import VerifyResult
@@ -180,3 +182,13 @@ def test_a_bad_request_fails_alone(relay_to: Any) -> None:
         run_until(relay.client.verifier("/users/0")("a", "b"))
     assert run_until(relay.client.verifier("/users/1")("a", "b")).ok
     assert relay.lost == []
+
+
+def test_frames_split_and_join_as_they_arrive() -> None:
+    """Frames split across reads and several in one read come out whole, in order."""
+    stream = frame(("a", 1)) + frame("b" * 1000) + frame(None)
+    frames = FrameBuffer()
+    bodies = [b for i in range(0, len(stream), 7) for b in frames.feed(stream[i : i + 7])]
+    assert [pickle.loads(b) for b in bodies] == [("a", 1), "b" * 1000, None]  # noqa: S301
+    with pytest.raises(FrameTooLarge):
+        list(frames.feed(HEADER.pack(MAX_FRAME + 1)))
