@@ -117,8 +117,8 @@ class _WorkerProtocol(ProcessProtocol):
         # It answered: earlier deaths are no longer "in a row".
         self.verifier._deaths_in_a_row = 0
         d, self.current = self.current, None
-        # A cancelled check (its asker went away) has already fired.
-        if d is not None and not d.called:
+        # A check cancelled meanwhile ignores this (Deferred.cancel's rule).
+        if d is not None:
             if result is None:
                 self.verifier._emit(events)
                 d.errback(HashCheckFailed("the password check failed"))
@@ -148,7 +148,7 @@ class _WorkerProtocol(ProcessProtocol):
         self._stop_deadline()
         d, self.current = self.current, None
         self.verifier._lost(self)
-        if d is not None and not d.called:
+        if d is not None:
             d.errback(HashWorkerDied("the password-hashing process exited"))
 
 
@@ -229,8 +229,7 @@ class ProcessVerifier:
             # rather than hold the logins until one starts.
             waiting, self._waiting = self._waiting, deque()
             for _, _, d in waiting:
-                if not d.called:
-                    d.errback(HashWorkerDied("no password-hashing process is running"))
+                d.errback(HashWorkerDied("no password-hashing process is running"))
         self._restarts = [c for c in self._restarts if c.active()]
         self._restarts.append(self._reactor.callLater(delay, self._spawn))
 
@@ -243,8 +242,7 @@ class ProcessVerifier:
         self._restarts = []
         waiting, self._waiting = self._waiting, deque()
         for _, _, d in waiting:
-            if not d.called:
-                d.errback(HashWorkerDied("the password-hashing processes were stopped"))
+            d.errback(HashWorkerDied("the password-hashing processes were stopped"))
         pool, self._pool = self._pool, []
         self._free.clear()
         for worker in pool:
