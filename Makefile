@@ -20,7 +20,7 @@ $(STAMP): setup.cfg pyproject.toml
 install: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python -m pop3srv.demo $(DEMO)
+	$(BIN)/python -m pop3srv.admin.demo $(DEMO)
 
 run: demo
 	$(BIN)/twistd --nodaemon --pidfile= --logfile=- pop3srv \

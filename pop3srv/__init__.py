@@ -28,12 +28,12 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "POP3ServerFactory": "pop3srv.protocol",
-    "MboxRealm": "pop3srv.realm",
-    "PasslibChecker": "pop3srv.checker",
+    "POP3ServerFactory": "pop3srv.server.protocol",
+    "MboxRealm": "pop3srv.auth.realm",
+    "PasslibChecker": "pop3srv.auth.checker",
     "MboxMailbox": "pop3srv.mbox",
     "open_maildrop": "pop3srv.mbox",
-    "TLSContextSource": "pop3srv.tls",
+    "TLSContextSource": "pop3srv.server.tls",
 }
 
 __all__ = ["__version__", *_EXPORTS]

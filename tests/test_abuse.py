@@ -16,7 +16,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from pop3srv.limits import (
+from pop3srv.server.limits import (
     AccessRules,
     AuthThrottle,
     ConnectionCounter,
@@ -24,7 +24,7 @@ from pop3srv.limits import (
     LoginGate,
     ThrottleSettings,
 )
-from pop3srv.protocol import POP3ServerFactory, ServerPolicy
+from pop3srv.server.protocol import POP3ServerFactory, ServerPolicy
 
 AUTH_ERR = b"-ERR [AUTH] Invalid username or password.\r\n"
 

@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.admin}, the C{pop3srv-passwd} console script.
+Tests for L{pop3srv.admin.passwd}, the C{pop3srv-passwd} console script.
 """
 
 from __future__ import annotations
@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 
-from pop3srv import admin, userfile
-from pop3srv.userfile import UserFile
+from pop3srv.admin import passwd as admin
+from pop3srv.auth import userfile
+from pop3srv.auth.userfile import UserFile
 
 OTHER_LINES = (
     "# managed by pop3srv-passwd\n"

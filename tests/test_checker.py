@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.checker} and the C{passlib} strcred plugin.
+Tests for L{pop3srv.auth.checker} and the C{passlib} strcred plugin.
 """
 
 from __future__ import annotations
@@ -26,10 +26,10 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 
-from pop3srv import sasl
-from pop3srv.checker import FAILURE_MESSAGE, AvatarId, PasslibChecker
-from pop3srv.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials
-from pop3srv.userfile import UserFile, UserFileError, VerifyResult
+from pop3srv.auth.checker import FAILURE_MESSAGE, AvatarId, PasslibChecker
+from pop3srv.auth.userfile import UserFile, UserFileError, VerifyResult
+from pop3srv.core import sasl
+from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials
 
 PASSWORD = "s3cret-Pässword-7731"
 
@@ -413,9 +413,9 @@ def test_import_does_not_touch_reactor() -> None:
     code = (
         "import sys\n"
         "import twisted.plugins.pop3srv_cred\n"
-        "assert 'pop3srv.checker' not in sys.modules\n"
+        "assert 'pop3srv.auth.checker' not in sys.modules\n"
         "assert 'passlib' not in sys.modules\n"
-        "import pop3srv.checker\n"
+        "import pop3srv.auth.checker\n"
         "assert 'twisted.internet.reactor' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)

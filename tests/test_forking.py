@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.forking}: child processes that are forks of this one.
+Tests for L{pop3srv.processes.forking}: child processes that are forks of this one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from twisted.internet.error import ProcessDone, ProcessTerminated
 from twisted.internet.protocol import ProcessProtocol
 from twisted.python.failure import Failure
 
-from pop3srv.forking import ForkedProcess, can_fork_reactor, set_process_name
+from pop3srv.processes.forking import ForkedProcess, can_fork_reactor, set_process_name
 
 
 class Recorder(ProcessProtocol):

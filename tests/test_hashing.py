@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.hashing}: password verification in worker processes.
+Tests for L{pop3srv.processes.hashpool}: password verification in worker processes.
 """
 
 from __future__ import annotations
@@ -32,10 +32,11 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 
-from pop3srv import argon2check, hashing, oscrypt
-from pop3srv.checker import AvatarId, PasslibChecker
-from pop3srv.hashing import NICENESS, HashCheckFailed, HashWorkerDied, ProcessVerifier
-from pop3srv.userfile import UserFile, VerifyResult
+from pop3srv.auth import argon2check, oscrypt
+from pop3srv.auth.checker import AvatarId, PasslibChecker
+from pop3srv.auth.userfile import UserFile, VerifyResult
+from pop3srv.processes import hashpool as hashing
+from pop3srv.processes.hashpool import NICENESS, HashCheckFailed, HashWorkerDied, ProcessVerifier
 
 
 def run_until(d: Deferred[Any], timeout: float = 30.0) -> Any:
@@ -417,7 +418,7 @@ def test_argon2_one_thread_defers_to_passlib(hashed: str) -> None:
 _ONE_THREAD_SCRIPT = """
 import resource
 from passlib.hash import argon2
-from pop3srv import argon2check
+from pop3srv.auth import argon2check
 
 hashed = argon2.using(memory_cost=16 * 1024, rounds=2, parallelism=4).hash("pw")
 thread_before = resource.getrusage(resource.RUSAGE_THREAD)
@@ -464,8 +465,8 @@ def test_user_file_checks_argon2_on_one_thread(
         return real(password, hashed)
 
     real = argon2check.verify_argon2
-    monkeypatch.setattr("pop3srv.userfile.verify_argon2", spy)
+    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", spy)
     assert users.verify("alice", "pw") and not users.verify("alice", "pv")
     assert len(seen) == 2
-    monkeypatch.setattr("pop3srv.userfile.verify_argon2", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", lambda p, h: None)
     assert users.verify("alice", "pw") and not users.verify("alice", "pv")

@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.hashrelay}: a child server process's password checks
+Tests for L{pop3srv.processes.hashrelay}: a child server process's password checks
 sent over a real UNIX socket pair to verifiers in the parent.
 """
 
@@ -16,10 +16,10 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.python.failure import Failure
 
-from pop3srv._hashworker import HEADER, MAX_FRAME, FrameBuffer, FrameTooLarge, frame
-from pop3srv.hashing import HashCheckFailed, HashWorkerDied
-from pop3srv.hashrelay import RelayClient, RelayServer, adopt
-from pop3srv.userfile import VerifyResult
+from pop3srv.auth.userfile import VerifyResult
+from pop3srv.processes.hashchild import HEADER, MAX_FRAME, FrameBuffer, FrameTooLarge, frame
+from pop3srv.processes.hashpool import HashCheckFailed, HashWorkerDied
+from pop3srv.processes.hashrelay import RelayClient, RelayServer, adopt
 
 
 def run_until(d: Deferred[Any], timeout: float = 10.0) -> Any:

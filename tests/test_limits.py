@@ -1,4 +1,4 @@
-"""Tests for L{pop3srv.limits}: throttle, lockouts, IP rules and counters, with time passed in."""
+"""Tests for L{pop3srv.server.limits}: throttle, lockouts, IP rules and counters."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import ipaddress
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3srv.limits import (
+from pop3srv.server.limits import (
     AccessRules,
     AuthThrottle,
     ConnectionCounter,

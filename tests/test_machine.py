@@ -1,11 +1,11 @@
-"""Tests for L{pop3srv.machine}, the sans-IO session."""
+"""Tests for L{pop3srv.core.machine}, the sans-IO session."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3srv import machine as m
+from pop3srv.core import machine as m
 
 COMMAND_LINES = {
     "USER": b"USER alice",

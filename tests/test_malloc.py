@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.malloc}.
+Tests for L{pop3srv.processes.malloc}.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import sys
 import pytest
 
 _SCRIPT = """
-from pop3srv import malloc
+from pop3srv.processes import malloc
 
 def private_dirty_kib():
     with open("/proc/self/smaps_rollup") as f:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 from twisted.internet.defer import Deferred
 
-from pop3srv.errors import CommitFailed, MaildropChanged, MaildropInUse
+from pop3srv.core.errors import CommitFailed, MaildropChanged, MaildropInUse
 from pop3srv.mbox import commit as commit_module
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.commit import recover
@@ -535,7 +535,7 @@ def test_stale_index_is_dropped_after_maildrop_changed(tmp_path: Path) -> None:
 
 def test_failure_after_commit_point_says_deletions_pending(mbox: Path) -> None:
     """An error after the journal is written is not reported as 'mailbox unchanged'."""
-    from pop3srv.errors import CommitPending
+    from pop3srv.core.errors import CommitPending
 
     def crash(where: str) -> None:
         if where == "payload_partial":

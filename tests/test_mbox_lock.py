@@ -17,7 +17,7 @@ from typing import Any, cast
 import pytest
 from twisted.logger import ILogObserver, LogLevel, globalLogPublisher
 
-from pop3srv.errors import MaildropInUse, MaildropUnavailable
+from pop3srv.core.errors import MaildropInUse, MaildropUnavailable
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.lock import MboxFileLock, SessionLock
 

@@ -17,7 +17,7 @@ from twisted.internet.defer import Deferred, fail
 from twisted.mail.pop3 import IMailbox
 from zope.interface.verify import verifyObject  # type: ignore[import-untyped]
 
-from pop3srv.errors import CommitFailed, MaildropUnavailable
+from pop3srv.core.errors import CommitFailed, MaildropUnavailable
 from pop3srv.mbox import MboxMailbox, open_maildrop
 from pop3srv.mbox.testing import synchronous_defer_to_thread
 
@@ -264,7 +264,7 @@ def test_missing_directory_with_index_dir(tmp_path: Path) -> None:
 
 def test_symlinked_mbox_is_refused(tmp_path: Path) -> None:
     """An mbox path that is a symlink is not followed: the maildrop is unavailable."""
-    from pop3srv.errors import MaildropUnavailable
+    from pop3srv.core.errors import MaildropUnavailable
     from pop3srv.mbox import open_maildrop
     from pop3srv.mbox.testing import synchronous_defer_to_thread
 

@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.protocol} over C{StringTransport} and a fake clock, with
+Tests for L{pop3srv.server.protocol} over C{StringTransport} and a fake clock, with
 mailboxes that answer plainly, with fired Deferreds, and with Deferreds that
 fire later (the IMailbox contract allows all three).
 """
@@ -22,8 +22,8 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
-from pop3srv.errors import CommitFailed, MaildropInUse
-from pop3srv.protocol import POP3Server, POP3ServerFactory, ServerPolicy
+from pop3srv.core.errors import CommitFailed, MaildropInUse
+from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy
 
 MESSAGES = [b"Subject: one\n\nbody one\n", b"Subject: two\n\n.dot line\nlast line no newline"]
 

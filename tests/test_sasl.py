@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.sasl}: the SASL exchange (RFC 5034) with PLAIN, LOGIN
+Tests for L{pop3srv.core.sasl}: the SASL exchange (RFC 5034) with PLAIN, LOGIN
 and SCRAM-SHA-256(-PLUS), driven by a SCRAM client written here from RFC
 5802, and fuzzed with hypothesis.
 """
@@ -23,8 +23,8 @@ from OpenSSL import SSL
 from twisted.cred.credentials import IUsernamePassword
 from zope.interface import implementer
 
-from pop3srv import sasl, scram
-from pop3srv.sasl import (
+from pop3srv.core import sasl, scram
+from pop3srv.core.sasl import (
     Challenge,
     ChannelBinding,
     Failure,
@@ -34,7 +34,7 @@ from pop3srv.sasl import (
     Success,
     Verify,
 )
-from pop3srv.scram import ISCRAMLookup, ISCRAMProof
+from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof
 
 ALL = [sasl.SCRAM_SHA_256_PLUS, sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
 NO_PLUS = [sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
@@ -87,7 +87,7 @@ def stored_for(
 class ScramClient:
     """
     A SCRAM-SHA-256 client written from RFC 5802 section 3, independent of
-    L{pop3srv.scram}.
+    L{pop3srv.core.scram}.
     """
 
     def __init__(

@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.scram}: the SCRAM-SHA-256 arithmetic against RFC 7677's
+Tests for L{pop3srv.core.scram}: the SCRAM-SHA-256 arithmetic against RFC 7677's
 example, saslname escaping and fakes.
 """
 
@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3srv import scram
-from pop3srv.scram import ISCRAMProof, SCRAMCredentials
+from pop3srv.core import scram
+from pop3srv.core.scram import ISCRAMProof, SCRAMCredentials
 
 # RFC 7677 section 3.
 RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")

@@ -22,8 +22,8 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from pop3srv.protocol import POP3ServerFactory
-from pop3srv.tls import TLSContextSource
+from pop3srv.server.protocol import POP3ServerFactory
+from pop3srv.server.tls import TLSContextSource
 
 NOWHERE_TRUSTED = [ipaddress.ip_network("10.255.255.0/24")]
 

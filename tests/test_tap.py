@@ -1,4 +1,4 @@
-"""Tests for L{pop3srv.tap} and L{pop3srv.config}: options, the TOML file and start-up errors."""
+"""Tests for L{pop3srv.app.tap} and L{pop3srv.app.config}: options, TOML and start-up errors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 from livepop3 import TWISTD, write_users
 from twisted.internet.testing import MemoryReactor
 
-from pop3srv.config import ConfigError, load_config
-from pop3srv.protocol import POP3ServerFactory
-from pop3srv.tap import Options, makeService
+from pop3srv.app.config import ConfigError, load_config
+from pop3srv.app.tap import Options, makeService
+from pop3srv.server.protocol import POP3ServerFactory
 
 
 @pytest.fixture
@@ -201,7 +201,7 @@ def test_sample_config_parses_and_documents_every_setting() -> None:
     """etc/pop3srv.toml loads, and names every setting (set or commented out)."""
     import re
 
-    from pop3srv.config import SETTINGS
+    from pop3srv.app.config import SETTINGS
 
     sample = Path(__file__).resolve().parent.parent / "etc" / "pop3srv.toml"
     settings, _ = load_config(str(sample))
@@ -218,7 +218,7 @@ def test_losing_the_hashing_relay_after_a_stop_is_harmless() -> None:
     """
     from twisted.internet.selectreactor import SelectReactor
 
-    from pop3srv.tap import _stop_running
+    from pop3srv.app.tap import _stop_running
 
     reactor = SelectReactor()
     errors: list[Exception] = []

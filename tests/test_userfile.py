@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.userfile}.
+Tests for L{pop3srv.auth.userfile}.
 
 Hashes are made with passlib at the lowest cost each scheme allows, or are
 literals made by an independent implementation (openssl passwd, hashlib),
@@ -20,9 +20,8 @@ import pytest
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from pop3srv import userfile
-from pop3srv.scram import salted_password, stored_from_salted
-from pop3srv.userfile import (
+from pop3srv.auth import userfile
+from pop3srv.auth.userfile import (
     HASH_SCHEMES,
     UserFile,
     UserFileError,
@@ -37,6 +36,7 @@ from pop3srv.userfile import (
     set_user_hash,
     validate_username,
 )
+from pop3srv.core.scram import salted_password, stored_from_salted
 
 PASSWORD = "correct horse"
 WRONG = "battery staple"
@@ -276,7 +276,7 @@ def test_unknown_user_verifies_against_real_hash(
 
     monkeypatch.setattr(users.context, "verify", spy)
     # SHA-crypt would go to libcrypt first; spy on passlib's path here.
-    monkeypatch.setattr("pop3srv.userfile.verify_sha_crypt", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.userfile.verify_sha_crypt", lambda p, h: None)
     dummy = []
     monkeypatch.setattr(users.context, "dummy_verify", lambda: dummy.append(1))
     assert not users.verify("mallory", PASSWORD)
@@ -783,7 +783,7 @@ def test_scram_and_argon2_for_one_user(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(users.context, "verify", spy)
     # Every check through passlib, so the spy sees which hash was used.
-    monkeypatch.setattr("pop3srv.userfile.verify_argon2", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", lambda p, h: None)
     assert users.verify("alice", PASSWORD)
     assert checked == [argon]
     assert scram_keys_match(users, "alice", PASSWORD)

@@ -1,12 +1,12 @@
-"""Tests for L{pop3srv.wire}: framing, parsing, formatting and the encoder."""
+"""Tests for L{pop3srv.core.wire}: framing, parsing, formatting and the encoder."""
 
 from __future__ import annotations
 
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pop3srv import commands as c
-from pop3srv.wire import (
+from pop3srv.core import commands as c
+from pop3srv.core.wire import (
     MAX_COMMAND_LINE,
     DotStuffer,
     LineBuffer,

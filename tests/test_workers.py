@@ -1,6 +1,6 @@
 """
 Tests for C{--workers}: the real C{twistd pop3srv} with child server
-processes on loopback (L{pop3srv.workers}).
+processes on loopback (L{pop3srv.processes.supervisor}).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from livepop3 import PASSWORDS, Pop3Server, write_mbox
 from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
-from pop3srv import workers
+from pop3srv.processes import supervisor as workers
 
 
 def children(pid: int) -> list[int]:

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from twisted.logger import Logger
 
-from pop3srv.errors import MaildropChanged
+from pop3srv.core.errors import MaildropChanged
 from pop3srv.mbox.index import MboxIndex, RecordTable, probes, trim_retired
 from pop3srv.mbox.paths import StatePaths, fsync_dir
 

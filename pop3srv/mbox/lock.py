@@ -27,7 +27,7 @@ from types import TracebackType
 
 from twisted.logger import Logger
 
-from pop3srv.errors import MaildropInUse, MaildropUnavailable
+from pop3srv.core.errors import MaildropInUse, MaildropUnavailable
 
 _log = Logger()
 

@@ -22,8 +22,7 @@ from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3srv import malloc
-from pop3srv.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
+from pop3srv.core.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
 from pop3srv.mbox.index import (
     IndexRecord,
@@ -36,6 +35,7 @@ from pop3srv.mbox.index import (
 from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
 from pop3srv.mbox.paths import StatePaths, remove_stale_temps, state_paths
 from pop3srv.mbox.quoting import MboxUnquoter
+from pop3srv.processes import malloc
 
 #: Raw bytes read per pread when streaming a message.
 READ_CHUNK = 64 * 1024

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from twisted.logger import Logger
 
-from pop3srv.errors import Pop3Error
+from pop3srv.core.errors import Pop3Error
 from pop3srv.mbox.commit import recover
 from pop3srv.mbox.lock import MboxFileLock, left_by_dead_local_process
 from pop3srv.mbox.paths import state_paths

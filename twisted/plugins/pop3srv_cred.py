@@ -2,7 +2,7 @@
 """
 The C{passlib} strcred plugin: C{--auth passlib:/path/to/users}.
 
-Only Twisted and L{pop3srv.scram} (for the L{ISCRAMProof} interface; it
+Only Twisted and L{pop3srv.core.scram} (for the L{ISCRAMProof} interface; it
 imports nothing heavy) load at module level; the checker and passlib load
 when a checker is built, so plugin scanning stays cheap.
 """
@@ -16,10 +16,10 @@ from twisted.cred.strcred import ICheckerFactory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from pop3srv.scram import ISCRAMProof
+from pop3srv.core.scram import ISCRAMProof
 
 if TYPE_CHECKING:
-    from pop3srv.checker import PasslibChecker
+    from pop3srv.auth.checker import PasslibChecker
 
 PASSLIB_HELP = """\
 Checks usernames and passwords against a user file of name:hash lines,
@@ -47,7 +47,7 @@ Manage the file with pop3srv-passwd.
 @implementer(ICheckerFactory, IPlugin)
 class PasslibCheckerFactory:
     """
-    Build L{pop3srv.checker.PasslibChecker}s from a user file path.
+    Build L{pop3srv.auth.checker.PasslibChecker}s from a user file path.
     """
 
     authType = "passlib"
@@ -59,11 +59,11 @@ class PasslibCheckerFactory:
         """
         @param argstring: the path to the user file.
         @return: a checker for that file.
-        @raise pop3srv.userfile.UserFileError: if the path is empty or the
+        @raise pop3srv.auth.userfile.UserFileError: if the path is empty or the
             file cannot be read.
         """
-        from pop3srv.checker import PasslibChecker
-        from pop3srv.userfile import UserFile, UserFileError
+        from pop3srv.auth.checker import PasslibChecker
+        from pop3srv.auth.userfile import UserFile, UserFileError
 
         if not argstring.strip():
             raise UserFileError(f"{self.authType!r} requires a user file path")

@@ -4,7 +4,7 @@ from twisted.application.service import ServiceMaker
 
 pop3srv = ServiceMaker(
     "pop3srv",
-    "pop3srv.tap",
+    "pop3srv.app.tap",
     "A POP3 server for mbox maildrops",
     "pop3srv",
 )

@@ -40,8 +40,8 @@ from typing import TYPE_CHECKING
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from zope.interface import Interface
 
-from pop3srv import scram
-from pop3srv.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials, StoredScram
+from pop3srv.core import scram
+from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials, StoredScram
 
 if TYPE_CHECKING:
     from OpenSSL.SSL import Connection

@@ -1,8 +1,8 @@
 # -*- test-case-name: tests.test_hashing -*-
 """
-The worker side of L{pop3srv.hashing}: what runs in a hashing process.
+The worker side of L{pop3srv.processes.hashpool}: what runs in a hashing process.
 
-A worker is a fork of a server process (L{pop3srv.forking}).  It reads
+A worker is a fork of a server process (L{pop3srv.processes.forking}).  It reads
 requests from descriptor 0 and writes answers to descriptor 1, one at a
 time, each a frame: a 4-byte big-endian length and a pickle.  A request is
 C{(username, password)}; the answer is C{(VerifyResult, events)}, the log
@@ -23,8 +23,8 @@ from typing import Any
 from twisted.logger import ILogObserver, Logger, LogLevel
 from zope.interface import implementer
 
-from pop3srv.forking import log_only_to, set_process_name
-from pop3srv.userfile import UserFile
+from pop3srv.auth.userfile import UserFile
+from pop3srv.processes.forking import log_only_to, set_process_name
 
 __all__ = ["HEADER", "MAX_FRAME", "FrameBuffer", "FrameTooLarge", "frame", "serve"]
 

@@ -13,9 +13,9 @@ from twisted.internet import defer
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
-from pop3srv.errors import InvalidUsername
+from pop3srv.auth.userfile import validate_username
+from pop3srv.core.errors import InvalidUsername
 from pop3srv.mbox import open_maildrop
-from pop3srv.userfile import validate_username
 
 USER_FIELD = "{user}"
 

@@ -16,7 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from pop3srv.limits import IPNetwork
+from pop3srv.server.limits import IPNetwork
 
 
 class ConfigError(ValueError):

@@ -33,7 +33,7 @@ import socket
 import sys
 from typing import NoReturn
 
-from pop3srv.userfile import (
+from pop3srv.auth.userfile import (
     DEFAULT_SCHEME,
     HASH_SCHEMES,
     SCRAM_SCHEME,

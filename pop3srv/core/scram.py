@@ -5,7 +5,7 @@ parsing helpers and the C{twisted.cred} interfaces a checker implements to
 serve SCRAM.
 
 Nothing here does I/O.  The exchange itself (who sends what when) lives in
-L{pop3srv.sasl}; this module is the maths and the types it shares with
+L{pop3srv.core.sasl}; this module is the maths and the types it shares with
 checkers.
 
 How a checker serves SCRAM
@@ -19,7 +19,7 @@ check the proof.  So a checker that can serve SCRAM:
      Deferred firing with the user's L{StoredScram}, or with L{None} for a
      user it cannot serve.  Better, it returns a plausible fake from
      L{fake_stored} so that the salt sent to the client does not reveal
-     whether the user exists (L{pop3srv.checker.PasslibChecker} does);
+     whether the user exists (L{pop3srv.auth.checker.PasslibChecker} does);
   2. lists L{ISCRAMProof} in its C{credentialInterfaces} and, in
      C{requestAvatarId}, looks the user up again and calls
      C{credentials.checkProof(stored)}, which does the constant-time

@@ -6,11 +6,11 @@ The process twistd starts binds every C{--listen} and C{--listen-tls}
 endpoint and serves like a single-process server; it also starts N-1
 children (L{WorkerSupervisor}), giving them the listening sockets as
 inherited descriptors.  A child is a fork of the running parent
-(L{pop3srv.forking}: it shares the parent's memory pages and uses its parsed
+(L{pop3srv.processes.forking}: it shares the parent's memory pages and uses its parsed
 options) that builds a new reactor; with a reactor a fork cannot rebuild it
 is a new Python process running L{child_main} with the parent's pop3srv
 arguments.  Either way it builds the same service with L{makeService
-<pop3srv.tap.makeService>}, adopting the sockets
+<pop3srv.app.tap.makeService>}, adopting the sockets
 (C{IReactorSocket.adoptStreamPort}) instead of binding, so the kernel hands
 each new connection to whichever process accepts first.
 
@@ -51,14 +51,14 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher
 from twisted.python.failure import Failure
 
-from pop3srv.forking import (
+from pop3srv.processes.forking import (
     ForkedProcess,
     can_fork_reactor,
     fresh_reactor,
     log_only_to,
     set_process_name,
 )
-from pop3srv.hashrelay import RelayServer, adopt
+from pop3srv.processes.hashrelay import RelayServer, adopt
 
 __all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
 
@@ -85,7 +85,7 @@ MAX_LOG_LINE = 1 << 20
 
 
 #: What a child runs (C{-c}, not C{-m}, so this module is imported once).
-_CHILD_CODE = "from pop3srv.workers import child_main; child_main()"
+_CHILD_CODE = "from pop3srv.processes.supervisor import child_main; child_main()"
 
 
 class AdoptedPortService(service.Service):
@@ -176,13 +176,13 @@ class WorkerSupervisor(service.Service):
             L{StreamServerEndpointService} that has bound its port, with its
             kind: C{"plain"} or C{"tls"}.
         @param executable: the Python to run the children with.
-        @param options: the parsed L{pop3srv.tap.Options}.  With them, and a
+        @param options: the parsed L{pop3srv.app.tap.Options}.  With them, and a
             reactor a fork can rebuild, children are forks of this process
-            (L{pop3srv.forking}) that share its memory and use these options;
+            (L{pop3srv.processes.forking}) that share its memory and use these options;
             otherwise they are new Python processes that parse C{args}.
         @param verifiers: this process's password verifiers, by the path of
             their C{passlib} checker's user file, that the children's checks
-            are relayed to (L{pop3srv.hashrelay}); none: children verify alone.
+            are relayed to (L{pop3srv.processes.hashrelay}); none: children verify alone.
         """
         self._reactor = reactor
         self.count = count
@@ -386,7 +386,7 @@ class _ParentPipe(abstract.FileDescriptor):
 
 def _serve(reactor: Any, inherited: list[tuple[int, str]], options: Any) -> None:
     """Build a child's service on its inherited sockets and run it."""
-    from pop3srv.tap import makeService
+    from pop3srv.app.tap import makeService
 
     top = makeService(options, reactor, inherited=inherited)
 
@@ -434,7 +434,7 @@ def child_main(argv: Sequence[str] | None = None) -> None:
     out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
     globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
 
-    from pop3srv.tap import Options
+    from pop3srv.app.tap import Options
 
     options = Options()
     options.parseOptions(args[1:])

@@ -77,9 +77,9 @@ from passlib.hash import scram as passlib_scram
 from passlib.utils import saslprep
 from twisted.logger import Logger
 
-from pop3srv.argon2check import verify_argon2
-from pop3srv.oscrypt import verify_sha_crypt
-from pop3srv.scram import DEFAULT_ITERATIONS, StoredScram, fake_stored, stored_from_salted
+from pop3srv.auth.argon2check import verify_argon2
+from pop3srv.auth.oscrypt import verify_sha_crypt
+from pop3srv.core.scram import DEFAULT_ITERATIONS, StoredScram, fake_stored, stored_from_salted
 
 __all__ = [
     "ACCEPTED_SCHEMES",
@@ -801,11 +801,11 @@ class UserFile:
         @return: whether the password matches.
         """
         # SHA-crypt through the system's libcrypt: half the CPU of passlib's
-        # pure-Python backend (see pop3srv.oscrypt); None means "ask passlib".
+        # pure-Python backend (see pop3srv.auth.oscrypt); None means "ask passlib".
         fast = verify_sha_crypt(password, hashed)
         if fast is None and hashed.startswith("$argon2"):
             # One thread per check instead of one per lane (see
-            # pop3srv.argon2check); None again means "ask passlib".
+            # pop3srv.auth.argon2check); None again means "ask passlib".
             fast = verify_argon2(password, hashed)
         if fast is not None:
             return fast

@@ -25,12 +25,15 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from pop3srv import malloc
-from pop3srv.checker import PasslibChecker
-from pop3srv.config import SETTINGS, ConfigError, convert, load_config
-from pop3srv.hashing import ProcessVerifier
-from pop3srv.hashrelay import RelayClient, adopt
-from pop3srv.limits import (
+from pop3srv.app.config import SETTINGS, ConfigError, convert, load_config
+from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.realm import MboxRealm, check_mailbox_template
+from pop3srv.mbox.sweep import sweep_spool
+from pop3srv.processes import malloc
+from pop3srv.processes.hashpool import ProcessVerifier
+from pop3srv.processes.hashrelay import RelayClient, adopt
+from pop3srv.processes.supervisor import AdoptedPortService, WorkerSupervisor
+from pop3srv.server.limits import (
     AccessRules,
     AuthThrottle,
     ConnectionCounter,
@@ -38,11 +41,8 @@ from pop3srv.limits import (
     LoginGate,
     ThrottleSettings,
 )
-from pop3srv.mbox.sweep import sweep_spool
-from pop3srv.protocol import POP3ServerFactory, ServerPolicy
-from pop3srv.realm import MboxRealm, check_mailbox_template
-from pop3srv.tls import TLSConfigError, TLSContextSource, TLSMinimum
-from pop3srv.workers import AdoptedPortService, WorkerSupervisor
+from pop3srv.server.protocol import POP3ServerFactory, ServerPolicy
+from pop3srv.server.tls import TLSConfigError, TLSContextSource, TLSMinimum
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
 
@@ -368,12 +368,12 @@ def makeService(
 
     @param options: parsed options.
     @param reactor: the reactor; the global one if L{None}.
-    @param inherited: in a child server process (L{pop3srv.workers}), the
+    @param inherited: in a child server process (L{pop3srv.processes.supervisor}), the
         listening sockets it inherited, as C{(fd, "plain" or "tls")}: they
         are adopted instead of binding the endpoints, no children are
         started and the spool is not swept (the parent does that).  An
         entry C{(fd, "hash")} is the socket to the parent's hashing pool
-        (L{pop3srv.hashrelay}), used instead of a pool of its own.
+        (L{pop3srv.processes.hashrelay}), used instead of a pool of its own.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor

@@ -87,7 +87,7 @@ def create_self_signed(cert_path: str, key_path: str) -> None:
 
 def create_demo(directory: str) -> None:
     """Create the demo user file, mbox and certificate in C{directory} if missing."""
-    from pop3srv.userfile import hash_password
+    from pop3srv.auth.userfile import hash_password
 
     os.makedirs(os.path.join(directory, "mail"), exist_ok=True)
     users = os.path.join(directory, "users")
@@ -105,10 +105,10 @@ def create_demo(directory: str) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """C{python -m pop3srv.demo DIRECTORY}."""
+    """C{python -m pop3srv.admin.demo DIRECTORY}."""
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m pop3srv.demo DIRECTORY", file=sys.stderr)
+        print("usage: python -m pop3srv.admin.demo DIRECTORY", file=sys.stderr)
         return 2
     create_demo(args[0])
     return 0

@@ -2,8 +2,8 @@
 """
 Child processes that are forks of this one, not new programs.
 
-A child server process (L{pop3srv.workers}) or password-hashing process
-(L{pop3srv.hashing}) started with exec imports Python, Twisted, pyOpenSSL
+A child server process (L{pop3srv.processes.supervisor}) or password-hashing process
+(L{pop3srv.processes.hashpool}) started with exec imports Python, Twisted, pyOpenSSL
 and cryptography again: 30-40 MiB of private memory each.  A fork shares
 those pages with its parent until either writes them, so with the cyclic
 garbage collector kept off the inherited objects (L{gc.freeze}) most of

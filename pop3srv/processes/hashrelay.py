@@ -3,7 +3,7 @@
 One hashing pool for every server process (C{--hash-pool shared}).
 
 The parent server process runs the password-hashing processes
-(L{pop3srv.hashing.ProcessVerifier}); each child server process sends its
+(L{pop3srv.processes.hashpool.ProcessVerifier}); each child server process sends its
 checks to the parent over a UNIX socket pair made when the child starts, and
 the parent queues them with its own.  With a pool per server process, the
 kernel does not spread logins evenly between the processes, so one
@@ -13,7 +13,7 @@ one pool.  The relay costs the parent some work per check, though: the
 NOOP p99 of a session during a SHA512-CRYPT flood went from 1.2-1.9 ms to
 2.5 ms, which is why it is not the default.
 
-Frames are L{pop3srv._hashworker.HEADER}-prefixed pickles, between a parent
+Frames are L{pop3srv.processes.hashchild.HEADER}-prefixed pickles, between a parent
 and its child: C{(request id, user file path, username, password)} one way,
 C{(request id, result or None, error text)} the other.  The path picks the
 parent's verifier for that C{passlib} checker.
@@ -35,9 +35,9 @@ from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
-from pop3srv._hashworker import FrameBuffer, FrameTooLarge, frame
-from pop3srv.hashing import HashCheckFailed, HashWorkerDied
-from pop3srv.userfile import VerifyResult
+from pop3srv.auth.userfile import VerifyResult
+from pop3srv.processes.hashchild import FrameBuffer, FrameTooLarge, frame
+from pop3srv.processes.hashpool import HashCheckFailed, HashWorkerDied
 
 __all__ = ["RelayClient", "RelayServer", "adopt"]
 
@@ -138,7 +138,7 @@ class RelayClient(_Framed):
         """
         @param path: the user file of the C{passlib} checker, which names
             the parent's verifier for it.
-        @return: a C{verifier} for L{pop3srv.checker.PasslibChecker}.
+        @return: a C{verifier} for L{pop3srv.auth.checker.PasslibChecker}.
         """
 
         def verify(username: str, password: str) -> Deferred[VerifyResult]:

@@ -5,7 +5,7 @@ SASL PLAIN and LOGIN) and L{ISCRAMProof} (SASL SCRAM-SHA-256), and the
 L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.
 
 Hash verification is slow on purpose, so it runs in a thread pool, or,
-given a C{verifier} (L{pop3srv.hashing.ProcessVerifier}, as C{twistd
+given a C{verifier} (L{pop3srv.processes.hashpool.ProcessVerifier}, as C{twistd
 pop3srv} does), in worker processes, so that a backend that holds the GIL
 cannot stall the reactor; the reactor thread only decodes the credentials
 and maps the result.  SCRAM lookups are cheap and stay in the thread pool.
@@ -13,14 +13,14 @@ and maps the result.  SCRAM lookups are cheap and stay in the thread pool.
 Which password matched
 ======================
 
-A user may have app passwords (see L{pop3srv.userfile}).  The avatar ID is
+A user may have app passwords (see L{pop3srv.auth.userfile}).  The avatar ID is
 still the user name as UTF-8 bytes, so realms need no change; which password
 matched is reported three ways:
 
   - the avatar ID is an L{AvatarId}, a C{bytes} subclass whose C{label}
     attribute is the app-password label (L{None} for the main password);
   - if the credentials object has an C{app_label} attribute
-    (L{pop3srv.sasl.PasswordCredentials}, L{pop3srv.scram.SCRAMCredentials})
+    (L{pop3srv.core.sasl.PasswordCredentials}, L{pop3srv.core.scram.SCRAMCredentials})
     the checker sets it, so the protocol can read it after C{Portal.login};
   - the checker logs C{"User {username!r} authenticated with app password
     {label!r}"} at info level.
@@ -40,14 +40,14 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pop3srv.scram import ISCRAMLookup, ISCRAMProof, StoredScram
+from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, StoredScram
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorFromThreads
     from twisted.python.failure import Failure
     from twisted.python.threadpool import ThreadPool
 
-    from pop3srv.userfile import UserFile, VerifyResult
+    from pop3srv.auth.userfile import UserFile, VerifyResult
 
 __all__ = ["FAILURE_MESSAGE", "AvatarId", "PasslibChecker"]
 
@@ -117,11 +117,11 @@ class PasslibChecker:
             L{twisted.internet.interfaces.IReactorThreads}.
         @param verifier: verifies a password instead of
             C{users.verify_detailed} in C{threadpool}, e.g.
-            L{pop3srv.hashing.ProcessVerifier.verify_detailed}; it must
+            L{pop3srv.processes.hashpool.ProcessVerifier.verify_detailed}; it must
             check the same file.
         """
         if isinstance(users, str):
-            from pop3srv.userfile import UserFile
+            from pop3srv.auth.userfile import UserFile
 
             users = UserFile(users)
         self.users = users

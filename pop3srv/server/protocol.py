@@ -1,6 +1,6 @@
 # -*- test-case-name: tests.test_protocol -*-
 """
-The Twisted glue around L{pop3srv.machine}: feeds received bytes to the
+The Twisted glue around L{pop3srv.core.machine}: feeds received bytes to the
 machine, performs the I/O its actions ask for (cred login, the
 L{twisted.mail.pop3.IMailbox} calls, streaming), and writes the replies.
 """
@@ -29,11 +29,12 @@ from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3srv import machine as m
-from pop3srv import sasl, scram
-from pop3srv.audit import audit
-from pop3srv.errors import InvalidUsername, Pop3Error
-from pop3srv.limits import (
+from pop3srv.core import machine as m
+from pop3srv.core import sasl, scram
+from pop3srv.core.errors import InvalidUsername, Pop3Error
+from pop3srv.core.wire import DotStuffer, TopFilter
+from pop3srv.server.audit import audit
+from pop3srv.server.limits import (
     AccessRules,
     AuthThrottle,
     ConnectionCounter,
@@ -43,7 +44,6 @@ from pop3srv.limits import (
     ThrottleSettings,
     in_networks,
 )
-from pop3srv.wire import DotStuffer, TopFilter
 
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
 MIN_IDLE_TIMEOUT = 600
@@ -784,7 +784,7 @@ class POP3Server(Protocol):
 @dataclass
 class ServerPolicy:
     """
-    The abuse limits a factory enforces (see L{pop3srv.limits}).
+    The abuse limits a factory enforces (see L{pop3srv.server.limits}).
 
     @ivar auth_timeout: seconds a client may take to log in, from connect.
     @ivar max_bad_commands: consecutive bad commands before disconnecting.

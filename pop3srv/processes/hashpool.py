@@ -6,16 +6,16 @@ Some hash backends hold the GIL for the whole verification: passlib's
 pure-Python sha512_crypt is about 2 ms of bytecode per login.  In a thread
 of the server process that starves the reactor, so every other session
 waits.  L{ProcessVerifier} runs L{UserFile.verify_detailed} in a few
-long-lived worker processes instead (L{pop3srv._hashworker}).
+long-lived worker processes instead (L{pop3srv.processes.hashchild}).
 
-The workers are forks of the server process (L{pop3srv.forking}): they
+The workers are forks of the server process (L{pop3srv.processes.forking}): they
 share its memory pages, start in a millisecond, and already hold the user
 file, which they re-read when it changes, exactly as the server's own
 L{UserFile} does.  Only the user name and password cross the pipe, and only
 the L{VerifyResult} comes back, with the log events the check produced
 (upgrade notices, rejected passwords), re-emitted here so they reach the
 server's log.  A hash upgrade is done by the worker that verified the
-password: L{pop3srv.userfile.replace_hash} takes the same lock as
+password: L{pop3srv.auth.userfile.replace_hash} takes the same lock as
 C{pop3srv-passwd} and rewrites only if the old hash is still there, so two
 workers upgrading the same user at once rewrite the file once.
 
@@ -37,9 +37,9 @@ from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
-from pop3srv._hashworker import FrameBuffer, FrameTooLarge, frame, serve
-from pop3srv.forking import ForkedProcess
-from pop3srv.userfile import UserFile, VerifyResult
+from pop3srv.auth.userfile import UserFile, VerifyResult
+from pop3srv.processes.forking import ForkedProcess
+from pop3srv.processes.hashchild import FrameBuffer, FrameTooLarge, frame, serve
 
 __all__ = ["NICENESS", "HashCheckFailed", "HashWorkerDied", "ProcessVerifier"]
 
@@ -157,7 +157,7 @@ class ProcessVerifier:
     Verifies passwords against a user file in C{workers} processes.
 
     Callers bound the number of calls in flight (see
-    L{pop3srv.limits.LoginGate}); the rest wait here for a free worker.
+    L{pop3srv.server.limits.LoginGate}); the rest wait here for a free worker.
     """
 
     log = Logger()

@@ -17,9 +17,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from pop3srv import commands as c
-from pop3srv import sasl
-from pop3srv.wire import (
+from pop3srv.core import commands as c
+from pop3srv.core import sasl
+from pop3srv.core.wire import (
     MAX_COMMAND_LINE,
     LineBuffer,
     LineTooLong,

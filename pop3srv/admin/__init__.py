@@ -1,0 +1,3 @@
+"""
+Admin commands: C{pop3srv-passwd} and the demo set-up behind C{make run}.
+"""

@@ -1,0 +1,3 @@
+"""
+The C{twistd pop3srv} application: options, the TOML config and makeService.
+"""

@@ -1,0 +1,3 @@
+"""
+Processes: the supervisor of server processes and the hashing processes.
+"""

@@ -1,0 +1,3 @@
+"""
+The Twisted server: the protocol, the login service, TLS, limits and audit.
+"""
