@@ -9,7 +9,7 @@ from __future__ import annotations
 import ipaddress
 from typing import Any
 
-from test_protocol import MESSAGES, FakeMailbox, FakeRealm
+from helpers import MESSAGES, FakeMailbox, FakeRealm
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address

@@ -14,20 +14,26 @@ import socket
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from livepop3 import PASSWORDS, Pop3Server, write_mbox
+from livepop3 import PASSWORDS, Pop3Server
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "pop3srv.conf"
 
 
-def start(tmp_path: Path, *extra: str, quick_failures: bool = True) -> Pop3Server:
-    """A running server with a small mbox for alice."""
-    srv = Pop3Server(tmp_path, *extra, quick_failures=quick_failures)
-    write_mbox(srv.mail / "alice", [b"Subject: hi\n\nhello\n"])
-    return srv.start()
+@pytest.fixture
+def start(live_server: Callable[..., Pop3Server]) -> Callable[..., Pop3Server]:
+    """Start a server with a small mbox for alice: C{start(*extra, quick_failures=True)}."""
+
+    def start_(*extra: str, quick_failures: bool = True) -> Pop3Server:
+        return live_server(
+            *extra, quick_failures=quick_failures, mail={"alice": [b"Subject: hi\n\nhello\n"]}
+        )
+
+    return start_
 
 
 def attempt(srv: Pop3Server, user: str, password: str, source: str = "127.0.0.1") -> bytes:
@@ -45,9 +51,9 @@ def attempt(srv: Pop3Server, user: str, password: str, source: str = "127.0.0.1"
         return reply
 
 
-def test_failure_delay_does_not_block_other_sessions(tmp_path: Path) -> None:
+def test_failure_delay_does_not_block_other_sessions(start: Callable[..., Pop3Server]) -> None:
     """A failed login waits about 1 s; meanwhile a logged-in session's NOOP is answered."""
-    srv = start(tmp_path, "--failure-delay", "1", quick_failures=False)
+    srv = start("--failure-delay", "1", quick_failures=False)
     try:
         honest = poplib.POP3("127.0.0.1", srv.port, timeout=30)
         honest.user("alice")
@@ -75,9 +81,9 @@ def test_failure_delay_does_not_block_other_sessions(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_lockout_and_expiry(tmp_path: Path) -> None:
+def test_lockout_and_expiry(start: Callable[..., Pop3Server]) -> None:
     """After 2 failures the right password is refused until the 2 s lockout ends."""
-    srv = start(tmp_path, "--user-failure-limit", "2", "--lockout", "2")
+    srv = start("--user-failure-limit", "2", "--lockout", "2")
     try:
         assert attempt(srv, "alice", "wrong1").startswith(b"-ERR [AUTH]")
         assert attempt(srv, "alice", "wrong2").startswith(b"-ERR [AUTH]")
@@ -92,9 +98,9 @@ def test_lockout_and_expiry(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_connection_limit_per_address(tmp_path: Path) -> None:
+def test_connection_limit_per_address(start: Callable[..., Pop3Server]) -> None:
     """The third connection from one address is refused with [SYS/TEMP]."""
-    srv = start(tmp_path, "--max-connections-per-address", "2")
+    srv = start("--max-connections-per-address", "2")
     try:
         held = [socket.create_connection(("127.0.0.1", srv.port), timeout=30) for _ in range(2)]
         for s in held:
@@ -109,9 +115,9 @@ def test_connection_limit_per_address(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_allow_and_deny_rules(tmp_path: Path) -> None:
+def test_allow_and_deny_rules(start: Callable[..., Pop3Server]) -> None:
     """With 127.0.0.2 denied inside an allowed 127.0.0.0/8, only 127.0.0.2 is refused."""
-    srv = start(tmp_path, "--allow", "127.0.0.0/8", "--deny", "127.0.0.2/32")
+    srv = start("--allow", "127.0.0.0/8", "--deny", "127.0.0.2/32")
     try:
         for source, expected in [("127.0.0.1", b"+OK"), ("127.0.0.3", b"+OK"),
                                  ("127.0.0.2", b"-ERR [SYS/PERM] Access denied.")]:  # fmt: skip
@@ -122,9 +128,9 @@ def test_allow_and_deny_rules(tmp_path: Path) -> None:
         srv.stop()
 
 
-def test_bad_commands_disconnect(tmp_path: Path) -> None:
+def test_bad_commands_disconnect(start: Callable[..., Pop3Server]) -> None:
     """Ten bad commands in a row end the connection."""
-    srv = start(tmp_path)
+    srv = start()
     try:
         with socket.create_connection(("127.0.0.1", srv.port), timeout=30) as s:
             s.recv(100)
@@ -139,9 +145,11 @@ def test_bad_commands_disconnect(tmp_path: Path) -> None:
 
 
 @pytest.mark.skipif(shutil.which("fail2ban-regex") is None, reason="fail2ban is not installed")
-def test_audit_log_matches_fail2ban_filter_and_hides_passwords(tmp_path: Path) -> None:
+def test_audit_log_matches_fail2ban_filter_and_hides_passwords(
+    start: Callable[..., Pop3Server],
+) -> None:
     """fail2ban-regex finds each failed login in the real log with the right address."""
-    srv = start(tmp_path, "--deny", "127.0.0.9/32")
+    srv = start("--deny", "127.0.0.9/32")
     try:
         for source, user in [("127.0.0.5", "alice"), ("127.0.0.5", "nobody"),
                              ("127.0.0.6", 'evil"peer=10.9.9.9')]:  # fmt: skip

@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from livepop3 import PASSWORDS, Pop3Server, free_port, write_mbox, write_users
+from livepop3 import PASSWORDS, Pop3Server, free_port, write_mbox
 
 README = Path(__file__).resolve().parent.parent / "README.md"
 
@@ -39,10 +39,9 @@ def wait_for_greeting(port: int, process: subprocess.Popen[bytes]) -> poplib.POP
             time.sleep(0.05)
 
 
-def test_embedding_example(tmp_path: Path) -> None:
+def test_embedding_example(tmp_path: Path, users_file: Path) -> None:
     """The embedding example, pointed at a temporary user file and mbox, serves mail."""
-    users = tmp_path / "users"
-    write_users(users)
+    users = users_file
     (tmp_path / "mail").mkdir()
     write_mbox(tmp_path / "mail" / "alice", [b"Subject: embedded\n\nhi\n"])
     port = free_port()

@@ -12,7 +12,7 @@ import random
 import shutil
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -40,13 +40,9 @@ def wire_form(message: bytes) -> list[bytes]:
 
 
 @pytest.fixture
-def server(tmp_path: Path) -> Iterator[Pop3Server]:
+def server(live_server: Callable[..., Pop3Server]) -> Pop3Server:
     """A running server with alice's mbox holding MESSAGES and bob's empty."""
-    srv = Pop3Server(tmp_path)
-    write_mbox(srv.mail / "alice", MESSAGES)
-    srv.start()
-    yield srv
-    srv.stop()
+    return live_server(mail={"alice": MESSAGES})
 
 
 def connect(srv: Pop3Server, user: str = "alice") -> poplib.POP3:

@@ -18,16 +18,12 @@ from pathlib import Path
 
 import pytest
 from certs import Authority
+from helpers import b64
 from livepop3 import PASSWORDS, Pop3Server, write_mbox
 from passlib.hash import scram as scram_hash
 from test_sasl import ScramClient
 
 PW = PASSWORDS["alice"]
-
-
-def b64(data: bytes | str) -> str:
-    """Base64 text of C{data}."""
-    return base64.b64encode(data.encode() if isinstance(data, str) else data).decode()
 
 
 @pytest.fixture(scope="module")

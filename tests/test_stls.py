@@ -11,13 +11,12 @@ from typing import Any
 
 import pytest
 from certs import Authority
-from test_protocol import MESSAGES, FakeMailbox, FakeRealm
+from helpers import MESSAGES, FakeMailbox, FakeRealm, Recorder
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import ssl
 from twisted.internet.address import IPv4Address
 from twisted.internet.interfaces import ISSLTransport
-from twisted.internet.protocol import Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
@@ -26,16 +25,6 @@ from pop3srv.server.protocol import POP3ServerFactory
 from pop3srv.server.tls import TLSContextSource
 
 NOWHERE_TRUSTED = [ipaddress.ip_network("10.255.255.0/24")]
-
-
-class Recorder(Protocol):
-    """A client that records everything it receives."""
-
-    def __init__(self) -> None:
-        self.received = b""
-
-    def dataReceived(self, data: bytes) -> None:
-        self.received += data
 
 
 @pytest.fixture(scope="module")

@@ -14,9 +14,10 @@ import socket
 import ssl
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import pytest
 from certs import Authority
@@ -67,13 +68,9 @@ class TLSServer(Pop3Server):
 
 
 @pytest.fixture
-def server(tmp_path: Path, pki: PKI) -> Iterator[TLSServer]:
+def server(live_server: Callable[..., Pop3Server], pki: PKI) -> TLSServer:
     """A running TLS-enabled server with alice's messages."""
-    srv = TLSServer(tmp_path, pki)
-    write_mbox(srv.mail / "alice", MESSAGES)
-    srv.start()
-    yield srv
-    srv.stop()
+    return cast(TLSServer, live_server(pki, mail={"alice": MESSAGES}, cls=TLSServer))
 
 
 def context(pki: PKI) -> ssl.SSLContext:
