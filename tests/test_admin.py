@@ -16,7 +16,7 @@ import pytest
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 
 from pop3srv.admin import passwd as admin
-from pop3srv.auth import userfile
+from pop3srv.auth import editor
 from pop3srv.auth.userfile import UserFile
 
 OTHER_LINES = (
@@ -306,7 +306,7 @@ def test_write_is_atomic(run: Run, users_file: Path, monkeypatch: pytest.MonkeyP
         renames.append((src, dst))
         real_replace(src, dst)
 
-    monkeypatch.setattr(userfile.os, "replace", spy)
+    monkeypatch.setattr(editor.os, "replace", spy)
     assert run("--allow-weak", "--password-stdin", str(users_file), "alice", stdin="pw\n") == 0
     [(src, dst)] = renames
     assert Path(src).parent == users_file.parent

@@ -1,5 +1,7 @@
 """
-Tests for L{pop3srv.auth.userfile}.
+Tests for the user file: L{pop3srv.auth.userfile} (reading),
+L{pop3srv.auth.editor} (writing), L{pop3srv.auth.hashpolicy} and
+L{pop3srv.auth.identity}.
 
 Hashes are made with passlib at the lowest cost each scheme allows, or are
 literals made by an independent implementation (openssl passwd, hashlib),
@@ -12,30 +14,30 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
+from twisted.cred.credentials import UsernamePassword
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
 
-from pop3srv.auth import userfile
-from pop3srv.auth.userfile import (
-    HASH_SCHEMES,
-    UserFile,
-    UserFileError,
-    VerifyResult,
+from pop3srv.auth import editor, hashpolicy
+from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.editor import (
+    apply_upgrade,
     delete_app_password,
     delete_user,
-    hash_password,
-    normalise_password,
     replace_hash,
     set_main_pop3,
     set_password,
     set_user_hash,
-    validate_username,
 )
+from pop3srv.auth.hashpolicy import HASH_SCHEMES, hash_password, normalise_password
+from pop3srv.auth.identity import validate_username
+from pop3srv.auth.userfile import UserFile, UserFileError, VerifyResult
 from pop3srv.core.scram import salted_password, stored_from_salted
 
 PASSWORD = "correct horse"
@@ -276,7 +278,7 @@ def test_unknown_user_verifies_against_real_hash(
 
     monkeypatch.setattr(users.context, "verify", spy)
     # SHA-crypt would go to libcrypt first; spy on passlib's path here.
-    monkeypatch.setattr("pop3srv.auth.userfile.verify_sha_crypt", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.hashpolicy.verify_sha_crypt", lambda p, h: None)
     dummy = []
     monkeypatch.setattr(users.context, "dummy_verify", lambda: dummy.append(1))
     assert not users.verify("mallory", PASSWORD)
@@ -615,7 +617,7 @@ def test_edit_is_atomic_rename(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         assert Path(src).read_text().startswith("alice:")
         real_replace(src, dst)
 
-    monkeypatch.setattr(userfile.os, "replace", spy)
+    monkeypatch.setattr(editor.os, "replace", spy)
     set_user_hash(path, "bob", cheap())
     [(src, dst)] = renames
     assert os.path.dirname(src) == str(tmp_path)
@@ -635,7 +637,7 @@ def test_failed_edit_leaves_original(tmp_path: Path, monkeypatch: pytest.MonkeyP
     def broken_fsync(fd: int) -> None:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(userfile.os, "fsync", broken_fsync)
+    monkeypatch.setattr(editor.os, "fsync", broken_fsync)
     with pytest.raises(UserFileError) as info:
         set_user_hash(path, "bob", cheap())
     assert str(info.value) == f"{path}: Input/output error"
@@ -661,7 +663,7 @@ def test_edit_waits_for_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     up with a one-line error, leaving the file alone.
     """
     path = write(tmp_path / "users", "")
-    monkeypatch.setattr(userfile, "_LOCK_TIMEOUT", 0.2)
+    monkeypatch.setattr(editor, "_LOCK_TIMEOUT", 0.2)
     with open(str(path) + ".lock", "w") as held:
         fcntl.flock(held, fcntl.LOCK_EX)
         with pytest.raises(UserFileError, match=r"users\.lock: still locked"):
@@ -783,7 +785,7 @@ def test_scram_and_argon2_for_one_user(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(users.context, "verify", spy)
     # Every check through passlib, so the spy sees which hash was used.
-    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.hashpolicy.verify_argon2", lambda p, h: None)
     assert users.verify("alice", PASSWORD)
     assert checked == [argon]
     assert scram_keys_match(users, "alice", PASSWORD)
@@ -912,6 +914,131 @@ def test_unicode_normalisation(tmp_path: Path) -> None:
     assert UserFile(write(tmp_path / "u2", f"carol:{prepared}\n")).verify("carol", "a b")
 
 
+def verify_and_upgrade(users: UserFile, username: str, password: str) -> tuple[VerifyResult, bool]:
+    """
+    What a login does (L{PasslibChecker}): verify, then write the upgrade
+    the check offers, if any.
+
+    @return: the check's result, and whether the file was upgraded.
+    """
+    result = users.verify_detailed(username, password)
+    if result.upgrade_hash is None or result.matched_hash is None:
+        return result, False
+    upgraded = apply_upgrade(
+        users.path, username, result.matched_hash, result.upgrade_hash, label=result.label
+    )
+    return result, upgraded
+
+
+class RunNow:
+    """
+    A thread pool and a reactor for L{PasslibChecker}, in one: work runs at
+    once in the calling thread, so each Deferred has fired on return.
+    """
+
+    def callInThreadWithCallback(
+        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None:
+        """Call C{f} and pass the outcome to C{on_result}."""
+        try:
+            result = f(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Call C{f} now."""
+        f(*args, **kw)
+
+
+def login(users: UserFile, username: str, password: str) -> Any:
+    """
+    Log in through L{PasslibChecker} with a thread pool that runs at once.
+
+    @return: the avatar ID, or the L{Failure}.
+    """
+    run_now = RunNow()
+    checker = PasslibChecker(users, reactor=run_now, threadpool=run_now)  # type: ignore[arg-type]
+    outcome: list[Any] = []
+    checker.requestAvatarId(
+        UsernamePassword(username.encode("utf-8"), password.encode("utf-8"))
+    ).addBoth(outcome.append)
+    [result] = outcome
+    return result
+
+
+def test_verify_never_writes_the_file(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A check that matches a deprecated hash leaves the file alone: it says
+    the hash needs an update and offers a new hash of the password (once
+    per user and hash) for the caller to write.
+    """
+    path = write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n")
+    before = path.read_bytes()
+    renames: list[str] = []
+    monkeypatch.setattr(editor.os, "replace", renames.append)
+    users = UserFile(path)
+    first = users.verify_detailed("alice", PASSWORD)
+    again = users.verify_detailed("alice", PASSWORD)
+    assert path.read_bytes() == before and renames == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["users"]
+    assert (first.ok, first.label, first.needs_update) == (True, None, True)
+    assert first.matched_hash == OPENSSL_APR1
+    assert first.upgrade_hash is not None and first.upgrade_hash.startswith("$argon2id$")
+    assert hashpolicy.verify_hash(PASSWORD, first.upgrade_hash)
+    assert again == VerifyResult(ok=True, needs_update=True, matched_hash=OPENSSL_APR1)
+    assert not [m for m in messages(events) if "upgrade" in m]
+
+
+def test_login_through_the_checker_upgrades(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    The checker writes the upgrade the check offers: the login succeeds,
+    the file holds the new hash, and the upgrade is logged once.
+    """
+    monkeypatch.setattr(
+        hashpolicy.CONTEXT,
+        "hash",
+        lambda secret: CHEAP["argon2id"].using(memory_cost=64).hash(secret),
+    )
+    path = write(tmp_path / "users", f"alice:{OPENSSL_APR1}:1000\n")
+    users = UserFile(path)
+    assert login(users, "alice", PASSWORD) == b"alice"
+    text = path.read_text()
+    assert text.startswith("alice:$argon2id$") and text.endswith(":1000\n")
+    assert login(users, "alice", PASSWORD) == b"alice"
+    logged = [m for m in messages(events) if "upgraded the apr_md5_crypt" in m]
+    assert logged == [f"{path}: upgraded the apr_md5_crypt hash of user 'alice' to argon2"]
+    assert PASSWORD not in repr(events)
+
+
+def test_failed_upgrade_does_not_fail_the_login(
+    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A write that cannot be done (the lock held) or that fails in a way no
+    one foresaw is logged; the login succeeds all the same.
+    """
+    path = write(tmp_path / "users", f"alice:{OPENSSL_APR1}\nbob:{OPENSSL_MD5}\n")
+    before = path.read_bytes()
+    users = UserFile(path)
+    with editor._editor_lock(str(path)):
+        assert login(users, "alice", PASSWORD) == b"alice"
+    assert any("could not upgrade" in m and "still locked" in m for m in messages(events))
+
+    def broken(*args: Any, **kwargs: Any) -> bool:
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(editor, "apply_upgrade", broken)
+    assert login(users, "bob", PASSWORD) == b"bob"
+    assert any("disk on fire" in repr(e) for e in events)
+    assert path.read_bytes() == before
+
+
 def test_upgrade_rewrites_atomically_and_keeps_other_lines(
     tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -936,15 +1063,15 @@ def test_upgrade_rewrites_atomically_and_keeps_other_lines(
         renames.append(dst)
         real_replace(src, dst)
 
-    monkeypatch.setattr(userfile.os, "replace", spy)
+    monkeypatch.setattr(editor.os, "replace", spy)
     monkeypatch.setattr(
-        userfile._CONTEXT,
+        hashpolicy.CONTEXT,
         "hash",
         lambda secret: CHEAP["argon2id"].using(memory_cost=16).hash(secret),
     )
     users = UserFile(path)
-    result = users.verify_detailed("alice", PASSWORD)
-    assert result == VerifyResult(ok=True, label=None, upgraded=True)
+    result, upgraded = verify_and_upgrade(users, "alice", PASSWORD)
+    assert (result.ok, result.label, upgraded) == (True, None, True)
     assert renames == [str(path)]
     after = path.read_bytes().decode()
     [line] = [x for x in after.splitlines(keepends=True) if x.startswith("alice:$argon2")]
@@ -965,7 +1092,7 @@ def test_upgrade_keeps_dovecot_prefix(tmp_path: Path) -> None:
     A Dovecot line with a scheme prefix gets the new scheme's prefix.
     """
     path = write(tmp_path / "users", "alice:{MD5-CRYPT}" + OPENSSL_MD5 + "::::::\n")
-    assert UserFile(path).verify_detailed("alice", PASSWORD).upgraded
+    assert verify_and_upgrade(UserFile(path), "alice", PASSWORD)[1]
     text = path.read_text()
     assert text.startswith("alice:{ARGON2ID}$argon2id$") and text.endswith("::::::\n")
     assert UserFile(path).verify("alice", PASSWORD)
@@ -978,9 +1105,9 @@ def test_upgrade_skipped_while_locked(tmp_path: Path, events: list[LogEvent]) ->
     """
     path = write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n")
     before = path.read_bytes()
-    with userfile._editor_lock(str(path)):
-        result = UserFile(path).verify_detailed("alice", PASSWORD)
-    assert result == VerifyResult(ok=True, needs_update=True)
+    with editor._editor_lock(str(path)):
+        result, upgraded = verify_and_upgrade(UserFile(path), "alice", PASSWORD)
+    assert (result.ok, result.label, result.needs_update, upgraded) == (True, None, True, False)
     assert path.read_bytes() == before
     assert any("could not upgrade" in m and "still locked" in m for m in messages(events))
 

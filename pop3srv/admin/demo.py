@@ -87,7 +87,7 @@ def create_self_signed(cert_path: str, key_path: str) -> None:
 
 def create_demo(directory: str) -> None:
     """Create the demo user file, mbox and certificate in C{directory} if missing."""
-    from pop3srv.auth.userfile import hash_password
+    from pop3srv.auth.hashpolicy import hash_password
 
     os.makedirs(os.path.join(directory, "mail"), exist_ok=True)
     users = os.path.join(directory, "users")

@@ -33,21 +33,10 @@ import socket
 import sys
 from typing import NoReturn
 
-from pop3srv.auth.userfile import (
-    DEFAULT_SCHEME,
-    HASH_SCHEMES,
-    SCRAM_SCHEME,
-    UserFile,
-    UserFileError,
-    delete_app_password,
-    delete_user,
-    hash_password,
-    normalise_username,
-    set_main_pop3,
-    set_password,
-    validate_label,
-    validate_username,
-)
+from pop3srv.auth.editor import delete_app_password, delete_user, set_main_pop3, set_password
+from pop3srv.auth.hashpolicy import DEFAULT_SCHEME, HASH_SCHEMES, SCRAM_SCHEME, hash_password
+from pop3srv.auth.identity import normalise_username, validate_label, validate_username
+from pop3srv.auth.userfile import UserFile, UserFileError
 
 __all__ = ["main"]
 

@@ -1,9 +1,7 @@
 # -*- test-case-name: tests.test_userfile -*-
 """
-The user file: C{name:hash[:more fields]} lines, verified with passlib.
-
-This is the only module that imports passlib, so a change of hashing library
-touches nothing else.
+The user file, read side: C{name:hash[:more fields]} lines, and the
+L{UserFile} the server verifies passwords against.
 
 File format, one line per password::
 
@@ -36,138 +34,60 @@ is a duplicate: logged and skipped, the first one winning::
     alice:$argon2id$...:app=phone
     alice:$scram$...:app=thunderbird
 
-Dovecot scheme prefixes that wrap a crypt(3) string (C{{SHA512-CRYPT}},
-C{{SHA256-CRYPT}}, C{{BLF-CRYPT}}, C{{MD5-CRYPT}}, C{{ARGON2ID}},
-C{{ARGON2I}}, C{{CRYPT}}) are stripped; the LDAP forms C{{SSHA}},
-C{{SSHA256}} and C{{SSHA512}} are passlib's own and kept.  Plaintext and
-unknown schemes are rejected.
+Which hashes are accepted, and how passwords are normalised and checked, is
+hash policy (L{pop3srv.auth.hashpolicy}); what a user name may be is an
+identity rule (L{pop3srv.auth.identity}).  User names are compared in
+Unicode NFC, passwords after SASLprep (RFC 6856).
 
-Normalisation (RFC 6856): user names are compared in Unicode NFC, passwords
-after SASLprep (RFC 4013, which SCRAM requires; see L{normalise_password}).
+Hash upgrade: a successful check against a hash of a deprecated scheme or
+weaker parameters than the current default reports it (L{VerifyResult}
+C{needs_update}), with a new argon2id hash of the password that matched, so
+that the caller can write it (L{pop3srv.auth.editor.apply_upgrade}, which
+the checker runs in its thread pool).  Reading never writes.  Scram hashes
+are never replaced.
 
-Hash upgrade: after a successful login against a hash of a deprecated scheme
-or weaker parameters than the current default, the line is rewritten with a
-new argon2id hash (L{replace_hash}), atomically and under the same lock as
-C{pop3srv-passwd}, and the event is logged.  Scram hashes are never
-replaced.  If the file or its directory is not writable by the server, the
-login still succeeds and the need is logged once.
-
-L{UserFile} is the read side used by the server; L{set_password},
-L{set_user_hash}, L{delete_app_password}, L{set_main_pop3}, L{delete_user}
-and L{hash_password} are the write side used by C{pop3srv-passwd}.
+L{UserFile} is the read side used by the server; L{pop3srv.auth.editor} is
+the write side used by C{pop3srv-passwd} and by hash upgrades.
 """
 
 from __future__ import annotations
 
-import fcntl
 import os
-import re
 import secrets
-import tempfile
 import threading
-import time
-import unicodedata
 import weakref
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 
-from passlib.context import CryptContext
-from passlib.hash import scram as passlib_scram
-from passlib.utils import saslprep
 from twisted.logger import Logger
 
-from pop3srv.auth.argon2check import verify_argon2
-from pop3srv.auth.oscrypt import verify_sha_crypt
-from pop3srv.core.scram import DEFAULT_ITERATIONS, StoredScram, fake_stored, stored_from_salted
+from pop3srv.auth.hashpolicy import (
+    CONTEXT,
+    CryptContext,
+    is_scram,
+    needs_upgrade,
+    normalise_hash,
+    password_forms,
+    stored_from_hash,
+    verify_hash,
+)
+from pop3srv.auth.identity import normalise_username, validate_label, validate_username
+from pop3srv.core.scram import DEFAULT_ITERATIONS, StoredScram, fake_stored
 
 __all__ = [
-    "ACCEPTED_SCHEMES",
     "APP_TAG",
-    "DEFAULT_SCHEME",
-    "HASH_SCHEMES",
     "NOPOP3_TAG",
-    "SCRAM_SCHEME",
     "UserFile",
     "UserFileError",
     "VerifyResult",
-    "delete_app_password",
-    "delete_user",
-    "hash_password",
-    "make_context",
-    "normalise_password",
-    "normalise_username",
-    "replace_hash",
-    "set_main_pop3",
-    "set_password",
-    "set_user_hash",
-    "validate_label",
-    "validate_username",
+    "describe",
+    "parse_tags",
 ]
-
-DEFAULT_SCHEME = "argon2"
-
-#: passlib's SCRAM hash: the only kind that can serve SASL SCRAM-SHA-256.
-SCRAM_SCHEME = "scram"
 
 #: A field after the hash marking an app password: C{app=LABEL}.
 APP_TAG = "app="
 
 #: A field after the hash marking the main password unusable for POP3.
 NOPOP3_TAG = "nopop3"
-
-_LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
-
-#: Every passlib scheme a user file may contain, the default first.
-ACCEPTED_SCHEMES: tuple[str, ...] = (
-    DEFAULT_SCHEME,
-    "bcrypt",
-    "sha512_crypt",
-    "sha256_crypt",
-    "pbkdf2_sha256",
-    "pbkdf2_sha512",
-    SCRAM_SCHEME,
-    "ldap_salted_sha1",
-    "ldap_salted_sha256",
-    "ldap_salted_sha512",
-    "apr_md5_crypt",
-    "md5_crypt",
-)
-
-# Accepted only so that htpasswd files can be migrated; needs_update() is
-# true for them, and hash_password() refuses to make new ones.
-_DEPRECATED_SCHEMES: tuple[str, ...] = ("apr_md5_crypt", "md5_crypt")
-
-#: Schemes L{hash_password} will produce.  Salted SHA is verified for
-#: migration but never produced: one fast hash per guess is no defence.
-HASH_SCHEMES: tuple[str, ...] = tuple(
-    s for s in ACCEPTED_SCHEMES if s not in _DEPRECATED_SCHEMES and not s.startswith("ldap_")
-)
-
-_BCRYPT_IDENTS = ("$2a$", "$2b$", "$2y$")
-
-# Dovecot prefix -> the crypt(3) idents the bare string may start with.  The
-# prefix must agree with the string, so "{SHA512-CRYPT}$1$..." is rejected
-# rather than quietly verified as MD5-crypt.
-_DOVECOT_CRYPT_PREFIXES: dict[str, tuple[str, ...]] = {
-    "SHA512-CRYPT": ("$6$",),
-    "SHA256-CRYPT": ("$5$",),
-    "BLF-CRYPT": _BCRYPT_IDENTS,
-    "MD5-CRYPT": ("$1$",),
-    "ARGON2ID": ("$argon2id$",),
-    "ARGON2I": ("$argon2i$",),
-    "CRYPT": ("$1$", "$5$", "$6$", *_BCRYPT_IDENTS),
-}
-
-# Salted SHA in LDAP/Dovecot form is native to passlib; only the case of the
-# prefix needs normalising, as Dovecot treats scheme names case-insensitively.
-_NATIVE_PREFIXES = ("SSHA", "SSHA256", "SSHA512")
-
-_PLAINTEXT_PREFIXES = ("PLAIN", "CLEARTEXT", "CLEAR", "PLAIN-TRUNC")
-
-_MAX_USERNAME_OCTETS = 255
-
-_LOCK_TIMEOUT = 10.0
 
 
 class UserFileError(ValueError):
@@ -178,208 +98,17 @@ class UserFileError(ValueError):
     """
 
 
-def make_context() -> CryptContext:
+def describe(path: str, error: OSError) -> str:
     """
-    Build the passlib context used for verifying and hashing.
-
-    New hashes are argon2id with argon2-cffi's RFC 9106 "low memory"
-    parameters (64 MiB, 3 passes, 4 lanes), which passlib also defaults to.
-
-    @return: a new context accepting every scheme in L{ACCEPTED_SCHEMES}.
+    @return: C{"<path>: <strerror>"}, one line.
     """
-    return CryptContext(
-        schemes=list(ACCEPTED_SCHEMES),
-        default=DEFAULT_SCHEME,
-        deprecated=list(_DEPRECATED_SCHEMES),
-        argon2__type="ID",
-        # SHA-1 because passlib insists on it; SHA-256 for SCRAM-SHA-256.
-        scram__algs="sha-1,sha-256",
-    )
+    reason = error.strerror or str(error)
+    return f"{path}: {reason}"
 
-
-_CONTEXT = make_context()
 
 # For fake SCRAM answers when the file holds no scram hash to derive a
 # stable secret from.
 _PROCESS_SECRET = secrets.token_bytes(32)
-
-
-def normalise_username(name: str) -> str:
-    """
-    Normalise a user name (RFC 6856 asks for one rule): Unicode NFC, so a
-    name typed with combining accents finds the precomposed one in the file.
-    Nothing else: SASLprep's mappings only touch characters that
-    L{validate_username} refuses anyway.
-
-    @param name: the name as sent or as written in the file.
-    @return: its NFC form.
-    """
-    return unicodedata.normalize("NFC", name)
-
-
-def normalise_password(password: str) -> str:
-    """
-    Normalise a password with SASLprep (RFC 4013), as SCRAM (RFC 5802)
-    requires and as passlib's scram hash does, so PLAIN, LOGIN and SCRAM
-    agree on what a password is: non-ASCII spaces become spaces, soft
-    hyphens and other "mapped to nothing" characters vanish, and the result
-    is NFKC.  A password SASLprep refuses (control characters, unassigned
-    code points) is used as given.
-
-    @param password: the password as typed or sent.
-    @return: the normalised password.
-    """
-    try:
-        return str(saslprep(password))
-    except (ValueError, TypeError):
-        return password
-
-
-def _password_forms(password: str) -> list[str]:
-    """
-    @return: the normalised password, then the raw one if it differs: hashes
-        made before normalisation hold the raw form.
-    """
-    prepared = normalise_password(password)
-    return [prepared] if prepared == password else [prepared, password]
-
-
-def validate_label(label: str) -> None:
-    """
-    Check an app-password label.
-
-    @param label: the candidate.
-    @raise ValueError: unless it is 1-64 of C{A-Z a-z 0-9 . _ @ + -},
-        starting with a letter or digit.
-    """
-    if not _LABEL_RE.fullmatch(label):
-        raise ValueError(
-            "app password label must be 1-64 letters, digits or . _ @ + -, "
-            "starting with a letter or digit"
-        )
-
-
-def _is_scram(hashed: str) -> bool:
-    """
-    @return: whether C{hashed} is a passlib scram hash.
-    """
-    return hashed.startswith("$scram$")
-
-
-def _stored_from_hash(hashed: str, label: str | None) -> StoredScram | None:
-    """
-    @param hashed: a passlib scram hash.
-    @param label: see L{StoredScram.label}.
-    @return: its SCRAM-SHA-256 keys, or L{None} if it has no SHA-256 digest.
-    """
-    try:
-        salt, rounds, salted = passlib_scram.extract_digest_info(hashed, "sha-256")
-    except (KeyError, ValueError):
-        return None
-    return stored_from_salted(bytes(salt), int(rounds), bytes(salted), label)
-
-
-def validate_username(name: str) -> None:
-    """
-    Check that C{name} can be a user name here and a maildrop name later.
-
-    The realm uses the same check, so a name that passes here can never
-    escape the mail directory.
-
-    @param name: the candidate user name.
-    @raise ValueError: with a short reason if the name is empty, longer than
-        255 octets as UTF-8, contains C{/}, C{:}, C{..}, NUL, whitespace or a
-        control/format character, is C{.}, or starts with C{#} (it would read
-        as a comment in the user file).
-    """
-    if not name:
-        raise ValueError("user name is empty")
-    try:
-        octets = len(name.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise ValueError("user name is not valid Unicode") from None
-    if octets > _MAX_USERNAME_OCTETS:
-        raise ValueError(f"user name is longer than {_MAX_USERNAME_OCTETS} octets as UTF-8")
-    if name == "." or ".." in name:
-        raise ValueError("user name must not be '.' or contain '..'")
-    if name.startswith("#"):
-        raise ValueError("user name must not start with '#'")
-    for char in name:
-        if char in "/:":
-            raise ValueError(f"user name must not contain {char!r}")
-        if char.isspace():
-            raise ValueError("user name must not contain whitespace")
-        # Cc covers NUL and the C0/C1 controls; Cf covers invisible format
-        # characters (bidi overrides, zero-width joiners) that make two names
-        # look alike in logs.
-        if unicodedata.category(char) in ("Cc", "Cf"):
-            raise ValueError("user name must not contain control characters")
-
-
-def _normalise_hash(field: str, context: CryptContext) -> str:
-    """
-    Turn the hash field of a line into a string the context can verify.
-
-    @param field: the second field of a line, surrounding whitespace removed.
-    @param context: the context that must recognise the result.
-    @return: the hash, with any Dovecot crypt prefix stripped.
-    @raise ValueError: with a reason (never containing the field itself,
-        which might be a plaintext password) if the hash is not accepted.
-    """
-    if not field:
-        raise ValueError("empty password hash")
-    bare = field
-    allowed_idents: tuple[str, ...] | None = None
-    if field.startswith("{"):
-        end = field.find("}")
-        if end < 0:
-            raise ValueError("unrecognised password hash")
-        prefix = field[1:end].upper()
-        if prefix in _DOVECOT_CRYPT_PREFIXES:
-            bare = field[end + 1 :]
-            allowed_idents = _DOVECOT_CRYPT_PREFIXES[prefix]
-        elif prefix in _NATIVE_PREFIXES:
-            bare = "{" + prefix + "}" + field[end + 1 :]
-        elif prefix in _PLAINTEXT_PREFIXES:
-            raise ValueError("plaintext passwords are not accepted")
-        else:
-            raise ValueError("unsupported password scheme")
-        if allowed_idents is not None and not bare.startswith(allowed_idents):
-            raise ValueError(f"hash does not match its {{{prefix}}} prefix")
-    scheme = context.identify(bare)
-    if scheme is None:
-        if bare.startswith(("!", "*")):
-            raise ValueError("account disabled or locked (hash starts with ! or *)")
-        raise ValueError("unrecognised password hash")
-    try:
-        parsed = context.handler(scheme).from_string(bare)
-    except (ValueError, TypeError):
-        raise ValueError(f"malformed {scheme} hash") from None
-    # A bare settings string ("$6$salt") parses but verifies nothing.
-    if getattr(parsed, "checksum", True) is None:
-        raise ValueError(f"malformed {scheme} hash")
-    return bare
-
-
-def hash_password(password: str, scheme: str | None = None) -> str:
-    """
-    Hash a password for storing in a user file.
-
-    @param password: the plaintext password, normalised here with
-        L{normalise_password}.
-    @param scheme: a passlib scheme name from L{HASH_SCHEMES}; L{None} means
-        L{DEFAULT_SCHEME} (argon2id).
-    @return: the hash, in the form L{UserFile} accepts.
-    @raise ValueError: if C{scheme} is not in L{HASH_SCHEMES}.
-    """
-    password = normalise_password(password)
-    if scheme is None:
-        return str(_CONTEXT.hash(password))
-    if scheme not in HASH_SCHEMES:
-        raise ValueError(
-            f"unknown or deprecated scheme {scheme!r}; choose one of: {', '.join(HASH_SCHEMES)}"
-        )
-    return str(_CONTEXT.handler(scheme).hash(password))
 
 
 @dataclass(frozen=True)
@@ -424,21 +153,27 @@ class _Snapshot:
 @dataclass(frozen=True)
 class VerifyResult:
     """
-    The outcome of L{UserFile.verify_detailed}.
+    The outcome of L{UserFile.verify_detailed}: plain fields only, as it
+    crosses process pipes.
 
     @ivar ok: whether the password is right for a usable password of the user.
     @ivar label: the app-password label that matched, L{None} for the main
         password (or no match).
     @ivar needs_update: the matching hash is of a deprecated scheme or too
-        weak, and was not (or could not be) rewritten.
-    @ivar upgraded: the matching hash was rewritten in the file with the
-        current default scheme.
+        weak.
+    @ivar upgrade_hash: a new hash of the password that matched, for the
+        caller to write in place of C{matched_hash}
+        (L{pop3srv.auth.editor.apply_upgrade}); offered once per user and
+        hash, and never when upgrades are turned off.
+    @ivar matched_hash: the hash that matched, as parsed, when
+        C{needs_update}; L{None} otherwise.
     """
 
     ok: bool
     label: str | None = None
     needs_update: bool = False
-    upgraded: bool = False
+    upgrade_hash: str | None = None
+    matched_hash: str | None = None
 
 
 class _Entry:
@@ -451,7 +186,7 @@ class _Entry:
         self.scram: tuple[str, int] | None = None
 
 
-def _parse_tags(fields: list[str]) -> tuple[str | None, bool]:
+def parse_tags(fields: list[str]) -> tuple[str | None, bool]:
     """
     Find pop3srv's markers among the fields after the hash.
 
@@ -515,22 +250,25 @@ class UserFile:
         Read and parse the file.
 
         @param path: the user file.
-        @param context: the passlib context; the module default if L{None}.
+        @param context: the passlib context; L{pop3srv.auth.hashpolicy.CONTEXT}
+            if L{None}.
         @param upgrade: after a successful verification against a deprecated
-            or too weak hash, rewrite the file with a new hash.
+            or too weak hash, offer a new hash for the caller to write (see
+            L{VerifyResult}); if L{False}, log once that it should be reset.
         @raise UserFileError: if the file cannot be read.
         """
         self.path = os.fspath(path)
-        self.context = _CONTEXT if context is None else context
+        self.context = CONTEXT if context is None else context
         self.upgrade = upgrade
         self._lock = threading.Lock()
         _OPEN_FILES.add(self)
         self._last_error: str | None = None
-        self._logged_updates: set[tuple[str, str]] = set()
+        # (user, hash) pairs whose upgrade was offered or logged already.
+        self._offered: set[tuple[str, str]] = set()
         try:
             self._snapshot = self._load()
         except OSError as e:
-            raise UserFileError(_describe(self.path, e)) from None
+            raise UserFileError(describe(self.path, e)) from None
 
     def _load(self) -> _Snapshot:
         """
@@ -583,14 +321,14 @@ class UserFile:
             name = normalise_username(name)
             hash_field, *extra = rest.split(":")
             try:
-                label, off = _parse_tags(extra)
-                hashed = _normalise_hash(hash_field.strip(), self.context)
+                label, off = parse_tags(extra)
+                hashed = normalise_hash(hash_field.strip(), self.context)
             except ValueError as e:
                 self._skip(lineno, f"user {name!r}: {e}")
                 continue
             secrets_of = entries.setdefault(name, {})
             entry = secrets_of.get(label)
-            kind = "scram" if _is_scram(hashed) else "plain"
+            kind = "scram" if is_scram(hashed) else "plain"
             previous = None if entry is None else getattr(entry, kind)
             if previous is not None:
                 if label is None:
@@ -653,7 +391,7 @@ class UserFile:
                 if (st.st_mtime_ns, st.st_size, st.st_ino) != self._snapshot.key:
                     self._snapshot = self._load()
             except OSError as e:
-                message = _describe(self.path, e)
+                message = describe(self.path, e)
                 if message != self._last_error:
                     self.log.error(
                         "{error}; still using the user list read earlier",
@@ -700,7 +438,7 @@ class UserFile:
         never from the reactor thread.
 
         The user name is normalised to NFC and the password with SASLprep
-        (L{normalise_password}); a hash made from the password as typed
+        (L{pop3srv.auth.hashpolicy.normalise_password}); a hash made from the password as typed
         before normalisation existed still verifies.
 
         An unknown user costs one hash, as a wrong single password does: the
@@ -711,8 +449,9 @@ class UserFile:
         one hash per password on a mismatch.)
 
         After a match against a hash of a deprecated scheme or weaker
-        parameters, the file is rewritten with a new hash (see
-        L{replace_hash}), unless C{upgrade} was turned off.
+        parameters, the result says so and carries a new hash for the
+        caller to write (see L{VerifyResult}); the file is never written
+        here.
 
         @param username: the user name as the client sent it.
         @param password: the password as the client sent it.
@@ -721,7 +460,7 @@ class UserFile:
         snapshot = self._current()
         username = normalise_username(username)
         secrets_of = snapshot.users.get(username)
-        candidates = _password_forms(password)
+        candidates = password_forms(password)
         if not secrets_of:
             # As many hash checks as a known user with one password makes, so
             # a password whose normalised form differs does not tell them apart.
@@ -739,7 +478,13 @@ class UserFile:
 
     def _matched(self, username: str, password: str, secret: _Secret) -> VerifyResult:
         """
-        After a match: upgrade the hash if it is due.
+        After a match: offer an upgrade of the hash if it is due.  Nothing
+        is written here; the caller writes C{upgrade_hash} if it wants to.
+
+        The offer (or, with upgrades off, the log line saying the hash
+        should be reset) comes once per user and hash in this object, so a
+        hash that cannot be replaced (a read-only file) costs one extra hash
+        at its first login only.
 
         @param username: the normalised user name.
         @param password: the form of the password that matched.
@@ -747,46 +492,23 @@ class UserFile:
         @return: the result to report.
         """
         hashed = secret.hashed
-        if _is_scram(hashed) or not self.context.needs_update(hashed):
-            # A scram hash is never replaced: an argon2 one would break SCRAM.
+        if not needs_upgrade(hashed, self.context):
             return VerifyResult(ok=True, label=secret.label)
-        if self.upgrade and (username, hashed) not in self._logged_updates:
-            new = str(self.context.hash(password))
-            try:
-                done = replace_hash(self.path, username, hashed, new, lock_timeout=0.5)
-            except UserFileError as e:
-                done = None
-                self.log.warn(
-                    "{path}: could not upgrade the hash of user {username!r}: {error}",
-                    path=self.path,
-                    username=username,
-                    error=str(e),
-                )
-            if done:
+        new: str | None = None
+        if (username, hashed) not in self._offered:
+            self._offered.add((username, hashed))
+            if self.upgrade:
+                new = str(self.context.hash(password))
+            else:
                 self.log.info(
-                    "{path}: upgraded the {old} hash of user {username!r}{label} to {new}",
+                    "{path}: the hash for user {username!r} uses a deprecated "
+                    "scheme or weaker parameters; reset it with pop3srv-passwd",
                     path=self.path,
                     username=username,
-                    label="" if secret.label is None else f" (app password {secret.label!r})",
-                    old=self.context.identify(hashed),
-                    new=self.context.identify(new),
                 )
-                self._logged_updates.add((username, hashed))
-                return VerifyResult(ok=True, label=secret.label, upgraded=True)
-            if done is False:
-                # The hash is no longer in the file: another login upgraded
-                # it first, or pop3srv-passwd changed the password.
-                self._logged_updates.add((username, hashed))
-                return VerifyResult(ok=True, label=secret.label)
-        if (username, hashed) not in self._logged_updates:
-            self._logged_updates.add((username, hashed))
-            self.log.info(
-                "{path}: the hash for user {username!r} uses a deprecated "
-                "scheme or weaker parameters; reset it with pop3srv-passwd",
-                path=self.path,
-                username=username,
-            )
-        return VerifyResult(ok=True, label=secret.label, needs_update=True)
+        return VerifyResult(
+            ok=True, label=secret.label, needs_update=True, upgrade_hash=new, matched_hash=hashed
+        )
 
     def _checked_verify(self, username: str, password: str, hashed: str) -> bool:
         """
@@ -800,17 +522,8 @@ class UserFile:
         @param hashed: a hash that parsed when the file was read.
         @return: whether the password matches.
         """
-        # SHA-crypt through the system's libcrypt: half the CPU of passlib's
-        # pure-Python backend (see pop3srv.auth.oscrypt); None means "ask passlib".
-        fast = verify_sha_crypt(password, hashed)
-        if fast is None and hashed.startswith("$argon2"):
-            # One thread per check instead of one per lane (see
-            # pop3srv.auth.argon2check); None again means "ask passlib".
-            fast = verify_argon2(password, hashed)
-        if fast is not None:
-            return fast
         try:
-            return bool(self.context.verify(password, hashed))
+            return verify_hash(password, hashed, self.context)
         except (ValueError, TypeError) as e:
             # Only the class name: the message is library text we do not
             # control and must not risk echoing the password.
@@ -833,7 +546,7 @@ class UserFile:
         """
         for secret in self._current().users.get(normalise_username(username), ()):
             if secret.scram is not None:
-                stored = _stored_from_hash(secret.scram, secret.label)
+                stored = stored_from_hash(secret.scram, secret.label)
                 if stored is not None:
                     return stored
         return None
@@ -853,477 +566,9 @@ class UserFile:
         if stored is not None:
             return stored
         decoy = self._current().scram_decoy
-        real = None if decoy is None else _stored_from_hash(decoy, None)
+        real = None if decoy is None else stored_from_hash(decoy, None)
         if real is None:
             return fake_stored(_PROCESS_SECRET, username, DEFAULT_ITERATIONS)
         return fake_stored(
             real.server_key, normalise_username(username), real.iterations, len(real.salt)
         )
-
-
-def _describe(path: str, error: OSError) -> str:
-    """
-    @return: C{"<path>: <strerror>"}, one line.
-    """
-    reason = error.strerror or str(error)
-    return f"{path}: {reason}"
-
-
-def _split_eol(line: bytes) -> tuple[bytes, bytes]:
-    """
-    @return: the line without its terminator, and the terminator.
-    """
-    if line.endswith(b"\r\n"):
-        return line[:-2], b"\r\n"
-    if line.endswith(b"\n"):
-        return line[:-1], b"\n"
-    return line, b""
-
-
-def _user_lines(data: bytes, username: str) -> Iterator[tuple[int, bytes]]:
-    """
-    Find the lines of a user file that define a user.
-
-    Matching is on the exact octets before the first colon, as in
-    L{UserFile._parse}, so comments and lines with stray whitespace never
-    match.
-
-    @param data: the file contents.
-    @param username: the user.
-    @return: C{(index, line)} pairs into C{data.splitlines(keepends=True)}
-        as split on LF only.
-    """
-    wanted = username.encode("utf-8") + b":"
-    for index, line in enumerate(_lines(data)):
-        if line.startswith(wanted):
-            yield index, line
-
-
-def _lines(data: bytes) -> list[bytes]:
-    """
-    Split on LF only, keeping terminators, as the parser does.
-
-    @return: the lines; joining them gives back C{data}.
-    """
-    parts = data.split(b"\n")
-    lines = [part + b"\n" for part in parts[:-1]]
-    if parts[-1]:
-        lines.append(parts[-1])
-    return lines
-
-
-@contextmanager
-def _editor_lock(path: str, timeout: float | None = None) -> Iterator[None]:
-    """
-    Hold an exclusive C{flock} on C{<path>.lock} for a read-modify-write.
-
-    The lock lives in a sidecar file because the user file itself is
-    replaced by rename, and a lock on a replaced inode excludes nobody.
-
-    @param path: the user file (already resolved through symlinks).
-    @param timeout: seconds to wait for another editor; L{None} for
-        C{_LOCK_TIMEOUT}.
-    @raise UserFileError: if the lock cannot be opened or is not released
-        within C{timeout}.
-    """
-    lock_path = path + ".lock"
-    try:
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-    except OSError as e:
-        raise UserFileError(_describe(lock_path, e)) from None
-    if timeout is None:
-        timeout = _LOCK_TIMEOUT
-    try:
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    raise UserFileError(
-                        f"{lock_path}: still locked by another editor after {timeout:g} seconds"
-                    ) from None
-                time.sleep(0.05)
-        yield
-    finally:
-        # Closing releases the flock.
-        os.close(fd)
-
-
-def _atomic_write(path: str, data: bytes, like: os.stat_result | None) -> None:
-    """
-    Replace C{path} with C{data} so readers see the old or the new file,
-    never a mixture, and the new one survives a crash once we return.
-
-    @param path: the file to replace (already resolved through symlinks).
-    @param data: the new contents.
-    @param like: stat of the file being replaced, whose mode and ownership
-        the new file gets; L{None} to create it with mode 0640.
-    @raise UserFileError: if any step fails; the original is then untouched.
-    """
-    directory = os.path.dirname(path) or "."
-    try:
-        fd, temp = tempfile.mkstemp(
-            dir=directory, prefix="." + os.path.basename(path) + ".", suffix=".tmp"
-        )
-    except OSError as e:
-        raise UserFileError(_describe(directory, e)) from None
-    try:
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                if like is None:
-                    os.fchmod(f.fileno(), 0o640)
-                else:
-                    os.fchmod(f.fileno(), like.st_mode & 0o7777)
-                    mine = os.fstat(f.fileno())
-                    if (mine.st_uid, mine.st_gid) != (like.st_uid, like.st_gid):
-                        # Fails unless we are root or the owner moving to one
-                        # of our groups; better to stop than to leave the file
-                        # unreadable by the server's group.
-                        os.fchown(f.fileno(), like.st_uid, like.st_gid)
-                os.fsync(f.fileno())
-            os.replace(temp, path)
-        except BaseException:
-            with _ignore_missing():
-                os.unlink(temp)
-            raise
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        raise UserFileError(_describe(path, e)) from None
-
-
-@contextmanager
-def _ignore_missing() -> Iterator[None]:
-    """Suppress C{FileNotFoundError} only."""
-    try:
-        yield
-    except FileNotFoundError:
-        pass
-
-
-def _read_for_edit(path: str, create: bool) -> tuple[bytes, os.stat_result | None]:
-    """
-    @return: the contents and stat of C{path}, or C{(b"", None)} if it is
-        missing and C{create} is set.
-    @raise UserFileError: if it cannot be read.
-    """
-    try:
-        with open(path, "rb") as f:
-            return f.read(), os.fstat(f.fileno())
-    except FileNotFoundError as e:
-        if create:
-            return b"", None
-        raise UserFileError(_describe(path, e)) from None
-    except OSError as e:
-        raise UserFileError(_describe(path, e)) from None
-
-
-def set_user_hash(path: str | os.PathLike[str], username: str, hashed: str) -> bool:
-    """
-    Add a user or replace a user's hash, keeping every other octet.
-
-    Comments, other users and the fields after the hash on the user's own
-    line are preserved byte for byte.  Only a main-password line holding a
-    hash of the same kind (scram or not) is changed, the first if there are
-    several (the one the server uses); app passwords are never touched.  A
-    missing file is created with mode 0640.
-
-    @param path: the user file.
-    @param username: a name that passes L{validate_username}.
-    @param hashed: a hash in a form L{UserFile} accepts, e.g. from
-        L{hash_password}.
-    @return: L{True} if the user was added, L{False} if changed.
-    @raise ValueError: for an invalid name or hash.
-    @raise UserFileError: if the file or its lock cannot be read or written.
-    """
-    validate_username(username)
-    username = normalise_username(username)
-    _check_hash(hashed)
-    target = os.path.realpath(path)
-    with _editor_lock(target):
-        data, st = _read_for_edit(target, create=True)
-        lines = _lines(data)
-        for line in _parsed_user_lines(data, username):
-            if line.label is None and line.scram == _is_scram(hashed):
-                lines[line.index] = line.with_hash(hashed)
-                added = False
-                break
-        else:
-            if lines and not lines[-1].endswith(b"\n"):
-                lines[-1] += b"\n"
-            lines.append(username.encode("utf-8") + b":" + hashed.encode("ascii") + b"\n")
-            added = True
-        _atomic_write(target, b"".join(lines), st)
-    return added
-
-
-def delete_user(path: str | os.PathLike[str], username: str) -> bool:
-    """
-    Remove every line defining a user, keeping every other octet.
-
-    Every line goes, not just the first: otherwise a duplicate further down
-    would silently come into force.
-
-    @param path: the user file.
-    @param username: the user to remove.
-    @return: L{True} if the user was found and removed; L{False} (and the
-        file untouched) if not.
-    @raise ValueError: for an invalid name.
-    @raise UserFileError: if the file or its lock cannot be read or written,
-        including when the file does not exist.
-    """
-    validate_username(username)
-    target = os.path.realpath(path)
-    with _editor_lock(target):
-        data, st = _read_for_edit(target, create=False)
-        doomed = {index for index, _ in _user_lines(data, username)}
-        if not doomed:
-            return False
-        kept = [line for index, line in enumerate(_lines(data)) if index not in doomed]
-        _atomic_write(target, b"".join(kept), st)
-    return True
-
-
-@dataclass(frozen=True)
-class _Line:
-    """
-    One line of a user file as the editors see it.
-
-    @ivar index: its index in L{_lines}.
-    @ivar content: the line without its terminator.
-    @ivar eol: the terminator.
-    @ivar hash_field: the hash as written (prefix included), stripped.
-    @ivar label: its C{app=} label, or L{None}.
-    @ivar tail: everything from the colon after the hash on (C{b""} if none).
-    """
-
-    index: int
-    content: bytes
-    eol: bytes
-    hash_field: str
-    label: str | None
-    tail: bytes
-
-    @property
-    def scram(self) -> bool:
-        """Whether the hash is a scram hash."""
-        return _is_scram(self.hash_field)
-
-    def with_hash(self, hashed: str) -> bytes:
-        """
-        @return: the line with its hash replaced, all else kept.
-        """
-        name_end = self.content.index(b":")
-        return self.content[: name_end + 1] + hashed.encode("ascii") + self.tail + self.eol
-
-
-def _parsed_user_lines(data: bytes, username: str) -> list[_Line]:
-    """
-    The lines of a user, split into fields; a line whose tags do not parse
-    counts as a main-password line, as it cannot be an app password.
-
-    @param data: the file contents.
-    @param username: the user.
-    @return: the user's lines in file order.
-    """
-    result = []
-    for index, line in _user_lines(data, username):
-        content, eol = _split_eol(line)
-        name_end = content.index(b":")
-        hash_end = content.find(b":", name_end + 1)
-        tail = content[hash_end:] if hash_end >= 0 else b""
-        hash_bytes = content[name_end + 1 : hash_end if hash_end >= 0 else len(content)]
-        hash_field = hash_bytes.decode("utf-8", "replace").strip()
-        try:
-            label, _ = _parse_tags(tail.decode("utf-8", "replace").split(":")[1:])
-        except ValueError:
-            label = None
-        result.append(_Line(index, content, eol, hash_field, label, tail))
-    return result
-
-
-def _check_hash(hashed: str) -> None:
-    """
-    @raise ValueError: unless C{hashed} can be written into a line.
-    """
-    if any(c in hashed for c in ":\r\n") or hashed != hashed.strip():
-        raise ValueError("hash must not contain ':', whitespace or line breaks")
-    _normalise_hash(hashed, _CONTEXT)
-
-
-def set_password(
-    path: str | os.PathLike[str],
-    username: str,
-    hashes: list[str],
-    label: str | None = None,
-) -> bool:
-    """
-    Set the hashes of one password of a user (the main one, or the app
-    password C{label}), replacing every hash it had.
-
-    Give one hash, or a non-scram and a scram hash of the same password (so
-    that SCRAM works and clear-text logins use the other).  Existing lines of
-    that password are rewritten in place, keeping their other fields; extra
-    old lines are removed; a missing second line is added right after the
-    first, with the same fields.  Other lines keep every octet.
-
-    @param path: the user file.
-    @param username: a name that passes L{validate_username}.
-    @param hashes: one or two hashes, of different kinds.
-    @param label: an app-password label, or L{None} for the main password.
-    @return: L{True} if this password was new, L{False} if changed.
-    @raise ValueError: for a bad name, label or hash.
-    @raise UserFileError: if the file or its lock cannot be read or written.
-    """
-    validate_username(username)
-    username = normalise_username(username)
-    if label is not None:
-        validate_label(label)
-    if not 1 <= len(hashes) <= 2 or (
-        len(hashes) == 2 and _is_scram(hashes[0]) == _is_scram(hashes[1])
-    ):
-        raise ValueError("give one hash, or one scram and one other hash")
-    for hashed in hashes:
-        _check_hash(hashed)
-    target = os.path.realpath(path)
-    with _editor_lock(target):
-        data, st = _read_for_edit(target, create=True)
-        lines = _lines(data)
-        mine = [line for line in _parsed_user_lines(data, username) if line.label == label]
-        if mine:
-            first = mine[0]
-            new = [first.with_hash(hashed) for hashed in hashes]
-            lines[first.index] = b"".join(new)
-            for line in mine[1:]:
-                lines[line.index] = b""
-        else:
-            if lines and not lines[-1].endswith(b"\n"):
-                lines[-1] += b"\n"
-            suffix = b"" if label is None else b":" + (APP_TAG + label).encode("ascii")
-            for hashed in hashes:
-                lines.append(
-                    username.encode("utf-8") + b":" + hashed.encode("ascii") + suffix + b"\n"
-                )
-        _atomic_write(target, b"".join(lines), st)
-    return not mine
-
-
-def delete_app_password(path: str | os.PathLike[str], username: str, label: str) -> bool:
-    """
-    Revoke an app password: remove every line of it.
-
-    @param path: the user file.
-    @param username: the user.
-    @param label: the app-password label.
-    @return: L{True} if it was found and removed, L{False} if not.
-    @raise ValueError: for a bad name or label.
-    @raise UserFileError: if the file or its lock cannot be read or written.
-    """
-    validate_username(username)
-    username = normalise_username(username)
-    validate_label(label)
-    target = os.path.realpath(path)
-    with _editor_lock(target):
-        data, st = _read_for_edit(target, create=False)
-        doomed = {line.index for line in _parsed_user_lines(data, username) if line.label == label}
-        if not doomed:
-            return False
-        kept = [line for index, line in enumerate(_lines(data)) if index not in doomed]
-        _atomic_write(target, b"".join(kept), st)
-    return True
-
-
-def set_main_pop3(path: str | os.PathLike[str], username: str, usable: bool) -> bool:
-    """
-    Mark a user's main password usable or not for POP3 (the C{nopop3}
-    field); app passwords are not affected.
-
-    @param path: the user file.
-    @param username: the user.
-    @param usable: L{False} to add C{:nopop3} to each main-password line,
-        L{True} to remove it.
-    @return: L{False} if the user has no main password, else L{True}.
-    @raise ValueError: for a bad name.
-    @raise UserFileError: if the file or its lock cannot be read or written.
-    """
-    validate_username(username)
-    username = normalise_username(username)
-    target = os.path.realpath(path)
-    with _editor_lock(target):
-        data, st = _read_for_edit(target, create=False)
-        lines = _lines(data)
-        mine = [line for line in _parsed_user_lines(data, username) if line.label is None]
-        if not mine:
-            return False
-        tag = NOPOP3_TAG.encode("ascii")
-        for line in mine:
-            fields = [f for f in line.tail.split(b":")[1:] if f.strip() != tag]
-            if not usable:
-                fields.append(tag)
-            tail = b"".join(b":" + f for f in fields)
-            name_end = line.content.index(b":")
-            hashed = line.hash_field.encode("utf-8")
-            lines[line.index] = line.content[: name_end + 1] + hashed + tail + line.eol
-        new = b"".join(lines)
-        if new != data:
-            _atomic_write(target, new, st)
-    return True
-
-
-# The Dovecot-style prefix to keep on an upgraded line that had one.
-_UPGRADE_PREFIXES = {"argon2": "{ARGON2ID}", "bcrypt": "{BLF-CRYPT}"}
-
-
-def replace_hash(
-    path: str | os.PathLike[str],
-    username: str,
-    old: str,
-    new: str,
-    *,
-    lock_timeout: float | None = None,
-) -> bool:
-    """
-    Replace one hash by another, if it is still in the file: what a hash
-    upgrade after login does.  It takes the same lock as
-    C{pop3srv-passwd}, re-reads the file under it, and writes only if the
-    line still holds C{old}, so a password changed meanwhile is never
-    overwritten.  A line that had a Dovecot C{{...}} prefix gets the new
-    scheme's prefix.
-
-    @param path: the user file.
-    @param username: the user.
-    @param old: the hash to replace, as L{UserFile} normalised it.
-    @param new: the new hash.
-    @param lock_timeout: seconds to wait for the lock; L{None} for the
-        default.
-    @return: whether the file was changed.
-    @raise UserFileError: if the file or its lock cannot be read or written.
-    """
-    _check_hash(new)
-    target = os.path.realpath(path)
-    with _editor_lock(target, lock_timeout):
-        data, st = _read_for_edit(target, create=False)
-        lines = _lines(data)
-        for line in _parsed_user_lines(data, normalise_username(username)):
-            try:
-                current = _normalise_hash(line.hash_field, _CONTEXT)
-            except ValueError:
-                continue
-            if current != old:
-                continue
-            written = new
-            if line.hash_field.startswith("{"):
-                prefix = _UPGRADE_PREFIXES.get(str(_CONTEXT.identify(new)))
-                if prefix is not None:
-                    written = prefix + new
-            lines[line.index] = line.with_hash(written)
-            _atomic_write(target, b"".join(lines), st)
-            return True
-    return False
