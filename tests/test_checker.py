@@ -25,11 +25,19 @@ from twisted.plugin import getPlugins
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
+from zope.interface import implementer
 
 from pop3srv.auth.checker import FAILURE_MESSAGE, AvatarId, PasslibChecker
+from pop3srv.auth.credentials import (
+    IAuthorizer,
+    ISCRAMLookup,
+    ISCRAMProof,
+    PasswordCredentials,
+    SCRAMCredentials,
+    credentials_for,
+)
 from pop3srv.auth.userfile import UserFile, UserFileError, VerifyResult
 from pop3srv.core import sasl
-from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials
 
 PASSWORD = "s3cret-Pässword-7731"
 
@@ -232,15 +240,16 @@ class LabelAndScramTests(SynchronousTestCase):
 
     def test_label_reported(self) -> None:
         """
-        An app password logs in as the user; the label is on the avatar ID,
-        on credentials that have room for it, and in the log.
+        An app password logs in as the user; the label is on the avatar ID
+        (the one way it travels: the credentials are left as they were) and
+        in the log.
         """
-        creds = sasl.PasswordCredentials(b"alice", b"phone-pw")
+        creds = PasswordCredentials(b"alice", b"phone-pw")
         avatar_id = self.successResultOf(self.checker.requestAvatarId(creds))
         self.assertEqual(avatar_id, b"alice")
         self.assertIsInstance(avatar_id, AvatarId)
         self.assertEqual(avatar_id.label, "phone")  # type: ignore[attr-defined]
-        self.assertEqual(creds.app_label, "phone")
+        self.assertEqual(vars(creds), vars(PasswordCredentials(b"alice", b"phone-pw")))
         logged = [e for e in self.events if e.get("label") == "phone"]
         self.assertEqual(len(logged), 1)
         self.assertNotIn("phone-pw", repr(self.events))
@@ -295,7 +304,7 @@ class LabelAndScramTests(SynchronousTestCase):
         assert isinstance(challenge, sasl.Challenge)
         verify = server.respond(client.final(challenge.payload))
         assert isinstance(verify, sasl.Verify)
-        creds = verify.credentials
+        creds = credentials_for(verify)
         assert isinstance(creds, SCRAMCredentials)
         return creds, self.checker.requestAvatarId(creds)
 
@@ -303,18 +312,20 @@ class LabelAndScramTests(SynchronousTestCase):
         """
         SCRAM with the main password logs alice in, with no label.
         """
-        creds, d = self.scram_login("alice", PASSWORD)
-        self.assertEqual(self.successResultOf(d), b"alice")
-        self.assertIsNone(creds.app_label)
+        _, d = self.scram_login("alice", PASSWORD)
+        avatar_id = self.successResultOf(d)
+        self.assertEqual(avatar_id, b"alice")
+        self.assertIsNone(avatar_id.label)  # type: ignore[attr-defined]
 
     def test_scram_app_password(self) -> None:
         """
         When the main password is not for POP3, SCRAM serves the first app
         password with a scram hash, and reports its label.
         """
-        creds, d = self.scram_login("carol", "carol-app")
-        self.assertEqual(self.successResultOf(d), b"carol")
-        self.assertEqual(creds.app_label, "mail")
+        _, d = self.scram_login("carol", "carol-app")
+        avatar_id = self.successResultOf(d)
+        self.assertEqual(avatar_id, b"carol")
+        self.assertEqual(avatar_id.label, "mail")  # type: ignore[attr-defined]
 
     def test_scram_wrong_password_and_unknown_user(self) -> None:
         """
@@ -339,6 +350,84 @@ class LabelAndScramTests(SynchronousTestCase):
         d = self.checker.requestAvatarId(SCRAMCredentials(b"alice", b"m", b"p"))
         self.failureResultOf(d, UnauthorizedLogin)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+
+    def authorized_checker(self, rule: Callable[[str, str], bool]) -> PasslibChecker:
+        """
+        @return: a checker over the same file with C{rule} as its authorizer.
+        """
+
+        @implementer(IAuthorizer)
+        class Rule:
+            def authorize(self, authcid: str, authzid: str) -> bool:
+                return rule(authcid, authzid)
+
+        return PasslibChecker(
+            self.checker.users,
+            reactor=SyncReactor(),  # type: ignore[arg-type]
+            threadpool=SyncThreadPool(),  # type: ignore[arg-type]
+            authorizer=Rule(),
+        )
+
+    def test_authzid_resolved_by_the_checker(self) -> None:
+        """
+        An authzid the authorizer allows becomes the avatar ID (NFC), after
+        the authcid's password checked out; the label still travels on it.
+        """
+        checker = self.authorized_checker(lambda c, z: (c, z) == ("alice", "b\u00f6b"))
+        self.assertTrue(IAuthorizer.providedBy(checker))
+        creds = PasswordCredentials(b"alice", PASSWORD.encode(), authzid="bo\u0308b")
+        avatar_id = self.successResultOf(checker.requestAvatarId(creds))
+        self.assertEqual(avatar_id, "b\u00f6b".encode())
+        self.assertIsNone(avatar_id.label)  # type: ignore[attr-defined]
+        wrong = PasswordCredentials(b"alice", b"nope", authzid="b\u00f6b")
+        self.failureResultOf(checker.requestAvatarId(wrong), UnauthorizedLogin)
+
+    def test_authzid_refused_without_rule(self) -> None:
+        """
+        Without an authorizer, a rule that says no, or a rule that raises,
+        an authzid that differs from the authcid fails like a wrong password;
+        one equal to the authcid is no authzid at all.
+        """
+        creds = PasswordCredentials(b"alice", PASSWORD.encode(), authzid="bob")
+        failure = self.failureResultOf(self.checker.requestAvatarId(creds), UnauthorizedLogin)
+        self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+        self.assertFalse(self.checker.authorize("alice", "bob"))
+        no = self.authorized_checker(lambda c, z: False)
+        self.failureResultOf(no.requestAvatarId(creds), UnauthorizedLogin)
+
+        def broken(authcid: str, authzid: str) -> bool:
+            raise RuntimeError("rule on fire")
+
+        self.failureResultOf(
+            self.authorized_checker(broken).requestAvatarId(creds), UnauthorizedLogin
+        )
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        same = PasswordCredentials(b"alice", PASSWORD.encode(), authzid="alice")
+        self.assertEqual(self.successResultOf(self.checker.requestAvatarId(same)), b"alice")
+
+    def test_scram_authzid(self) -> None:
+        """
+        A SCRAM proof with an allowed authzid logs in as the authzid.
+        """
+        from tests.test_sasl import ScramClient
+
+        checker = self.authorized_checker(lambda c, z: c == "alice")
+        server = sasl.SASLServer(
+            mechanisms=[sasl.SCRAM_SHA_256],
+            tls_active=False,
+            plaintext_allowed=False,
+            authorize=checker.authorize,
+        )
+        client = ScramClient("alice", PASSWORD, authzid="bob")
+        step = server.start(sasl.SCRAM_SHA_256, client.first())
+        assert isinstance(step, sasl.Lookup)
+        challenge = server.lookup_done(self.successResultOf(checker.scram_credentials("alice")))
+        assert isinstance(challenge, sasl.Challenge)
+        verify = server.respond(client.final(challenge.payload))
+        assert isinstance(verify, sasl.Verify) and verify.authzid == "bob"
+        self.assertEqual(
+            self.successResultOf(checker.requestAvatarId(credentials_for(verify))), b"bob"
+        )
 
 
 class RealThreadPoolTests(TestCase):

@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import base64
+from collections.abc import Callable
+
 from hypothesis import given
 from hypothesis import strategies as st
 
 from pop3srv.core import machine as m
+from pop3srv.core import sasl, scram
 
 COMMAND_LINES = {
     "USER": b"USER alice",
@@ -175,3 +179,106 @@ def test_uidls_given_as_bytes_are_sent_as_text() -> None:
         m.Reply(b"+OK 1 messages.\r\n1 0123abcd.1\r\n.\r\n"),
         m.Reply(b"+OK 1 0123abcd.1\r\n"),
     ]
+
+
+# --- SASL through the machine
+
+
+def sasl_machine(authorize: Callable[[str, str], bool] | None = None) -> m.Pop3Machine:
+    """A machine offering PLAIN, LOGIN and SCRAM-SHA-256 on a trusted connection."""
+    mechanisms = (sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN)
+
+    def start() -> sasl.SASLServer:
+        return sasl.SASLServer(
+            mechanisms=mechanisms,
+            tls_active=False,
+            plaintext_allowed=True,
+            authorize=authorize,
+            nonce_factory=lambda: "server-nonce",
+        )
+
+    return m.Pop3Machine(m.Capabilities(sasl=mechanisms), start_sasl=start)
+
+
+def b64(text: str) -> bytes:
+    """@return: C{text} as UTF-8, in base64."""
+    return base64.b64encode(text.encode("utf-8"))
+
+
+def test_sasl_plain_to_transaction() -> None:
+    """
+    AUTH PLAIN with an initial response asks to verify plain data (no
+    Twisted types), waits meanwhile, and enters TRANSACTION on success.
+    """
+    machine = sasl_machine()
+    machine.receive_data(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\nSTAT\r\n")
+    action = machine.next_action()
+    assert isinstance(action, m.SaslVerify)
+    request = action.request
+    assert (request.mechanism, request.username, request.authzid) == ("PLAIN", "alice", None)
+    assert request.password == "pw" and request.proof is None
+    assert "pw" not in repr(request).replace("PLAIN", "")
+    assert machine.next_action() is m.NEED_DATA
+    reply = machine.sasl_verified("alice", [3], lambda i: "u")
+    assert reply == m.Reply(b"+OK Maildrop has 1 messages (3 octets).\r\n")
+    assert machine.state is m.State.TRANSACTION and machine.username == "alice"
+    assert machine.next_action() == m.Reply(b"+OK 1 3\r\n")
+
+
+def test_sasl_login_failure_stays_in_authorization() -> None:
+    """
+    LOGIN prompts twice; a refused login ends the exchange, counts as a bad
+    command, and the next command is parsed as a command again.
+    """
+    machine = sasl_machine()
+    assert run(machine, b"AUTH LOGIN\r\n") == [m.Reply(b"+ VXNlcm5hbWU6\r\n")]
+    assert run(machine, b64("alice") + b"\r\n") == [m.Reply(b"+ UGFzc3dvcmQ6\r\n")]
+    machine.receive_data(b64("wrong") + b"\r\n")
+    action = machine.next_action()
+    assert isinstance(action, m.SaslVerify) and action.request.password == "wrong"
+    assert machine.login_failed("AUTH") == b"-ERR [AUTH] Invalid username or password.\r\n"
+    assert machine.state is m.State.AUTHORIZATION and machine.bad_commands == 1
+    assert run(machine, b"NOOP\r\n") == [m.Reply(b"+OK\r\n")]
+
+
+def test_sasl_scram_lookup_verify_and_abort() -> None:
+    """
+    SCRAM asks for a lookup, then a verify with a plain proof; after the
+    server-final challenge a cancel aborts the login (the caller releases
+    the maildrop) instead of entering TRANSACTION.
+    """
+    salt = b"s" * 16
+    stored = scram.stored_from_salted(salt, 4096, scram.salted_password(b"pw", salt, 4096))
+    machine = sasl_machine()
+    machine.receive_data(b"AUTH SCRAM-SHA-256 " + b64("n,,n=alice,r=cnonce") + b"\r\n")
+    assert machine.next_action() == m.SaslLookup("alice")
+    assert machine.next_action() is m.NEED_DATA
+    challenge = machine.sasl_lookup_done(stored)
+    assert isinstance(challenge, m.Reply) and challenge.data.startswith(b"+ ")
+    # A wrong proof of the right length: the machine does not judge it.
+    final = f"c=biws,r=cnonceserver-nonce,p={'A' * 43}="
+    machine.receive_data(b64(final) + b"\r\n")
+    action = machine.next_action()
+    assert isinstance(action, m.SaslVerify)
+    assert action.request.proof is not None and action.request.password is None
+    assert not action.request.proof.check(stored)
+    server_final = machine.sasl_verified("alice", [], lambda i: "u")
+    assert isinstance(server_final, m.Reply) and server_final.data.startswith(b"+ ")
+    assert run(machine, b"*\r\n") == [m.AbortLogin(b"-ERR Authentication cancelled.\r\n")]
+    assert machine.state is m.State.AUTHORIZATION
+
+
+def test_sasl_authzid_reaches_the_verify_step() -> None:
+    """
+    An authzid passes the early filter only if it allows it; then the
+    verify step names it, for the checker to resolve.
+    """
+    machine = sasl_machine()
+    assert run(machine, b"AUTH PLAIN " + b64("bob\0admin\0pw") + b"\r\n") == [
+        m.Reply(b"-ERR [AUTH] Authentication failed.\r\n")
+    ]
+    machine = sasl_machine(authorize=lambda c, z: c == "admin")
+    machine.receive_data(b"AUTH PLAIN " + b64("bob\0admin\0pw") + b"\r\n")
+    action = machine.next_action()
+    assert isinstance(action, m.SaslVerify)
+    assert (action.request.username, action.request.authzid) == ("admin", "bob")

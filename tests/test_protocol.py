@@ -6,13 +6,18 @@ fire later (the IMailbox contract allows all three).
 
 from __future__ import annotations
 
+import base64
 import gc
 import hashlib
 import io
 import weakref
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+from passlib import hash as passlib_hash  # type: ignore[import-untyped]
+from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import IRealm, Portal
 from twisted.internet import defer
@@ -22,8 +27,14 @@ from twisted.logger import LogEvent, globalLogPublisher
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
+from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.credentials import IAuthorizer
+from pop3srv.auth.realm import MboxRealm
+from pop3srv.auth.userfile import UserFile
 from pop3srv.core.errors import CommitFailed, MaildropInUse
 from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy
+from tests.test_checker import SyncReactor, SyncThreadPool
+from tests.test_sasl import ScramClient
 
 MESSAGES = [b"Subject: one\n\nbody one\n", b"Subject: two\n\n.dot line\nlast line no newline"]
 
@@ -334,3 +345,209 @@ def test_slow_download_is_not_idle() -> None:
     assert b"Autologout" not in transport.value()
     assert not transport.disconnecting
     assert transport.producer is not None  # still streaming after 12 minutes
+
+
+# --- SASL at the protocol level: the real checker and realm, no processes
+
+
+def sync_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
+    """Run "threaded" work at once: the realm's C{defer_to_thread}."""
+    return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class SaslSession:
+    """
+    A server with a L{PasslibChecker} and an L{MboxRealm} over temporary
+    files, run synchronously, with the audit log collected.
+    """
+
+    def __init__(self, tmp: Path, rule: Callable[[str, str], bool] | None = None) -> None:
+        cheap = sha256_crypt.using(rounds=1000)
+        scram_hash = passlib_hash.scram.using(rounds=1000, algs="sha-1,sha-256")
+        users = tmp / "users"
+        users.write_text(
+            f"alice:{scram_hash.hash('alice-pw')}\n"
+            f"alice:{cheap.hash('phone-pw')}:app=phone\n"
+            f"admin:{cheap.hash('admin-pw')}\n"
+        )
+        (tmp / "alice").write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\nSubject: hi\n\nhello\n")
+        authorizer = None
+        if rule is not None:
+
+            @implementer(IAuthorizer)
+            class Rule:
+                def authorize(self, authcid: str, authzid: str) -> bool:
+                    return rule(authcid, authzid)
+
+            authorizer = Rule()
+        self.checker = PasslibChecker(
+            UserFile(users),
+            reactor=SyncReactor(),  # type: ignore[arg-type]
+            threadpool=SyncThreadPool(),  # type: ignore[arg-type]
+            authorizer=authorizer,
+        )
+        self.clock = MemoryReactorClock()
+        realm = MboxRealm(f"{tmp}/{{user}}", defer_to_thread=sync_thread)
+        self.factory = POP3ServerFactory(
+            Portal(realm, [self.checker]),
+            reactor=self.clock,
+            policy=ServerPolicy(auth_timeout=100_000),
+        )
+        self.protocol: POP3Server = self.factory.buildProtocol(None)
+        self.transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        self.audit: list[str] = []
+        observer = self.audit_observer
+        globalLogPublisher.addObserver(observer)
+        self.protocol.makeConnection(self.transport)
+        self.close = lambda: globalLogPublisher.removeObserver(observer)
+
+    def audit_observer(self, event: LogEvent) -> None:
+        if event.get("log_namespace") == "pop3srv.audit":
+            self.audit.append(f"{event['audit_event']} {event['user']} {event['reason']}")
+
+    def send(self, line: bytes | str) -> bytes:
+        """Send one line, let timers run, and return what the server wrote."""
+        if isinstance(line, str):
+            line = line.encode("ascii")
+        self.transport.clear()
+        self.protocol.dataReceived(line + b"\r\n")
+        self.clock.advance(30)
+        return self.transport.value()
+
+
+@pytest.fixture
+def sasl_session(tmp_path: Path) -> Iterator[SaslSession]:
+    session = SaslSession(tmp_path)
+    yield session
+    session.close()
+    session.protocol.connectionLost()
+
+
+def plain(authzid: str, authcid: str, password: str) -> str:
+    return base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode()).decode()
+
+
+def test_sasl_offered_from_the_portal(sasl_session: SaslSession) -> None:
+    """
+    CAPA lists what C{portal.listCredentialsInterfaces()} and the SCRAM
+    lookup allow: SCRAM-SHA-256 (no -PLUS without TLS), PLAIN and LOGIN.
+    """
+    assert b"SASL SCRAM-SHA-256 PLAIN LOGIN\r\n" in sasl_session.send("CAPA")
+
+
+def test_sasl_plain_app_password(sasl_session: SaslSession) -> None:
+    """
+    AUTH PLAIN with an app password logs in; the label comes back on the
+    realm's logout (the checker's avatar ID) into the audit line.
+    """
+    assert sasl_session.send("AUTH PLAIN " + plain("", "alice", "phone-pw")) == (
+        b"+OK Maildrop has 1 messages (22 octets).\r\n"
+    )
+    assert sasl_session.audit == ['login-ok "alice" sasl-plain+app:phone']
+    assert sasl_session.send("STAT") == b"+OK 1 22\r\n"
+
+
+def test_sasl_plain_wrong_password(sasl_session: SaslSession) -> None:
+    """A wrong PLAIN password is -ERR [AUTH] after the delay, and audited."""
+    assert sasl_session.send("AUTH PLAIN " + plain("", "alice", "nope")) == (
+        b"-ERR [AUTH] Invalid username or password.\r\n"
+    )
+    assert sasl_session.audit == ['login-failed "alice" bad-credentials']
+    assert sasl_session.send("NOOP") == b"+OK\r\n"
+
+
+def test_sasl_login(sasl_session: SaslSession) -> None:
+    """AUTH LOGIN prompts for the name and password, then logs in."""
+    assert sasl_session.send("AUTH LOGIN") == b"+ VXNlcm5hbWU6\r\n"
+    assert sasl_session.send(base64.b64encode(b"alice")) == b"+ UGFzc3dvcmQ6\r\n"
+    assert sasl_session.send(base64.b64encode(b"alice-pw")).startswith(b"+OK Maildrop has 1")
+    assert sasl_session.audit == ['login-ok "alice" sasl-login']
+
+
+def test_sasl_scram(sasl_session: SaslSession) -> None:
+    """
+    SCRAM-SHA-256: the keys are looked up before the proof, the server
+    proves itself with C{v=}, and the client's empty answer logs it in.
+    """
+    client = ScramClient("alice", "alice-pw")
+    first = sasl_session.send("AUTH SCRAM-SHA-256 " + client.first())
+    assert first.startswith(b"+ ") and first.endswith(b"\r\n")
+    final = sasl_session.send(client.final(base64.b64decode(first[2:-2])))
+    assert final.startswith(b"+ ")
+    assert client.check_server(base64.b64decode(final[2:-2]))
+    assert sasl_session.send("").startswith(b"+OK Maildrop has 1 messages")
+    assert sasl_session.audit == ['login-ok "alice" sasl-scram-sha-256']
+
+
+def test_sasl_scram_wrong_password_and_cancel(sasl_session: SaslSession) -> None:
+    """
+    A wrong SCRAM password is -ERR [AUTH]; a client that cancels after the
+    server's proof is not logged in and its maildrop is released.
+    """
+    client = ScramClient("alice", "wrong")
+    first = sasl_session.send("AUTH SCRAM-SHA-256 " + client.first())
+    assert sasl_session.send(client.final(base64.b64decode(first[2:-2]))) == (
+        b"-ERR [AUTH] Invalid username or password.\r\n"
+    )
+    client = ScramClient("alice", "alice-pw")
+    first = sasl_session.send("AUTH SCRAM-SHA-256 " + client.first())
+    assert sasl_session.send(client.final(base64.b64decode(first[2:-2]))).startswith(b"+ ")
+    assert sasl_session.send("*") == b"-ERR Authentication cancelled.\r\n"
+    # Released: the same maildrop can be logged into again at once.
+    assert sasl_session.send("AUTH PLAIN " + plain("", "alice", "alice-pw")).startswith(b"+OK")
+
+
+def test_sasl_scram_lookup_fault(sasl_session: SaslSession) -> None:
+    """A failing SCRAM lookup is a server fault: -ERR [SYS/TEMP], not [AUTH]."""
+
+    def broken(username: str) -> defer.Deferred[None]:
+        return defer.fail(RuntimeError("disk on fire"))
+
+    sasl_session.checker.scram_credentials = broken  # type: ignore[method-assign]
+    assert sasl_session.send("AUTH SCRAM-SHA-256 " + ScramClient("alice", "x").first()) == (
+        b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n"
+    )
+    assert sasl_session.audit == []
+
+
+def test_sasl_authzid(tmp_path: Path) -> None:
+    """
+    Without a rule an authzid is refused at once; with one, the checker
+    resolves it as the avatar ID and the realm opens that maildrop.
+    """
+    session = SaslSession(tmp_path)
+    try:
+        assert session.send("AUTH PLAIN " + plain("alice", "admin", "admin-pw")) == (
+            b"-ERR [AUTH] Authentication failed.\r\n"
+        )
+    finally:
+        session.close()
+    session = SaslSession(tmp_path, rule=lambda c, z: (c, z) == ("admin", "alice"))
+    try:
+        assert session.send("AUTH PLAIN " + plain("alice", "admin", "admin-pw")) == (
+            b"+OK Maildrop has 1 messages (22 octets).\r\n"
+        )
+        assert session.audit == ['login-ok "alice" sasl-plain']
+    finally:
+        session.close()
+        session.protocol.connectionLost()
+
+
+def test_listing_failure_is_a_server_fault() -> None:
+    """
+    A maildrop that opens but cannot be listed is -ERR [SYS/TEMP], not a
+    wrong password: the avatar is logged out again and the session is not
+    counted, so the next attempt can succeed.
+    """
+    session = Session()
+    mailbox = session.mailbox
+    real = mailbox.listMessages
+
+    def broken(index: int | None = None) -> Any:
+        raise OSError("disk on fire")
+
+    mailbox.listMessages = broken  # type: ignore[method-assign]
+    assert session.login().endswith(b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n")
+    assert session.realm.logouts == 1
+    mailbox.listMessages = real  # type: ignore[method-assign]
+    assert session.login().endswith(b"+OK Maildrop has 2 messages (73 octets).\r\n")

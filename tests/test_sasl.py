@@ -21,20 +21,27 @@ from hypothesis import given
 from hypothesis import strategies as st
 from OpenSSL import SSL
 from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.portal import Portal
 from zope.interface import implementer
 
+from pop3srv.auth.credentials import (
+    ISCRAMLookup,
+    ISCRAMProof,
+    PasswordCredentials,
+    credentials_for,
+    mechanisms_for,
+)
 from pop3srv.core import sasl, scram
 from pop3srv.core.sasl import (
     Challenge,
     ChannelBinding,
     Failure,
     Lookup,
-    PasswordCredentials,
     SASLServer,
     Success,
     Verify,
 )
-from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof
+from pop3srv.server.tls import bindings_from_tls_connection, tls_server_end_point
 
 ALL = [sasl.SCRAM_SHA_256_PLUS, sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
 NO_PLUS = [sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
@@ -170,7 +177,7 @@ def run_scram(
     if not isinstance(step, Verify):
         return steps, client
     assert stored is not None
-    assert step.credentials.checkProof(stored)  # type: ignore[attr-defined]
+    assert credentials_for(step).checkProof(stored)  # type: ignore[attr-defined]
     step = server.verified()
     steps.append(step)
     assert isinstance(step, Challenge)
@@ -201,8 +208,8 @@ def test_rfc7677_exchange_byte_for_byte() -> None:
     )
     assert isinstance(step, Verify)
     assert step.username == "user" and step.authzid is None
-    assert ISCRAMProof.providedBy(step.credentials)
-    assert step.credentials.checkProof(stored)  # type: ignore[attr-defined]
+    assert ISCRAMProof.providedBy(credentials_for(step))
+    assert credentials_for(step).checkProof(stored)  # type: ignore[attr-defined]
     final = server.verified()
     assert final == Challenge(b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=")
     assert isinstance(final, Challenge)
@@ -224,7 +231,7 @@ def test_scram_wrong_password_fails_at_checker() -> None:
     assert isinstance(challenge, Challenge)
     step = server.respond(client.final(challenge.payload))
     assert isinstance(step, Verify)
-    assert not step.credentials.checkProof(stored_for("right"))  # type: ignore[attr-defined]
+    assert not credentials_for(step).checkProof(stored_for("right"))  # type: ignore[attr-defined]
 
 
 def test_scram_initial_response() -> None:
@@ -416,7 +423,7 @@ def test_plain_initial_response() -> None:
     server = make_server()
     step = server.start("plain", b64("\0jos\u00e9\0p\u00e4ss word"))
     assert isinstance(step, Verify)
-    creds = step.credentials
+    creds = credentials_for(step)
     assert IUsernamePassword.providedBy(creds) and isinstance(creds, PasswordCredentials)
     assert creds.username == "jos\u00e9".encode() and creds.password == "p\u00e4ss word".encode()
     assert "p\u00e4ss" not in repr(creds)
@@ -492,8 +499,8 @@ def test_login_outlook_prompts() -> None:
     assert isinstance(step, Challenge) and step.text_b64 == "UGFzc3dvcmQ6"
     step = server.respond(b64("secret"))
     assert isinstance(step, Verify)
-    assert step.credentials.username == b"alice"  # type: ignore[attr-defined]
-    assert step.credentials.password == b"secret"  # type: ignore[attr-defined]
+    assert credentials_for(step).username == b"alice"
+    assert credentials_for(step).password == b"secret"  # type: ignore[union-attr]
 
 
 def test_login_user_in_initial_response() -> None:
@@ -691,6 +698,16 @@ class ClaimsScramChecker:
     credentialInterfaces = (ISCRAMProof,)
 
 
+def portal_mechanisms(checkers: list[object], **kwargs: bool) -> list[str]:
+    """
+    @return: L{mechanisms_for} a portal of C{checkers}, with a SCRAM lookup
+        if one of them provides L{ISCRAMLookup}, as the login service does.
+    """
+    portal = Portal(None, checkers)  # type: ignore[arg-type]
+    lookup = ISCRAMLookup(portal.checkers.get(ISCRAMProof), None) is not None
+    return mechanisms_for(portal.listCredentialsInterfaces(), scram_lookup=lookup, **kwargs)
+
+
 def test_mechanisms_for() -> None:
     """
     SCRAM is listed only for a checker that takes L{ISCRAMProof} and
@@ -698,21 +715,19 @@ def test_mechanisms_for() -> None:
     a password checker where plaintext is allowed.
     """
     both = [ScramChecker()]
-    assert sasl.mechanisms_for(both, tls_active=True, plaintext_allowed=True) == ALL
-    assert sasl.mechanisms_for(both, tls_active=False, plaintext_allowed=True) == NO_PLUS
-    assert sasl.mechanisms_for(both, tls_active=False, plaintext_allowed=False) == [
+    assert portal_mechanisms(both, tls_active=True, plaintext_allowed=True) == ALL
+    assert portal_mechanisms(both, tls_active=False, plaintext_allowed=True) == NO_PLUS
+    assert portal_mechanisms(both, tls_active=False, plaintext_allowed=False) == [
         sasl.SCRAM_SHA_256
     ]
-    assert sasl.mechanisms_for(
+    assert portal_mechanisms(
         both, tls_active=True, plaintext_allowed=False, channel_binding=False
     ) == [sasl.SCRAM_SHA_256]
-    assert sasl.mechanisms_for([PasswordChecker()], tls_active=True, plaintext_allowed=True) == [
+    assert portal_mechanisms([PasswordChecker()], tls_active=True, plaintext_allowed=True) == [
         sasl.PLAIN,
         sasl.LOGIN,
     ]
-    assert (
-        sasl.mechanisms_for([ClaimsScramChecker()], tls_active=True, plaintext_allowed=True) == []
-    )
+    assert portal_mechanisms([ClaimsScramChecker()], tls_active=True, plaintext_allowed=True) == []
 
 
 # --- channel binding data
@@ -755,14 +770,14 @@ def test_tls_server_end_point_hash_choice() -> None:
     """
     ec_key = ec.generate_private_key(ec.SECP256R1())
     der = certificate(ec_key, hashes.SHA384())
-    assert sasl.tls_server_end_point(der) == hashlib.sha384(der).digest()
+    assert tls_server_end_point(der) == hashlib.sha384(der).digest()
     der = certificate(ec_key, hashes.SHA256())
-    assert sasl.tls_server_end_point(der) == hashlib.sha256(der).digest()
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
     # Made with "openssl req -x509 -sha1": cryptography will not sign with SHA-1.
     der = base64.b64decode(SHA1_CERT)
-    assert sasl.tls_server_end_point(der) == hashlib.sha256(der).digest()
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
     der = certificate(ed25519.Ed25519PrivateKey.generate(), None)
-    assert sasl.tls_server_end_point(der) == hashlib.sha256(der).digest()
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
 
 
 def test_bindings_from_tls_connection() -> None:
@@ -793,7 +808,7 @@ def test_bindings_from_tls_connection() -> None:
             except SSL.WantReadError:
                 pass
     assert server.get_protocol_version_name() == "TLSv1.3"
-    bindings = sasl.bindings_from_tls_connection(server)
+    bindings = bindings_from_tls_connection(server)
     assert [b.type for b in bindings] == ["tls-exporter", "tls-server-end-point"]
     assert bindings[0].data == client.export_keying_material(b"EXPORTER-Channel-Binding", 32)
     assert bindings[1].data == hashlib.sha256(der).digest()

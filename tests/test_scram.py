@@ -11,8 +11,8 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from pop3srv.auth.credentials import ISCRAMProof, SCRAMCredentials
 from pop3srv.core import scram
-from pop3srv.core.scram import ISCRAMProof, SCRAMCredentials
 
 # RFC 7677 section 3.
 RFC_SALT = base64.b64decode("W22ZaJ0SNY7soEsUEjb6gQ==")
@@ -61,14 +61,19 @@ def test_wrong_proof_refused() -> None:
 def test_credentials_check_proof() -> None:
     """
     L{SCRAMCredentials} provides L{ISCRAMProof}, checks its proof against
-    given keys and keeps the proof out of its repr.
+    given keys and keeps the proof out of its repr; so does the plain
+    L{scram.ScramProof} the core hands over.
     """
     creds = SCRAMCredentials(b"user", RFC_AUTH_MESSAGE, RFC_PROOF)
     assert ISCRAMProof.providedBy(creds)
     assert creds.checkProof(rfc_stored())
-    assert creds.app_label is None
+    assert creds.authzid is None
     assert "dHzb" not in repr(creds) and RFC_PROOF.hex() not in repr(creds)
     assert "stored_key" not in repr(rfc_stored())
+    proof = scram.ScramProof(RFC_AUTH_MESSAGE, RFC_PROOF)
+    assert proof.check(rfc_stored())
+    assert not scram.ScramProof(RFC_AUTH_MESSAGE + b"x", RFC_PROOF).check(rfc_stored())
+    assert "dHzb" not in repr(proof) and RFC_PROOF.hex() not in repr(proof)
 
 
 @pytest.mark.parametrize(

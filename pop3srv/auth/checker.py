@@ -2,7 +2,8 @@
 """
 A credentials checker backed by a L{UserFile}: L{IUsernamePassword} (USER/PASS,
 SASL PLAIN and LOGIN) and L{ISCRAMProof} (SASL SCRAM-SHA-256), and the
-L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.
+L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.  The types
+live in L{pop3srv.auth.credentials}.
 
 Hash verification is slow on purpose, so it runs in a thread pool, or,
 given a C{verifier} (L{pop3srv.processes.hashpool.ProcessVerifier}, as C{twistd
@@ -10,25 +11,24 @@ pop3srv} does), in worker processes, so that a backend that holds the GIL
 cannot stall the reactor; the reactor thread only decodes the credentials
 and maps the result.  SCRAM lookups are cheap and stay in the thread pool.
 
-Which password matched
-======================
+Which password matched, and whose maildrop
+==========================================
 
 A user may have app passwords (see L{pop3srv.auth.userfile}).  The avatar ID is
-still the user name as UTF-8 bytes, so realms need no change; which password
-matched is reported three ways:
+still the user name as UTF-8 bytes, so any realm can take it; it is an
+L{AvatarId}, a C{bytes} subclass whose C{label} attribute is the app-password
+label (L{None} for the main password).  The checker also logs C{"User
+{username!r} authenticated with app password {label!r}"} at info level.
 
-  - the avatar ID is an L{AvatarId}, a C{bytes} subclass whose C{label}
-    attribute is the app-password label (L{None} for the main password);
-  - if the credentials object has an C{app_label} attribute
-    (L{pop3srv.core.sasl.PasswordCredentials}, L{pop3srv.core.scram.SCRAMCredentials})
-    the checker sets it, so the protocol can read it after C{Portal.login};
-  - the checker logs C{"User {username!r} authenticated with app password
-    {label!r}"} at info level.
+Credentials that ask to act as another user (a SASL authzid,
+L{IAuthzidCredentials}) are checked as their authcid, then the checker's
+L{IAuthorizer} decides; if it allows, the avatar ID names the authzid, so the
+realm opens that maildrop through the ordinary C{Portal.login}.  The user name
+is normalised to NFC here, once: the avatar ID carries that form onward.
 """
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -40,7 +40,15 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, StoredScram
+from pop3srv.auth.credentials import (
+    AvatarId,
+    IAuthorizer,
+    IAuthzidCredentials,
+    ISCRAMLookup,
+    ISCRAMProof,
+)
+from pop3srv.auth.identity import normalise_username
+from pop3srv.core.scram import StoredScram
 
 if TYPE_CHECKING:
     from twisted.internet.interfaces import IReactorFromThreads
@@ -49,6 +57,7 @@ if TYPE_CHECKING:
 
     from pop3srv.auth.userfile import UserFile, VerifyResult
 
+# AvatarId is re-exported: it was defined here before the cred types moved.
 __all__ = ["FAILURE_MESSAGE", "AvatarId", "PasslibChecker"]
 
 #: The one message for every failed login, so that the text never tells an
@@ -67,27 +76,7 @@ def _as_text(value: bytes | str) -> str:
     return value
 
 
-class AvatarId(bytes):
-    """
-    An avatar ID: the user name as UTF-8 bytes, remembering which password
-    matched.
-
-    @ivar label: the app-password label, or L{None} for the main password.
-    """
-
-    label: str | None
-
-    def __new__(cls, username: bytes, label: str | None = None) -> AvatarId:
-        """
-        @param username: the user name, UTF-8.
-        @param label: the app-password label that matched, if any.
-        """
-        self = super().__new__(cls, username)
-        self.label = label
-        return self
-
-
-@implementer(ICredentialsChecker, ISCRAMLookup)
+@implementer(ICredentialsChecker, ISCRAMLookup, IAuthorizer)
 class PasslibChecker:
     """
     Check usernames and passwords, or SCRAM proofs, against a user file of
@@ -96,6 +85,8 @@ class PasslibChecker:
     @ivar credentialInterfaces: L{IUsernamePassword} and L{ISCRAMProof}.  Not
         APOP: with the password stored as a one-way hash, APOP's MD5
         challenge/response cannot work.
+    @ivar authorizer: the master-user rule for SASL authzids, or L{None} to
+        refuse every authzid that differs from the authcid.
     """
 
     credentialInterfaces = (IUsernamePassword, ISCRAMProof)
@@ -107,6 +98,7 @@ class PasslibChecker:
         reactor: IReactorFromThreads | None = None,
         threadpool: ThreadPool | None = None,
         verifier: Callable[[str, str], Deferred[VerifyResult]] | None = None,
+        authorizer: IAuthorizer | None = None,
     ) -> None:
         """
         @param users: the user file to verify against, or its path.
@@ -119,6 +111,7 @@ class PasslibChecker:
             C{users.verify_detailed} in C{threadpool}, e.g.
             L{pop3srv.processes.hashpool.ProcessVerifier.verify_detailed}; it must
             check the same file.
+        @param authorizer: see L{authorizer}.
         """
         if isinstance(users, str):
             from pop3srv.auth.userfile import UserFile
@@ -128,6 +121,7 @@ class PasslibChecker:
         self._reactor = reactor
         self._threadpool = threadpool
         self.verifier = verifier
+        self.authorizer = authorizer
 
     def _pool(self) -> tuple[IReactorFromThreads, ThreadPool]:
         """
@@ -166,19 +160,22 @@ class PasslibChecker:
         self, credentials: IUsernamePassword | ISCRAMProof
     ) -> Deferred[bytes]:
         """
-        Verify a username and password, or a SCRAM proof.
+        Verify a username and password, or a SCRAM proof, and resolve the
+        authzid the credentials may carry (L{IAuthzidCredentials}).
 
         @param credentials: L{IUsernamePassword} with C{username} and
             C{password} as UTF-8 bytes (Twisted's convention) or as text; or
             L{ISCRAMProof}, checked against the user's current keys.
-        @return: a Deferred firing with an L{AvatarId} (the username as UTF-8
-            bytes, with the matched label), or failing with
-            L{UnauthorizedLogin} and L{FAILURE_MESSAGE} whatever the reason.
+        @return: a Deferred firing with an L{AvatarId} (the maildrop owner's
+            name, NFC, as UTF-8 bytes, with the matched label), or failing
+            with L{UnauthorizedLogin} and L{FAILURE_MESSAGE} whatever the
+            reason.
         """
         if ISCRAMProof.providedBy(credentials):
             return self._check_scram(credentials)
+        authzid = credentials.authzid if IAuthzidCredentials.providedBy(credentials) else None
         try:
-            username = _as_text(credentials.username)
+            username = normalise_username(_as_text(credentials.username))
             password = _as_text(credentials.password)
         except UnicodeDecodeError:
             self.log.debug("Authentication failed: credentials are not UTF-8")
@@ -192,11 +189,34 @@ class PasslibChecker:
                 reactor, threadpool, self.users.verify_detailed, username, password
             )
 
-        def on_result(result: VerifyResult) -> bytes:
+        def on_result(result: VerifyResult) -> bytes | Deferred[bytes]:
             if not result.ok:
                 self.log.debug("Authentication failed for user {username!r}", username=username)
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
-            return self._succeeded(credentials, username, result.label)
+            if result.upgrade_hash is None or result.matched_hash is None:
+                return self._succeeded(username, authzid, result.label)
+            # The check offers a new hash for a deprecated one; writing it
+            # rewrites the file, so it runs in the pool, and a failure is
+            # logged there (or here, if unforeseen) but never fails the login.
+            from pop3srv.auth.editor import apply_upgrade
+
+            reactor, threadpool = self._pool()
+            written: Deferred[bool | None] = deferToThreadPool(
+                reactor,
+                threadpool,
+                apply_upgrade,
+                self.users.path,
+                username,
+                result.matched_hash,
+                result.upgrade_hash,
+                label=result.label,
+            )
+            written.addErrback(
+                lambda reason: self.log.failure(
+                    "Could not upgrade the hash of user {username!r}", reason, username=username
+                )
+            )
+            return written.addCallback(lambda _: self._succeeded(username, authzid, result.label))
 
         return d.addCallbacks(on_result, self._unexpected, errbackArgs=(username,))
 
@@ -208,7 +228,7 @@ class PasslibChecker:
         @return: as for L{requestAvatarId}.
         """
         try:
-            username = _as_text(credentials.username)
+            username = normalise_username(_as_text(credentials.username))
         except UnicodeDecodeError:
             self.log.debug("Authentication failed: credentials are not UTF-8")
             return fail(UnauthorizedLogin(FAILURE_MESSAGE))
@@ -221,7 +241,7 @@ class PasslibChecker:
                     "SCRAM authentication failed for user {username!r}", username=username
                 )
                 raise UnauthorizedLogin(FAILURE_MESSAGE)
-            return self._succeeded(credentials, username, stored.label)
+            return self._succeeded(username, credentials.authzid, stored.label)
 
         return d.addCallbacks(on_result, self._unexpected, errbackArgs=(username,))
 
@@ -234,23 +254,50 @@ class PasslibChecker:
         )
         raise UnauthorizedLogin(FAILURE_MESSAGE)
 
-    def _succeeded(self, credentials: object, username: str, label: str | None) -> AvatarId:
+    def _succeeded(self, username: str, authzid: str | None, label: str | None) -> AvatarId:
         """
-        Report a match.
+        Report a match and resolve whose maildrop it opens.
 
-        @param credentials: set its C{app_label}, if it has one.
-        @param username: the user.
+        @param username: the authenticated user, NFC.
+        @param authzid: the user they ask to act as, or L{None}.
         @param label: the app-password label that matched, or L{None}.
-        @return: the avatar ID: the user name in NFC, as in the user file.
+        @return: the avatar ID: C{username}, or C{authzid} (NFC) if it
+            differs and L{authorizer} allows it.
+        @raise UnauthorizedLogin: if an authzid is asked for and not allowed.
         """
-        if hasattr(credentials, "app_label"):
-            credentials.app_label = label
+        owner = username
+        if authzid:
+            owner = normalise_username(authzid)
+            if owner != username and not self.authorize(username, owner):
+                self.log.info(
+                    "User {username!r} may not act as {authzid!r}",
+                    username=username,
+                    authzid=owner,
+                )
+                raise UnauthorizedLogin(FAILURE_MESSAGE)
         if label is not None:
             self.log.info(
                 "User {username!r} authenticated with app password {label!r}",
                 username=username,
                 label=label,
             )
-        # The same rule as userfile.normalise_username (NFC), so the realm
-        # maps a name sent with combining accents to the file's maildrop.
-        return AvatarId(unicodedata.normalize("NFC", username).encode("utf-8"), label)
+        return AvatarId(owner.encode("utf-8"), label)
+
+    def authorize(self, authcid: str, authzid: str) -> bool:
+        """
+        The master-user rule (L{IAuthorizer}), which L{requestAvatarId}
+        applies after the credentials check out; a SASL exchange may ask it
+        early too, to refuse before any hashing.
+
+        @param authcid: who is authenticating (NFC).
+        @param authzid: whose maildrop they ask for (NFC).
+        @return: whether L{authorizer} lets C{authcid} act as C{authzid};
+            without one, or if it raises, no.
+        """
+        if self.authorizer is None:
+            return False
+        try:
+            return bool(self.authorizer.authorize(authcid, authzid))
+        except Exception:
+            self.log.failure("Authorization rule failed for {username!r}", username=authcid)
+            return False

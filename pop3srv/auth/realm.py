@@ -1,6 +1,13 @@
 # -*- test-case-name: tests.test_realm -*-
 """
 The cred realm: maps an authenticated avatar ID to its mbox maildrop.
+
+The avatar ID comes from a checker, already normalised (an
+L{pop3srv.auth.credentials.AvatarId} names the maildrop owner in NFC); the
+realm only checks that it is safe as a path component, since any checker may
+sit in front of it, and hands it back on the logout callable
+(L{AvatarLogout}) so the caller learns whose maildrop opened and which
+password matched.
 """
 
 from __future__ import annotations
@@ -13,7 +20,8 @@ from twisted.internet import defer
 from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
-from pop3srv.auth.userfile import validate_username
+from pop3srv.auth.credentials import AvatarId, AvatarLogout
+from pop3srv.auth.identity import validate_username
 from pop3srv.core.errors import InvalidUsername
 from pop3srv.mbox import open_maildrop
 
@@ -77,6 +85,7 @@ class MboxRealm:
             return defer.fail(NotImplementedError("MboxRealm only provides IMailbox"))
         if not isinstance(avatarId, bytes):
             return defer.fail(InvalidUsername("anonymous login has no maildrop"))
+        avatar_id = AvatarId.of(avatarId)
         try:
             username = avatarId.decode("utf-8")
             path = self.mailbox_path(username)
@@ -88,5 +97,5 @@ class MboxRealm:
             index_dir=self.index_dir,
             defer_to_thread=self._defer_to_thread,
         )
-        d.addCallback(lambda mailbox: (IMailbox, mailbox, mailbox.close))
+        d.addCallback(lambda mailbox: (IMailbox, mailbox, AvatarLogout(avatar_id, mailbox.close)))
         return d

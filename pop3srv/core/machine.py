@@ -15,10 +15,10 @@ import enum
 from array import array
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
 
 from pop3srv.core import commands as c
 from pop3srv.core import sasl
+from pop3srv.core.scram import StoredScram
 from pop3srv.core.wire import (
     MAX_COMMAND_LINE,
     LineBuffer,
@@ -139,13 +139,11 @@ class SaslLookup:
 @dataclass(frozen=True, slots=True)
 class SaslVerify:
     """
-    Log in with these SASL credentials (opening C{authzid}'s maildrop if
-    set), then call L{Pop3Machine.sasl_verified} or L{Pop3Machine.login_failed}.
+    Log in with what the SASL exchange collected (C{request}, plain data),
+    then call L{Pop3Machine.sasl_verified} or L{Pop3Machine.login_failed}.
     """
 
-    credentials: Any
-    username: str
-    authzid: str | None
+    request: sasl.Verify
 
 
 @dataclass(frozen=True, slots=True)
@@ -377,7 +375,7 @@ class Pop3Machine:
             return SaslLookup(step.username)
         if isinstance(step, sasl.Verify):
             self._authenticating = True
-            return SaslVerify(step.credentials, step.username, step.authzid)
+            return SaslVerify(step)
         if isinstance(step, sasl.Success):
             assert self._pending_login is not None
             self._end_sasl()
@@ -392,7 +390,7 @@ class Pop3Machine:
         self.bad_commands += 1
         return Reply(reply)
 
-    def sasl_lookup_done(self, stored: Any) -> Action:
+    def sasl_lookup_done(self, stored: StoredScram | None) -> Action:
         """The SCRAM secrets of a L{SaslLookup} (or C{None}): the next action."""
         self._authenticating = False
         assert self._sasl is not None

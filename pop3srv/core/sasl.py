@@ -11,40 +11,36 @@ feeds lines in and performs what the returned L{Step} asks for.
 Driving it::
 
     server = SASLServer(mechanisms=offered, tls_active=..., plaintext_allowed=...,
-                        channel_bindings=bindings_from_tls_connection(conn))
+                        channel_bindings=bindings)
     step = server.start(mechanism, initial_response)   # AUTH mech [ir]
     while True:
         Challenge  -> send "+ " + step.text_b64 + CRLF; step = server.respond(line)
-        Lookup     -> stored = ISCRAMLookup(checker).scram_credentials(step.username)
+        Lookup     -> find the user's StoredScram (or None);
                       step = server.lookup_done(stored)   (on error: -ERR [SYS/TEMP])
-        Verify     -> portal.login(step.credentials, None, IMailbox)
+        Verify     -> check step's password or SCRAM proof (and its authzid)
                       success: step = server.verified()  (Challenge or Success)
-                      failure: -ERR [AUTH] (UnauthorizedLogin) or [SYS/TEMP]
+                      failure: -ERR [AUTH] or [SYS/TEMP]
         Success    -> +OK, enter TRANSACTION
         Failure    -> "-ERR [code] text" (no code if step.code is None)
 
 Every method returns a L{Step} and never raises, whatever the client sent.
+The steps are plain data: turning a L{Verify} into C{twisted.cred}
+credentials is L{pop3srv.auth.credentials.credentials_for}'s job, and the
+channel bindings of a TLS connection come from
+L{pop3srv.server.tls.bindings_from_tls_connection}.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import hashlib
 import secrets
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import TYPE_CHECKING
-
-from twisted.cred.credentials import IUsernamePassword, UsernamePassword
-from zope.interface import Interface
 
 from pop3srv.core import scram
-from pop3srv.core.scram import ISCRAMLookup, ISCRAMProof, SCRAMCredentials, StoredScram
-
-if TYPE_CHECKING:
-    from OpenSSL.SSL import Connection
+from pop3srv.core.scram import ScramProof, StoredScram
 
 __all__ = [
     "CHANNEL_BINDING_TYPES",
@@ -56,17 +52,12 @@ __all__ = [
     "Challenge",
     "ChannelBinding",
     "Failure",
-    "IAuthorizer",
     "Lookup",
-    "PasswordCredentials",
     "SASLServer",
     "Step",
     "Success",
     "Verify",
-    "bindings_from_tls_connection",
     "decode_response",
-    "mechanisms_for",
-    "tls_server_end_point",
 ]
 
 PLAIN = "PLAIN"
@@ -102,7 +93,8 @@ class ChannelBinding:
     @ivar type: the RFC 5056 name, C{tls-exporter} or C{tls-server-end-point}.
     @ivar data: the binding data: for C{tls-exporter}, 32 octets of
         C{export_keying_material(b"EXPORTER-Channel-Binding", 32)}; for
-        C{tls-server-end-point}, L{tls_server_end_point} of our certificate.
+        C{tls-server-end-point}, the hash of our certificate
+        (L{pop3srv.server.tls.tls_server_end_point}).
     """
 
     type: str
@@ -137,8 +129,8 @@ class Challenge:
 @dataclass(frozen=True)
 class Lookup:
     """
-    SCRAM only: find the user's L{StoredScram} with the checker's
-    L{ISCRAMLookup} and pass it (or L{None}) to L{SASLServer.lookup_done}.
+    SCRAM only: find the user's L{StoredScram} (the checker's
+    C{ISCRAMLookup}) and pass it (or L{None}) to L{SASLServer.lookup_done}.
 
     @ivar username: the authentication identity, unescaped.
     """
@@ -149,23 +141,26 @@ class Lookup:
 @dataclass(frozen=True)
 class Verify:
     """
-    Log in with C{Portal.login(credentials, None, IMailbox)}; on success call
-    L{SASLServer.verified}, on failure send C{-ERR [AUTH]} (or
-    C{[SYS/TEMP]} for an unexpected error) and drop the exchange.
+    Check what the client sent (C{password} for PLAIN and LOGIN, C{proof}
+    for SCRAM); on success call L{SASLServer.verified}, on failure send
+    C{-ERR [AUTH]} (or C{[SYS/TEMP]} for an unexpected error) and drop the
+    exchange.  Exactly one of C{password} and C{proof} is set.
 
-    @ivar credentials: L{PasswordCredentials} for PLAIN and LOGIN,
-        L{SCRAMCredentials} for SCRAM.  After success, their C{app_label}
-        says which app password matched (L{None}: the main one).
-    @ivar username: the authentication identity, for logging.
+    @ivar mechanism: the mechanism, upper case.
+    @ivar username: the authentication identity (authcid) as sent.
     @ivar authzid: the authorization identity when it differs from
-        C{username} and L{SASLServer}'s C{authorize} hook allowed it: the
-        caller must then open C{authzid}'s maildrop (ask the realm for
-        C{authzid}'s avatar) rather than C{username}'s.  L{None} otherwise.
+        C{username} and L{SASLServer}'s C{authorize} hook let it through:
+        whoever checks the credentials decides whether C{username} may act
+        as it, and then opens its maildrop.  L{None} otherwise.
+    @ivar password: the password as sent (PLAIN, LOGIN), or L{None}.
+    @ivar proof: the SCRAM proof, or L{None}.
     """
 
-    credentials: PasswordCredentials | SCRAMCredentials
+    mechanism: str
     username: str
     authzid: str | None = None
+    password: str | None = field(default=None, repr=False)
+    proof: ScramProof | None = None
 
 
 @dataclass(frozen=True)
@@ -190,40 +185,6 @@ class Failure:
 
 
 Step = Challenge | Lookup | Verify | Success | Failure
-
-
-class IAuthorizer(Interface):
-    """
-    The master-user hook: a checker providing this may let one user act as
-    another (an authzid different from the authcid).  Without it such a
-    request is refused.
-    """
-
-    def authorize(authcid: str, authzid: str) -> bool:
-        """
-        @param authcid: who is authenticating (not yet verified: the answer
-            only matters if authentication then succeeds).
-        @param authzid: whose maildrop they ask for.
-        @return: whether C{authcid} may act as C{authzid}.
-        """
-
-
-class PasswordCredentials(UsernamePassword):
-    """
-    L{UsernamePassword} from PLAIN or LOGIN, with room for the checker to
-    say which app password matched.
-
-    @ivar app_label: L{None} until a checker that knows app passwords sets
-        it on success.
-    """
-
-    app_label: str | None = None
-
-    def __repr__(self) -> str:
-        """
-        @return: a representation without the password.
-        """
-        return f"PasswordCredentials(username={self.username!r})"
 
 
 def decode_response(line: str | bytes) -> bytes | None:
@@ -289,7 +250,8 @@ class SASLServer:
         nonce_factory: Callable[[], str] = scram.make_nonce,
     ) -> None:
         """
-        @param mechanisms: what this session offers (L{mechanisms_for});
+        @param mechanisms: what this session offers
+            (L{pop3srv.auth.credentials.mechanisms_for});
             anything else is refused, and C{SCRAM-SHA-256-PLUS} in it arms
             the downgrade check.
         @param tls_active: whether the connection is encrypted; the C{-PLUS}
@@ -297,9 +259,11 @@ class SASLServer:
         @param plaintext_allowed: whether PLAIN and LOGIN may be used (TLS,
             or a trusted network).
         @param channel_bindings: what the TLS connection can bind to
-            (L{bindings_from_tls_connection}).
-        @param authorize: the master-user hook (L{IAuthorizer.authorize});
-            L{None} refuses every authzid that differs from the authcid.
+            (L{pop3srv.server.tls.bindings_from_tls_connection}).
+        @param authorize: an early filter on authzids, before any password
+            is checked (the checker still decides after it, see
+            L{pop3srv.auth.credentials.IAuthorizer}); L{None} refuses every
+            authzid that differs from the authcid.
         @param nonce_factory: makes the SCRAM server nonce; tests inject a
             fixed one.
         """
@@ -428,7 +392,7 @@ class SASLServer:
 
     def verified(self) -> Step:
         """
-        Continue after C{Portal.login} succeeded for a L{Verify}.
+        Continue after the credentials of a L{Verify} were accepted.
 
         @return: L{Success}, or for SCRAM the server-final L{Challenge}
             (C{v=...}) whose empty answer goes to L{respond}.  If the client
@@ -477,8 +441,8 @@ class SASLServer:
         if isinstance(identity, Failure):
             return identity
         self._state = _State.VERIFYING
-        credentials = PasswordCredentials(authcid.encode("utf-8"), password.encode("utf-8"))
-        return Verify(credentials, authcid, identity)
+        assert self.mechanism is not None
+        return Verify(self.mechanism, authcid, identity, password=password)
 
     def _plain(self, data: bytes) -> Step:
         parts = data.split(b"\0")
@@ -583,8 +547,13 @@ class SASLServer:
         if self._fake:
             return self._fail(_AUTH, _REFUSED, "no SCRAM secret for this user")
         self._state = _State.VERIFYING
-        credentials = SCRAMCredentials(self._username.encode("utf-8"), self._auth_message, proof)
-        return Verify(credentials, self._username, self._authzid)
+        assert self.mechanism is not None
+        return Verify(
+            self.mechanism,
+            self._username,
+            self._authzid,
+            proof=ScramProof(self._auth_message, proof),
+        )
 
 
 _MECHANISMS = frozenset({PLAIN, LOGIN, SCRAM_SHA_256, SCRAM_SHA_256_PLUS})
@@ -659,103 +628,3 @@ def _attributes(text: str) -> list[tuple[str, str]]:
             raise ValueError("malformed attribute")
         pairs.append((part[0], part[2:]))
     return pairs
-
-
-def mechanisms_for(
-    checkers: Iterable[object],
-    *,
-    tls_active: bool,
-    plaintext_allowed: bool,
-    channel_binding: bool | None = None,
-) -> list[str]:
-    """
-    The SASL mechanisms the configured checkers can serve, strongest first:
-    what CAPA's C{SASL} line and a bare C{AUTH} list.
-
-      - C{SCRAM-SHA-256}: a checker lists L{ISCRAMProof} in its
-        C{credentialInterfaces} and provides L{ISCRAMLookup};
-      - C{SCRAM-SHA-256-PLUS}: the same, and C{channel_binding};
-      - C{PLAIN} and C{LOGIN}: a checker lists L{IUsernamePassword} (or a
-        sub-interface), and C{plaintext_allowed}.
-
-    @param checkers: the portal's checkers (C{portal.checkers.values()}).
-    @param tls_active: whether the session is encrypted.
-    @param plaintext_allowed: whether the password may cross this connection.
-    @param channel_binding: whether channel binding data is available; the
-        same as C{tls_active} if L{None}.
-    @return: mechanism names.
-    """
-    if channel_binding is None:
-        channel_binding = tls_active
-    scram_ok = password_ok = False
-    for checker in checkers:
-        interfaces = getattr(checker, "credentialInterfaces", ())
-        if ISCRAMProof in interfaces and ISCRAMLookup.providedBy(checker):
-            scram_ok = True
-        if any(i.isOrExtends(IUsernamePassword) for i in interfaces):
-            password_ok = True
-    result = []
-    if scram_ok:
-        if tls_active and channel_binding:
-            result.append(SCRAM_SHA_256_PLUS)
-        result.append(SCRAM_SHA_256)
-    if password_ok and plaintext_allowed:
-        result += [PLAIN, LOGIN]
-    return result
-
-
-def tls_server_end_point(cert_der: bytes) -> bytes:
-    """
-    The C{tls-server-end-point} binding data of a certificate (RFC 5929
-    section 4.1): its hash with the certificate's signature hash, except
-    that MD5 and SHA-1 become SHA-256.  For a signature with no separate
-    hash (Ed25519, Ed448) RFC 5929 says nothing; we use SHA-256, as
-    OpenSSL-based SCRAM clients do.
-
-    @param cert_der: our certificate, DER.
-    @return: the hash.
-    @raise ValueError: if C{cert_der} is not a certificate.
-    """
-    from cryptography import x509
-
-    cert = x509.load_der_x509_certificate(cert_der)
-    try:
-        algorithm = cert.signature_hash_algorithm
-    except Exception:
-        algorithm = None
-    name = algorithm.name if algorithm is not None else "sha256"
-    if name in ("md5", "sha1"):
-        name = "sha256"
-    return hashlib.new(name, cert_der).digest()
-
-
-def bindings_from_tls_connection(connection: Connection) -> list[ChannelBinding]:
-    """
-    The channel bindings a server-side pyOpenSSL connection offers, once
-    the handshake is done: C{tls-exporter} on TLS 1.3 only (RFC 9266 forbids
-    it on TLS 1.2 without extended master secret, which pyOpenSSL cannot
-    show us), and C{tls-server-end-point} whenever we sent a certificate.
-
-    From Twisted: C{transport.getHandle()} after the handshake, for both
-    implicit TLS and C{startTLS}.
-
-    @param connection: an C{OpenSSL.SSL.Connection}, handshake complete.
-    @return: the bindings, preferred first.
-    """
-    result = []
-    try:
-        if connection.get_protocol_version_name() == "TLSv1.3":
-            data = connection.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-            result.append(ChannelBinding("tls-exporter", bytes(data)))
-    except Exception:  # noqa: S110 - no binding is a safe answer
-        pass
-    try:
-        cert = connection.get_certificate()
-        if cert is not None:
-            from cryptography.hazmat.primitives.serialization import Encoding
-
-            der = cert.to_cryptography().public_bytes(Encoding.DER)
-            result.append(ChannelBinding("tls-server-end-point", tls_server_end_point(der)))
-    except Exception:  # noqa: S110 - no binding is a safe answer
-        pass
-    return result

@@ -1,29 +1,12 @@
 # -*- test-case-name: tests.test_scram -*-
 """
-SCRAM-SHA-256 (RFC 5802, RFC 7677): the server-side arithmetic, message
-parsing helpers and the C{twisted.cred} interfaces a checker implements to
-serve SCRAM.
+SCRAM-SHA-256 (RFC 5802, RFC 7677): the server-side arithmetic and the
+plain values it works on (L{StoredScram}, L{ScramProof}).
 
-Nothing here does I/O.  The exchange itself (who sends what when) lives in
-L{pop3srv.core.sasl}; this module is the maths and the types it shares with
-checkers.
-
-How a checker serves SCRAM
-==========================
-
-A SCRAM login needs the checker twice: once before the client has proved
-anything (the salt and iteration count must be sent first), and once to
-check the proof.  So a checker that can serve SCRAM:
-
-  1. provides L{ISCRAMLookup}: C{scram_credentials(username)} returns a
-     Deferred firing with the user's L{StoredScram}, or with L{None} for a
-     user it cannot serve.  Better, it returns a plausible fake from
-     L{fake_stored} so that the salt sent to the client does not reveal
-     whether the user exists (L{pop3srv.auth.checker.PasslibChecker} does);
-  2. lists L{ISCRAMProof} in its C{credentialInterfaces} and, in
-     C{requestAvatarId}, looks the user up again and calls
-     C{credentials.checkProof(stored)}, which does the constant-time
-     comparison.  It fails with C{UnauthorizedLogin} for unknown users.
+Nothing here does I/O or imports Twisted.  The exchange itself (who sends
+what when) lives in L{pop3srv.core.sasl}; the C{twisted.cred} side (the
+credentials a checker receives, the lookup interface it provides) lives in
+L{pop3srv.auth.credentials}, which wraps these values.
 """
 
 from __future__ import annotations
@@ -32,17 +15,12 @@ import base64
 import hashlib
 import hmac
 import os
-from dataclasses import dataclass
-
-from twisted.cred.credentials import ICredentials
-from zope.interface import Attribute, Interface, implementer
+from dataclasses import dataclass, field
 
 __all__ = [
     "DEFAULT_ITERATIONS",
     "HASH_NAME",
-    "ISCRAMLookup",
-    "ISCRAMProof",
-    "SCRAMCredentials",
+    "ScramProof",
     "StoredScram",
     "client_key",
     "escape_saslname",
@@ -248,74 +226,22 @@ def unescape_saslname(saslname: str) -> str:
     return "".join(out)
 
 
-class ISCRAMLookup(Interface):
+@dataclass(frozen=True)
+class ScramProof:
     """
-    Provided by a credentials checker that can serve SCRAM-SHA-256: finds
-    the stored keys before the client has proved anything.
-    """
+    What a finished SCRAM exchange proves, as plain data: the checker looks
+    the user up and calls L{check} with the keys it knows.
 
-    def scram_credentials(username: str) -> object:
-        """
-        Look up a user's SCRAM-SHA-256 secret.
-
-        @param username: the authentication identity, unescaped and
-            normalised (NFC).
-        @return: a C{Deferred} firing with a L{StoredScram}, or with L{None}
-            if the checker cannot serve this user.  Returning a fake from
-            L{fake_stored} instead of L{None} for unknown users is better:
-            then the salt does not tell the client the user is unknown.
-        """
-
-
-class ISCRAMProof(ICredentials):
-    """
-    Credentials from a finished SCRAM exchange: the checker looks the user
-    up and calls L{checkProof} with the stored keys.
+    @ivar auth_message: RFC 5802's C{AuthMessage}.
+    @ivar proof: the decoded client proof.
     """
 
-    username = Attribute("The authentication identity, as UTF-8 bytes.")
-    app_label = Attribute(
-        "Set by the checker on success: the app-password label that matched, "
-        "or None for the main password."
-    )
+    auth_message: bytes = field(repr=False)
+    proof: bytes = field(repr=False)
 
-    def checkProof(stored: StoredScram) -> bool:
-        """
-        @param stored: the user's stored keys as the checker knows them.
-        @return: whether the client proved knowledge of the password.
-        """
-
-
-@implementer(ISCRAMProof)
-class SCRAMCredentials:
-    """
-    The outcome of a SCRAM exchange, for C{Portal.login}.
-
-    @ivar username: the authentication identity, UTF-8 bytes (Twisted's
-        convention for C{username}).
-    @ivar app_label: L{None} until a checker sets it on success.
-    """
-
-    def __init__(self, username: bytes, auth_message: bytes, proof: bytes) -> None:
-        """
-        @param username: the authentication identity as UTF-8.
-        @param auth_message: RFC 5802's C{AuthMessage}.
-        @param proof: the decoded client proof.
-        """
-        self.username = username
-        self.app_label: str | None = None
-        self._auth_message = auth_message
-        self._proof = proof
-
-    def checkProof(self, stored: StoredScram) -> bool:
+    def check(self, stored: StoredScram) -> bool:
         """
         @param stored: the user's stored keys.
-        @return: whether the proof matches them.
+        @return: whether the proof matches them (constant time).
         """
-        return verify_proof(stored, self._auth_message, self._proof)
-
-    def __repr__(self) -> str:
-        """
-        @return: a representation without the proof.
-        """
-        return f"SCRAMCredentials(username={self.username!r})"
+        return verify_proof(stored, self.auth_message, self.proof)

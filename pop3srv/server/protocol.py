@@ -1,49 +1,58 @@
 # -*- test-case-name: tests.test_protocol -*-
 """
 The Twisted glue around L{pop3srv.core.machine}: feeds received bytes to the
-machine, performs the I/O its actions ask for (cred login, the
-L{twisted.mail.pop3.IMailbox} calls, streaming), and writes the replies.
+machine, performs the I/O its actions ask for (a login through the
+L{pop3srv.server.login.LoginService}, the L{twisted.mail.pop3.IMailbox}
+calls, streaming), and writes the replies.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
 from typing import Any
 from typing import Protocol as TypingProtocol
 
-from twisted.cred import credentials, error
+from twisted.cred import credentials
 from twisted.cred.portal import Portal
-from twisted.internet import defer, interfaces, task
+from twisted.internet import defer, interfaces
 from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
 from twisted.logger import Logger
-from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from pop3srv.auth.credentials import APOPCredentials, PasswordCredentials, credentials_for
 from pop3srv.core import machine as m
 from pop3srv.core import sasl, scram
-from pop3srv.core.errors import InvalidUsername, Pop3Error
+from pop3srv.core.errors import Pop3Error
 from pop3srv.core.wire import DotStuffer, TopFilter
 from pop3srv.server.audit import audit
-from pop3srv.server.limits import (
-    AccessRules,
-    AuthThrottle,
-    ConnectionCounter,
-    ConnectionLimits,
-    IPNetwork,
-    LoginGate,
-    ThrottleSettings,
-    in_networks,
+from pop3srv.server.limits import IPNetwork, in_networks
+from pop3srv.server.login import (
+    LoginFault,
+    LoginOutcome,
+    LoginService,
+    LoginSucceeded,
+    Peer,
+    ServerPolicy,
+    escape_for_log,
 )
+from pop3srv.server.tls import bindings_from_tls_connection
+
+# Kept importable from here, where they used to live.
+__all__ = [
+    "APOPCredentials",
+    "POP3Server",
+    "POP3ServerFactory",
+    "ServerPolicy",
+    "escape_for_log",
+    "peer_in_networks",
+]
 
 # RFC 1939 section 3: the autologout timer must be at least 10 minutes.
 MIN_IDLE_TIMEOUT = 600
@@ -70,29 +79,6 @@ def peer_in_networks(peer: object, networks: Iterable[IPNetwork]) -> bool:
 
 class _Readable(TypingProtocol):
     def read(self, size: int = -1, /) -> bytes: ...
-
-
-@implementer(credentials.IUsernameHashedPassword)
-class APOPCredentials:
-    """
-    APOP credentials (RFC 1939 section 7): the MD5 digest of the greeting's
-    timestamp followed by the password.  Twisted's own class compares a str
-    digest with bytes, so it never matches on Python 3.
-    """
-
-    def __init__(self, challenge: bytes, username: bytes, digest: str) -> None:
-        self.challenge = challenge
-        self.username = username
-        self.digest = digest.lower()
-
-    def checkPassword(self, password: bytes) -> bool:
-        expected = hashlib.md5(self.challenge + password).hexdigest()
-        return hmac.compare_digest(expected, self.digest)
-
-
-def escape_for_log(text: str) -> str:
-    """Make client-supplied text safe for a single log line."""
-    return text.encode("unicode_escape").decode("ascii")[:300]
 
 
 @implementer(interfaces.IPushProducer)
@@ -248,8 +234,7 @@ class POP3Server(Protocol):
     def __init__(self, factory: POP3ServerFactory) -> None:
         self.factory = factory
         self.machine: m.Pop3Machine | None = None
-        self.mailbox: Any = None
-        self._logout: Callable[[], None] | None = None
+        self._session: LoginSucceeded | None = None
         self._busy = False
         self._running = False
         self._input_paused = False
@@ -261,8 +246,13 @@ class POP3Server(Protocol):
         self._host = "?"
         self._session_id = "-"
         self._counted = False
-        self._session_user: str | None = None
+        self._login_peer: Peer | None = None
         self._apop_challenge: str | None = None
+
+    @property
+    def mailbox(self) -> Any:
+        """The logged-in session's L{IMailbox}, or L{None}."""
+        return self._session.mailbox if self._session is not None else None
 
     # --- connection lifecycle
 
@@ -286,10 +276,11 @@ class POP3Server(Protocol):
             self.transport.loseConnection()
             return
         self._counted = True
+        self._login_peer = Peer(self._host, self._session_id, self._peer)
         self._set_nodelay()
         self.transport.registerProducer(self, True)
         self._producing = True
-        if self.factory.apop_available():
+        if self.factory.login.apop_available():
             self._apop_challenge = (
                 f"<{os.getpid()}.{self.factory.next_session_id()}@{socket.gethostname()}>"
             )
@@ -345,21 +336,16 @@ class POP3Server(Protocol):
         if self._counted:
             self._counted = False
             self.factory.policy.connections.close(self._host)
-        if self._session_user is not None:
-            self.factory.policy.connections.end_session(self._session_user, self._host)
-            self._session_user = None
         if self.machine is not None:
             self.machine.connection_lost()
         # A dropped connection commits nothing: the mailbox is released as is.
         self._release_mailbox()
 
     def _release_mailbox(self) -> None:
-        logout, self._logout, self.mailbox = self._logout, None, None
-        if logout is not None:
-            try:
-                logout()
-            except Exception:
-                self._log.failure("Releasing the mailbox of {peer} failed", peer=self._peer)
+        """Log out and end the session count, if logged in."""
+        session, self._session = self._session, None
+        if session is not None:
+            session.release()
 
     def _reset_idle_timer(self) -> None:
         timeout = self.factory.idle_timeout
@@ -454,18 +440,15 @@ class POP3Server(Protocol):
         elif isinstance(action, m.SaslLookup):
             return self._sasl_lookup(action)
         elif isinstance(action, m.SaslVerify):
-            mechanism = self.machine.sasl_mechanism if self.machine else "?"
+            request = action.request
             return self._login(
-                action.username,
-                action.credentials,
-                method=f"sasl-{mechanism.lower()}",
-                authzid=action.authzid,
+                credentials_for(request),
+                request.username,
+                method=f"sasl-{request.mechanism.lower()}",
+                sasl_exchange=True,
             )
         elif isinstance(action, m.AbortLogin):
             self._release_mailbox()
-            if self._session_user is not None:
-                self.factory.policy.connections.end_session(self._session_user, self._host)
-                self._session_user = None
             self.transport.write(action.reply)
         elif isinstance(action, m.StartTLS):
             self.transport.write(action.reply)
@@ -477,112 +460,70 @@ class POP3Server(Protocol):
 
     # --- authentication
 
-    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[Any] | None:
+    def _authenticate(self, action: m.Authenticate) -> defer.Deferred[None]:
         assert self.machine is not None
-        creds: credentials.ICredentials
         if action.apop_digest is not None:
-            creds = APOPCredentials(
+            apop = APOPCredentials(
                 (self.machine.capabilities.apop_challenge or "").encode(),
                 action.username.encode("utf-8"),
                 action.apop_digest,
             )
-            return self._login(action.username, creds, method="apop")
+            return self._login(apop, action.username, method="apop")
         assert action.password is not None
-        creds = sasl.PasswordCredentials(
+        password = PasswordCredentials(
             action.username.encode("utf-8"), action.password.encode("utf-8")
         )
-        return self._login(action.username, creds, method="password")
+        return self._login(password, action.username, method="password")
 
     def _login(
         self,
-        username: str,
         creds: credentials.ICredentials,
+        username: str,
         *,
         method: str,
-        authzid: str | None = None,
-    ) -> defer.Deferred[Any] | None:
+        sasl_exchange: bool = False,
+    ) -> defer.Deferred[None]:
         """
-        Check C{creds} (unless the throttle or the hashing queue refuses),
-        open the maildrop, and enter TRANSACTION; on failure answer after
-        the failure delay.  C{method} names the login kind in the audit log;
-        for SASL (C{sasl-...}) the machine finishes the exchange.
+        Log in through the factory's L{LoginService} and render its outcome;
+        after a SASL exchange (C{sasl_exchange}) the machine finishes it.
         """
-        assert self.machine is not None
-        policy = self.factory.policy
-        now = self.factory.reactor.seconds()
-        refusal = policy.throttle.check(self._host, username, now)
-        if refusal is not None:
-            # No password check at all, so a blocked guesser cannot tie up the hashing threads.
-            self._audit("login-refused", f"locked-out-{refusal.scope}", username)
-            delay = policy.throttle.refused_delay(self._host, username, now)
-            return self._answer_later(delay, "AUTH", m.AUTH_FAILED)
-        if not policy.login_gate.try_enter():
-            self._audit("login-refused", "server-busy", username)
-            self.transport.write(
-                self.machine.login_failed("SYS/TEMP", "Server busy, try again later.")
-            )
-            return None
-        d = self._portal_login(creds, authzid)
+        assert self._login_peer is not None
+        d = self.factory.login.login(creds, username=username, method=method, peer=self._login_peer)
+        return d.addCallback(self._render_login, sasl_exchange)
 
-        def leave_gate(result: object) -> object:
-            policy.login_gate.leave()
-            return result
-
-        d.addBoth(leave_gate)
-        owner = authzid or username
-        d.addCallbacks(
-            self._logged_in,
-            self._login_failed,
-            callbackArgs=(owner, creds, method),
-            errbackArgs=(username,),
-        )
-        return d
-
-    def _portal_login(
-        self, creds: credentials.ICredentials, authzid: str | None
-    ) -> defer.Deferred[tuple[Any, Any, Callable[[], None]]]:
-        """
-        C{Portal.login}; with an C{authzid} (a master user acting for
-        another), the checker verifies C{creds} and the realm opens the
-        C{authzid}'s maildrop.
-        """
-        portal = self.factory.portal
-        if authzid is None:
-            return portal.login(creds, None, IMailbox)
-        for interface, checker in portal.checkers.items():
-            if interface.providedBy(creds):
-                d = defer.maybeDeferred(checker.requestAvatarId, creds)
-                d.addCallback(
-                    lambda _: portal.realm.requestAvatar(authzid.encode("utf-8"), None, IMailbox)
-                )
-                return d
-        return defer.fail(error.UnhandledCredentials())
+    def _render_login(self, outcome: LoginOutcome, sasl_exchange: bool) -> None:
+        machine = self.machine
+        if not isinstance(outcome, LoginSucceeded):
+            if machine is not None and machine.state is m.State.AUTHORIZATION:
+                self.transport.write(machine.login_failed(outcome.code, outcome.text))
+            return
+        if machine is None or machine.state is m.State.CLOSED:
+            outcome.release()
+            return
+        self._session = outcome
+        if self._auth_deadline is not None and self._auth_deadline.active():
+            self._auth_deadline.cancel()
+        self._auth_deadline = None
+        uidl_of = outcome.mailbox.getUidl
+        if sasl_exchange:
+            self._perform(machine.sasl_verified(outcome.username, outcome.sizes, uidl_of))
+        else:
+            self.transport.write(machine.login_succeeded(outcome.username, outcome.sizes, uidl_of))
+        self._reset_idle_timer()
 
     def _sasl_lookup(self, action: m.SaslLookup) -> defer.Deferred[None]:
-        """Fetch SCRAM secrets from the first checker that has them."""
-        lookups = [
-            c for c in self.factory.portal.checkers.values() if scram.ISCRAMLookup.providedBy(c)
-        ]
-        d: defer.Deferred[Any] = (
-            defer.maybeDeferred(lookups[0].scram_credentials, action.username)
-            if lookups
-            else defer.succeed(None)
-        )
+        """Fetch the SCRAM keys, then let the exchange go on (or fail)."""
 
-        def found(stored: Any) -> None:
-            assert self.machine is not None
-            if self.machine.state is m.State.AUTHORIZATION:
-                self._perform(self.machine.sasl_lookup_done(stored))
+        def found(stored: scram.StoredScram | LoginFault | None) -> None:
+            machine = self.machine
+            if machine is None or machine.state is not m.State.AUTHORIZATION:
+                return
+            if isinstance(stored, LoginFault):
+                self.transport.write(machine.login_failed(stored.code, stored.text))
+            else:
+                self._perform(machine.sasl_lookup_done(stored))
 
-        def failed(failure: Failure) -> None:
-            self._log.failure("SCRAM lookup for {peer} failed", failure, peer=self._peer)
-            assert self.machine is not None
-            self.transport.write(
-                self.machine.login_failed("SYS/TEMP", "Temporary failure, try again later.")
-            )
-
-        d.addCallbacks(found, failed)
-        return d
+        return self.factory.login.lookup(action.username).addCallback(found)
 
     def _start_sasl(self) -> sasl.SASLServer:
         """A SASL exchange for this session's mechanisms and TLS channel bindings."""
@@ -592,116 +533,14 @@ class POP3Server(Protocol):
         if caps.tls_active:
             handle = getattr(self.transport, "getHandle", None)
             if handle is not None:
-                bindings = sasl.bindings_from_tls_connection(handle())
-        authorizers = [
-            c for c in self.factory.portal.checkers.values() if sasl.IAuthorizer.providedBy(c)
-        ]
+                bindings = bindings_from_tls_connection(handle())
         return sasl.SASLServer(
             mechanisms=caps.sasl,
             tls_active=caps.tls_active,
             plaintext_allowed=caps.plaintext_auth,
             channel_bindings=bindings,
-            authorize=authorizers[0].authorize if authorizers else None,
+            authorize=self.factory.login.authorize,
         )
-
-    def _answer_later(self, delay: float, code: str, text: str) -> defer.Deferred[None]:
-        """Send a login failure after C{delay} seconds, holding no thread meanwhile."""
-
-        def answer() -> None:
-            if self.machine is not None and self.machine.state is m.State.AUTHORIZATION:
-                self.transport.write(self.machine.login_failed(code, text))
-
-        return task.deferLater(self.factory.reactor, delay, answer)
-
-    def _logged_in(
-        self,
-        result: tuple[Any, Any, Callable[[], None]],
-        username: str,
-        creds: credentials.ICredentials,
-        method: str,
-    ) -> Any:
-        _, mailbox, logout = result
-        if self.machine is None or self.machine.state is m.State.CLOSED:
-            logout()
-            return None
-        policy = self.factory.policy
-        policy.throttle.succeeded(self._host, username)
-        if not policy.connections.start_session(username, self._host):
-            logout()
-            self._audit("login-refused", "max-sessions-per-user", username)
-            self.transport.write(
-                self.machine.login_failed("SYS/TEMP", "Too many sessions for this user.")
-            )
-            return None
-        self._session_user = username
-        self.mailbox, self._logout = mailbox, logout
-        d = defer.maybeDeferred(mailbox.listMessages)
-        d.addCallback(self._entered_transaction, username, creds, method)
-        return d
-
-    def _entered_transaction(
-        self,
-        sizes: Sequence[int],
-        username: str,
-        creds: credentials.ICredentials,
-        method: str,
-    ) -> None:
-        assert self.machine is not None
-        if self.machine.state is m.State.CLOSED:
-            self._release_mailbox()
-            return
-        label = getattr(creds, "app_label", None)
-        self._audit("login-ok", f"{method}+app:{label}" if label else method, username)
-        if self._auth_deadline is not None and self._auth_deadline.active():
-            self._auth_deadline.cancel()
-        self._auth_deadline = None
-        if method.startswith("sasl-"):
-            self._perform(self.machine.sasl_verified(username, sizes, self.mailbox.getUidl))
-        else:
-            self.transport.write(
-                self.machine.login_succeeded(username, sizes, self.mailbox.getUidl)
-            )
-        self._reset_idle_timer()
-
-    def _login_failed(self, failure: Failure, username: str) -> defer.Deferred[None] | None:
-        self._release_mailbox()
-        if self._session_user is not None:
-            self.factory.policy.connections.end_session(self._session_user, self._host)
-            self._session_user = None
-        if self.machine is None or self.machine.state is m.State.CLOSED:
-            return None
-        if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
-            reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
-            self._audit("login-failed", reason, username)
-            outcome = self.factory.policy.throttle.failed(
-                self._host, username, self.factory.reactor.seconds()
-            )
-            if outcome.lockout is not None:
-                self._audit("lockout", outcome.lockout.scope, username)
-            return self._answer_later(outcome.delay, "AUTH", m.AUTH_FAILED)
-        if failure.check(Pop3Error):
-            exc = failure.value
-            assert isinstance(exc, Pop3Error)
-            self._audit("login-refused", (exc.code or "SYS/TEMP").lower(), username)
-            self._log.info(
-                "Login of {user} from {peer} refused: {detail}",
-                user=escape_for_log(username),
-                peer=self._peer,
-                detail=exc.detail or exc.text,
-            )
-            self.transport.write(self.machine.login_failed(exc.code or "SYS/TEMP", exc.text))
-            return None
-        self._audit("login-refused", "error", username)
-        self._log.failure(
-            "Login of {user} from {peer} failed",
-            failure,
-            user=escape_for_log(username),
-            peer=self._peer,
-        )
-        self.transport.write(
-            self.machine.login_failed("SYS/TEMP", "Temporary failure, try again later.")
-        )
-        return None
 
     # --- transaction
 
@@ -781,25 +620,6 @@ class POP3Server(Protocol):
         return d
 
 
-@dataclass
-class ServerPolicy:
-    """
-    The abuse limits a factory enforces (see L{pop3srv.server.limits}).
-
-    @ivar auth_timeout: seconds a client may take to log in, from connect.
-    @ivar max_bad_commands: consecutive bad commands before disconnecting.
-    """
-
-    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(ThrottleSettings()))
-    access: AccessRules = field(default_factory=AccessRules)
-    connections: ConnectionCounter = field(
-        default_factory=lambda: ConnectionCounter(ConnectionLimits())
-    )
-    login_gate: LoginGate = field(default_factory=lambda: LoginGate(64))
-    auth_timeout: float = 60.0
-    max_bad_commands: int = 10
-
-
 class POP3ServerFactory(Factory):
     """
     Builds L{POP3Server} connections that log in through C{portal}.
@@ -812,6 +632,8 @@ class POP3ServerFactory(Factory):
     @param plaintext_auth_networks: peers allowed to log in with USER/PASS
         without TLS (loopback by default).
     @param policy: abuse limits; the documented defaults if C{None}.
+    @param login: the login service; if C{None}, one for C{portal} and
+        C{policy} (L{LoginService.for_portal}).
     """
 
     protocol = POP3Server
@@ -825,6 +647,7 @@ class POP3ServerFactory(Factory):
         tls: Any = None,
         plaintext_auth_networks: Iterable[IPNetwork] = LOOPBACK_NETWORKS,
         policy: ServerPolicy | None = None,
+        login: LoginService | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -836,7 +659,10 @@ class POP3ServerFactory(Factory):
         self.implementation = implementation
         self.tls = tls
         self.plaintext_auth_networks = tuple(plaintext_auth_networks)
-        self.policy = policy if policy is not None else ServerPolicy()
+        if login is None:
+            login = LoginService.for_portal(portal, reactor, policy)
+        self.login = login
+        self.policy = login.policy
         self._session_counter = 0
         self._tag_prefix = f"{os.getpid():x}"
 
@@ -854,7 +680,7 @@ class POP3ServerFactory(Factory):
 
     def apop_available(self) -> bool:
         """Whether some checker can verify an APOP digest."""
-        return credentials.IUsernameHashedPassword in self.portal.listCredentialsInterfaces()
+        return self.login.apop_available()
 
     def capabilities(
         self, apop_challenge: str | None, tls_active: bool, peer: object
@@ -867,11 +693,5 @@ class POP3ServerFactory(Factory):
             plaintext_auth=plaintext,
             stls=self.tls is not None and not tls_active,
             tls_active=tls_active,
-            sasl=tuple(
-                sasl.mechanisms_for(
-                    set(self.portal.checkers.values()),
-                    tls_active=tls_active,
-                    plaintext_allowed=plaintext,
-                )
-            ),
+            sasl=self.login.mechanisms(tls_active=tls_active, plaintext_allowed=plaintext),
         )

@@ -8,6 +8,7 @@ renewed certificate takes effect without a restart.
 from __future__ import annotations
 
 import enum
+import hashlib
 from dataclasses import dataclass
 
 from cryptography import x509
@@ -19,6 +20,8 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.internet.ssl import AcceptableCiphers, CertificateOptions, TLSVersion
 from twisted.logger import Logger
 from zope.interface import implementer
+
+from pop3srv.core.sasl import ChannelBinding
 
 # ECDHE key exchange with AEAD ciphers only (TLS 1.2); TLS 1.3 suites are all
 # of that kind already and are not governed by this string.
@@ -155,3 +158,56 @@ class TLSContextSource:
             serial=loaded.serial,
         )
         return True
+
+
+def tls_server_end_point(cert_der: bytes) -> bytes:
+    """
+    The C{tls-server-end-point} binding data of a certificate (RFC 5929
+    section 4.1): its hash with the certificate's signature hash, except
+    that MD5 and SHA-1 become SHA-256.  For a signature with no separate
+    hash (Ed25519, Ed448) RFC 5929 says nothing; we use SHA-256, as
+    OpenSSL-based SCRAM clients do.
+
+    @param cert_der: our certificate, DER.
+    @return: the hash.
+    @raise ValueError: if C{cert_der} is not a certificate.
+    """
+    cert = x509.load_der_x509_certificate(cert_der)
+    try:
+        algorithm = cert.signature_hash_algorithm
+    except Exception:
+        algorithm = None
+    name = algorithm.name if algorithm is not None else "sha256"
+    if name in ("md5", "sha1"):
+        name = "sha256"
+    return hashlib.new(name, cert_der).digest()
+
+
+def bindings_from_tls_connection(connection: SSL.Connection) -> list[ChannelBinding]:
+    """
+    The channel bindings a server-side pyOpenSSL connection offers, once
+    the handshake is done: C{tls-exporter} on TLS 1.3 only (RFC 9266 forbids
+    it on TLS 1.2 without extended master secret, which pyOpenSSL cannot
+    show us), and C{tls-server-end-point} whenever we sent a certificate.
+
+    From Twisted: C{transport.getHandle()} after the handshake, for both
+    implicit TLS and C{startTLS}.
+
+    @param connection: an C{OpenSSL.SSL.Connection}, handshake complete.
+    @return: the bindings, preferred first.
+    """
+    result = []
+    try:
+        if connection.get_protocol_version_name() == "TLSv1.3":
+            data = connection.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+            result.append(ChannelBinding("tls-exporter", bytes(data)))
+    except Exception:  # noqa: S110 - no binding is a safe answer
+        pass
+    try:
+        cert = connection.get_certificate()
+        if cert is not None:
+            der = cert.to_cryptography().public_bytes(serialization.Encoding.DER)
+            result.append(ChannelBinding("tls-server-end-point", tls_server_end_point(der)))
+    except Exception:  # noqa: S110 - no binding is a safe answer
+        pass
+    return result

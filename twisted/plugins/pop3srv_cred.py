@@ -2,9 +2,10 @@
 """
 The C{passlib} strcred plugin: C{--auth passlib:/path/to/users}.
 
-Only Twisted and L{pop3srv.core.scram} (for the L{ISCRAMProof} interface; it
-imports nothing heavy) load at module level; the checker and passlib load
-when a checker is built, so plugin scanning stays cheap.
+Only Twisted and L{pop3srv.auth.credentials} (for the L{ISCRAMProof}
+interface; it imports nothing but Twisted and the pure protocol core) load at
+module level; the checker and passlib load when a checker is built, so plugin
+scanning stays cheap.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from twisted.cred.strcred import ICheckerFactory
 from twisted.plugin import IPlugin
 from zope.interface import implementer
 
-from pop3srv.core.scram import ISCRAMProof
+from pop3srv.auth.credentials import ISCRAMProof
 
 if TYPE_CHECKING:
     from pop3srv.auth.checker import PasslibChecker

@@ -1,0 +1,415 @@
+# -*- test-case-name: tests.test_protocol,tests.test_abuse -*-
+"""
+The login service: everything between "the client sent credentials" and
+"this session owns a maildrop", in one place.
+
+A L{LoginService} owns the failed-login throttle, the login gate (how many
+password checks may run at once), C{Portal.login}, the audit log and the
+per-user session count, and answers each attempt with one outcome:
+
+  - L{LoginSucceeded}: the maildrop is open and listed; its C{release}
+    logs out and ends the session count, once;
+  - L{LoginRefused}: the client is told C{-ERR [code] text} (a wrong
+    password, after the failure delay; a lockout; a locked maildrop; too
+    many sessions; the server too busy to check now);
+  - L{LoginFault}: the server failed (C{-ERR [SYS/TEMP]}), never counted as
+    a wrong password.
+
+The protocol only renders the outcome.  The service also answers what the
+session offers: the SASL mechanisms (from C{portal.listCredentialsInterfaces()}),
+whether APOP can be checked, the SCRAM key lookup and the early authzid
+filter.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from twisted.cred import credentials, error
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from twisted.mail.pop3 import IMailbox
+from twisted.python.failure import Failure
+
+from pop3srv.auth.credentials import (
+    AvatarLogout,
+    IAuthorizer,
+    IAuthzidCredentials,
+    ISCRAMLookup,
+    ISCRAMProof,
+    mechanisms_for,
+)
+from pop3srv.core.errors import InvalidUsername, Pop3Error
+from pop3srv.core.machine import AUTH_FAILED
+from pop3srv.core.scram import StoredScram
+from pop3srv.server.audit import audit
+from pop3srv.server.limits import (
+    AccessRules,
+    AuthThrottle,
+    ConnectionCounter,
+    ConnectionLimits,
+    LoginGate,
+    ThrottleSettings,
+)
+
+__all__ = [
+    "LoginFault",
+    "LoginOutcome",
+    "LoginRefused",
+    "LoginService",
+    "LoginSucceeded",
+    "Peer",
+    "ServerPolicy",
+    "escape_for_log",
+]
+
+TEMPORARY_FAILURE = "Temporary failure, try again later."
+
+
+def escape_for_log(text: str) -> str:
+    """Make client-supplied text safe for a single log line."""
+    return text.encode("unicode_escape").decode("ascii")[:300]
+
+
+@dataclass
+class ServerPolicy:
+    """
+    The abuse limits a factory enforces (see L{pop3srv.server.limits}).
+
+    @ivar auth_timeout: seconds a client may take to log in, from connect.
+    @ivar max_bad_commands: consecutive bad commands before disconnecting.
+    """
+
+    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(ThrottleSettings()))
+    access: AccessRules = field(default_factory=AccessRules)
+    connections: ConnectionCounter = field(
+        default_factory=lambda: ConnectionCounter(ConnectionLimits())
+    )
+    login_gate: LoginGate = field(default_factory=lambda: LoginGate(64))
+    auth_timeout: float = 60.0
+    max_bad_commands: int = 10
+
+
+@dataclass(frozen=True)
+class Peer:
+    """
+    Where a login attempt comes from, for the throttle, counts and audit.
+
+    @ivar host: the client's address (C{local} for a UNIX socket).
+    @ivar session: the session tag of the audit log.
+    @ivar label: C{host:port}, for log lines.
+    """
+
+    host: str
+    session: str
+    label: str
+
+
+class LoginSucceeded:
+    """
+    The client is logged in: the maildrop is open and listed.
+
+    @ivar username: whose maildrop it is (the avatar ID the checker
+        returned, when the realm reports it; else the name the client asked
+        for).
+    @ivar label: the app-password label that matched, or L{None}.
+    @ivar mailbox: the L{IMailbox} avatar.
+    @ivar sizes: the message sizes from C{listMessages}.
+    """
+
+    def __init__(
+        self,
+        username: str,
+        label: str | None,
+        mailbox: Any,
+        sizes: Sequence[int],
+        release: Callable[[], None],
+    ) -> None:
+        self.username = username
+        self.label = label
+        self.mailbox = mailbox
+        self.sizes = sizes
+        self._release: Callable[[], None] | None = release
+
+    def release(self) -> None:
+        """
+        Log out and end the session count; later calls do nothing.
+        """
+        release, self._release = self._release, None
+        self.mailbox = None
+        if release is not None:
+            release()
+
+    def __repr__(self) -> str:
+        return f"LoginSucceeded(username={self.username!r}, label={self.label!r})"
+
+
+@dataclass(frozen=True)
+class LoginRefused:
+    """
+    Tell the client C{-ERR [code] text}; it stays in AUTHORIZATION.
+    """
+
+    code: str
+    text: str
+
+
+@dataclass(frozen=True)
+class LoginFault:
+    """
+    The server could not complete the login (a bug, a lost worker, a lookup
+    that failed): C{-ERR [SYS/TEMP]}, logged in full, never counted as a
+    wrong password.
+    """
+
+    text: str = TEMPORARY_FAILURE
+    code: ClassVar[str] = "SYS/TEMP"
+
+
+LoginOutcome = LoginSucceeded | LoginRefused | LoginFault
+
+
+class LoginService:
+    """
+    Logs clients in through one C{Portal}, under one L{ServerPolicy}.
+
+    SCRAM needs the user's stored keys before there are any credentials to
+    log in with, so that first step cannot be a C{Portal.login}; the service
+    is given the L{ISCRAMLookup} to use (C{scram_lookup}), and likewise the
+    L{IAuthorizer} whose rule may refuse an authzid early.  L{for_portal}
+    finds both where they must be for the answers to agree: on the checker
+    the portal itself uses for L{ISCRAMProof} (and for passwords), so the
+    keys sent first are the keys the proof is then checked against.  That
+    one look at C{portal.checkers} happens here, once, at start-up; the
+    login itself always goes through C{Portal.login}, which also resolves
+    an authzid (the checker returns it as the avatar ID).
+    """
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        portal: Portal,
+        reactor: Any,
+        policy: ServerPolicy | None = None,
+        *,
+        scram_lookup: ISCRAMLookup | None = None,
+        authorizer: IAuthorizer | None = None,
+    ) -> None:
+        """
+        @param portal: a portal whose realm gives L{IMailbox} avatars.
+        @param reactor: for the failure delay (L{IReactorTime}).
+        @param policy: abuse limits; the documented defaults if L{None}.
+        @param scram_lookup: finds SCRAM keys; L{None} offers no SCRAM.
+        @param authorizer: refuses authzids before any password is checked;
+            L{None} refuses every authzid that differs from the authcid.
+        """
+        self.portal = portal
+        self.reactor = reactor
+        self.policy = policy if policy is not None else ServerPolicy()
+        self.scram_lookup = scram_lookup
+        self.authorizer = authorizer
+
+    @classmethod
+    def for_portal(
+        cls, portal: Portal, reactor: Any, policy: ServerPolicy | None = None
+    ) -> LoginService:
+        """
+        A service whose SCRAM lookup and authorizer are those of the
+        checkers C{portal} uses (see the class docstring for why there).
+
+        @return: the service.
+        """
+        scram_checker = portal.checkers.get(ISCRAMProof)
+        scram_lookup = ISCRAMLookup(scram_checker, None)
+        authorizer = None
+        for interface in (ISCRAMProof, credentials.IUsernamePassword):
+            authorizer = IAuthorizer(portal.checkers.get(interface), None)
+            if authorizer is not None:
+                break
+        return cls(portal, reactor, policy, scram_lookup=scram_lookup, authorizer=authorizer)
+
+    # --- what a session offers
+
+    def mechanisms(self, *, tls_active: bool, plaintext_allowed: bool) -> tuple[str, ...]:
+        """
+        @return: the SASL mechanisms, strongest first.
+        """
+        return tuple(
+            mechanisms_for(
+                self.portal.listCredentialsInterfaces(),
+                scram_lookup=self.scram_lookup is not None,
+                tls_active=tls_active,
+                plaintext_allowed=plaintext_allowed,
+            )
+        )
+
+    def apop_available(self) -> bool:
+        """Whether some checker can verify an APOP digest."""
+        return credentials.IUsernameHashedPassword in self.portal.listCredentialsInterfaces()
+
+    @property
+    def authorize(self) -> Callable[[str, str], bool] | None:
+        """
+        The early authzid filter for L{pop3srv.core.sasl.SASLServer}, or
+        L{None} to refuse every authzid that differs from the authcid.
+        """
+        return self.authorizer.authorize if self.authorizer is not None else None
+
+    def lookup(self, username: str) -> defer.Deferred[StoredScram | LoginFault | None]:
+        """
+        Find a user's SCRAM keys before the proof.
+
+        @param username: the authentication identity.
+        @return: a Deferred firing with the keys, L{None} (no keys: the
+            exchange goes on with a fake and fails), or a L{LoginFault}.
+        """
+        if self.scram_lookup is None:
+            return defer.succeed(None)
+        d: defer.Deferred[Any] = defer.maybeDeferred(self.scram_lookup.scram_credentials, username)
+
+        def failed(failure: Failure) -> LoginFault:
+            self._log.failure(
+                "SCRAM lookup for {user} failed", failure, user=escape_for_log(username)
+            )
+            return LoginFault()
+
+        return d.addErrback(failed)
+
+    # --- logging in
+
+    def login(
+        self, creds: credentials.ICredentials, *, username: str, method: str, peer: Peer
+    ) -> defer.Deferred[LoginOutcome]:
+        """
+        Check C{creds} (unless the throttle or the gate refuses), open and
+        list the maildrop, and count the session.
+
+        @param creds: for C{Portal.login}.
+        @param username: the name the client gave (the authcid), for the
+            throttle and the audit log.
+        @param method: the login kind for the audit log (C{password},
+            C{apop}, C{sasl-plain}, ...).
+        @param peer: who is asking.
+        @return: a Deferred firing with the outcome, after the failure delay
+            for a refusal that has one; it never fails.
+        """
+        policy = self.policy
+        now = self.reactor.seconds()
+        refusal = policy.throttle.check(peer.host, username, now)
+        if refusal is not None:
+            # No password check at all, so a blocked guesser cannot tie up the hashing threads.
+            self._audit(peer, "login-refused", f"locked-out-{refusal.scope}", username)
+            delay = policy.throttle.refused_delay(peer.host, username, now)
+            return self._later(delay, LoginRefused("AUTH", AUTH_FAILED))
+        if not policy.login_gate.try_enter():
+            self._audit(peer, "login-refused", "server-busy", username)
+            return defer.succeed(LoginRefused("SYS/TEMP", "Server busy, try again later."))
+        d: defer.Deferred[Any] = self.portal.login(creds, None, IMailbox)
+
+        def leave_gate(result: object) -> object:
+            policy.login_gate.leave()
+            return result
+
+        d.addBoth(leave_gate)
+        requested = creds.authzid if IAuthzidCredentials.providedBy(creds) else None
+        d.addCallbacks(
+            self._logged_in,
+            self._failed,
+            callbackArgs=(username, requested or username, method, peer),
+            errbackArgs=(username, peer),
+        )
+        return d
+
+    def _logged_in(
+        self,
+        result: tuple[Any, Any, Callable[[], None]],
+        username: str,
+        owner: str,
+        method: str,
+        peer: Peer,
+    ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+        """
+        C{Portal.login} succeeded: count the session and list the maildrop.
+
+        @param owner: whose maildrop was asked for, used only when the realm
+            does not report the avatar ID (L{AvatarLogout}).
+        """
+        _, mailbox, logout = result
+        label = None
+        if isinstance(logout, AvatarLogout):
+            owner = logout.avatar_id.decode("utf-8")
+            label = logout.avatar_id.label
+        policy = self.policy
+        policy.throttle.succeeded(peer.host, username)
+        if not policy.connections.start_session(owner, peer.host):
+            logout()
+            self._audit(peer, "login-refused", "max-sessions-per-user", owner)
+            return LoginRefused("SYS/TEMP", "Too many sessions for this user.")
+
+        def release() -> None:
+            policy.connections.end_session(owner, peer.host)
+            try:
+                logout()
+            except Exception:
+                self._log.failure("Releasing the mailbox of {peer} failed", peer=peer.label)
+
+        d: defer.Deferred[Sequence[int]] = defer.maybeDeferred(mailbox.listMessages)
+
+        def listed(sizes: Sequence[int]) -> LoginOutcome:
+            self._audit(peer, "login-ok", f"{method}+app:{label}" if label else method, owner)
+            return LoginSucceeded(owner, label, mailbox, sizes, release)
+
+        def unlisted(failure: Failure) -> LoginOutcome:
+            release()
+            return self._fault(failure, owner, peer)
+
+        return d.addCallbacks(listed, unlisted)
+
+    def _failed(
+        self, failure: Failure, username: str, peer: Peer
+    ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+        """
+        C{Portal.login} failed: a wrong password (counted, answered after the
+        delay), a refusal the client is told about, or a server fault.
+        """
+        if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
+            reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
+            self._audit(peer, "login-failed", reason, username)
+            outcome = self.policy.throttle.failed(peer.host, username, self.reactor.seconds())
+            if outcome.lockout is not None:
+                self._audit(peer, "lockout", outcome.lockout.scope, username)
+            return self._later(outcome.delay, LoginRefused("AUTH", AUTH_FAILED))
+        if failure.check(Pop3Error):
+            exc = failure.value
+            assert isinstance(exc, Pop3Error)
+            self._audit(peer, "login-refused", (exc.code or "SYS/TEMP").lower(), username)
+            self._log.info(
+                "Login of {user} from {peer} refused: {detail}",
+                user=escape_for_log(username),
+                peer=peer.label,
+                detail=exc.detail or exc.text,
+            )
+            return LoginRefused(exc.code or "SYS/TEMP", exc.text)
+        return self._fault(failure, username, peer)
+
+    def _fault(self, failure: Failure, username: str, peer: Peer) -> LoginFault:
+        self._audit(peer, "login-refused", "error", username)
+        self._log.failure(
+            "Login of {user} from {peer} failed",
+            failure,
+            user=escape_for_log(username),
+            peer=peer.label,
+        )
+        return LoginFault()
+
+    def _later(self, delay: float, outcome: LoginOutcome) -> defer.Deferred[LoginOutcome]:
+        """Answer after C{delay} seconds, holding no thread meanwhile."""
+        return task.deferLater(self.reactor, delay, lambda: outcome)
+
+    @staticmethod
+    def _audit(peer: Peer, event: str, reason: str, user: str | None) -> None:
+        audit(event, session=peer.session, peer=peer.host, reason=reason, user=user)
