@@ -110,3 +110,24 @@ def test_the_child_keeps_ignoring_sigpipe() -> None:
     recorder = run(main)
     ignored = int(recorder.output[1], 16)
     assert ignored & (1 << (signal.SIGPIPE - 1))
+
+
+def test_a_fork_of_another_reactor_gets_a_poll_style_one() -> None:
+    """
+    A fork of a process whose reactor cannot be rebuilt in a fork (asyncio,
+    say) gets the first poll-style reactor instead.
+    """
+
+    def main() -> None:
+        import sys
+
+        from pop3srv.processes.forking import fresh_reactor
+
+        sys.modules["twisted.internet.reactor"] = object()  # type: ignore[assignment]
+        new = fresh_reactor()
+        os.write(
+            1, f"{can_fork_reactor(new)} {new is sys.modules['twisted.internet.reactor']}".encode()
+        )
+
+    recorder = run(main)
+    assert recorder.output[1] == b"True True", recorder.output

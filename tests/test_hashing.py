@@ -1,5 +1,5 @@
 """
-Tests for L{pop3srv.processes.hashpool}: password verification in worker processes.
+Tests for L{pop3srv.processes.hashpool}: password verification in hashing processes.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 
-from pop3srv.auth import argon2check, oscrypt
 from pop3srv.auth.checker import AvatarId, PasslibChecker
+from pop3srv.auth.hashpolicy import argon2check, oscrypt
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.processes import hashpool as hashing
-from pop3srv.processes.hashpool import NICENESS, HashCheckFailed, HashWorkerDied, ProcessVerifier
+from pop3srv.processes.hashpool import NICENESS, HashCheckFailed, HashProcessDied, ProcessVerifier
 
 
 def run_until(d: Deferred[Any], timeout: float = 30.0) -> Any:
@@ -64,10 +65,12 @@ def _processes_gone_after_each_test() -> Iterator[None]:
     """
     yield
     from twisted.internet.process import ProcessReader, ProcessWriter
+    from twisted.internet.unix import Server as UNIXConnection
 
     def pipes() -> list[Any]:
         selectables = [*reactor.getReaders(), *reactor.getWriters()]  # type: ignore[attr-defined]
-        return [s for s in selectables if isinstance(s, ProcessReader | ProcessWriter)]
+        kinds = ProcessReader | ProcessWriter | UNIXConnection
+        return [s for s in selectables if isinstance(s, kinds)]
 
     deadline = time.monotonic() + 10
     while pipes() and time.monotonic() < deadline:
@@ -88,7 +91,7 @@ def write_users(path: Path, alice_hash: str | None = None) -> Path:
 
 @pytest.fixture
 def verifier(tmp_path: Path) -> Iterator[ProcessVerifier]:
-    """A started verifier with two worker processes on a fresh user file."""
+    """A started verifier with two hashing processes on a fresh user file."""
     v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 2, reactor)
     v.start()
     yield v
@@ -110,7 +113,7 @@ def test_verifies_in_other_processes(verifier: ProcessVerifier) -> None:
         assert os.getpriority(os.PRIO_PROCESS, pid) >= NICENESS
 
 
-def test_calls_beyond_the_workers_wait_their_turn(verifier: ProcessVerifier) -> None:
+def test_calls_beyond_the_processes_wait_their_turn(verifier: ProcessVerifier) -> None:
     """More calls than processes: each is answered, with its own result."""
     calls = [("alice", "alice-pw"), ("alice", "bad"), ("bob", "bob-pw"), ("bob", "x")] * 3
     pending = [verifier.verify_detailed(u, p) for u, p in calls]
@@ -121,7 +124,7 @@ def test_calls_beyond_the_workers_wait_their_turn(verifier: ProcessVerifier) -> 
 def test_cancelled_checks_are_skipped(tmp_path: Path) -> None:
     """
     A check cancelled while it waits (its child server process went away)
-    is never hashed; the worker goes on with the next check.
+    is never hashed; the hashing process goes on with the next check.
     """
     old_hash = apr_md5_crypt.hash("alice-pw")
     path = write_users(tmp_path / "users", old_hash)
@@ -139,42 +142,54 @@ def test_cancelled_checks_are_skipped(tmp_path: Path) -> None:
         with pytest.raises(CancelledError):
             run_until(waiting)
         assert old_hash in path.read_text()
-        assert v.pids == pids  # the same worker throughout
+        assert v.pids == pids  # the same hashing process throughout
     finally:
         v.stop()
 
 
-def test_workers_reload_the_file(tmp_path: Path, verifier: ProcessVerifier) -> None:
-    """The workers notice a change to the file themselves."""
+def test_hashing_processes_reload_the_file(tmp_path: Path, verifier: ProcessVerifier) -> None:
+    """The hashing processes notice a change to the file themselves."""
     assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
     path = tmp_path / "users"
     write_users(path, sha512_crypt.using(rounds=1000).hash("new-pw"))
     # Make sure the change is visible even on a coarse mtime.
     os.utime(path, ns=(time.time_ns() + 10**9, time.time_ns() + 10**9))
-    for _ in range(4):  # every worker, whichever gets the call
+    for _ in range(4):  # every hashing process, whichever gets the call
         assert run_until(verifier.verify_detailed("alice", "new-pw")).ok
         assert not run_until(verifier.verify_detailed("alice", "alice-pw")).ok
 
 
-def test_upgrade_happens_in_the_worker_and_is_logged_here(tmp_path: Path) -> None:
+def test_upgrade_is_offered_by_the_hashing_process_and_written_here(tmp_path: Path) -> None:
     """
-    A deprecated hash is rewritten once by a worker; the worker's log event
-    is re-emitted in this process; the other worker finds it done.
+    A deprecated hash: the hashing process offers the new hash (the result's
+    fields cross AMP whole), the checker here writes it once and logs it,
+    and the other hashing process's offer finds it done.
     """
-    path = write_users(tmp_path / "users", apr_md5_crypt.hash("alice-pw"))
+    old = apr_md5_crypt.hash("alice-pw")
+    path = write_users(tmp_path / "users", old)
     v = ProcessVerifier(UserFile(path), 2, reactor)
     v.start()
+    pool = ThreadPool(minthreads=1, maxthreads=1)
+    pool.start()
+    checker = PasslibChecker(
+        UserFile(path), reactor=reactor, threadpool=pool, verifier=v.verify_detailed
+    )
     events: list[LogEvent] = []
     observer: Any = events.append
     globalLogPublisher.addObserver(observer)
     try:
         first = run_until(v.verify_detailed("alice", "alice-pw"))
-        again = [run_until(v.verify_detailed("alice", "alice-pw")) for _ in range(3)]
+        logins = [
+            run_until(checker.requestAvatarId(UsernamePassword(b"alice", b"alice-pw")))
+            for _ in range(4)
+        ]
     finally:
         globalLogPublisher.removeObserver(observer)
         v.stop()
-    assert first == VerifyResult(ok=True, upgraded=True)
-    assert all(r.ok and not r.upgraded for r in again)
+        pool.stop()
+    assert first.ok and first.needs_update and first.matched_hash == old
+    assert first.upgrade_hash is not None and first.upgrade_hash.startswith("$argon2id$")
+    assert logins == [b"alice"] * 4
     text = path.read_text()
     assert "$apr1$" not in text and "$argon2id$" in text
     upgraded = [formatEvent(e) for e in events if "upgraded" in formatEvent(e)]
@@ -182,8 +197,8 @@ def test_upgrade_happens_in_the_worker_and_is_logged_here(tmp_path: Path) -> Non
     assert all("alice-pw" not in formatEvent(e) for e in events)
 
 
-def test_a_dead_worker_fails_its_call_and_is_replaced(verifier: ProcessVerifier) -> None:
-    """A worker killed mid-check fails that check; a new process takes its place."""
+def test_a_dead_hashing_process_fails_its_call_and_is_replaced(verifier: ProcessVerifier) -> None:
+    """A hashing process killed mid-check fails that check; a new one takes its place."""
     assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
     before = set(verifier.pids)
     for pid in before:
@@ -191,7 +206,7 @@ def test_a_dead_worker_fails_its_call_and_is_replaced(verifier: ProcessVerifier)
     stuck = verifier.verify_detailed("alice", "alice-pw")
     for pid in before:
         os.kill(pid, signal.SIGKILL)
-    with pytest.raises(HashWorkerDied):
+    with pytest.raises(HashProcessDied):
         run_until(stuck)
     deadline = time.monotonic() + 20
     while len(set(verifier.pids) - before) < 2:
@@ -201,7 +216,7 @@ def test_a_dead_worker_fails_its_call_and_is_replaced(verifier: ProcessVerifier)
 
 
 def test_stop_ends_the_processes(tmp_path: Path) -> None:
-    """After stop the workers exit, and new calls fail at once."""
+    """After stop the hashing processes exit, and new calls fail at once."""
     v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 2, reactor)
     v.start()
     assert run_until(v.verify_detailed("alice", "alice-pw")).ok
@@ -209,9 +224,9 @@ def test_stop_ends_the_processes(tmp_path: Path) -> None:
     v.stop()
     deadline = time.monotonic() + 20
     while any(os.path.exists(f"/proc/{pid}") and not _zombie(pid) for pid in pids):
-        assert time.monotonic() < deadline, "workers still running"
+        assert time.monotonic() < deadline, "hashing processes still running"
         reactor.iterate(0.05)
-    with pytest.raises(HashWorkerDied):
+    with pytest.raises(HashProcessDied):
         run_until(v.verify_detailed("alice", "alice-pw"))
 
 
@@ -223,10 +238,10 @@ def _zombie(pid: int) -> bool:
         return True
 
 
-def test_a_lock_held_at_the_fork_does_not_hang_the_worker(tmp_path: Path) -> None:
+def test_a_lock_held_at_the_fork_does_not_hang_the_hashing_process(tmp_path: Path) -> None:
     """
     A thread of the server may hold the user file's lock (a SCRAM lookup)
-    just when a worker is forked: the worker must not wait for it forever.
+    just when a hashing process is forked: it must not wait for it forever.
     """
     users = UserFile(write_users(tmp_path / "users"))
     v = ProcessVerifier(users, 1, reactor)
@@ -241,7 +256,7 @@ def test_a_lock_held_at_the_fork_does_not_hang_the_worker(tmp_path: Path) -> Non
         assert run_until(v.verify_detailed("alice", "alice-pw"), timeout=10).ok
     finally:
         v.stop()
-        for pid in pids:  # a hung worker would not see its input close
+        for pid in pids:  # a hung hashing process would not see its socket close
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
 
@@ -249,7 +264,7 @@ def test_a_lock_held_at_the_fork_does_not_hang_the_worker(tmp_path: Path) -> Non
 def _misbehaving(users: UserFile) -> UserFile:
     """
     The user file, with checks of "boom" raising and of "slow" hanging, in
-    the workers forked from now on (they inherit this process's objects).
+    the hashing processes forked from now on (they inherit this process's objects).
     """
     check = users.verify_detailed
 
@@ -265,7 +280,7 @@ def _misbehaving(users: UserFile) -> UserFile:
 
 
 def test_a_check_that_raises_fails_alone(tmp_path: Path) -> None:
-    """The error is logged here and that login fails; the worker lives on."""
+    """The error is logged here and that login fails; the hashing process lives on."""
     v = ProcessVerifier(_misbehaving(UserFile(write_users(tmp_path / "users"))), 1, reactor)
     v.start()
     events: list[LogEvent] = []
@@ -286,13 +301,13 @@ def test_a_check_that_raises_fails_alone(tmp_path: Path) -> None:
 def test_a_hung_check_is_killed_and_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A worker that does not answer in time is killed; a new one serves."""
+    """A hashing process that does not answer in time is killed; a new one serves."""
     monkeypatch.setattr(hashing, "CHECK_TIMEOUT", 0.5)
     v = ProcessVerifier(_misbehaving(UserFile(write_users(tmp_path / "users"))), 1, reactor)
     v.start()
     try:
         (pid,) = v.pids
-        with pytest.raises(HashWorkerDied):
+        with pytest.raises(HashProcessDied):
             run_until(v.verify_detailed("slow", "x"), timeout=20)
         deadline = time.monotonic() + 20
         while not v.pids or v.pids == [pid]:
@@ -301,6 +316,58 @@ def test_a_hung_check_is_killed_and_replaced(
         assert run_until(v.verify_detailed("alice", "alice-pw")).ok
     finally:
         v.stop()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Not AMP: a box that is neither question nor answer.
+        b"\x00\x04junk\x00\x04junk\x00\x00",
+        # A key over AMP's 255-byte limit.
+        b"\x04\x00" + b"k" * 1024,
+        # An answer to a question never asked.
+        b"\x00\x07_answer\x00\x0299\x00\x00",
+    ],
+    ids=["garbage", "oversize", "unasked"],
+)
+def test_a_broken_answer_fails_the_check_and_is_replaced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, answer: bytes
+) -> None:
+    """
+    A hashing process that answers with something that is not an AMP answer
+    to the check fails that check (no hang); a new process serves.
+    """
+    marker = tmp_path / "answered"
+    real = hashing.serve
+
+    def broken_once(users: UserFile, niceness: int, fd: int = 0) -> None:
+        if marker.exists():
+            return real(users, niceness, fd)
+        marker.touch()
+        os.read(fd, 65536)
+        os.write(fd, answer)
+        time.sleep(60)  # killed, not waited for
+
+    monkeypatch.setattr(hashing, "serve", broken_once)
+    v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 1, reactor)
+    v.start()
+    try:
+        (pid,) = v.pids
+        with pytest.raises(HashProcessDied):
+            run_until(v.verify_detailed("alice", "alice-pw"), timeout=10)
+        deadline = time.monotonic() + 20
+        while not v.pids or v.pids == [pid]:
+            assert time.monotonic() < deadline, "no replacement process"
+            reactor.iterate(0.05)
+        assert run_until(v.verify_detailed("alice", "alice-pw")).ok
+        assert not alive(pid)
+    finally:
+        v.stop()
+
+
+def alive(pid: int) -> bool:
+    """Whether C{pid} exists and is not a zombie."""
+    return os.path.exists(f"/proc/{pid}") and not _zombie(pid)
 
 
 def test_a_failed_fork_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -418,7 +485,7 @@ def test_argon2_one_thread_defers_to_passlib(hashed: str) -> None:
 _ONE_THREAD_SCRIPT = """
 import resource
 from passlib.hash import argon2
-from pop3srv.auth import argon2check
+from pop3srv.auth.hashpolicy import argon2check
 
 hashed = argon2.using(memory_cost=16 * 1024, rounds=2, parallelism=4).hash("pw")
 thread_before = resource.getrusage(resource.RUSAGE_THREAD)
@@ -465,8 +532,8 @@ def test_user_file_checks_argon2_on_one_thread(
         return real(password, hashed)
 
     real = argon2check.verify_argon2
-    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", spy)
+    monkeypatch.setattr("pop3srv.auth.hashpolicy.verify_argon2", spy)
     assert users.verify("alice", "pw") and not users.verify("alice", "pv")
     assert len(seen) == 2
-    monkeypatch.setattr("pop3srv.auth.userfile.verify_argon2", lambda p, h: None)
+    monkeypatch.setattr("pop3srv.auth.hashpolicy.verify_argon2", lambda p, h: None)
     assert users.verify("alice", "pw") and not users.verify("alice", "pv")

@@ -5,7 +5,6 @@ sent over a real UNIX socket pair to verifiers in the parent.
 
 from __future__ import annotations
 
-import pickle
 import socket
 import time
 from collections.abc import Iterator
@@ -14,12 +13,12 @@ from typing import Any
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import VerifyResult
-from pop3srv.processes.hashchild import HEADER, MAX_FRAME, FrameBuffer, FrameTooLarge, frame
-from pop3srv.processes.hashpool import HashCheckFailed, HashWorkerDied
-from pop3srv.processes.hashrelay import RelayClient, RelayServer, adopt
+from pop3srv.processes.hashrelay import RelayClient, RelayServer
+from pop3srv.processes.rpc import HashCheckFailed, HashProcessDied, connect
 
 
 def run_until(d: Deferred[Any], timeout: float = 10.0) -> Any:
@@ -43,10 +42,8 @@ class Relay:
         self.lost: list[bool] = []
         self.client = RelayClient(on_lost=lambda: self.lost.append(True))
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        adopt(reactor, ours.fileno(), self.server)
-        adopt(reactor, theirs.fileno(), self.client)
-        ours.close()
-        theirs.close()
+        connect(reactor, ours, self.server)
+        connect(reactor, theirs, self.client)
 
     def close(self) -> None:
         for protocol in (self.server, self.client):
@@ -118,12 +115,12 @@ def test_the_user_file_picks_the_verifier(relay_to: Any) -> None:
 
 
 def test_failures_cross_as_their_kind(relay_to: Any) -> None:
-    """A dead hashing process stays HashWorkerDied; anything else is HashCheckFailed."""
+    """A dead hashing process stays HashProcessDied; anything else is HashCheckFailed."""
     relay = relay_to(
-        lambda u, p: fail(HashWorkerDied("gone")),
+        lambda u, p: fail(HashProcessDied("gone")),
         lambda u, p: fail(ValueError("boom")),
     )
-    with pytest.raises(HashWorkerDied):
+    with pytest.raises(HashProcessDied):
         run_until(relay.client.verifier("/users/0")("a", "b"))
     with pytest.raises(HashCheckFailed):
         run_until(relay.client.verifier("/users/1")("a", "b"))
@@ -136,9 +133,9 @@ def test_waiting_checks_fail_when_the_parent_goes(relay_to: Any) -> None:
     reactor.iterate(0.05)  # type: ignore[attr-defined]
     assert relay.server.transport is not None
     relay.server.transport.loseConnection()
-    with pytest.raises(HashWorkerDied):
+    with pytest.raises(HashProcessDied):
         run_until(waiting)
-    with pytest.raises(HashWorkerDied):
+    with pytest.raises(HashProcessDied):
         run_until(relay.client.verifier("/users/0")("alice", "pw"))
     # The child is told, so it can stop and be restarted.
     assert relay.lost == [True]
@@ -184,11 +181,53 @@ def test_a_bad_request_fails_alone(relay_to: Any) -> None:
     assert relay.lost == []
 
 
-def test_frames_split_and_join_as_they_arrive() -> None:
-    """Frames split across reads and several in one read come out whole, in order."""
-    stream = frame(("a", 1)) + frame("b" * 1000) + frame(None)
-    frames = FrameBuffer()
-    bodies = [b for i in range(0, len(stream), 7) for b in frames.feed(stream[i : i + 7])]
-    assert [pickle.loads(b) for b in bodies] == [("a", 1), "b" * 1000, None]  # noqa: S301
-    with pytest.raises(FrameTooLarge):
-        list(frames.feed(HEADER.pack(MAX_FRAME + 1)))
+def test_messages_split_and_join_as_they_arrive() -> None:
+    """
+    Checks and answers split across reads, and several in one read, come
+    out whole and in order.
+    """
+    asked: list[tuple[str, str]] = []
+
+    def verify(username: str, password: str) -> Deferred[VerifyResult]:
+        asked.append((username, password))
+        return succeed(VerifyResult(ok=True, label=username))
+
+    client, server = RelayClient(), RelayServer({"/users/0": verify})
+    to_server, to_client = StringTransport(), StringTransport()
+    client.makeConnection(to_server)
+    server.makeConnection(to_client)
+    check = client.verifier("/users/0")
+    pending = [check("a", "1"), check("b" * 1000, "2"), check("c", "")]
+    stream = to_server.value()
+    for i in range(0, len(stream), 7):
+        server.dataReceived(stream[i : i + 7])
+    assert asked == [("a", "1"), ("b" * 1000, "2"), ("c", "")]
+    answers = to_client.value()
+    for i in range(0, len(answers), 7):
+        client.dataReceived(answers[i : i + 7])
+    assert [run_until(d).label for d in pending] == ["a", "b" * 1000, "c"]
+
+
+@pytest.mark.parametrize(
+    "message",
+    [
+        # A key over AMP's 255-byte limit.
+        b"\x04\x00" + b"k" * 1024,
+        # Not AMP: a box that is neither question nor answer.
+        b"\x00\x04junk\x00\x04junk\x00\x00",
+    ],
+    ids=["oversize", "garbage"],
+)
+def test_a_broken_message_closes_the_relay(relay_to: Any, message: bytes) -> None:
+    """
+    An oversized or unreadable message from the parent fails the check in
+    flight (no hang) and closes the relay, so the child stops.
+    """
+    relay = relay_to(lambda u, p: Deferred())
+    waiting = relay.client.verifier("/users/0")("alice", "pw")
+    reactor.iterate(0.05)  # type: ignore[attr-defined]
+    assert relay.server.transport is not None
+    relay.server.transport.write(message)
+    with pytest.raises(HashProcessDied):
+        run_until(waiting)
+    assert relay.lost == [True]

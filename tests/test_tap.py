@@ -213,12 +213,12 @@ def test_sample_config_parses_and_documents_every_setting() -> None:
 
 def test_losing_the_hashing_relay_after_a_stop_is_harmless() -> None:
     """
-    A child whose parent dies sees its stdin and its relay to the hashing
-    pool close together: the second stop must not raise.
+    A worker whose parent dies sees its connection to the parent close,
+    perhaps just after a SIGTERM stopped it: the second stop must not raise.
     """
     from twisted.internet.selectreactor import SelectReactor
 
-    from pop3srv.app.tap import _stop_running
+    from pop3srv.processes.supervisor import _stop_running
 
     reactor = SelectReactor()
     errors: list[Exception] = []

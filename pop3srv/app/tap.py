@@ -5,20 +5,17 @@ The C{twistd pop3srv} command: options, configuration file and service.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import signal
-import sys
 from collections.abc import Callable
 from typing import Any
 
 from twisted.application import service
-from twisted.application.internet import StreamServerEndpointService
 from twisted.cred import credentials, strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import endpoints
-from twisted.internet.error import CannotListenError, ReactorNotRunning
+from twisted.internet.error import CannotListenError
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
@@ -31,8 +28,13 @@ from pop3srv.auth.realm import MboxRealm, check_mailbox_template
 from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.processes import malloc
 from pop3srv.processes.hashpool import ProcessVerifier
-from pop3srv.processes.hashrelay import RelayClient, adopt
-from pop3srv.processes.supervisor import AdoptedPortService, WorkerSupervisor
+from pop3srv.processes.hashrelay import RelayClient
+from pop3srv.processes.supervisor import (
+    AdoptedPortService,
+    Build,
+    ListeningService,
+    WorkerSupervisor,
+)
 from pop3srv.server.limits import (
     AccessRules,
     AuthThrottle,
@@ -113,8 +115,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def __init__(self) -> None:
         self.given: dict[str, list[str]] = {}
-        #: The arguments as given, for child processes (C{--workers}).
-        self.args: list[str] = []
         super().__init__()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -122,7 +122,6 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         Parse, and turn a usage error into one line on stderr and exit
         status 1, rather than twistd's full usage text around it.
         """
-        self.args = list(sys.argv[1:] if options is None else options)
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
@@ -266,7 +265,7 @@ class Pop3Service(service.MultiService):
         self.tls = tls
         self._reactor = reactor
         self._previous_handler: Any = None
-        #: The child processes (C{--workers} above 1), told of SIGHUP too.
+        #: The workers (C{--workers} above 1), told of SIGHUP too.
         self.supervisor: WorkerSupervisor | None = None
 
     def privilegedStartService(self) -> None:
@@ -299,13 +298,6 @@ class Pop3Service(service.MultiService):
         return self.tls.reload()
 
 
-def _stop_running(reactor: Any) -> None:
-    _log.error("Lost the parent's password-hashing pool; stopping this server process")
-    # The parent's end of stdin closing may have stopped it already.
-    with contextlib.suppress(ReactorNotRunning):
-        reactor.stop()
-
-
 class ThreadPoolService(service.Service):
     """
     Runs the thread pool for SCRAM lookups and the spool sweep, and for
@@ -313,7 +305,7 @@ class ThreadPoolService(service.Service):
     """
 
     def __init__(self, threads: int) -> None:
-        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-workers")
+        self.pool = ThreadPool(minthreads=0, maxthreads=threads, name="pop3srv-threads")
 
     def startService(self) -> None:
         super().startService()
@@ -341,7 +333,7 @@ class VerifierService(service.Service):
 
 
 class SpoolSweepService(service.Service):
-    """At start-up, cleans the mail spool after a crash, in a worker thread."""
+    """At start-up, cleans the mail spool after a crash, in a thread of the pool."""
 
     _log = Logger()
 
@@ -359,21 +351,34 @@ class SpoolSweepService(service.Service):
         d.addErrback(lambda f: self._log.failure("Sweeping the mail spool failed", f))
 
 
+def _worker_build(options: Options) -> Build:
+    """How a worker builds its service: as here, on the sockets it inherits."""
+
+    def build(reactor: Any, inherited: list[tuple[int, str]], parent: RelayClient) -> Pop3Service:
+        return makeService(options, reactor, inherited=inherited, parent=parent)
+
+    return build
+
+
 def makeService(
-    options: Options, reactor: Any = None, inherited: list[tuple[int, str]] | None = None
+    options: Options,
+    reactor: Any = None,
+    inherited: list[tuple[int, str]] | None = None,
+    parent: RelayClient | None = None,
 ) -> Pop3Service:
     """
     Assemble the services: one listener per endpoint, the hashing processes,
-    and, for C{--workers} above 1, the child server processes.
+    and, for C{--workers} above 1, the workers.
 
     @param options: parsed options.
     @param reactor: the reactor; the global one if L{None}.
-    @param inherited: in a child server process (L{pop3srv.processes.supervisor}), the
+    @param inherited: in a worker (L{pop3srv.processes.supervisor}), the
         listening sockets it inherited, as C{(fd, "plain" or "tls")}: they
-        are adopted instead of binding the endpoints, no children are
-        started and the spool is not swept (the parent does that).  An
-        entry C{(fd, "hash")} is the socket to the parent's hashing pool
-        (L{pop3srv.processes.hashrelay}), used instead of a pool of its own.
+        are adopted instead of binding the endpoints, no workers are started
+        and the spool is not swept (the parent does that).
+    @param parent: in a worker, its connection to the parent server
+        process, to whose hashing pool its checks go with C{--hash-pool
+        shared} (L{pop3srv.processes.hashrelay}).
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -384,16 +389,7 @@ def makeService(
     top = Pop3Service(tls, reactor)
     threads = ThreadPoolService(max(1, options["hash_workers"]))
     threads.setServiceParent(top)
-    relay = None
-    if inherited is not None:
-        for fd, kind in inherited:
-            if kind == "hash":
-                # A child server process: its checks go to the parent's pool.
-                # Without it no login can succeed here: stop, to be restarted.
-                relay = RelayClient(on_lost=lambda: _stop_running(reactor))
-                adopt(reactor, fd, relay)
-                os.close(fd)
-        inherited = [(fd, kind) for fd, kind in inherited if kind != "hash"]
+    relay = parent if options["hash_pool"] == "shared" else None
     checkers = []
     verifiers: dict[str, Any] = {}
     for checker in options["credCheckers"]:
@@ -433,27 +429,25 @@ def makeService(
         return top
     servers = []
     for description, kind in listeners:
-        server = StreamServerEndpointService(
-            endpoints.serverFromString(reactor, description), factories[kind]
+        server = ListeningService(
+            endpoints.serverFromString(reactor, description), factories[kind], kind
         )
-        # Fail start-up (not log and carry on) if a port cannot be bound.
-        server._raiseSynchronously = True
         server.setServiceParent(top)
-        servers.append((server, kind))
+        servers.append(server)
     if options["workers"] > 1:
         # Added after the listeners: it starts once every port is bound, to
         # pass them on.
         top.supervisor = WorkerSupervisor(
             reactor,
             options["workers"] - 1,
-            options.args,
             servers,
-            options=options,
+            _worker_build(options),
             verifiers=verifiers if options["hash_pool"] == "shared" else None,
         )
         top.supervisor.setServiceParent(top)
-    # Last, so that its thread starts after the hashing and child processes
-    # are forked: a fork copies the locks other threads hold at that moment.
+    # Last, so that its thread starts after the hashing processes and the
+    # workers are forked: a fork copies the locks other threads hold at that
+    # moment.
     SpoolSweepService(
         options["mailbox"], options["index_dir"], reactor, threads.pool
     ).setServiceParent(top)

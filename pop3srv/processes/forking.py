@@ -1,20 +1,26 @@
 # -*- test-case-name: tests.test_forking -*-
 """
-Child processes that are forks of this one, not new programs.
+Child processes that are forks of this one, not new programs: the one way
+pop3srv starts a child (see L{pop3srv.processes.supervisor} for why).
 
-A child server process (L{pop3srv.processes.supervisor}) or password-hashing process
-(L{pop3srv.processes.hashpool}) started with exec imports Python, Twisted, pyOpenSSL
-and cryptography again: 30-40 MiB of private memory each.  A fork shares
-those pages with its parent until either writes them, so with the cyclic
-garbage collector kept off the inherited objects (L{gc.freeze}) most of
-them stay shared for the life of the process.
+A worker (L{pop3srv.processes.supervisor}) or hashing process
+(L{pop3srv.processes.hashpool}) started with exec would import Python,
+Twisted, pyOpenSSL and cryptography again into private memory of its own.
+A fork shares those pages with its parent until either writes them, so
+with the cyclic garbage collector kept off the inherited objects
+(L{gc.freeze}) most of them stay shared for the life of the process.
 
 L{ForkedProcess} is Twisted's own child process (pipes, exit reporting,
 signals), except that the child runs a Python function instead of exec.
-By then Twisted has closed every descriptor the child was not given (the
-parent's reactor, listening sockets, sessions and log file among them), so
-the copy of the parent's reactor is dead weight the child never runs;
-L{fresh_reactor} installs a new one for a child that needs a reactor.
+Twisted has no public API for that, so it overrides three private hooks of
+C{twisted.internet.process.Process} (C{_trySpawnInsteadOfFork},
+C{_resetSignalDisposition}, C{_execChild}) and clears its table of child
+processes in the fork; C{tests/test_forking.py} pins what it relies on.
+By the time the function runs, Twisted has closed every descriptor the
+child was not given (the parent's reactor, listening sockets, sessions and
+log file among them), so the copy of the parent's reactor is dead weight
+the child never runs; L{fresh_reactor} installs a new one for a child that
+needs a reactor.
 """
 
 from __future__ import annotations
@@ -75,8 +81,9 @@ def can_fork_reactor(reactor: Any) -> bool:
     """
     Whether a fork of this process can run a reactor of C{reactor}'s kind:
     the poll-style reactors need no state but their own descriptors.  Others
-    (asyncio, for one) carry state a fork would share, so their children
-    are started with exec.
+    (asyncio, for one) carry state a fork would share; a fork of a process
+    that runs one gets the first poll-style reactor there is instead
+    (L{fresh_reactor}).
     """
     return type(reactor) in _reactor_classes()
 
@@ -99,17 +106,17 @@ def _forget_parent() -> None:
 def fresh_reactor() -> Any:
     """
     In a forked child, replace the installed reactor (the parent's, whose
-    descriptors are closed) with a new one of the same class.
+    descriptors are closed) with a new one: of the same class if
+    L{can_fork_reactor}, else of the first poll-style class available.
 
     @return: the new reactor, now C{twisted.internet.reactor}.
     """
     from twisted.internet.main import installReactor
 
     old: Any = sys.modules.pop("twisted.internet.reactor", None)
-    if old is None or not can_fork_reactor(old):
-        raise RuntimeError(f"cannot build a new reactor like {old!r} in a forked child")
     _KEPT.append(old)
-    reactor = type(old)()
+    kind = type(old) if can_fork_reactor(old) else _reactor_classes()[0]
+    reactor = kind()
     installReactor(reactor)
     return reactor
 

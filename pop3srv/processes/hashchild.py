@@ -1,78 +1,41 @@
 # -*- test-case-name: tests.test_hashing -*-
 """
-The worker side of L{pop3srv.processes.hashpool}: what runs in a hashing process.
+The hashing-process side of L{pop3srv.processes.hashpool}: what runs in a
+hashing process.
 
-A worker is a fork of a server process (L{pop3srv.processes.forking}).  It reads
-requests from descriptor 0 and writes answers to descriptor 1, one at a
-time, each a frame: a 4-byte big-endian length and a pickle.  A request is
-C{(username, password)}; the answer is C{(VerifyResult, events)}, the log
-events the check emitted (upgrade notices, rejected passwords) as plain
-dicts, for the server process to log (if the check raised, the result is
-L{None} and the error is among the events).  The worker exits at end-of-file on
-descriptor 0, which is also what happens when its server process dies.
+A hashing process is a fork of a server process
+(L{pop3srv.processes.forking}).  Its descriptor 0 is its end of a UNIX
+socket pair to the server process, on which it answers
+L{CheckPassword <pop3srv.processes.rpc.CheckPassword>} one at a time: the
+L{VerifyResult} and the log events the check emitted (upgrade notices,
+rejected passwords) as plain dicts, for the server process to log (if the
+check raised, there is no result and the error is among the events).  It
+exits at end-of-file, which is also what happens when its server process
+dies.
+
+It runs no reactor: each check is synchronous and it has nothing else to
+do, so a blocking loop feeds what it reads to the AMP parser, whose answers
+are written out before the next read.
 """
 
 from __future__ import annotations
 
 import os
-import pickle
-import struct
-from collections.abc import Iterator
 from typing import Any
 
 from twisted.logger import ILogObserver, Logger, LogLevel
+from twisted.protocols import amp
 from zope.interface import implementer
 
 from pop3srv.auth.userfile import UserFile
 from pop3srv.processes.forking import log_only_to, set_process_name
+from pop3srv.processes.rpc import CheckPassword, LogEvents, Peer
 
-__all__ = ["HEADER", "MAX_FRAME", "FrameBuffer", "FrameTooLarge", "frame", "serve"]
-
-#: A frame's length prefix.
-HEADER = struct.Struct("!I")
-#: The largest frame either side accepts (a request holds a user name and a
-#: password, an answer a result and a few log events).
-MAX_FRAME = 1 << 20
+__all__ = ["serve"]
 
 _log = Logger()
 
-
-def frame(message: Any) -> bytes:
-    """C{message} pickled, behind its length."""
-    body = pickle.dumps(message)
-    return HEADER.pack(len(body)) + body
-
-
-class FrameTooLarge(ValueError):
-    """A frame claims more than L{MAX_FRAME} bytes: the stream is unusable."""
-
-
-class FrameBuffer:
-    """Splits a byte stream, as it arrives, into the bodies of its frames."""
-
-    def __init__(self) -> None:
-        self._buffer = b""
-
-    def feed(self, data: bytes) -> Iterator[bytes]:
-        """
-        Add C{data}; yield each frame body it completes, in order.
-
-        @raise FrameTooLarge: a frame claims more than L{MAX_FRAME} bytes.
-        """
-        self._buffer += data
-        while len(self._buffer) >= HEADER.size:
-            (length,) = HEADER.unpack_from(self._buffer)
-            if length > MAX_FRAME:
-                self._buffer = b""
-                raise FrameTooLarge(f"frame of {length} bytes")
-            end = HEADER.size + length
-            if len(self._buffer) < end:
-                return
-            body, self._buffer = self._buffer[HEADER.size : end], self._buffer[end:]
-            yield body
-
-
-#: Types of event fields that cross the pipe as they are.
+#: Types of event fields that cross the socket as they are.
 _PLAIN = (str, int, float, bool, type(None))
 
 
@@ -98,31 +61,66 @@ class _Collector:
         )
 
 
-def _read_exactly(fd: int, n: int) -> bytes | None:
-    """C{n} bytes from C{fd}, or L{None} at end-of-file."""
-    parts = []
-    while n:
-        data = os.read(fd, n)
-        if not data:
-            return None
-        parts.append(data)
-        n -= len(data)
-    return b"".join(parts)
+class _Socket:
+    """The transport of the blocking loop: writes go straight to the socket."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(self.fd, view) :]
+
+    def writeSequence(self, data: list[bytes]) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        # The peer broke the protocol (AMP gives up on the connection).
+        self.closed = True
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        view = view[os.write(fd, view) :]
+class _Checker(Peer):
+    """Answers the server process's checks against the user file."""
+
+    def __init__(self, users: UserFile, collector: _Collector) -> None:
+        super().__init__()
+        self.users = users
+        self.collector = collector
+
+    @CheckPassword.responder
+    def check(self, username: str, password: str) -> dict[str, Any]:
+        self.collector.events.clear()
+        try:
+            result = self.users.verify_detailed(username, password)
+        except Exception as e:
+            # Reported, not fatal: the next check may well succeed.
+            _log.error("Password check failed: {error}", error=repr(e))
+            result = None
+        events, self.collector.events = self.collector.events, []
+        answer = {"result": result, "events": events}
+        if len(LogEvents().toString(events)) > amp.MAX_VALUE_LENGTH:
+            # Too many for one AMP value: keep the result, say what was lost.
+            answer["events"] = [
+                {
+                    "namespace": __name__,
+                    "level": "warn",
+                    "format": "{count} log events of a password check were too long to send",
+                    "fields": {"count": len(events)},
+                }
+            ]
+        return answer
 
 
-def serve(users: UserFile, niceness: int) -> None:
+def serve(users: UserFile, niceness: int, fd: int = 0) -> None:
     """
-    Answer requests on descriptors 0 and 1 until end-of-file.
+    Answer checks on the socket C{fd} until end-of-file.
 
     @param users: the user file, as loaded in the server process; it
         re-reads the file when it changes.
     @param niceness: added to the process's nice value.
+    @param fd: this process's end of the socket pair.
     """
     set_process_name("pop3srv-hash")
     # Below the server processes in CPU priority: when hashing saturates
@@ -133,24 +131,11 @@ def serve(users: UserFile, niceness: int) -> None:
         os.nice(niceness)
     collector = _Collector()
     log_only_to(collector)
-    while True:
-        header = _read_exactly(0, HEADER.size)
-        if header is None:
+    transport = _Socket(fd)
+    checker = _Checker(users, collector)
+    checker.makeConnection(transport)
+    while not transport.closed:
+        data = os.read(fd, 65536)
+        if not data:
             return
-        (length,) = HEADER.unpack(header)
-        if length > MAX_FRAME:
-            raise ValueError(f"request frame of {length} bytes")
-        body = _read_exactly(0, length)
-        if body is None:
-            return
-        username, password = pickle.loads(body)  # noqa: S301 (our own parent)
-        collector.events.clear()
-        try:
-            result = users.verify_detailed(username, password)
-        except Exception as e:
-            # Reported, not fatal: the next check may well succeed.
-            _log.error("Password check failed: {error}", error=repr(e))
-            result = None
-        answer = frame((result, list(collector.events)))
-        collector.events.clear()
-        _write_all(1, answer)
+        checker.dataReceived(data)

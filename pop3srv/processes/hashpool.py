@@ -1,83 +1,98 @@
 # -*- test-case-name: tests.test_hashing -*-
 """
-Password verification in worker processes.
+Password verification in hashing processes.
 
 Some hash backends hold the GIL for the whole verification: passlib's
 pure-Python sha512_crypt is about 2 ms of bytecode per login.  In a thread
 of the server process that starves the reactor, so every other session
 waits.  L{ProcessVerifier} runs L{UserFile.verify_detailed} in a few
-long-lived worker processes instead (L{pop3srv.processes.hashchild}).
+long-lived hashing processes instead (L{pop3srv.processes.hashchild}).
 
-The workers are forks of the server process (L{pop3srv.processes.forking}): they
-share its memory pages, start in a millisecond, and already hold the user
-file, which they re-read when it changes, exactly as the server's own
-L{UserFile} does.  Only the user name and password cross the pipe, and only
-the L{VerifyResult} comes back, with the log events the check produced
+The hashing processes are forks of the server process
+(L{pop3srv.processes.forking}): they share its memory pages, start in a
+millisecond, and already hold the user file, which they re-read when it
+changes, exactly as the server's own L{UserFile} does.  Each talks AMP
+(L{CheckPassword <pop3srv.processes.rpc.CheckPassword>}) on a UNIX socket
+pair: only the user name and password go there, and only the
+L{VerifyResult} comes back, with the log events the check produced
 (upgrade notices, rejected passwords), re-emitted here so they reach the
-server's log.  A hash upgrade is done by the worker that verified the
-password: L{pop3srv.auth.userfile.replace_hash} takes the same lock as
+server's log.  A hash upgrade is done by the hashing process that verified
+the password: L{pop3srv.auth.userfile.replace_hash} takes the same lock as
 C{pop3srv-passwd} and rewrites only if the old hash is still there, so two
-workers upgrading the same user at once rewrite the file once.
+processes upgrading the same user at once rewrite the file once.
 
-Each worker has one check at a time; the rest wait here, in order.  A
-worker that dies fails the check it had and is replaced.
+Each hashing process has one check at a time; the rest wait here, in
+order.  A hashing process that dies, or answers with something that is not
+AMP, fails the check it had and is replaced.
 """
 
 from __future__ import annotations
 
 import contextlib
-import pickle
+import socket
 from collections import deque
 from collections.abc import Callable
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.error import ProcessExitedAlready
-from twisted.internet.protocol import ProcessProtocol
+from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
+from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.processes.forking import ForkedProcess
-from pop3srv.processes.hashchild import FrameBuffer, FrameTooLarge, frame, serve
+from pop3srv.processes.hashchild import serve
+from pop3srv.processes.rpc import CheckPassword, HashCheckFailed, HashProcessDied, Peer, connect
 
-__all__ = ["NICENESS", "HashCheckFailed", "HashWorkerDied", "ProcessVerifier"]
+__all__ = ["NICENESS", "HashCheckFailed", "HashProcessDied", "ProcessVerifier"]
 
 #: How much lower the hashing processes' CPU priority is (see nice(2)).
 NICENESS = 19
-#: Seconds before a worker that died is replaced; doubled after each death
-#: in a row (a worker that dies at once is not re-forked in a tight loop),
-#: up to L{MAX_RESTART_DELAY}.
+#: Seconds before a hashing process that died is replaced; doubled after
+#: each death in a row (one that dies at once is not re-forked in a tight
+#: loop), up to L{MAX_RESTART_DELAY}.
 RESTART_DELAY = 0.5
 MAX_RESTART_DELAY = 30.0
-#: Seconds a check may take before its worker is taken for hung and killed
-#: (a fork can inherit a lock that a thread of the parent held).
+#: Seconds a check may take before its hashing process is taken for hung
+#: and killed (a fork can inherit a lock that a thread of the parent held).
 CHECK_TIMEOUT = 60.0
 
 
-class HashWorkerDied(Exception):
-    """The process checking a password exited before answering."""
+class _Connection(Peer):
+    """The AMP connection to one hashing process."""
+
+    def __init__(self, on_lost: Callable[[], object]) -> None:
+        super().__init__()
+        self._on_lost = on_lost
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        super().connectionLost(reason)
+        self._on_lost()
 
 
-class HashCheckFailed(Exception):
-    """The password check raised in the worker (the worker logged why)."""
-
-
-class _WorkerProtocol(ProcessProtocol):
-    """The server's end of one hashing process."""
+class _HashProcess(ProcessProtocol):
+    """
+    The server's end of one hashing process: its exit and its output (which
+    is only ever an error report), and the AMP connection its checks take.
+    """
 
     def __init__(self, verifier: ProcessVerifier) -> None:
         self.verifier = verifier
+        self.connection = _Connection(self._died)
         self.current: Deferred[Any] | None = None
         self.dead = False
-        self._frames = FrameBuffer()
         self._deadline: Any = None
 
     def send(self, username: str, password: str, d: Deferred[Any]) -> None:
         self.current = d
         self._deadline = self.verifier._reactor.callLater(CHECK_TIMEOUT, self._hung)
-        assert self.transport is not None
-        self.transport.write(frame((username, password)))
+        try:
+            call = self.connection.callRemote(CheckPassword, username=username, password=password)
+        except Exception:
+            call = Deferred()
+            call.errback()
+        call.addCallbacks(self._answered, self._unanswered)
 
     def _hung(self) -> None:
         self._deadline = None
@@ -93,30 +108,16 @@ class _WorkerProtocol(ProcessProtocol):
                 self.transport.signalProcess("KILL")
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
-        if childFD == 2:
-            self.verifier.log.warn(
-                "password-hashing process: {text}", text=data.decode("utf-8", "replace").strip()
-            )
-            return
-        try:
-            for body in self._frames.feed(data):
-                if not self._answered(body):
-                    return
-        except FrameTooLarge:
-            self._kill()
+        self.verifier.log.warn(
+            "password-hashing process: {text}", text=data.decode("utf-8", "replace").strip()
+        )
 
-    def _answered(self, body: bytes) -> bool:
-        """One answer from the worker; L{False} if it was unreadable (then killed)."""
-        try:
-            result, events = pickle.loads(body)  # noqa: S301 (our own child)
-        except Exception:
-            self.verifier.log.failure("Unreadable answer from a password-hashing process")
-            self._kill()
-            return False
+    def _answered(self, answer: dict[str, Any]) -> None:
         self._stop_deadline()
         # It answered: earlier deaths are no longer "in a row".
         self.verifier._deaths_in_a_row = 0
         d, self.current = self.current, None
+        result, events = answer.get("result"), answer["events"]
         # A check cancelled meanwhile ignores this (Deferred.cancel's rule).
         if d is not None:
             if result is None:
@@ -125,23 +126,25 @@ class _WorkerProtocol(ProcessProtocol):
             else:
                 d.callback((result, events))
         self.verifier._idle(self)
-        return True
+
+    def _unanswered(self, failure: Failure) -> None:
+        """The check got no answer: the process died, or broke the protocol."""
+        if failure.check(ConnectionClosed) or self.dead:
+            return  # _died fails the check
+        self.verifier.log.failure("Unreadable answer from a password-hashing process", failure)
+        self._kill()
 
     def _stop_deadline(self) -> None:
         if self._deadline is not None and self._deadline.active():
             self._deadline.cancel()
         self._deadline = None
 
-    def childConnectionLost(self, childFD: int) -> None:
-        # Its answers' pipe closing is its death, whether or not the exit
-        # status has been reaped yet.
-        if childFD == 1:
-            self._died()
-
     def processEnded(self, reason: Failure) -> None:
         self._died()
 
     def _died(self) -> None:
+        # Its socket closing is its death, whether or not the exit status
+        # has been reaped yet; whichever comes first counts.
         if self.dead:
             return
         self.dead = True
@@ -149,15 +152,16 @@ class _WorkerProtocol(ProcessProtocol):
         d, self.current = self.current, None
         self.verifier._lost(self)
         if d is not None:
-            d.errback(HashWorkerDied("the password-hashing process exited"))
+            d.errback(HashProcessDied("the password-hashing process exited"))
 
 
 class ProcessVerifier:
     """
-    Verifies passwords against a user file in C{workers} processes.
+    Verifies passwords against a user file in C{processes} hashing processes.
 
     Callers bound the number of calls in flight (see
-    L{pop3srv.server.limits.LoginGate}); the rest wait here for a free worker.
+    L{pop3srv.server.limits.LoginGate}); the rest wait here for a free
+    hashing process.
     """
 
     log = Logger()
@@ -165,23 +169,25 @@ class ProcessVerifier:
     def __init__(
         self,
         users: UserFile,
-        workers: int,
+        processes: int,
         reactor: Any,
         niceness: int = NICENESS,
     ) -> None:
         """
-        @param users: the user file; each worker inherits it as it is now.
-        @param workers: the number of processes.
-        @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
-        @param niceness: added to the workers' nice value, so that the
-            server processes come first when the CPUs are busy hashing.
+        @param users: the user file; each hashing process inherits it as it
+            is now.
+        @param processes: the number of hashing processes.
+        @param reactor: provides L{IReactorProcess}, L{IReactorSocket} and
+            L{IReactorTime}.
+        @param niceness: added to the hashing processes' nice value, so that
+            the server processes come first when the CPUs are busy hashing.
         """
         self.users = users
-        self.workers = workers
+        self.processes = processes
         self._reactor = reactor
         self._niceness = niceness
-        self._pool: list[_WorkerProtocol] = []
-        self._free: deque[_WorkerProtocol] = deque()
+        self._pool: list[_HashProcess] = []
+        self._free: deque[_HashProcess] = deque()
         self._waiting: deque[tuple[str, str, Deferred[Any]]] = deque()
         self._restarts: list[Any] = []
         self._deaths_in_a_row = 0
@@ -189,39 +195,45 @@ class ProcessVerifier:
 
     @property
     def pids(self) -> list[int]:
-        """The worker processes' pids."""
-        return [w.transport.pid for w in self._pool if w.transport is not None]
+        """The hashing processes' pids."""
+        return [p.transport.pid for p in self._pool if p.transport is not None]
 
     def start(self) -> None:
-        """Start the worker processes."""
+        """Start the hashing processes."""
         self._running = True
         # Each attempt once: one that fails schedules its own retry.
-        for _ in range(self.workers - len(self._pool)):
+        for _ in range(self.processes - len(self._pool)):
             self._spawn()
 
     def _spawn(self) -> None:
         if not self._running:
             return
-        worker = _WorkerProtocol(self)
+        child = _HashProcess(self)
         users, niceness = self.users, self._niceness
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             ForkedProcess(
                 self._reactor,
                 lambda: serve(users, niceness),
-                worker,
-                {0: "w", 1: "r", 2: "r"},
+                child,
+                {0: theirs.fileno(), 1: "r", 2: "r"},
             )
         except OSError:
+            ours.close()
             self.log.failure("Cannot start a password-hashing process")
             self._schedule_spawn()
             return
-        if worker.dead:
+        finally:
+            theirs.close()
+        if child.dead:
+            ours.close()
             return  # it died (and was reaped) at once; _lost has rescheduled
-        self._pool.append(worker)
-        self._idle(worker)
+        connect(self._reactor, ours, child.connection)
+        self._pool.append(child)
+        self._idle(child)
 
     def _schedule_spawn(self) -> None:
-        """Start a worker later, waiting longer after each death in a row."""
+        """Start a hashing process later, waiting longer after each death in a row."""
         delay = min(MAX_RESTART_DELAY, RESTART_DELAY * 2**self._deaths_in_a_row)
         self._deaths_in_a_row += 1
         if not self._pool:
@@ -229,12 +241,15 @@ class ProcessVerifier:
             # rather than hold the logins until one starts.
             waiting, self._waiting = self._waiting, deque()
             for _, _, d in waiting:
-                d.errback(HashWorkerDied("no password-hashing process is running"))
+                d.errback(HashProcessDied("no password-hashing process is running"))
         self._restarts = [c for c in self._restarts if c.active()]
         self._restarts.append(self._reactor.callLater(delay, self._spawn))
 
     def stop(self) -> None:
-        """Stop the workers (they exit when their input closes); calls waiting fail."""
+        """
+        Stop the hashing processes (they exit when their socket closes);
+        calls waiting fail.
+        """
         self._running = False
         for call in self._restarts:
             if call.active():
@@ -242,43 +257,43 @@ class ProcessVerifier:
         self._restarts = []
         waiting, self._waiting = self._waiting, deque()
         for _, _, d in waiting:
-            d.errback(HashWorkerDied("the password-hashing processes were stopped"))
+            d.errback(HashProcessDied("the password-hashing processes were stopped"))
         pool, self._pool = self._pool, []
         self._free.clear()
-        for worker in pool:
-            if worker.transport is not None:
-                worker.transport.closeStdin()
+        for child in pool:
+            if child.connection.transport is not None:
+                child.connection.transport.loseConnection()
 
-    def _idle(self, worker: _WorkerProtocol) -> None:
-        """C{worker} can take a call."""
-        if worker.dead or worker not in self._pool:
+    def _idle(self, child: _HashProcess) -> None:
+        """C{child} can take a call."""
+        if child.dead or child not in self._pool:
             return
         while self._waiting:
             username, password, d = self._waiting.popleft()
             if not d.called:  # else cancelled while it waited: skip it
-                worker.send(username, password, d)
+                child.send(username, password, d)
                 return
-        self._free.append(worker)
+        self._free.append(child)
 
-    def _lost(self, worker: _WorkerProtocol) -> None:
-        """C{worker} died: replace it."""
-        if worker in self._pool:
-            self._pool.remove(worker)
-        if worker in self._free:
-            self._free.remove(worker)
+    def _lost(self, child: _HashProcess) -> None:
+        """C{child} died: replace it."""
+        if child in self._pool:
+            self._pool.remove(child)
+        if child in self._free:
+            self._free.remove(child)
         if self._running:
             self.log.error("A password-hashing process died; starting a new one")
             self._schedule_spawn()
 
     def verify_detailed(self, username: str, password: str) -> Deferred[VerifyResult]:
         """
-        Check a password, as L{UserFile.verify_detailed}, in a worker.
+        Check a password, as L{UserFile.verify_detailed}, in a hashing process.
 
         @return: a Deferred firing with the L{VerifyResult}.
         """
         d: Deferred[Any] = Deferred()
         if not self._running:
-            d.errback(HashWorkerDied("the password-hashing processes are not running"))
+            d.errback(HashProcessDied("the password-hashing processes are not running"))
             return d
         if self._free:
             self._free.popleft().send(username, password, d)
@@ -287,13 +302,13 @@ class ProcessVerifier:
         return d.addCallback(self._replay)
 
     def _replay(self, outcome: tuple[VerifyResult, list[dict[str, Any]]]) -> VerifyResult:
-        """Emit the worker's log events here, then return its result."""
+        """Emit the hashing process's log events here, then return its result."""
         result, events = outcome
         self._emit(events)
         return result
 
     def _emit(self, events: list[dict[str, Any]]) -> None:
-        """Log a worker's events here, in the server's log."""
+        """Log a hashing process's events here, in the server's log."""
         for event in events:
             emit: Callable[..., None] = Logger(namespace=event["namespace"]).emit
             emit(LogLevel.lookupByName(event["level"]), event["format"], **event["fields"])

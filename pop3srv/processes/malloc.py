@@ -3,7 +3,7 @@
 Hand memory that big mailbox operations used back to the system.
 
 A cold index scan of a large mbox, or a commit, allocates and frees
-megabytes in a worker thread.  glibc keeps freed memory for reuse: in the
+megabytes in a thread of the pool.  glibc keeps freed memory for reuse: in the
 thread's own arena, and, after a large block is freed, it raises the size
 above which blocks get their own mapping (so the next ones stay on the
 heap too).  A server process would then keep the peak of its largest scan

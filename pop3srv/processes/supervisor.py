@@ -2,33 +2,58 @@
 """
 Several server processes on the same listening sockets (C{--workers N}).
 
+In pop3srv a I{worker} is a child server process, and only that: the
+processes that check passwords are I{hashing processes}
+(L{pop3srv.processes.hashpool}) and the threads are the I{thread pool}.
+
 The process twistd starts binds every C{--listen} and C{--listen-tls}
-endpoint and serves like a single-process server; it also starts N-1
-children (L{WorkerSupervisor}), giving them the listening sockets as
-inherited descriptors.  A child is a fork of the running parent
-(L{pop3srv.processes.forking}: it shares the parent's memory pages and uses its parsed
-options) that builds a new reactor; with a reactor a fork cannot rebuild it
-is a new Python process running L{child_main} with the parent's pop3srv
-arguments.  Either way it builds the same service with L{makeService
-<pop3srv.app.tap.makeService>}, adopting the sockets
-(C{IReactorSocket.adoptStreamPort}) instead of binding, so the kernel hands
+endpoint (L{ListeningService}) and serves like a single-process server; it
+also starts N-1 workers (L{WorkerSupervisor}), giving them the listening
+sockets as inherited descriptors.  A worker builds the same service with the
+C{build} function the supervisor was given (C{twistd pop3srv}'s
+C{makeService}), adopting the sockets (L{AdoptedPortService},
+C{IReactorSocket.adoptStreamPort}) instead of binding, so the kernel hands
 each new connection to whichever process accepts first.
 
+Every child, workers and hashing processes alike, is a fork of its parent
+(L{pop3srv.processes.forking}), never a new program:
+  - a fork shares the parent's memory pages, and a server process is
+    mostly Python, Twisted, pyOpenSSL and cryptography, which a new
+    program would import again into private memory of its own;
+  - a worker uses the parent's parsed options and checkers as they are,
+    so nothing is parsed twice and nothing can parse differently;
+  - hashing processes must be forks anyway: they start in a millisecond
+    and hold the parent's user file already.
+The price is that a fork can inherit a lock another thread of the parent
+held; hence the start-up deadline below, and the check deadline of the
+hashing processes.
+
+Why not L{twisted.runner.procmon.ProcessMonitor}, which restarts processes
+with a back-off: it starts each process by argv with
+C{IReactorProcess.spawnProcess} and no C{childFDs}, so it can neither fork
+nor hand a worker its listening sockets and its connection to the parent;
+its process protocol logs the child's output as text lines, where a
+worker's output is its log events, to be published again here; and it has
+no start-up deadline, and never gives up on a process that keeps dying.
+Overriding its C{startProcess} to fix all that would leave only its
+restart timing, which is the few lines of L{WorkerSupervisor.worker_ended}.
+
 The parent:
+  - keeps an AMP connection to each worker, on a UNIX socket pair: the
+    worker's password checks come over it with C{--hash-pool shared}
+    (L{pop3srv.processes.hashrelay}), and the worker stops when it closes,
+    so workers never outlive a parent that was killed;
   - forwards SIGHUP, so every process re-reads the TLS certificate;
-  - re-publishes the children's log events (sent as JSON lines on their
+  - re-publishes the workers' log events (sent as JSON lines on their
     standard output) in its own log, so there is one log and one audit
-    trail, with each child's session ids carrying its pid;
-  - restarts a child that dies, at most L{MAX_RESTARTS} times per slot in
+    trail, with each worker's session ids carrying its pid;
+  - restarts a worker that dies, at most L{MAX_RESTARTS} times per slot in
     L{RESTART_WINDOW} seconds;
-  - kills (and so restarts) a child that has not said it serves within
+  - kills (and so restarts) a worker that has not said it serves within
     L{READY_TIMEOUT} seconds: a fork made while another thread of the parent
     held a lock could otherwise wait for that lock for ever;
-  - on stop, sends SIGTERM to the children and waits for them (SIGKILL after
+  - on stop, sends SIGTERM to the workers and waits for them (SIGKILL after
     L{STOP_TIMEOUT} seconds).
-
-A child stops when its standard input (a pipe from the parent) closes, so
-children never outlive a parent that was killed.
 
 Limits are per process: see the README ("Several processes").
 """
@@ -36,56 +61,107 @@ Limits are per process: see the README ("Several processes").
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import socket
-import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import abstract, fdesc
 from twisted.internet.defer import Deferred, DeferredList, succeed
 from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
-from twisted.logger import Logger, eventFromJSON, globalLogPublisher
+from twisted.logger import Logger, eventFromJSON, globalLogPublisher, jsonFileLogObserver
 from twisted.python.failure import Failure
 
-from pop3srv.processes.forking import (
-    ForkedProcess,
-    can_fork_reactor,
-    fresh_reactor,
-    log_only_to,
-    set_process_name,
-)
-from pop3srv.processes.hashrelay import RelayServer, adopt
+from pop3srv.auth.userfile import VerifyResult
+from pop3srv.processes.forking import ForkedProcess, fresh_reactor, log_only_to, set_process_name
+from pop3srv.processes.hashrelay import RelayClient, RelayServer
+from pop3srv.processes.rpc import connect
 
-__all__ = ["AdoptedPortService", "WorkerSupervisor", "child_main"]
+__all__ = ["AdoptedPortService", "Build", "ListeningService", "WorkerSupervisor"]
 
-#: Restarts of one child slot allowed within L{RESTART_WINDOW} seconds.
+#: Restarts of one worker slot allowed within L{RESTART_WINDOW} seconds.
 MAX_RESTARTS = 5
 RESTART_WINDOW = 60.0
 
-#: Seconds a child has, from its start, to say it serves (see L{READY_KEY}).
+#: Seconds a worker has, from its start, to say it serves (see L{READY_KEY}).
 READY_TIMEOUT = 30.0
 
-#: The key of the log event by which a child says it serves.
+#: The key of the log event by which a worker says it serves.
 READY_KEY = "pop3srv_worker_ready"
 
 _log = Logger()
-#: Seconds between a child's death and its restart.
+#: Seconds between a worker's death and its restart.
 RESTART_DELAY = 1.0
-#: Seconds stopped children get before SIGKILL.
+#: Seconds stopped workers get before SIGKILL.
 STOP_TIMEOUT = 10.0
-#: The first descriptor number of inherited listening sockets in a child.
+#: The first descriptor number of inherited sockets in a worker.
 FIRST_FD = 3
-#: A child's standard output is its log; cap one line so a broken child
+#: A worker's standard output is its log; cap one line so a broken worker
 #: cannot grow the parent's buffer without bound.
 MAX_LOG_LINE = 1 << 20
 
+#: What builds a worker's service: called in the worker with its reactor,
+#: its inherited listening sockets as C{(fd, "plain" or "tls")}, and its
+#: connection to the parent (for C{--hash-pool shared}).
+Build = Callable[[Any, list[tuple[int, str]], RelayClient], service.IService]
 
-#: What a child runs (C{-c}, not C{-m}, so this module is imported once).
-_CHILD_CODE = "from pop3srv.processes.supervisor import child_main; child_main()"
+Verifiers = Mapping[str, Callable[[str, str], Deferred[VerifyResult]]]
+
+
+class ListeningService(service.Service):
+    """
+    Listens on one endpoint, in C{privilegedStartService} (before twistd
+    drops privileges), and fails start-up if it cannot.
+
+    @ivar kind: C{"plain"} or C{"tls"}, for the workers.
+    @ivar port: the L{IListeningPort} once listening.
+    """
+
+    def __init__(self, endpoint: Any, factory: Any, kind: str) -> None:
+        self.endpoint = endpoint
+        self.factory = factory
+        self.kind = kind
+        self.port: Any = None
+        self._listening: Deferred[Any] | None = None
+
+    def privilegedStartService(self) -> None:
+        super().privilegedStartService()
+        self._listen()
+
+    def startService(self) -> None:
+        super().startService()
+        self._listen()
+
+    def _listen(self) -> None:
+        if self._listening is not None:
+            return
+        caught: list[Failure] = []
+        late = False
+
+        def failed(failure: Failure) -> None:
+            if late:
+                _log.failure("Cannot listen on {endpoint!r}", failure, endpoint=self.endpoint)
+            else:
+                caught.append(failure)
+
+        self._listening = self.endpoint.listen(self.factory)
+        self._listening.addCallbacks(self._listened, failed)
+        # Twisted's endpoints listen at once: a port that cannot be bound
+        # fails start-up here, in one line (not logged while serving on).
+        late = True
+        if caught:
+            self._listening = None
+            caught[0].raiseException()
+
+    def _listened(self, port: Any) -> None:
+        self.port = port
+
+    def stopService(self) -> Any:
+        super().stopService()
+        self._listening = None
+        port, self.port = self.port, None
+        return port.stopListening() if port is not None else None
 
 
 class AdoptedPortService(service.Service):
@@ -113,14 +189,8 @@ class AdoptedPortService(service.Service):
         return port.stopListening() if port is not None else None
 
 
-def _keep(result: Any, into: list[Any]) -> Any:
-    """A callback that records the result and passes it on."""
-    into.append(result)
-    return result
-
-
-class _ChildProtocol(ProcessProtocol):
-    """The parent's end of one child: its log and its exit."""
+class _WorkerProtocol(ProcessProtocol):
+    """The parent's end of one worker: its log and its exit."""
 
     def __init__(self, supervisor: WorkerSupervisor, slot: int) -> None:
         self.supervisor = supervisor
@@ -138,22 +208,22 @@ class _ChildProtocol(ProcessProtocol):
             rest = b""
         self._buffers[childFD] = rest
         for line in lines:
-            self.supervisor.child_output(self, childFD, line)
+            self.supervisor.worker_output(self, childFD, line)
 
     def processEnded(self, reason: Failure) -> None:
         for fd, rest in self._buffers.items():
             if rest:
-                self.supervisor.child_output(self, fd, rest)
+                self.supervisor.worker_output(self, fd, rest)
         self._buffers = {}
-        self.supervisor.child_ended(self, reason)
+        self.supervisor.worker_ended(self, reason)
         self.ended.callback(None)
 
 
 class WorkerSupervisor(service.Service):
     """
-    Starts, watches and stops the child server processes.
+    Starts, watches and stops the workers.
 
-    @ivar children: the running children's protocols, by slot.
+    @ivar children: the running workers' protocols, by slot.
     """
 
     log = Logger()
@@ -162,37 +232,28 @@ class WorkerSupervisor(service.Service):
         self,
         reactor: Any,
         count: int,
-        args: Sequence[str],
-        listeners: Sequence[tuple[Any, str]],
-        executable: str = sys.executable,
-        options: Any = None,
-        verifiers: Mapping[str, Callable[[str, str], Deferred[Any]]] | None = None,
+        listeners: Sequence[ListeningService],
+        build: Build,
+        verifiers: Verifiers | None = None,
     ) -> None:
         """
-        @param reactor: provides L{IReactorProcess} and L{IReactorTime}.
-        @param count: how many children to run.
-        @param args: the pop3srv arguments the children parse.
-        @param listeners: the parent's listening services, each a
-            L{StreamServerEndpointService} that has bound its port, with its
-            kind: C{"plain"} or C{"tls"}.
-        @param executable: the Python to run the children with.
-        @param options: the parsed L{pop3srv.app.tap.Options}.  With them, and a
-            reactor a fork can rebuild, children are forks of this process
-            (L{pop3srv.processes.forking}) that share its memory and use these options;
-            otherwise they are new Python processes that parse C{args}.
+        @param reactor: provides L{IReactorProcess}, L{IReactorSocket} and
+            L{IReactorTime}.
+        @param count: how many workers to run.
+        @param listeners: the parent's listening services, listening by the
+            time this one starts.
+        @param build: builds a worker's service, in the worker.
         @param verifiers: this process's password verifiers, by the path of
-            their C{passlib} checker's user file, that the children's checks
-            are relayed to (L{pop3srv.processes.hashrelay}); none: children verify alone.
+            their C{passlib} checker's user file, that the workers' checks
+            are relayed to (L{pop3srv.processes.hashrelay}); none: workers
+            verify alone.
         """
         self._reactor = reactor
         self.count = count
-        self.args = list(args)
-        self.options = options
-        self.fork = options is not None and can_fork_reactor(reactor)
         self.listeners = list(listeners)
-        self.executable = executable
+        self.build = build
         self.verifiers = dict(verifiers or {})
-        self.children: dict[int, _ChildProtocol] = {}
+        self.children: dict[int, _WorkerProtocol] = {}
         self._restarts: dict[int, list[float]] = {}
         self._pending: dict[int, Any] = {}
         self._ports: list[tuple[int, str]] = []
@@ -202,14 +263,10 @@ class WorkerSupervisor(service.Service):
         super().startService()
         self._stopping = False
         self._ports = []
-        for server, kind in self.listeners:
-            # The endpoint service bound in privilegedStartService, so its
-            # Deferred has fired; take the port without consuming the result.
-            found: list[Any] = []
-            server._waitingForPort.addCallback(_keep, found)
-            if not found:
+        for listener in self.listeners:
+            if listener.port is None:
                 raise RuntimeError("a listening port was not bound before the workers started")
-            self._ports.append((found[0].fileno(), kind))
+            self._ports.append((listener.port.fileno(), listener.kind))
         for slot in range(1, self.count + 1):
             self._spawn(slot)
 
@@ -217,47 +274,44 @@ class WorkerSupervisor(service.Service):
         self._pending.pop(slot, None)
         if self._stopping:
             return
-        child_fds: dict[int, Any] = {0: "w", 1: "r", 2: "r"}
+        child_fds: dict[int, Any] = {1: "r", 2: "r"}
         inherited: list[tuple[int, str]] = []
         for i, (fd, kind) in enumerate(self._ports):
             child_fds[FIRST_FD + i] = fd
             inherited.append((FIRST_FD + i, kind))
-        relay: tuple[socket.socket, socket.socket] | None = None
-        if self.verifiers:
-            relay = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            child_fds[FIRST_FD + len(inherited)] = relay[1].fileno()
-            inherited.append((FIRST_FD + len(inherited), "hash"))
-        spec = [list(pair) for pair in inherited]
-        protocol = _ChildProtocol(self, slot)
-        if self.fork:
-            options = self.options
+        control = FIRST_FD + len(inherited)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        child_fds[control] = theirs.fileno()
+        protocol = _WorkerProtocol(self, slot)
+        build = self.build
+        try:
             ForkedProcess(
-                self._reactor, lambda: _forked_child(inherited, options), protocol, child_fds
+                self._reactor, lambda: _run_worker(inherited, control, build), protocol, child_fds
             )
-        else:
-            argv = [self.executable, "-c", _CHILD_CODE, json.dumps(spec), *self.args]
-            self._reactor.spawnProcess(
-                protocol, self.executable, argv, env=dict(os.environ), childFDs=child_fds
-            )
-        if relay is not None:
-            ours, theirs = relay
-            adopt(self._reactor, ours.fileno(), RelayServer(self.verifiers))
+        except OSError:
             ours.close()
+            self.log.failure("Cannot start the server process of worker {slot}", slot=slot)
+            self._pending[slot] = self._reactor.callLater(RESTART_DELAY, self._spawn, slot)
+            return
+        finally:
             theirs.close()
+        connect(self._reactor, ours, RelayServer(self.verifiers))
+        if protocol.ended.called:
+            return  # it died (and was reaped) at once; worker_ended has rescheduled
         self.children[slot] = protocol
         pid = getattr(protocol.transport, "pid", None)
         self.log.info("Started server process {pid} (worker {slot})", pid=pid, slot=slot)
         protocol.ready_timer = self._reactor.callLater(READY_TIMEOUT, self._not_ready, protocol)
 
-    def _not_ready(self, child: _ChildProtocol) -> None:
+    def _not_ready(self, child: _WorkerProtocol) -> None:
         """
-        A child's time to say it serves is up.  Look once more after the
+        A worker's time to say it serves is up.  Look once more after the
         reactor has read what is waiting (a stalled parent may not have read
-        the child's word yet); then, if it still has not, kill it.
+        the worker's word yet); then, if it still has not, kill it.
         """
         child.ready_timer = self._reactor.callLater(0, self._kill_if_not_ready, child)
 
-    def _kill_if_not_ready(self, child: _ChildProtocol) -> None:
+    def _kill_if_not_ready(self, child: _WorkerProtocol) -> None:
         child.ready_timer = None
         if child.ready or self._stopping or self.children.get(child.slot) is not child:
             return
@@ -276,8 +330,8 @@ class WorkerSupervisor(service.Service):
         except ProcessExitedAlready:
             pass
 
-    def child_output(self, child: _ChildProtocol, fd: int, line: bytes) -> None:
-        """A line from a child: a JSON log event (stdout) or raw text (stderr)."""
+    def worker_output(self, child: _WorkerProtocol, fd: int, line: bytes) -> None:
+        """A line from a worker: a JSON log event (stdout) or raw text (stderr)."""
         text = line.decode("utf-8", "replace").strip("\x1e\r\n ")
         if not text:
             return
@@ -297,8 +351,8 @@ class WorkerSupervisor(service.Service):
         pid = getattr(child.transport, "pid", None)
         self.log.warn("worker {slot} (pid {pid}): {text}", slot=child.slot, pid=pid, text=text)
 
-    def child_ended(self, child: _ChildProtocol, reason: Failure) -> None:
-        """A child exited: restart it unless stopping or it keeps dying."""
+    def worker_ended(self, child: _WorkerProtocol, reason: Failure) -> None:
+        """A worker exited: restart it unless stopping or it keeps dying."""
         if child.ready_timer is not None and child.ready_timer.active():
             child.ready_timer.cancel()
         if self.children.get(child.slot) is child:
@@ -328,7 +382,7 @@ class WorkerSupervisor(service.Service):
         self._pending[child.slot] = self._reactor.callLater(RESTART_DELAY, self._spawn, child.slot)
 
     def signal_all(self, name: str) -> None:
-        """Send a signal (e.g. C{"HUP"}) to every child."""
+        """Send a signal (e.g. C{"HUP"}) to every worker."""
         for child in list(self.children.values()):
             if child.transport is None:
                 continue
@@ -364,78 +418,30 @@ class WorkerSupervisor(service.Service):
         return done.addBoth(cancel_kill)
 
 
-class _ParentPipe(abstract.FileDescriptor):
-    """A child's standard input: when the parent's end closes, stop."""
-
-    def __init__(self, reactor: Any, fd: int, on_close: Any) -> None:
-        super().__init__(reactor)
-        self._fd = fd
-        self._on_close = on_close
-        fdesc.setNonBlocking(fd)
-
-    def fileno(self) -> int:
-        return self._fd
-
-    def doRead(self) -> Any:
-        return fdesc.readFromFD(self._fd, lambda data: None)
-
-    def connectionLost(self, reason: Failure) -> None:
-        abstract.FileDescriptor.connectionLost(self, reason)
-        self._on_close()
+def _stop_running(reactor: Any) -> None:
+    """The parent is gone: stop this worker."""
+    _log.error("Lost the connection to the parent server process; stopping this one")
+    # A SIGTERM from the parent may have stopped it already.
+    with contextlib.suppress(ReactorNotRunning):
+        reactor.stop()
 
 
-def _serve(reactor: Any, inherited: list[tuple[int, str]], options: Any) -> None:
-    """Build a child's service on its inherited sockets and run it."""
-    from pop3srv.app.tap import makeService
-
-    top = makeService(options, reactor, inherited=inherited)
-
-    def stop() -> None:
-        # The relay to the parent's hashing pool closing may have stopped it.
-        with contextlib.suppress(ReactorNotRunning):
-            reactor.stop()
-
-    _ParentPipe(reactor, 0, stop).startReading()
-    top.privilegedStartService()
-    top.startService()
-    reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
-    reactor.callWhenRunning(
-        _log.info, "Server process {pid} is serving", pid=os.getpid(), **{READY_KEY: True}
-    )
-    reactor.run()
-
-
-def _forked_child(inherited: list[tuple[int, str]], options: Any) -> None:
-    """Run a child server process that is a fork of the parent."""
-    from twisted.logger import jsonFileLogObserver
-
+def _run_worker(ports: list[tuple[int, str]], control: int, build: Build) -> None:
+    """Run a worker, in a fork of the parent: serve until stopped."""
     set_process_name("pop3srv-worker")
     reactor = fresh_reactor()
     out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
     log_only_to(jsonFileLogObserver(out))
     try:
-        _serve(reactor, inherited, options)
+        parent = RelayClient(on_lost=lambda: _stop_running(reactor))
+        connect(reactor, socket.socket(fileno=control), parent)
+        top = build(reactor, ports, parent)
+        top.privilegedStartService()
+        top.startService()
+        reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+        reactor.callWhenRunning(
+            _log.info, "Server process {pid} is serving", pid=os.getpid(), **{READY_KEY: True}
+        )
+        reactor.run()
     finally:
         out.flush()
-
-
-def child_main(argv: Sequence[str] | None = None) -> None:
-    """
-    Run one child server process: C{python -c _CHILD_CODE SPEC ARGS...}.
-
-    @param argv: the JSON list of C{[fd, kind]} of the inherited listening
-        sockets, then the pop3srv arguments; C{sys.argv[1:]} if L{None}.
-    """
-    args = list(sys.argv[1:] if argv is None else argv)
-    spec = [(int(fd), str(kind)) for fd, kind in json.loads(args[0])]
-    from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, jsonFileLogObserver
-
-    out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
-    globalLogBeginner.beginLoggingTo([jsonFileLogObserver(out)], redirectStandardIO=False)
-
-    from pop3srv.app.tap import Options
-
-    options = Options()
-    options.parseOptions(args[1:])
-    _serve(reactor, spec, options)

@@ -1,0 +1,143 @@
+# -*- test-case-name: tests.test_hashrelay,tests.test_hashing -*-
+"""
+What pop3srv's processes say to each other: AMP commands
+(L{twisted.protocols.amp}) and the errors they declare.
+
+Two conversations use them, each on a UNIX stream socket pair made when
+the child process starts:
+
+  - a server process and one of its hashing processes
+    (L{pop3srv.processes.hashpool}, L{pop3srv.processes.hashchild}):
+    L{CheckPassword};
+  - a child server process and the parent server process
+    (L{pop3srv.processes.supervisor}, L{pop3srv.processes.hashrelay}):
+    L{RelayCheck}, a password check for the parent's hashing pool.
+
+AMP matches each answer to its question and carries declared errors as
+their own types, so there is no request id or error-name table of ours.
+Nothing is unpickled: a L{VerifyResult} crosses as the JSON object of its
+dataclass fields, so a field added to it crosses as long as its value is
+plain JSON (text, numbers, booleans, null).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import socket
+from typing import Any
+
+from twisted.internet.protocol import Factory, connectionDone
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from pop3srv.auth.userfile import VerifyResult
+
+__all__ = [
+    "CheckPassword",
+    "HashCheckFailed",
+    "HashProcessDied",
+    "LogEvents",
+    "Peer",
+    "RelayCheck",
+    "Result",
+    "connect",
+]
+
+
+class HashProcessDied(Exception):
+    """The process checking a password exited before answering."""
+
+
+class HashCheckFailed(Exception):
+    """The password check raised where it ran (which logged why)."""
+
+
+class _JSON(amp.Argument):
+    """An argument that is a JSON document."""
+
+    def toString(self, inObject: Any) -> bytes:
+        return json.dumps(inObject, separators=(",", ":")).encode()
+
+    def fromString(self, inString: bytes) -> Any:
+        return json.loads(inString)
+
+
+class Result(_JSON):
+    """A L{VerifyResult}, as the JSON object of its fields."""
+
+    def toString(self, inObject: VerifyResult) -> bytes:
+        fields = {f.name: getattr(inObject, f.name) for f in dataclasses.fields(inObject)}
+        return super().toString(fields)
+
+    def fromString(self, inString: bytes) -> VerifyResult:
+        fields = super().fromString(inString)
+        if not isinstance(fields, dict):
+            raise TypeError("a result must be a JSON object")
+        known = {f.name for f in dataclasses.fields(VerifyResult)}
+        return VerifyResult(**{k: v for k, v in fields.items() if k in known})
+
+
+class LogEvents(_JSON):
+    """
+    Log events, each a plain dict (C{namespace}, C{level}, C{format},
+    C{fields}), to be re-emitted by the receiver.
+    """
+
+
+class CheckPassword(amp.Command):
+    """
+    A server process asks its hashing process to check a password.
+
+    The answer is the L{VerifyResult}, or none if the check raised (the
+    error is then among the events), and the log events the check emitted.
+    """
+
+    arguments = [(b"username", amp.Unicode()), (b"password", amp.Unicode())]
+    response = [(b"result", Result(optional=True)), (b"events", LogEvents())]
+
+
+class RelayCheck(amp.Command):
+    """
+    A child server process asks the parent to check a password in the
+    parent's hashing pool.  C{path} is the user file of the C{passlib}
+    checker, which names the parent's verifier for it.
+    """
+
+    arguments = [
+        (b"path", amp.Unicode()),
+        (b"username", amp.Unicode()),
+        (b"password", amp.Unicode()),
+    ]
+    response = [(b"result", Result())]
+    errors = {HashProcessDied: b"HASH-PROCESS-DIED", HashCheckFailed: b"HASH-CHECK-FAILED"}
+
+
+class Peer(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
+    """
+    One end of an AMP connection: L{amp.AMP} without its log lines on every
+    connection made and lost (the processes come and go with the server,
+    and their sockets are not the admin's concern).
+    """
+
+    def __init__(self) -> None:
+        amp.BoxDispatcher.__init__(self, self)
+        amp.BinaryBoxProtocol.__init__(self, self)
+
+    def connectionLost(self, reason: Failure = connectionDone) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        # Answers to a peer that is gone are dropped (BoxDispatcher's rule).
+        self.transport = None
+
+
+def connect(reactor: Any, sock: socket.socket, protocol: Peer) -> None:
+    """
+    Run C{protocol} on our end of a UNIX socket pair, then close C{sock}:
+    the reactor works on a duplicate (C{IReactorSocket.adoptStreamConnection}).
+
+    @param reactor: provides C{IReactorSocket}.
+    """
+    reactor.adoptStreamConnection(
+        sock.fileno(), socket.AF_UNIX, Factory.forProtocol(lambda: protocol)
+    )
+    sock.close()
