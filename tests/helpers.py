@@ -4,6 +4,9 @@ wrap them are in C{conftest.py}).
 
   - L{b64}: base64 text, as SASL exchanges it;
   - L{run_now}: a C{defer_to_thread} that runs the call at once;
+  - L{RunNow}: a thread pool and reactor for C{deferToThreadPool} (as
+    L{pop3srv.auth.checker.PasslibChecker} takes them) that run the work
+    at once in the calling thread;
   - L{result_of}, L{failure_of}: the result of an already fired Deferred,
     as C{SynchronousTestCase.successResultOf}/C{failureResultOf} give it,
     for plain pytest functions;
@@ -12,12 +15,16 @@ wrap them are in C{conftest.py}).
   - L{FakeMailbox}, L{FakeRealm}, L{MESSAGES}: an IMailbox over byte strings
     answering plainly, with fired Deferreds or with Deferreds that fire
     later on a fake clock, and a realm that hands it out;
-  - L{Recorder}: a client protocol that keeps everything it receives.
+  - L{Recorder}: a client protocol that keeps everything it receives;
+  - L{ScramClient}: a SCRAM-SHA-256 client written from RFC 5802,
+    independent of L{pop3srv.core.scram}.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
+import hmac
 import io
 import time
 from collections.abc import Callable
@@ -46,6 +53,35 @@ def b64(data: bytes | str) -> str:
 def run_now(f: Callable[..., Any], *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
     """A C{deferToThread} stand-in: call C{f} now, return a fired Deferred."""
     return defer.maybeDeferred(f, *args, **kwargs)
+
+
+class RunNow:
+    """
+    A thread pool and a reactor for C{deferToThreadPool}, in one: the work
+    runs at once in the calling thread, so each Deferred has fired when the
+    call returns.
+
+    @ivar calls: how many calls were handed to the "thread pool".
+    """
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def callInThreadWithCallback(
+        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kw: Any
+    ) -> None:
+        """Call C{f} and pass the outcome to C{on_result}, as L{ThreadPool} does."""
+        self.calls += 1
+        try:
+            result = f(*args, **kw)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
+        """Call C{f} now."""
+        f(*args, **kw)
 
 
 def _outcome(d: defer.Deferred[Any]) -> Any:
@@ -125,8 +161,9 @@ class FakeMailbox:
     def getUidl(self, index: int) -> str:
         return f"uid-{index}"
 
-    def deleteMessage(self, index: int) -> None:
+    def deleteMessage(self, index: int) -> Any:
         self.deleted.add(index)
+        return self._answer(None)
 
     def undeleteMessages(self) -> None:
         self.deleted.clear()
@@ -172,3 +209,60 @@ class Recorder(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         self.received += data
+
+
+class ScramClient:
+    """
+    A SCRAM-SHA-256 client written from RFC 5802 section 3, independent of
+    L{pop3srv.core.scram}.
+    """
+
+    def __init__(
+        self,
+        user: str,
+        password: str,
+        gs2_flag: str = "n",
+        cbind_data: bytes = b"",
+        authzid: str = "",
+        nonce: str = "fyko+d2lbbFgONRv9qkxdawL",
+    ) -> None:
+        authz = f"a={authzid.replace('=', '=3D').replace(',', '=2C')}" if authzid else ""
+        self.gs2_header = f"{gs2_flag},{authz},"
+        self.cbind_data = cbind_data
+        self.password = password
+        self.nonce = nonce
+        name = user.replace("=", "=3D").replace(",", "=2C")
+        self.first_bare = f"n={name},r={nonce}"
+        self.auth_message = b""
+        self.salted = b""
+
+    def first(self) -> str:
+        """
+        @return: client-first-message, base64.
+        """
+        return b64(self.gs2_header + self.first_bare)
+
+    def final(self, server_first: bytes) -> str:
+        """
+        @return: client-final-message, base64.
+        """
+        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
+        assert attrs["r"].startswith(self.nonce)
+        salt = base64.b64decode(attrs["s"])
+        self.salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, int(attrs["i"]))
+        cbind = base64.b64encode(self.gs2_header.encode() + self.cbind_data).decode()
+        without_proof = f"c={cbind},r={attrs['r']}"
+        self.auth_message = f"{self.first_bare},{server_first.decode()},{without_proof}".encode()
+        client_key = hmac.new(self.salted, b"Client Key", "sha256").digest()
+        stored_key = hashlib.sha256(client_key).digest()
+        signature = hmac.new(stored_key, self.auth_message, "sha256").digest()
+        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
+        return b64(f"{without_proof},p={base64.b64encode(proof).decode()}")
+
+    def check_server(self, server_final: bytes) -> bool:
+        """
+        @return: whether the server's C{v=} proves it knows our keys.
+        """
+        server_key = hmac.new(self.salted, b"Server Key", "sha256").digest()
+        expected = hmac.new(server_key, self.auth_message, "sha256").digest()
+        return server_final == b"v=" + base64.b64encode(expected)

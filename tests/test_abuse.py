@@ -14,7 +14,7 @@ from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
+from twisted.logger import LogEvent, formatEvent
 
 from pop3srv.server.limits import (
     AccessRules,
@@ -182,22 +182,17 @@ def test_login_timeout_for_unauthenticated_connections() -> None:
     assert logged_in.wait(120) == b""
 
 
-def test_audit_lines_and_no_password() -> None:
+def test_audit_lines_and_no_password(log_events: list[LogEvent]) -> None:
     """Failures, lockouts, refusals and successes each log one stable audit line."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        server = Server(throttle=AuthThrottle(ThrottleSettings(pair_limit=2)))
-        client = server.connect("192.0.2.44")
-        for _ in range(3):
-            client.send('USER "evil\u00e9\r\nPASS hunter2-secret\r\n'.encode())
-            client.wait(60)
-        client.send(b"USER alice\r\nPASS secret\r\n")
+    server = Server(throttle=AuthThrottle(ThrottleSettings(pair_limit=2)))
+    client = server.connect("192.0.2.44")
+    for _ in range(3):
+        client.send('USER "evil\u00e9\r\nPASS hunter2-secret\r\n'.encode())
         client.wait(60)
-        server.connect("192.0.2.45").send(b"USER bob\r\nPASS pw\r\n")
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    lines = [formatEvent(e) for e in events if e.get("log_namespace") == "pop3srv.audit"]
+    client.send(b"USER alice\r\nPASS secret\r\n")
+    client.wait(60)
+    server.connect("192.0.2.45").send(b"USER bob\r\nPASS pw\r\n")
+    lines = [formatEvent(e) for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
     shapes = [line.split(" session=")[0] + " " + line.split(" user=")[1] for line in lines]
     assert shapes == [
         'pop3srv-audit event=login-failed "\\"evil\\u00e9" reason=bad-credentials',
@@ -208,4 +203,4 @@ def test_audit_lines_and_no_password() -> None:
         'pop3srv-audit event=login-ok "bob" reason=password',
     ]
     assert all(" peer=192.0.2.4" in line for line in lines)
-    assert "hunter2" not in repr(events) and "secret" not in repr(events)
+    assert "hunter2" not in repr(log_events) and "secret" not in repr(log_events)

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import RunNow, ScramClient
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred import strcred
@@ -22,7 +23,6 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.plugin import getPlugins
-from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
@@ -62,42 +62,6 @@ def temp_dir(case: SynchronousTestCase) -> Path:
     return Path(path)
 
 
-class SyncThreadPool:
-    """
-    Runs "threaded" work at once in the calling thread, reporting as
-    L{ThreadPool.callInThreadWithCallback} does.
-    """
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any
-    ) -> None:
-        """
-        Call C{f} and pass the outcome to C{on_result}.
-        """
-        self.calls += 1
-        try:
-            result = f(*args)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-
-class SyncReactor:
-    """
-    The part of a reactor L{deferToThreadPool} needs, without threads.
-    """
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any) -> None:
-        """
-        Call C{f} now.
-        """
-        f(*args)
-
-
 class PasslibCheckerTests(SynchronousTestCase):
     """
     L{PasslibChecker} with an injected synchronous thread pool, so each
@@ -108,9 +72,9 @@ class PasslibCheckerTests(SynchronousTestCase):
         """
         A checker over a fresh user file, collecting log events.
         """
-        self.pool = SyncThreadPool()
+        self.pool = RunNow()
         self.users = make_users(temp_dir(self))
-        self.checker = PasslibChecker(self.users, reactor=SyncReactor(), threadpool=self.pool)  # type: ignore[arg-type]
+        self.checker = PasslibChecker(self.users, reactor=RunNow(), threadpool=self.pool)  # type: ignore[arg-type]
         self.events: list[LogEvent] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -231,9 +195,7 @@ class LabelAndScramTests(SynchronousTestCase):
             f"carol:{scram_hash.hash(PASSWORD)}:nopop3\n"
             f"carol:{scram_hash.hash('carol-app')}:app=mail\n"
         )
-        self.checker = PasslibChecker(
-            UserFile(path), reactor=SyncReactor(), threadpool=SyncThreadPool()
-        )  # type: ignore[arg-type]
+        self.checker = PasslibChecker(UserFile(path), reactor=RunNow(), threadpool=RunNow())  # type: ignore[arg-type]
         self.events: list[LogEvent] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -265,7 +227,7 @@ class LabelAndScramTests(SynchronousTestCase):
         """
         path = temp_dir(self) / "users"
         path.write_text(f"alic\u00e9:{sha256_crypt.using(rounds=1000).hash('x')}\n")
-        checker = PasslibChecker(UserFile(path), reactor=SyncReactor(), threadpool=SyncThreadPool())  # type: ignore[arg-type]
+        checker = PasslibChecker(UserFile(path), reactor=RunNow(), threadpool=RunNow())  # type: ignore[arg-type]
         creds = UsernamePassword("alic" + "e\u0301", b"x")  # type: ignore[arg-type]
         self.assertEqual(
             self.successResultOf(checker.requestAvatarId(creds)), "alic\u00e9".encode()
@@ -291,8 +253,6 @@ class LabelAndScramTests(SynchronousTestCase):
         Run a SCRAM exchange against the checker's lookup, with a client
         from RFC 5802, and hand the credentials to the checker.
         """
-        from tests.test_sasl import ScramClient
-
         server = sasl.SASLServer(
             mechanisms=[sasl.SCRAM_SHA_256], tls_active=False, plaintext_allowed=False
         )
@@ -363,8 +323,8 @@ class LabelAndScramTests(SynchronousTestCase):
 
         return PasslibChecker(
             self.checker.users,
-            reactor=SyncReactor(),  # type: ignore[arg-type]
-            threadpool=SyncThreadPool(),  # type: ignore[arg-type]
+            reactor=RunNow(),  # type: ignore[arg-type]
+            threadpool=RunNow(),  # type: ignore[arg-type]
             authorizer=Rule(),
         )
 
@@ -409,8 +369,6 @@ class LabelAndScramTests(SynchronousTestCase):
         """
         A SCRAM proof with an allowed authzid logs in as the authzid.
         """
-        from tests.test_sasl import ScramClient
-
         checker = self.authorized_checker(lambda c, z: c == "alice")
         server = sasl.SASLServer(
             mechanisms=[sasl.SCRAM_SHA_256],
@@ -540,8 +498,8 @@ def test_make_checker_from_string(tmp_path: Path) -> None:
     users = make_users(tmp_path)
     checker = strcred.makeChecker(f"passlib:{users.path}")
     assert isinstance(checker, PasslibChecker)
-    checker._reactor = SyncReactor()
-    checker._threadpool = SyncThreadPool()  # type: ignore[assignment]
+    checker._reactor = RunNow()
+    checker._threadpool = RunNow()  # type: ignore[assignment]
     d = checker.requestAvatarId(UsernamePassword(b"alice", PASSWORD.encode()))
     results: list[object] = []
     d.addBoth(results.append)

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Callable
 
+from helpers import b64
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,7 +40,7 @@ def machine_in(state: m.State) -> m.Pop3Machine:
         machine.login_succeeded("alice", [10, 20], lambda i: f"uid{i}")
     if state is m.State.UPDATE:
         machine.receive_data(b"QUIT\r\n")
-        assert machine.next_action() == m.Commit()
+        assert machine.next_action() == m.Commit(frozenset())
     if state is m.State.CLOSED:
         machine.connection_lost()
     return machine
@@ -109,7 +109,7 @@ def test_transaction_flow() -> None:
     machine = machine_in(m.State.TRANSACTION)
     assert run(machine, b"STAT\r\n") == [m.Reply(b"+OK 2 30\r\n")]
     assert run(machine, b"UIDL 2\r\n") == [m.Reply(b"+OK 2 uid1\r\n")]
-    assert run(machine, b"DELE 1\r\n") == [m.MarkDeleted(0, b"+OK Message 1 deleted.\r\n")]
+    assert run(machine, b"DELE 1\r\n") == [m.Reply(b"+OK Message 1 deleted.\r\n")]
     assert (
         run(machine, b"DELE 1\r\nRETR 1\r\nLIST 1\r\n")
         == [m.Reply(b"-ERR Message 1 is deleted.\r\n")] * 3
@@ -120,10 +120,17 @@ def test_transaction_flow() -> None:
         m.Reply(b"+OK 1 messages.\r\n2 uid1\r\n.\r\n"),
     ]
     assert run(machine, b"RETR 3\r\nRETR 0\r\n") == [m.Reply(b"-ERR No such message.\r\n")] * 2
-    assert run(machine, b"RSET\r\n") == [m.UnmarkDeleted(b"+OK Maildrop has 2 messages.\r\n")]
+    assert run(machine, b"RSET\r\n") == [m.Reply(b"+OK Maildrop has 2 messages.\r\n")]
     assert run(machine, b"RETR 1\r\nTOP 2 3\r\n") == [
         m.SendMessage(0, None, b"+OK 10 octets.\r\n"),
         m.SendMessage(1, 3, b"+OK Top of message follows.\r\n"),
+    ]
+    # The marks are the machine's alone; QUIT hands over those RSET left.
+    assert run(machine, b"DELE 1\r\nRSET\r\nDELE 2\r\nQUIT\r\n") == [
+        m.Reply(b"+OK Message 1 deleted.\r\n"),
+        m.Reply(b"+OK Maildrop has 2 messages.\r\n"),
+        m.Reply(b"+OK Message 2 deleted.\r\n"),
+        m.Commit(frozenset({1})),
     ]
 
 
@@ -133,9 +140,27 @@ def test_quit_commits_only_in_transaction() -> None:
     assert run(machine, b"QUIT\r\n") == [m.Close(b"+OK Bye.\r\n")]
     machine = machine_in(m.State.TRANSACTION)
     run(machine, b"DELE 2\r\n")
-    assert run(machine, b"QUIT\r\nSTAT\r\n") == [m.Commit()]
+    assert run(machine, b"QUIT\r\nSTAT\r\n") == [m.Commit(frozenset({1}))]
     assert machine.commit_succeeded() == b"+OK Bye, 1 messages deleted.\r\n"
     assert machine.state is m.State.CLOSED
+
+
+@given(st.lists(st.sampled_from([b"DELE 1", b"DELE 2", b"DELE 3", b"RSET"]), max_size=8))
+def test_quit_commits_exactly_the_marks_left(lines: list[bytes]) -> None:
+    """
+    Whatever mix of DELE and RSET came before, QUIT commits the 0-based
+    indexes of the messages deleted since the last RSET, and nothing else.
+    """
+    machine = machine_in(m.State.TRANSACTION)
+    marked: set[int] = set()
+    for line in lines:
+        run(machine, line + b"\r\n")
+        if line == b"RSET":
+            marked.clear()
+        elif int(line.split()[1]) <= 2:
+            marked.add(int(line.split()[1]) - 1)
+    assert run(machine, b"QUIT\r\n") == [m.Commit(frozenset(marked))]
+    assert machine.commit_succeeded() == f"+OK Bye, {len(marked)} messages deleted.\r\n".encode()
 
 
 def test_capa_and_greeting() -> None:
@@ -200,18 +225,13 @@ def sasl_machine(authorize: Callable[[str, str], bool] | None = None) -> m.Pop3M
     return m.Pop3Machine(m.Capabilities(sasl=mechanisms), start_sasl=start)
 
 
-def b64(text: str) -> bytes:
-    """@return: C{text} as UTF-8, in base64."""
-    return base64.b64encode(text.encode("utf-8"))
-
-
 def test_sasl_plain_to_transaction() -> None:
     """
     AUTH PLAIN with an initial response asks to verify plain data (no
     Twisted types), waits meanwhile, and enters TRANSACTION on success.
     """
     machine = sasl_machine()
-    machine.receive_data(b"AUTH PLAIN " + b64("\0alice\0pw") + b"\r\nSTAT\r\n")
+    machine.receive_data(b"AUTH PLAIN " + b64("\0alice\0pw").encode() + b"\r\nSTAT\r\n")
     action = machine.next_action()
     assert isinstance(action, m.SaslVerify)
     request = action.request
@@ -232,8 +252,8 @@ def test_sasl_login_failure_stays_in_authorization() -> None:
     """
     machine = sasl_machine()
     assert run(machine, b"AUTH LOGIN\r\n") == [m.Reply(b"+ VXNlcm5hbWU6\r\n")]
-    assert run(machine, b64("alice") + b"\r\n") == [m.Reply(b"+ UGFzc3dvcmQ6\r\n")]
-    machine.receive_data(b64("wrong") + b"\r\n")
+    assert run(machine, b64("alice").encode() + b"\r\n") == [m.Reply(b"+ UGFzc3dvcmQ6\r\n")]
+    machine.receive_data(b64("wrong").encode() + b"\r\n")
     action = machine.next_action()
     assert isinstance(action, m.SaslVerify) and action.request.password == "wrong"
     assert machine.login_failed("AUTH") == b"-ERR [AUTH] Invalid username or password.\r\n"
@@ -250,14 +270,14 @@ def test_sasl_scram_lookup_verify_and_abort() -> None:
     salt = b"s" * 16
     stored = scram.stored_from_salted(salt, 4096, scram.salted_password(b"pw", salt, 4096))
     machine = sasl_machine()
-    machine.receive_data(b"AUTH SCRAM-SHA-256 " + b64("n,,n=alice,r=cnonce") + b"\r\n")
+    machine.receive_data(b"AUTH SCRAM-SHA-256 " + b64("n,,n=alice,r=cnonce").encode() + b"\r\n")
     assert machine.next_action() == m.SaslLookup("alice")
     assert machine.next_action() is m.NEED_DATA
     challenge = machine.sasl_lookup_done(stored)
     assert isinstance(challenge, m.Reply) and challenge.data.startswith(b"+ ")
     # A wrong proof of the right length: the machine does not judge it.
     final = f"c=biws,r=cnonceserver-nonce,p={'A' * 43}="
-    machine.receive_data(b64(final) + b"\r\n")
+    machine.receive_data(b64(final).encode() + b"\r\n")
     action = machine.next_action()
     assert isinstance(action, m.SaslVerify)
     assert action.request.proof is not None and action.request.password is None
@@ -274,11 +294,11 @@ def test_sasl_authzid_reaches_the_verify_step() -> None:
     verify step names it, for the checker to resolve.
     """
     machine = sasl_machine()
-    assert run(machine, b"AUTH PLAIN " + b64("bob\0admin\0pw") + b"\r\n") == [
+    assert run(machine, b"AUTH PLAIN " + b64("bob\0admin\0pw").encode() + b"\r\n") == [
         m.Reply(b"-ERR [AUTH] Authentication failed.\r\n")
     ]
     machine = sasl_machine(authorize=lambda c, z: c == "admin")
-    machine.receive_data(b"AUTH PLAIN " + b64("bob\0admin\0pw") + b"\r\n")
+    machine.receive_data(b"AUTH PLAIN " + b64("bob\0admin\0pw").encode() + b"\r\n")
     action = machine.next_action()
     assert isinstance(action, m.SaslVerify)
     assert (action.request.username, action.request.authzid) == ("admin", "bob")

@@ -9,22 +9,21 @@ from __future__ import annotations
 import base64
 import gc
 import hashlib
-import io
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import MESSAGES, FakeMailbox, FakeRealm, RunNow, ScramClient, b64, run_now
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import IRealm, Portal
+from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, globalLogPublisher
-from twisted.mail.pop3 import IMailbox
 from zope.interface import implementer
 
 from pop3srv.auth.checker import PasslibChecker
@@ -33,81 +32,6 @@ from pop3srv.auth.realm import MboxRealm
 from pop3srv.auth.userfile import UserFile
 from pop3srv.core.errors import CommitFailed, MaildropInUse
 from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy
-from tests.test_checker import SyncReactor, SyncThreadPool
-from tests.test_sasl import ScramClient
-
-MESSAGES = [b"Subject: one\n\nbody one\n", b"Subject: two\n\n.dot line\nlast line no newline"]
-
-
-@implementer(IMailbox)
-class FakeMailbox:
-    """An IMailbox over a list of byte strings, answering in one of three modes."""
-
-    def __init__(self, messages: list[bytes], mode: str, clock: MemoryReactorClock) -> None:
-        self.messages = messages
-        self.deleted: set[int] = set()
-        self.synced: set[int] | None = None
-        self.mode = mode
-        self.clock = clock
-        self.sync_error: Exception | None = None
-        self.closed = False
-
-    def _answer(self, value: Any) -> Any:
-        if self.mode == "plain":
-            return value
-        if self.mode == "fired":
-            return defer.succeed(value)
-        d: defer.Deferred[Any] = defer.Deferred()
-        self.clock.callLater(1, d.callback, value)
-        return d
-
-    def listMessages(self, index: int | None = None) -> Any:
-        sizes = [len(m.replace(b"\n", b"\r\n")) for m in self.messages]
-        return self._answer(sizes if index is None else sizes[index])
-
-    def getMessage(self, index: int) -> io.BytesIO:
-        return io.BytesIO(self.messages[index])
-
-    def getUidl(self, index: int) -> str:
-        return f"uid-{index}"
-
-    def deleteMessage(self, index: int) -> None:
-        self.deleted.add(index)
-
-    def undeleteMessages(self) -> None:
-        self.deleted.clear()
-
-    def sync(self) -> Any:
-        if self.sync_error is not None:
-            error = self.sync_error
-            if self.mode == "plain":
-                raise error
-            if self.mode == "fired":
-                return defer.fail(error)
-            d: defer.Deferred[None] = defer.Deferred()
-            self.clock.callLater(1, d.errback, error)
-            return d
-        self.synced = set(self.deleted)
-        return self._answer(None)
-
-
-@implementer(IRealm)
-class FakeRealm:
-    """Hands out one FakeMailbox, or fails as told."""
-
-    def __init__(self, mailbox: FakeMailbox) -> None:
-        self.mailbox = mailbox
-        self.error: Exception | None = None
-        self.logouts = 0
-
-    def requestAvatar(self, avatarId: bytes, mind: object, *interfaces: Any) -> Any:
-        if self.error is not None:
-            return defer.fail(self.error)
-
-        def logout() -> None:
-            self.logouts += 1
-
-        return defer.succeed((IMailbox, self.mailbox, logout))
 
 
 class Session:
@@ -169,6 +93,48 @@ def test_full_session(mode: str) -> None:
     assert session.transport.disconnecting
     session.protocol.connectionLost()
     assert session.realm.logouts == 1
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_mailbox_hears_of_deletions_only_at_quit(mode: str) -> None:
+    """
+    RFC 1939 deletes in the UPDATE state: DELE and RSET leave the mailbox
+    alone, QUIT deletes exactly the messages still marked and then syncs,
+    and a dropped connection never tells the mailbox anything.
+    """
+    session = Session(mode)
+    session.login()
+    assert session.send(b"DELE 1\r\nDELE 2\r\nRSET\r\nDELE 2\r\n") == (
+        b"+OK Message 1 deleted.\r\n+OK Message 2 deleted.\r\n"
+        b"+OK Maildrop has 2 messages.\r\n+OK Message 2 deleted.\r\n"
+    )
+    assert session.mailbox.deleted == set()
+    assert session.send(b"QUIT\r\n") == b"+OK Bye, 1 messages deleted.\r\n"
+    assert session.mailbox.deleted == session.mailbox.synced == {1}
+    dropped = Session(mode)
+    dropped.login()
+    dropped.send(b"DELE 1\r\n")
+    dropped.protocol.connectionLost()
+    assert dropped.mailbox.deleted == set() and dropped.mailbox.synced is None
+
+
+def test_failed_delete_at_commit_is_a_failed_commit(log_events: list[LogEvent]) -> None:
+    """
+    A mailbox that refuses a deletion at QUIT is not synced: the client gets
+    -ERR [SYS/TEMP] and the connection closes.
+    """
+    session = Session()
+    session.login()
+
+    def refuse(index: int) -> None:
+        raise OSError("disk on fire")
+
+    session.mailbox.deleteMessage = refuse  # type: ignore[method-assign]
+    session.send(b"DELE 1\r\n")
+    assert session.send(b"QUIT\r\n") == b"-ERR [SYS/TEMP] Could not commit deletions.\r\n"
+    assert session.mailbox.synced is None
+    assert session.transport.disconnecting
+    assert [e["log_failure"].type for e in log_events if "log_failure" in e] == [OSError]
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -293,17 +259,12 @@ def test_flood_of_pipelined_input_pauses_reading() -> None:
     assert session.transport.producerState == "producing"
 
 
-def test_password_never_logged() -> None:
+def test_password_never_logged(log_events: list[LogEvent]) -> None:
     """No log event mentions the password, on success or failure."""
-    events: list[LogEvent] = []
-    globalLogPublisher.addObserver(events.append)
-    try:
-        session = Session()
-        session.send(b"USER alice\r\nPASS wrong-pw-123\r\n")
-        session.login()
-    finally:
-        globalLogPublisher.removeObserver(events.append)
-    text = repr(events)
+    session = Session()
+    session.send(b"USER alice\r\nPASS wrong-pw-123\r\n")
+    session.login()
+    text = repr(log_events)
     assert "wrong-pw-123" not in text and "secret" not in text
     assert "login-ok" in text
 
@@ -350,11 +311,6 @@ def test_slow_download_is_not_idle() -> None:
 # --- SASL at the protocol level: the real checker and realm, no processes
 
 
-def sync_thread(f: Any, *args: Any, **kwargs: Any) -> defer.Deferred[Any]:
-    """Run "threaded" work at once: the realm's C{defer_to_thread}."""
-    return defer.maybeDeferred(f, *args, **kwargs)
-
-
 class SaslSession:
     """
     A server with a L{PasslibChecker} and an L{MboxRealm} over temporary
@@ -382,12 +338,12 @@ class SaslSession:
             authorizer = Rule()
         self.checker = PasslibChecker(
             UserFile(users),
-            reactor=SyncReactor(),  # type: ignore[arg-type]
-            threadpool=SyncThreadPool(),  # type: ignore[arg-type]
+            reactor=RunNow(),  # type: ignore[arg-type]
+            threadpool=RunNow(),  # type: ignore[arg-type]
             authorizer=authorizer,
         )
         self.clock = MemoryReactorClock()
-        realm = MboxRealm(f"{tmp}/{{user}}", defer_to_thread=sync_thread)
+        realm = MboxRealm(f"{tmp}/{{user}}", defer_to_thread=run_now)
         self.factory = POP3ServerFactory(
             Portal(realm, [self.checker]),
             reactor=self.clock,
@@ -424,7 +380,7 @@ def sasl_session(tmp_path: Path) -> Iterator[SaslSession]:
 
 
 def plain(authzid: str, authcid: str, password: str) -> str:
-    return base64.b64encode(f"{authzid}\0{authcid}\0{password}".encode()).decode()
+    return b64(f"{authzid}\0{authcid}\0{password}")
 
 
 def test_sasl_offered_from_the_portal(sasl_session: SaslSession) -> None:

@@ -1,25 +1,18 @@
 """
 Tests for L{pop3srv.core.sasl}: the SASL exchange (RFC 5034) with PLAIN, LOGIN
-and SCRAM-SHA-256(-PLUS), driven by a SCRAM client written here from RFC
-5802, and fuzzed with hypothesis.
+and SCRAM-SHA-256(-PLUS), driven by the SCRAM client of L{helpers}
+(written from RFC 5802), and fuzzed with hypothesis.
 """
 
 from __future__ import annotations
 
 import base64
-import datetime
-import hashlib
-import hmac
 from collections.abc import Callable
 
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, ed25519
-from cryptography.x509.oid import NameOID
+from helpers import ScramClient, b64
 from hypothesis import given
 from hypothesis import strategies as st
-from OpenSSL import SSL
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
 from zope.interface import implementer
@@ -41,22 +34,12 @@ from pop3srv.core.sasl import (
     Success,
     Verify,
 )
-from pop3srv.server.tls import bindings_from_tls_connection, tls_server_end_point
 
 ALL = [sasl.SCRAM_SHA_256_PLUS, sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
 NO_PLUS = [sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
 EXPORTER = ChannelBinding("tls-exporter", b"E" * 32)
 END_POINT = ChannelBinding("tls-server-end-point", b"S" * 32)
 RFC_SERVER_NONCE = "%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0"
-
-
-def b64(data: bytes | str) -> str:
-    """
-    @return: C{data} (UTF-8 if text) in base64.
-    """
-    if isinstance(data, str):
-        data = data.encode("utf-8")
-    return base64.b64encode(data).decode("ascii")
 
 
 def make_server(
@@ -89,63 +72,6 @@ def stored_for(
     """
     salted = scram.salted_password(password.encode(), salt, iterations)
     return scram.stored_from_salted(salt, iterations, salted)
-
-
-class ScramClient:
-    """
-    A SCRAM-SHA-256 client written from RFC 5802 section 3, independent of
-    L{pop3srv.core.scram}.
-    """
-
-    def __init__(
-        self,
-        user: str,
-        password: str,
-        gs2_flag: str = "n",
-        cbind_data: bytes = b"",
-        authzid: str = "",
-        nonce: str = "fyko+d2lbbFgONRv9qkxdawL",
-    ) -> None:
-        authz = f"a={authzid.replace('=', '=3D').replace(',', '=2C')}" if authzid else ""
-        self.gs2_header = f"{gs2_flag},{authz},"
-        self.cbind_data = cbind_data
-        self.password = password
-        self.nonce = nonce
-        name = user.replace("=", "=3D").replace(",", "=2C")
-        self.first_bare = f"n={name},r={nonce}"
-        self.auth_message = b""
-        self.salted = b""
-
-    def first(self) -> str:
-        """
-        @return: client-first-message, base64.
-        """
-        return b64(self.gs2_header + self.first_bare)
-
-    def final(self, server_first: bytes) -> str:
-        """
-        @return: client-final-message, base64.
-        """
-        attrs = dict(part.split("=", 1) for part in server_first.decode().split(","))
-        assert attrs["r"].startswith(self.nonce)
-        salt = base64.b64decode(attrs["s"])
-        self.salted = hashlib.pbkdf2_hmac("sha256", self.password.encode(), salt, int(attrs["i"]))
-        cbind = base64.b64encode(self.gs2_header.encode() + self.cbind_data).decode()
-        without_proof = f"c={cbind},r={attrs['r']}"
-        self.auth_message = f"{self.first_bare},{server_first.decode()},{without_proof}".encode()
-        client_key = hmac.new(self.salted, b"Client Key", "sha256").digest()
-        stored_key = hashlib.sha256(client_key).digest()
-        signature = hmac.new(stored_key, self.auth_message, "sha256").digest()
-        proof = bytes(a ^ b for a, b in zip(client_key, signature, strict=True))
-        return b64(f"{without_proof},p={base64.b64encode(proof).decode()}")
-
-    def check_server(self, server_final: bytes) -> bool:
-        """
-        @return: whether the server's C{v=} proves it knows our keys.
-        """
-        server_key = hmac.new(self.salted, b"Server Key", "sha256").digest()
-        expected = hmac.new(server_key, self.auth_message, "sha256").digest()
-        return server_final == b"v=" + base64.b64encode(expected)
 
 
 def run_scram(
@@ -728,88 +654,3 @@ def test_mechanisms_for() -> None:
         sasl.LOGIN,
     ]
     assert portal_mechanisms([ClaimsScramChecker()], tls_active=True, plaintext_allowed=True) == []
-
-
-# --- channel binding data
-
-
-def certificate(key: object, algorithm: hashes.HashAlgorithm | None) -> bytes:
-    """
-    @return: a self-signed certificate for C{key}, signed with C{algorithm}, DER.
-    """
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())  # type: ignore[attr-defined]
-        .serial_number(1)
-        .not_valid_before(now)
-        .not_valid_after(now + datetime.timedelta(days=1))
-        .sign(key, algorithm)  # type: ignore[arg-type]
-    )
-    return cert.public_bytes(serialization.Encoding.DER)
-
-
-SHA1_CERT = (
-    "MIIBfDCCASKgAwIBAgIUJiNsR2Qoawm5B+vrHU1XQsRKXWowCQYHKoZIzj0EATAUMRIwEAYDVQQD"
-    "DAlzaGExLXRlc3QwHhcNMjYxMTI2MDc0MTAzWhcNMzYxMTIzMDc0MTAzWjAUMRIwEAYDVQQDDAlz"
-    "aGExLXRlc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATO5ehgv3LBU+zVaNaNj3T6KJUStvv7"
-    "zqsn6CDaQqVYlOa1o4JWM3ReJAwPBluFT1YL5OrXCxAHhaCujmJy2o4Vo1MwUTAdBgNVHQ4EFgQU"
-    "l1rJuEUAVQxXTvy/XWUs00KYRiYwHwYDVR0jBBgwFoAUl1rJuEUAVQxXTvy/XWUs00KYRiYwDwYD"
-    "VR0TAQH/BAUwAwEB/zAJBgcqhkjOPQQBA0kAMEYCIQCY0318hTwkcKHgcgkfEIlH0yxBOqSuFKhT"
-    "qGsy19HnwAIhALO7n5kmx9KDq7q57E42436JsAirRJJoVlyCsjv4CYDG"
-)
-
-
-def test_tls_server_end_point_hash_choice() -> None:
-    """
-    RFC 5929: the certificate's signature hash (SHA-384 stays SHA-384),
-    SHA-1 becomes SHA-256, and a hashless signature (Ed25519) uses SHA-256.
-    """
-    ec_key = ec.generate_private_key(ec.SECP256R1())
-    der = certificate(ec_key, hashes.SHA384())
-    assert tls_server_end_point(der) == hashlib.sha384(der).digest()
-    der = certificate(ec_key, hashes.SHA256())
-    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
-    # Made with "openssl req -x509 -sha1": cryptography will not sign with SHA-1.
-    der = base64.b64decode(SHA1_CERT)
-    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
-    der = certificate(ed25519.Ed25519PrivateKey.generate(), None)
-    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
-
-
-def test_bindings_from_tls_connection() -> None:
-    """
-    After a real TLS 1.3 handshake (memory BIOs), the server offers
-    C{tls-exporter} with the same data the client derives, and
-    C{tls-server-end-point} of its certificate.
-    """
-    key = ec.generate_private_key(ec.SECP256R1())
-    der = certificate(key, hashes.SHA256())
-    server_ctx = SSL.Context(SSL.TLS_METHOD)
-    server_ctx.use_certificate(x509.load_der_x509_certificate(der))
-    server_ctx.use_privatekey(key)
-    client_ctx = SSL.Context(SSL.TLS_METHOD)
-    server = SSL.Connection(server_ctx, None)
-    server.set_accept_state()
-    client = SSL.Connection(client_ctx, None)
-    client.set_connect_state()
-    for _ in range(10):
-        for conn in (client, server):
-            try:
-                conn.do_handshake()
-            except SSL.WantReadError:
-                pass
-        for src, dst in ((client, server), (server, client)):
-            try:
-                dst.bio_write(src.bio_read(65536))
-            except SSL.WantReadError:
-                pass
-    assert server.get_protocol_version_name() == "TLSv1.3"
-    bindings = bindings_from_tls_connection(server)
-    assert [b.type for b in bindings] == ["tls-exporter", "tls-server-end-point"]
-    assert bindings[0].data == client.export_keying_material(b"EXPORTER-Channel-Binding", 32)
-    assert bindings[1].data == hashlib.sha256(der).digest()
-    assert "data" not in repr(bindings[0]) and repr(bindings[0]) == "ChannelBinding('tls-exporter')"

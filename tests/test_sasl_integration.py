@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 from certs import Authority
-from helpers import b64
+from helpers import ScramClient, b64
 from livepop3 import PASSWORDS, Pop3Server, write_mbox
 from passlib.hash import scram as scram_hash
-from test_sasl import ScramClient
 
 PW = PASSWORDS["alice"]
 

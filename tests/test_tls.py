@@ -2,17 +2,25 @@
 Tests for L{pop3srv.server.tls}: the certificate source loads a chain and key
 made by L{certs}, C{reload} takes renewed files and keeps the old pair when
 the new one is bad, and every file problem is a one-line L{TLSConfigError}
-naming the file.
+naming the file; the channel binding data SCRAM-SHA-256-PLUS uses
+(RFC 5929, RFC 9266) is taken from a real handshake.
 """
 
 from __future__ import annotations
 
+import base64
+import datetime
+import hashlib
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 from certs import Authority
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519
+from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLContextFactory
 from twisted.logger import LogEvent, formatEvent
@@ -22,7 +30,9 @@ from pop3srv.server.tls import (
     TLSConfigError,
     TLSContextSource,
     TLSMinimum,
+    bindings_from_tls_connection,
     load_tls,
+    tls_server_end_point,
 )
 
 
@@ -189,3 +199,88 @@ def test_encrypted_key(tmp_path: Path, pki: Files) -> None:
 def test_config_error_is_value_error() -> None:
     """Callers that catch ValueError for bad settings also catch TLSConfigError."""
     assert issubclass(TLSConfigError, ValueError)
+
+
+# --- channel binding data
+
+
+def certificate(key: object, algorithm: hashes.HashAlgorithm | None) -> bytes:
+    """
+    @return: a self-signed certificate for C{key}, signed with C{algorithm}, DER.
+    """
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())  # type: ignore[attr-defined]
+        .serial_number(1)
+        .not_valid_before(now)
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .sign(key, algorithm)  # type: ignore[arg-type]
+    )
+    return cert.public_bytes(serialization.Encoding.DER)
+
+
+SHA1_CERT = (
+    "MIIBfDCCASKgAwIBAgIUJiNsR2Qoawm5B+vrHU1XQsRKXWowCQYHKoZIzj0EATAUMRIwEAYDVQQD"
+    "DAlzaGExLXRlc3QwHhcNMjYxMTI2MDc0MTAzWhcNMzYxMTIzMDc0MTAzWjAUMRIwEAYDVQQDDAlz"
+    "aGExLXRlc3QwWTATBgcqhkjOPQIBBggqhkjOPQMBBwNCAATO5ehgv3LBU+zVaNaNj3T6KJUStvv7"
+    "zqsn6CDaQqVYlOa1o4JWM3ReJAwPBluFT1YL5OrXCxAHhaCujmJy2o4Vo1MwUTAdBgNVHQ4EFgQU"
+    "l1rJuEUAVQxXTvy/XWUs00KYRiYwHwYDVR0jBBgwFoAUl1rJuEUAVQxXTvy/XWUs00KYRiYwDwYD"
+    "VR0TAQH/BAUwAwEB/zAJBgcqhkjOPQQBA0kAMEYCIQCY0318hTwkcKHgcgkfEIlH0yxBOqSuFKhT"
+    "qGsy19HnwAIhALO7n5kmx9KDq7q57E42436JsAirRJJoVlyCsjv4CYDG"
+)
+
+
+def test_tls_server_end_point_hash_choice() -> None:
+    """
+    RFC 5929: the certificate's signature hash (SHA-384 stays SHA-384),
+    SHA-1 becomes SHA-256, and a hashless signature (Ed25519) uses SHA-256.
+    """
+    ec_key = ec.generate_private_key(ec.SECP256R1())
+    der = certificate(ec_key, hashes.SHA384())
+    assert tls_server_end_point(der) == hashlib.sha384(der).digest()
+    der = certificate(ec_key, hashes.SHA256())
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+    # Made with "openssl req -x509 -sha1": cryptography will not sign with SHA-1.
+    der = base64.b64decode(SHA1_CERT)
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+    der = certificate(ed25519.Ed25519PrivateKey.generate(), None)
+    assert tls_server_end_point(der) == hashlib.sha256(der).digest()
+
+
+def test_bindings_from_tls_connection() -> None:
+    """
+    After a real TLS 1.3 handshake (memory BIOs), the server offers
+    C{tls-exporter} with the same data the client derives, and
+    C{tls-server-end-point} of its certificate.
+    """
+    key = ec.generate_private_key(ec.SECP256R1())
+    der = certificate(key, hashes.SHA256())
+    server_ctx = SSL.Context(SSL.TLS_METHOD)
+    server_ctx.use_certificate(x509.load_der_x509_certificate(der))
+    server_ctx.use_privatekey(key)
+    client_ctx = SSL.Context(SSL.TLS_METHOD)
+    server = SSL.Connection(server_ctx, None)
+    server.set_accept_state()
+    client = SSL.Connection(client_ctx, None)
+    client.set_connect_state()
+    for _ in range(10):
+        for conn in (client, server):
+            try:
+                conn.do_handshake()
+            except SSL.WantReadError:
+                pass
+        for src, dst in ((client, server), (server, client)):
+            try:
+                dst.bio_write(src.bio_read(65536))
+            except SSL.WantReadError:
+                pass
+    assert server.get_protocol_version_name() == "TLSv1.3"
+    bindings = bindings_from_tls_connection(server)
+    assert [b.type for b in bindings] == ["tls-exporter", "tls-server-end-point"]
+    assert bindings[0].data == client.export_keying_material(b"EXPORTER-Channel-Binding", 32)
+    assert bindings[1].data == hashlib.sha256(der).digest()
+    assert "data" not in repr(bindings[0]) and repr(bindings[0]) == "ChannelBinding('tls-exporter')"

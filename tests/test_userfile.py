@@ -14,15 +14,14 @@ import fcntl
 import os
 import stat
 import threading
-from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from helpers import RunNow
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from twisted.cred.credentials import UsernamePassword
-from twisted.logger import LogEvent, formatEvent, globalLogPublisher
-from twisted.python.failure import Failure
+from twisted.logger import LogEvent, formatEvent
 
 from pop3srv.auth import editor, hashpolicy
 from pop3srv.auth.checker import PasslibChecker
@@ -82,17 +81,6 @@ def cheap(scheme: str = "sha256_crypt", password: str = PASSWORD) -> str:
     @return: a low-cost hash of C{password}.
     """
     return str(CHEAP[scheme].hash(password))
-
-
-@pytest.fixture
-def events() -> Iterator[list[LogEvent]]:
-    """
-    Collect every log event emitted during the test.
-    """
-    collected: list[LogEvent] = []
-    globalLogPublisher.addObserver(collected.append)
-    yield collected
-    globalLogPublisher.removeObserver(collected.append)
 
 
 def messages(events: list[LogEvent]) -> list[str]:
@@ -201,7 +189,7 @@ def test_comments_blank_lines_and_crlf(tmp_path: Path) -> None:
     ids=lambda value: "case" if "hunter2" in str(value) else None,
 )
 def test_rejected_hashes(
-    tmp_path: Path, events: list[LogEvent], hash_field: str, reason: str
+    tmp_path: Path, log_events: list[LogEvent], hash_field: str, reason: str
 ) -> None:
     """
     Plaintext, unknown, disabled, malformed and mislabelled hashes are
@@ -213,12 +201,12 @@ def test_rejected_hashes(
     assert "alice" not in users
     assert not users.verify("alice", "hunter2")
     assert users.verify("bob", PASSWORD)
-    logged = messages(events)
+    logged = messages(log_events)
     assert any(f"{path}:1:" in m and reason in m for m in logged), logged
-    assert not any("hunter2" in repr(e) for e in events)
+    assert not any("hunter2" in repr(e) for e in log_events)
 
 
-def test_malformed_lines_logged_and_skipped(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_malformed_lines_logged_and_skipped(tmp_path: Path, log_events: list[LogEvent]) -> None:
     """
     Lines with no colon, an empty or invalid name, invalid UTF-8 or a
     duplicate name are each logged with the file path and line number and
@@ -243,7 +231,7 @@ def test_malformed_lines_logged_and_skipped(tmp_path: Path, events: list[LogEven
     assert users.verify("alice", PASSWORD)
     assert not users.verify("alice", "second")
     assert users.verify("bob", PASSWORD)
-    logged = messages(events)
+    logged = messages(log_events)
     for lineno, reason in [
         (2, "no ':' separator"),
         (3, "user name is empty"),
@@ -255,8 +243,8 @@ def test_malformed_lines_logged_and_skipped(tmp_path: Path, events: list[LogEven
             m.startswith(f"{path}:{lineno}: skipping line:") and reason in m for m in logged
         ), (lineno, logged)
     assert not any(f"{path}:{n}:" in m for m in logged for n in (1, 4, 8))
-    assert not any("hunter2" in repr(e) or first in repr(e) for e in events)
-    assert all(e["log_level"].name == "warn" for e in events)
+    assert not any("hunter2" in repr(e) or first in repr(e) for e in log_events)
+    assert all(e["log_level"].name == "warn" for e in log_events)
 
 
 def test_unknown_user_verifies_against_real_hash(
@@ -310,7 +298,9 @@ def test_unknown_user_in_empty_file_uses_dummy_verify(
     assert dummy == [1]
 
 
-def test_password_the_scheme_refuses_is_a_mismatch(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_password_the_scheme_refuses_is_a_mismatch(
+    tmp_path: Path, log_events: list[LogEvent]
+) -> None:
     """
     bcrypt raises for a password over 72 octets or containing NUL; that is
     a failed login, not an exception, and the password is not logged.
@@ -321,11 +311,11 @@ def test_password_the_scheme_refuses_is_a_mismatch(tmp_path: Path, events: list[
     assert not users.verify("alice", "nul\0secret")
     # The unknown-user path borrows the same hash and must not raise either.
     assert not users.verify("mallory", long_secret)
-    assert events
-    assert not any(long_secret in repr(e) or "secret" in repr(e) for e in events)
+    assert log_events
+    assert not any(long_secret in repr(e) or "secret" in repr(e) for e in log_events)
 
 
-def test_deprecated_hash_logs_needs_update_once(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_deprecated_hash_logs_needs_update_once(tmp_path: Path, log_events: list[LogEvent]) -> None:
     """
     With upgrades turned off, a login with a deprecated (htpasswd MD5) hash
     succeeds and logs, once, that the hash should be reset.
@@ -333,10 +323,10 @@ def test_deprecated_hash_logs_needs_update_once(tmp_path: Path, events: list[Log
     users = UserFile(write(tmp_path / "users", f"alice:{OPENSSL_APR1}\n"), upgrade=False)
     assert users.verify("alice", PASSWORD)
     assert users.verify("alice", PASSWORD)
-    notes = [m for m in messages(events) if "pop3srv-passwd" in m]
+    notes = [m for m in messages(log_events) if "pop3srv-passwd" in m]
     assert len(notes) == 1
     assert "'alice'" in notes[0]
-    assert PASSWORD not in repr(events)
+    assert PASSWORD not in repr(log_events)
 
 
 def test_reload_on_change(tmp_path: Path) -> None:
@@ -388,7 +378,7 @@ def test_no_reparse_when_unchanged(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     assert loads == []
 
 
-def test_unreadable_after_start_keeps_last_good(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_unreadable_after_start_keeps_last_good(tmp_path: Path, log_events: list[LogEvent]) -> None:
     """
     If the file vanishes after start the last good contents stay in use and
     one error is logged (not one per lookup); when it comes back it is read
@@ -399,7 +389,7 @@ def test_unreadable_after_start_keeps_last_good(tmp_path: Path, events: list[Log
     path.unlink()
     assert users.verify("alice", PASSWORD)
     assert users.verify("alice", PASSWORD)
-    errors = [e for e in events if e["log_level"].name == "error"]
+    errors = [e for e in log_events if e["log_level"].name == "error"]
     assert len(errors) == 1
     assert formatEvent(errors[0]).startswith(f"{path}: No such file or directory")
 
@@ -409,7 +399,7 @@ def test_unreadable_after_start_keeps_last_good(tmp_path: Path, events: list[Log
 
 
 def test_unreadable_contents_after_start_keeps_last_good(
-    tmp_path: Path, events: list[LogEvent]
+    tmp_path: Path, log_events: list[LogEvent]
 ) -> None:
     """
     A file that still stats but cannot be opened (here: replaced by a
@@ -420,7 +410,7 @@ def test_unreadable_contents_after_start_keeps_last_good(
     path.unlink()
     path.mkdir()
     assert "alice" in users
-    assert any(e["log_level"].name == "error" for e in events)
+    assert any(e["log_level"].name == "error" for e in log_events)
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
@@ -873,16 +863,16 @@ def test_main_password_marked_nopop3(tmp_path: Path) -> None:
         ("alice:{h}:app=a:nopop3", "main password only"),
     ],
 )
-def test_bad_app_lines(tmp_path: Path, events: list[LogEvent], line: str, reason: str) -> None:
+def test_bad_app_lines(tmp_path: Path, log_events: list[LogEvent], line: str, reason: str) -> None:
     """
     Bad labels and contradictory markers are logged and the line skipped.
     """
     path = write(tmp_path / "users", line.format(h=cheap()) + "\n")
     assert "alice" not in UserFile(path)
-    assert any(reason in m for m in messages(events)), messages(events)
+    assert any(reason in m for m in messages(log_events)), messages(log_events)
 
 
-def test_duplicate_app_password(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_duplicate_app_password(tmp_path: Path, log_events: list[LogEvent]) -> None:
     """
     A second line for the same app label and kind is skipped with a message.
     """
@@ -892,7 +882,7 @@ def test_duplicate_app_password(tmp_path: Path, events: list[LogEvent]) -> None:
     assert not users.verify("alice", "x")
     assert any(
         "duplicate app password 'phone' for user 'alice' (first defined on line 1)" in m
-        for m in messages(events)
+        for m in messages(log_events)
     )
 
 
@@ -930,28 +920,6 @@ def verify_and_upgrade(users: UserFile, username: str, password: str) -> tuple[V
     return result, upgraded
 
 
-class RunNow:
-    """
-    A thread pool and a reactor for L{PasslibChecker}, in one: work runs at
-    once in the calling thread, so each Deferred has fired on return.
-    """
-
-    def callInThreadWithCallback(
-        self, on_result: Callable[[bool, Any], None], f: Callable[..., Any], *args: Any, **kw: Any
-    ) -> None:
-        """Call C{f} and pass the outcome to C{on_result}."""
-        try:
-            result = f(*args, **kw)
-        except BaseException:
-            on_result(False, Failure())
-        else:
-            on_result(True, result)
-
-    def callFromThread(self, f: Callable[..., Any], *args: Any, **kw: Any) -> None:
-        """Call C{f} now."""
-        f(*args, **kw)
-
-
 def login(users: UserFile, username: str, password: str) -> Any:
     """
     Log in through L{PasslibChecker} with a thread pool that runs at once.
@@ -969,7 +937,7 @@ def login(users: UserFile, username: str, password: str) -> Any:
 
 
 def test_verify_never_writes_the_file(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     A check that matches a deprecated hash leaves the file alone: it says
@@ -990,11 +958,11 @@ def test_verify_never_writes_the_file(
     assert first.upgrade_hash is not None and first.upgrade_hash.startswith("$argon2id$")
     assert hashpolicy.verify_hash(PASSWORD, first.upgrade_hash)
     assert again == VerifyResult(ok=True, needs_update=True, matched_hash=OPENSSL_APR1)
-    assert not [m for m in messages(events) if "upgrade" in m]
+    assert not [m for m in messages(log_events) if "upgrade" in m]
 
 
 def test_login_through_the_checker_upgrades(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     The checker writes the upgrade the check offers: the login succeeds,
@@ -1011,13 +979,13 @@ def test_login_through_the_checker_upgrades(
     text = path.read_text()
     assert text.startswith("alice:$argon2id$") and text.endswith(":1000\n")
     assert login(users, "alice", PASSWORD) == b"alice"
-    logged = [m for m in messages(events) if "upgraded the apr_md5_crypt" in m]
+    logged = [m for m in messages(log_events) if "upgraded the apr_md5_crypt" in m]
     assert logged == [f"{path}: upgraded the apr_md5_crypt hash of user 'alice' to argon2"]
-    assert PASSWORD not in repr(events)
+    assert PASSWORD not in repr(log_events)
 
 
 def test_failed_upgrade_does_not_fail_the_login(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     A write that cannot be done (the lock held) or that fails in a way no
@@ -1028,19 +996,19 @@ def test_failed_upgrade_does_not_fail_the_login(
     users = UserFile(path)
     with editor._editor_lock(str(path)):
         assert login(users, "alice", PASSWORD) == b"alice"
-    assert any("could not upgrade" in m and "still locked" in m for m in messages(events))
+    assert any("could not upgrade" in m and "still locked" in m for m in messages(log_events))
 
     def broken(*args: Any, **kwargs: Any) -> bool:
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(editor, "apply_upgrade", broken)
     assert login(users, "bob", PASSWORD) == b"bob"
-    assert any("disk on fire" in repr(e) for e in events)
+    assert any("disk on fire" in repr(e) for e in log_events)
     assert path.read_bytes() == before
 
 
 def test_upgrade_rewrites_atomically_and_keeps_other_lines(
-    tmp_path: Path, events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, log_events: list[LogEvent], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """
     After a login with a deprecated hash, the line gets a new argon2 hash
@@ -1081,10 +1049,10 @@ def test_upgrade_rewrites_atomically_and_keeps_other_lines(
     )
     assert users.verify("alice", PASSWORD)
     assert users.verify_detailed("alice", "app").label == "phone"
-    logged = [m for m in messages(events) if "upgraded" in m]
+    logged = [m for m in messages(log_events) if "upgraded" in m]
     # (The cheap argon2 made here is itself upgraded by the next login.)
     assert logged[0] == f"{path}: upgraded the apr_md5_crypt hash of user 'alice' to argon2"
-    assert PASSWORD not in repr(events)
+    assert PASSWORD not in repr(log_events)
 
 
 def test_upgrade_keeps_dovecot_prefix(tmp_path: Path) -> None:
@@ -1098,7 +1066,7 @@ def test_upgrade_keeps_dovecot_prefix(tmp_path: Path) -> None:
     assert UserFile(path).verify("alice", PASSWORD)
 
 
-def test_upgrade_skipped_while_locked(tmp_path: Path, events: list[LogEvent]) -> None:
+def test_upgrade_skipped_while_locked(tmp_path: Path, log_events: list[LogEvent]) -> None:
     """
     While C{pop3srv-passwd} holds the lock, the upgrade is given up (after a
     short wait), logged, and the login still succeeds; the file is unchanged.
@@ -1109,7 +1077,7 @@ def test_upgrade_skipped_while_locked(tmp_path: Path, events: list[LogEvent]) ->
         result, upgraded = verify_and_upgrade(UserFile(path), "alice", PASSWORD)
     assert (result.ok, result.label, result.needs_update, upgraded) == (True, None, True, False)
     assert path.read_bytes() == before
-    assert any("could not upgrade" in m and "still locked" in m for m in messages(events))
+    assert any("could not upgrade" in m and "still locked" in m for m in messages(log_events))
 
 
 def test_replace_hash_only_if_unchanged(tmp_path: Path) -> None:

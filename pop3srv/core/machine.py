@@ -93,26 +93,19 @@ class SendMessage:
 
 
 @dataclass(frozen=True, slots=True)
-class MarkDeleted:
-    """Tell the mailbox the message at C{index} is deleted, then send C{reply}."""
-
-    index: int
-    reply: bytes
-
-
-@dataclass(frozen=True, slots=True)
-class UnmarkDeleted:
-    """Tell the mailbox to undelete every message, then send C{reply}."""
-
-    reply: bytes
-
-
-@dataclass(frozen=True, slots=True)
 class Commit:
     """
-    Make the deletions durable, then call L{Pop3Machine.commit_succeeded} or
+    Delete the messages at C{deleted} (0-based indexes) from the mailbox and
+    make that durable, then call L{Pop3Machine.commit_succeeded} or
     L{Pop3Machine.commit_failed} and close the connection.
+
+    Until this action the deletion marks live in the machine alone: RFC 1939
+    removes messages in the UPDATE state, so the mailbox hears of a C{DELE}
+    only when the client says C{QUIT}, and a dropped connection leaves it
+    untouched.
     """
+
+    deleted: frozenset[int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -167,8 +160,6 @@ Action = (
     Reply
     | Authenticate
     | SendMessage
-    | MarkDeleted
-    | UnmarkDeleted
     | Commit
     | StartTLS
     | Close
@@ -232,7 +223,10 @@ PLAINTEXT_REFUSED = "Plaintext authentication is disallowed without TLS; use STL
 
 
 class _Maildrop:
-    """The session's view of the maildrop: sizes, deletion marks and UIDLs."""
+    """
+    The session's view of the maildrop: sizes, UIDLs, and the deletion
+    marks, which are kept here only (the mailbox hears of them at L{Commit}).
+    """
 
     def __init__(self, sizes: Sequence[int], uidl_of: Callable[[int], str | bytes]) -> None:
         # Packed: a session on a mailbox of tens of thousands of messages
@@ -465,7 +459,7 @@ class Pop3Machine:
             return Reply(format_ok(f"{len(live)} {sum(drop.sizes[i] for i in live)}"))
         if isinstance(command, c.Rset):
             drop.deleted.clear()
-            return UnmarkDeleted(format_ok(f"Maildrop has {len(drop.sizes)} messages."))
+            return Reply(format_ok(f"Maildrop has {len(drop.sizes)} messages."))
         if isinstance(command, c.List | c.Uidl):
             describe: Callable[[int], str | int] = (
                 drop.sizes.__getitem__ if isinstance(command, c.List) else drop.uidl
@@ -484,15 +478,16 @@ class Pop3Machine:
             return Reply(index)
         if isinstance(command, c.Dele):
             drop.deleted.add(index)
-            return MarkDeleted(index, format_ok(f"Message {command.msn} deleted."))
+            return Reply(format_ok(f"Message {command.msn} deleted."))
         if isinstance(command, c.Top):
             return SendMessage(index, command.lines, format_ok("Top of message follows."))
         return SendMessage(index, None, format_ok(f"{drop.sizes[index]} octets."))
 
     def _quit(self) -> Action:
         if self.state is State.TRANSACTION:
+            assert self._maildrop is not None
             self.state = State.UPDATE
-            return Commit()
+            return Commit(frozenset(self._maildrop.deleted))
         self.state = State.CLOSED
         return Close(format_ok("Bye."))
 

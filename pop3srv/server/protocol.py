@@ -429,14 +429,8 @@ class POP3Server(Protocol):
             return self._authenticate(action)
         elif isinstance(action, m.SendMessage):
             return self._send_message(action)
-        elif isinstance(action, m.MarkDeleted):
-            self.mailbox.deleteMessage(action.index)
-            self.transport.write(action.reply)
-        elif isinstance(action, m.UnmarkDeleted):
-            self.mailbox.undeleteMessages()
-            self.transport.write(action.reply)
         elif isinstance(action, m.Commit):
-            return self._commit()
+            return self._commit(action.deleted)
         elif isinstance(action, m.SaslLookup):
             return self._sasl_lookup(action)
         elif isinstance(action, m.SaslVerify):
@@ -587,8 +581,22 @@ class POP3Server(Protocol):
             return None  # the client went away mid-message; nothing to report
         return result
 
-    def _commit(self) -> defer.Deferred[None]:
-        d = defer.maybeDeferred(self.mailbox.sync)
+    def _commit(self, deleted: frozenset[int]) -> defer.Deferred[None]:
+        """
+        The UPDATE state: tell the mailbox which messages are deleted, one
+        after another (an L{IMailbox} may answer each with a L{Deferred}),
+        then make that durable with C{sync}.  Any failure on the way is a
+        failed commit.
+        """
+        mailbox = self.mailbox
+
+        def delete(_: object, index: int) -> defer.Deferred[object]:
+            return defer.maybeDeferred(mailbox.deleteMessage, index)
+
+        d: defer.Deferred[Any] = defer.succeed(None)
+        for index in sorted(deleted):
+            d.addCallback(delete, index)
+        d.addCallback(lambda _: defer.maybeDeferred(mailbox.sync))
 
         def committed(_: object) -> None:
             assert self.machine is not None
