@@ -13,21 +13,29 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import RunNow, ScramClient
+from helpers import FakeRealm, RunNow, ScramClient
 from passlib import hash as passlib_hash  # type: ignore[import-untyped]
 from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred import strcred
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword, UsernamePassword
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet.defer import Deferred
+from twisted.cred.portal import Portal
+from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, globalLogPublisher
 from twisted.plugin import getPlugins
 from twisted.python.threadpool import ThreadPool
 from twisted.trial.unittest import SynchronousTestCase, TestCase
 from zope.interface import implementer
 
-from pop3srv.auth.checker import FAILURE_MESSAGE, AvatarId, PasslibChecker
+from pop3srv.auth.checker import (
+    FAILURE_MESSAGE,
+    MAX_CREDENTIAL_BYTES,
+    AvatarId,
+    CheckerFault,
+    PasslibChecker,
+)
 from pop3srv.auth.credentials import (
     IAuthorizer,
     ISCRAMLookup,
@@ -38,6 +46,8 @@ from pop3srv.auth.credentials import (
 )
 from pop3srv.auth.userfile import UserFile, UserFileError, VerifyResult
 from pop3srv.core import sasl
+from pop3srv.processes.rpc import HashProcessDied
+from pop3srv.server.login import LoginFault, LoginRefused, LoginService, LoginSucceeded, Peer
 
 PASSWORD = "s3cret-Pässword-7731"
 
@@ -153,24 +163,53 @@ class PasslibCheckerTests(SynchronousTestCase):
             self.assertEqual(str(failure.value), FAILURE_MESSAGE)
         self.assertNoPasswordLogged()
 
-    def test_unexpected_error_is_logged_and_unauthorized(self) -> None:
+    def test_unexpected_error_is_logged_and_a_fault(self) -> None:
         """
         An unexpected exception in verification is logged as a failure
-        (without the password) and becomes L{UnauthorizedLogin}.
+        (without the password), once, and fails the check as a server
+        fault (L{CheckerFault}, caused by it), never as L{UnauthorizedLogin}.
         """
 
         def broken(username: str, password: str) -> VerifyResult:
             raise RuntimeError("disk on fire")
 
         self.users.verify_detailed = broken  # type: ignore[method-assign]
-        failure = self.failureResultOf(self.check(b"alice", PASSWORD.encode()), UnauthorizedLogin)
-        self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+        failure = self.failureResultOf(self.check(b"alice", PASSWORD.encode()))
+        self.assertFalse(failure.check(UnauthorizedLogin))
+        self.assertTrue(failure.check(CheckerFault))
+        self.assertIsInstance(failure.value.__cause__, RuntimeError)
         [logged] = self.flushLoggedErrors(RuntimeError)
         self.assertEqual(str(logged.value), "disk on fire")
         critical = [e for e in self.events if e.get("log_failure") is not None]
         self.assertEqual(len(critical), 1)
         self.assertEqual(critical[0]["username"], "alice")
         self.assertNoPasswordLogged()
+
+    def test_oversize_credentials_fail_unchecked(self) -> None:
+        """
+        A user name or password longer than L{MAX_CREDENTIAL_BYTES} octets
+        of UTF-8 fails as a wrong password without reaching the verifier
+        (an AMP hop could not carry it); one of exactly that length is
+        checked.
+        """
+        seen: list[int] = []
+
+        def verifier(username: str, password: str) -> Deferred[VerifyResult]:
+            seen.append(len(password.encode()))
+            return succeed(VerifyResult(ok=False))
+
+        self.checker.verifier = verifier
+        limit = MAX_CREDENTIAL_BYTES
+        for username, password in [
+            ("alice", "x" * (limit + 1)),
+            ("alice", "\u00e9" * (limit // 2 + 1)),
+            ("a" * (limit + 1), "x"),
+        ]:
+            failure = self.failureResultOf(self.check(username, password), UnauthorizedLogin)
+            self.assertEqual(str(failure.value), FAILURE_MESSAGE)
+        self.assertEqual(seen, [])
+        self.failureResultOf(self.check("alice", "x" * limit), UnauthorizedLogin)
+        self.assertEqual(seen, [limit])
 
 
 class LabelAndScramTests(SynchronousTestCase):
@@ -299,8 +338,8 @@ class LabelAndScramTests(SynchronousTestCase):
 
     def test_scram_lookup_error(self) -> None:
         """
-        An unexpected error while checking a proof is logged and becomes
-        L{UnauthorizedLogin}.
+        An unexpected error while checking a proof is logged and fails the
+        check as a server fault, not as L{UnauthorizedLogin}.
         """
 
         def broken(username: str) -> None:
@@ -308,7 +347,8 @@ class LabelAndScramTests(SynchronousTestCase):
 
         self.checker.users.scram_lookup = broken  # type: ignore[method-assign]
         d = self.checker.requestAvatarId(SCRAMCredentials(b"alice", b"m", b"p"))
-        self.failureResultOf(d, UnauthorizedLogin)
+        failure = self.failureResultOf(d, CheckerFault)
+        self.assertFalse(failure.check(UnauthorizedLogin))
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
 
     def authorized_checker(self, rule: Callable[[str, str], bool]) -> PasslibChecker:
@@ -516,3 +556,84 @@ def test_plugin_missing_file(tmp_path: Path) -> None:
     assert str(info.value) == f"{missing}: No such file or directory"
     with pytest.raises(UserFileError, match="requires a user file path"):
         plugin().generateChecker("")
+
+
+# --- a server fault through the login service
+
+
+def fault_service(
+    tmp_path: Path, clock: MemoryReactorClock, realm: FakeRealm
+) -> tuple[LoginService, PasslibChecker]:
+    """
+    A login service over a L{PasslibChecker} of alice (password
+    L{PASSWORD}) whose verifier fails as a dead hashing process does.
+    """
+    run = RunNow()
+    checker = PasslibChecker(
+        make_users(tmp_path),
+        reactor=run,  # type: ignore[arg-type]
+        threadpool=run,  # type: ignore[arg-type]
+        verifier=lambda username, password: fail(HashProcessDied("gone")),
+    )
+    return LoginService.for_portal(Portal(realm, [checker]), clock), checker
+
+
+def attempt(service: LoginService, clock: MemoryReactorClock, password: str) -> Any:
+    """
+    Log alice in from one address, let the failure delay pass.
+
+    @return: the outcome.
+    """
+    creds = PasswordCredentials(b"alice", password.encode())
+    peer = Peer("192.0.2.7", "s1", "192.0.2.7:4000")
+    outcome: list[Any] = []
+    service.login(creds, username="alice", method="password", peer=peer).addBoth(outcome.append)
+    clock.advance(30)
+    [result] = outcome
+    return result
+
+
+def audit_lines(events: list[LogEvent]) -> list[tuple[str, str]]:
+    """
+    @return: the audit log's (event, reason) pairs.
+    """
+    return [
+        (e["audit_event"], e["reason"]) for e in events if e.get("log_namespace") == "pop3srv.audit"
+    ]
+
+
+def test_dead_hashing_process_is_a_fault_and_never_locks_out(
+    tmp_path: Path, clock: MemoryReactorClock, fake_realm: FakeRealm, log_events: list[LogEvent]
+) -> None:
+    """
+    A verifier that fails as a dead hashing process does is a server fault
+    through the login service: L{LoginFault} (C{-ERR [SYS/TEMP]}), audited
+    as C{error}, never counted as a wrong password, so twenty of them lock
+    no one out and the right password then logs in.
+    """
+    service, checker = fault_service(tmp_path, clock, fake_realm)
+    outcomes = [attempt(service, clock, PASSWORD) for _ in range(20)]
+    assert all(isinstance(o, LoginFault) for o in outcomes), outcomes
+    assert audit_lines(log_events) == [("login-refused", "error")] * 20
+    logged = [e["log_failure"] for e in log_events if "log_failure" in e]
+    assert sum(1 for f in logged if f.check(HashProcessDied)) == 20
+    checker.verifier = None  # the hashing process is back: the file checks in the pool
+    ok = attempt(service, clock, PASSWORD)
+    assert isinstance(ok, LoginSucceeded)
+    ok.release()
+    assert audit_lines(log_events)[-1] == ("login-ok", "password")
+
+
+def test_wrong_passwords_do_lock_out(
+    tmp_path: Path, clock: MemoryReactorClock, fake_realm: FakeRealm, log_events: list[LogEvent]
+) -> None:
+    """
+    The control for the test above: twenty wrong passwords, in the same
+    setting, do lock alice out, so the right password is then refused.
+    """
+    service, checker = fault_service(tmp_path, clock, fake_realm)
+    checker.verifier = None
+    outcomes = [attempt(service, clock, "wrong") for _ in range(20)]
+    assert all(isinstance(o, LoginRefused) and o.code == "AUTH" for o in outcomes)
+    assert any(event == "lockout" for event, _ in audit_lines(log_events))
+    assert isinstance(attempt(service, clock, PASSWORD), LoginRefused)

@@ -298,6 +298,67 @@ def test_a_check_that_raises_fails_alone(tmp_path: Path) -> None:
     assert any("broken backend" in formatEvent(e) for e in events)
 
 
+def test_an_oversize_password_is_a_mismatch_and_kills_nothing(
+    monkeypatch: pytest.MonkeyPatch, verifier: ProcessVerifier
+) -> None:
+    """
+    A password longer than an AMP value may be is answered as a mismatch
+    without a hashing process; and should one reach the AMP call all the
+    same, that check alone fails (L{HashCheckFailed}): the process that
+    never saw it is not killed, and serves the next check.
+    """
+    pids = verifier.pids
+    assert run_until(verifier.verify_detailed("alice", "x" * 70000)) == VerifyResult(ok=False)
+    monkeypatch.setattr(hashing, "_too_long", lambda value: False)
+    with pytest.raises(HashCheckFailed):
+        run_until(verifier.verify_detailed("alice", "x" * 70000))
+    assert run_until(verifier.verify_detailed("alice", "alice-pw")).ok
+    deadline = time.monotonic() + 1
+    while time.monotonic() < deadline:  # a killed process would be gone by now
+        reactor.iterate(0.05)
+    assert verifier.pids == pids and all(alive(pid) for pid in pids)
+
+
+def test_events_with_emit_argument_names_are_logged(tmp_path: Path) -> None:
+    """
+    A hashing process's event with fields named C{format} or C{level} (as
+    Logger.emit's own arguments are) is logged with them; an event that
+    cannot be logged at all is reported; either way the check it came
+    with is answered.
+    """
+    v = ProcessVerifier(UserFile(write_users(tmp_path / "users")), 1, reactor)
+    child = hashing._HashProcess(v)
+    clashing = {
+        "namespace": "pop3srv.test",
+        "level": "warn",
+        "format": "legacy {format} at {level}",
+        "fields": {"format": "%(x)s", "level": 30},
+    }
+    unloggable = {"namespace": "pop3srv.test", "level": "loud", "format": "x", "fields": {}}
+    events: list[LogEvent] = []
+    observer: Any = events.append
+    globalLogPublisher.addObserver(observer)
+    try:
+        d: Deferred[Any] = Deferred()
+        child.current = d
+        child._answered({"result": None, "events": [clashing, unloggable]})
+        failed: list[Failure] = []
+        d.addErrback(failed.append)
+        ok: Deferred[Any] = Deferred()
+        child.current = ok
+        child._answered({"result": VerifyResult(ok=True), "events": []})
+        answered: list[Any] = []
+        ok.addCallback(answered.append)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert [f.type for f in failed] == [HashCheckFailed]
+    assert answered == [(VerifyResult(ok=True), [])]
+    texts = [formatEvent(e) for e in events if e.get("log_namespace") == "pop3srv.test"]
+    assert texts == ["legacy %(x)s at 30"]
+    reported = [e for e in events if "log_failure" in e]
+    assert len(reported) == 1 and "Cannot log" in formatEvent(reported[0])
+
+
 def test_a_hung_check_is_killed_and_replaced(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

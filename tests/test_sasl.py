@@ -15,6 +15,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.portal import Portal
+from twisted.internet.testing import MemoryReactorClock
 from zope.interface import implementer
 
 from pop3srv.auth.credentials import (
@@ -34,6 +35,7 @@ from pop3srv.core.sasl import (
     Success,
     Verify,
 )
+from pop3srv.server.login import LoginService
 
 ALL = [sasl.SCRAM_SHA_256_PLUS, sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
 NO_PLUS = [sasl.SCRAM_SHA_256, sasl.PLAIN, sasl.LOGIN]
@@ -624,14 +626,29 @@ class ClaimsScramChecker:
     credentialInterfaces = (ISCRAMProof,)
 
 
-def portal_mechanisms(checkers: list[object], **kwargs: bool) -> list[str]:
+def portal_mechanisms(
+    checkers: list[object],
+    *,
+    tls_active: bool,
+    plaintext_allowed: bool,
+    channel_binding: bool | None = None,
+) -> list[str]:
     """
-    @return: L{mechanisms_for} a portal of C{checkers}, with a SCRAM lookup
-        if one of them provides L{ISCRAMLookup}, as the login service does.
+    @return: the mechanisms the login service of a portal of C{checkers}
+        offers (L{LoginService.mechanisms}); with C{channel_binding} given,
+        which the service leaves to C{tls_active}, L{mechanisms_for} with
+        the SCRAM lookup that service found.
     """
-    portal = Portal(None, checkers)  # type: ignore[arg-type]
-    lookup = ISCRAMLookup(portal.checkers.get(ISCRAMProof), None) is not None
-    return mechanisms_for(portal.listCredentialsInterfaces(), scram_lookup=lookup, **kwargs)
+    service = LoginService.for_portal(Portal(None, checkers), MemoryReactorClock())  # type: ignore[arg-type]
+    if channel_binding is None:
+        return list(service.mechanisms(tls_active=tls_active, plaintext_allowed=plaintext_allowed))
+    return mechanisms_for(
+        service.portal.listCredentialsInterfaces(),
+        scram_lookup=service.scram_lookup is not None,
+        tls_active=tls_active,
+        plaintext_allowed=plaintext_allowed,
+        channel_binding=channel_binding,
+    )
 
 
 def test_mechanisms_for() -> None:

@@ -1095,6 +1095,25 @@ def test_replace_hash_only_if_unchanged(tmp_path: Path) -> None:
     assert path.read_text() == f"alice:{new}\n"
 
 
+def test_upgrade_changes_only_the_line_of_the_label_that_matched(tmp_path: Path) -> None:
+    """
+    The same hash on an app-password line and a main-password line (one
+    password used twice): the upgrade after a main-password login changes
+    the main line only, though the app line comes first; L{replace_hash}
+    with the app label changes the app line only.
+    """
+    old = OPENSSL_APR1
+    path = write(tmp_path / "users", f"alice:{old}:app=phone\nalice:{old}\n")
+    result, upgraded = verify_and_upgrade(UserFile(path), "alice", PASSWORD)
+    assert (result.ok, result.label, upgraded) == (True, None, True)
+    assert result.upgrade_hash is not None
+    assert path.read_text() == f"alice:{old}:app=phone\nalice:{result.upgrade_hash}\n"
+    new = cheap(password="n")
+    assert replace_hash(path, "alice", old, new, label="tablet") is False
+    assert replace_hash(path, "alice", old, new, label="phone") is True
+    assert path.read_text() == f"alice:{new}:app=phone\nalice:{result.upgrade_hash}\n"
+
+
 def test_scram_hash_is_never_upgraded(tmp_path: Path) -> None:
     """
     A scram hash is left as it is even if passlib finds it weak: an argon2

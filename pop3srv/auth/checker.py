@@ -7,9 +7,19 @@ live in L{pop3srv.auth.credentials}.
 
 Hash verification is slow on purpose, so it runs in a thread pool, or,
 given a C{verifier} (L{pop3srv.processes.hashpool.ProcessVerifier}, as C{twistd
-pop3srv} does), in worker processes, so that a backend that holds the GIL
+pop3srv} does), in hashing processes, so that a backend that holds the GIL
 cannot stall the reactor; the reactor thread only decodes the credentials
 and maps the result.  SCRAM lookups are cheap and stay in the thread pool.
+A hash upgrade offered in the L{VerifyResult} (C{upgrade_hash}) is written
+by the checker, in its thread pool, with
+L{pop3srv.auth.editor.apply_upgrade}, before the login is answered.
+
+A wrong password, an unknown user, or credentials that are not UTF-8 fail
+with L{UnauthorizedLogin}.  A check that could not be made (a hashing
+process that died, a user file that cannot be read, a bug) is a server
+fault, not a wrong password: it is logged here in full and fails with
+L{CheckerFault}, which a login service reports as a temporary failure and
+never counts against the user.
 
 Which password matched, and whose maildrop
 ==========================================
@@ -30,7 +40,7 @@ is normalised to NFC here, once: the avatar ID carries that form onward.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
@@ -58,11 +68,38 @@ if TYPE_CHECKING:
     from pop3srv.auth.userfile import UserFile, VerifyResult
 
 # AvatarId is re-exported: it was defined here before the cred types moved.
-__all__ = ["FAILURE_MESSAGE", "AvatarId", "PasslibChecker"]
+__all__ = ["FAILURE_MESSAGE", "MAX_CREDENTIAL_BYTES", "AvatarId", "CheckerFault", "PasslibChecker"]
 
 #: The one message for every failed login, so that the text never tells an
 #: unknown user from a wrong password.
 FAILURE_MESSAGE = "Invalid username or password."
+
+#: The longest user name or password, in UTF-8 octets, that is checked at
+#: all; a longer one fails as a wrong password.  No password anyone could
+#: have set is that long (passlib hashes at most 4,096 octets), and it is
+#: the most an AMP value carries to a hashing process or the parent's relay,
+#: which would otherwise refuse the call as a broken one.
+MAX_CREDENTIAL_BYTES = 0xFFFF
+
+
+class CheckerFault(Exception):
+    """
+    The credentials could not be checked, for a reason that is the
+    server's, not the client's.  The cause, logged in full by the checker,
+    is the exception's C{__cause__}.  Deliberately not an
+    L{UnauthorizedLogin}: a server fault is never a wrong password.
+    """
+
+
+def _too_long(value: str) -> bool:
+    """
+    @return: whether C{value} is longer than L{MAX_CREDENTIAL_BYTES} octets
+        of UTF-8.
+    """
+    # Four octets per character at most: most values skip the encoding.
+    return len(value) * 4 > MAX_CREDENTIAL_BYTES and (
+        len(value.encode("utf-8", "surrogatepass")) > MAX_CREDENTIAL_BYTES
+    )
 
 
 def _as_text(value: bytes | str) -> str:
@@ -167,9 +204,10 @@ class PasslibChecker:
             C{password} as UTF-8 bytes (Twisted's convention) or as text; or
             L{ISCRAMProof}, checked against the user's current keys.
         @return: a Deferred firing with an L{AvatarId} (the maildrop owner's
-            name, NFC, as UTF-8 bytes, with the matched label), or failing
+            name, NFC, as UTF-8 bytes, with the matched label); failing
             with L{UnauthorizedLogin} and L{FAILURE_MESSAGE} whatever the
-            reason.
+            client got wrong, or with L{CheckerFault} if the check could not
+            be made.
         """
         if ISCRAMProof.providedBy(credentials):
             return self._check_scram(credentials)
@@ -179,6 +217,9 @@ class PasslibChecker:
             password = _as_text(credentials.password)
         except UnicodeDecodeError:
             self.log.debug("Authentication failed: credentials are not UTF-8")
+            return fail(UnauthorizedLogin(FAILURE_MESSAGE))
+        if _too_long(username) or _too_long(password):
+            self.log.debug("Authentication failed: user name or password too long")
             return fail(UnauthorizedLogin(FAILURE_MESSAGE))
         d: Deferred[VerifyResult]
         if self.verifier is not None:
@@ -245,14 +286,19 @@ class PasslibChecker:
 
         return d.addCallbacks(on_result, self._unexpected, errbackArgs=(username,))
 
-    def _unexpected(self, reason: Failure, username: str) -> bytes:
-        """Log a checking error in full; the client only learns the login failed."""
+    def _unexpected(self, reason: Failure, username: str) -> NoReturn:
+        """
+        Log a checking error in full, and fail as a server fault.
+
+        @raise CheckerFault: always, caused by C{reason}'s exception.
+        """
         self.log.failure(
             "Unexpected error checking credentials for user {username!r}",
             reason,
             username=username,
         )
-        raise UnauthorizedLogin(FAILURE_MESSAGE)
+        cause = reason.value
+        raise CheckerFault(f"checking the credentials failed: {type(cause).__name__}") from cause
 
     def _succeeded(self, username: str, authzid: str | None, label: str | None) -> AvatarId:
         """

@@ -432,21 +432,25 @@ def replace_hash(
     old: str,
     new: str,
     *,
+    label: str | None = None,
     lock_timeout: float | None = None,
 ) -> bool:
     """
     Replace one hash by another, if it is still in the file: what a hash
     upgrade after login does.  It takes the same lock as
     C{pop3srv-passwd}, re-reads the file under it, and writes only if the
-    line still holds C{old}, so a password changed meanwhile is never
-    overwritten.  A line that had a Dovecot C{{...}} prefix gets the new
-    scheme's prefix.
+    line of C{label} still holds C{old}, so a password changed meanwhile is
+    never overwritten, and the same hash on a line of another label (one
+    password used twice) is left as it is.  A line that had a Dovecot
+    C{{...}} prefix gets the new scheme's prefix.
 
     @param path: the user file.
     @param username: the user.
     @param old: the hash to replace, as L{pop3srv.auth.userfile.UserFile}
         normalised it.
     @param new: the new hash.
+    @param label: the app-password label of the line to change; L{None}
+        for a main-password line.
     @param lock_timeout: seconds to wait for the lock; L{None} for the
         default.
     @return: whether the file was changed.
@@ -457,6 +461,8 @@ def replace_hash(
 
     def edit(data: bytes, lines: list[bytes]) -> bool:
         for line in _parsed_user_lines(data, username):
+            if line.label != label:
+                continue
             try:
                 current = normalise_hash(line.hash_field)
             except ValueError:
@@ -484,14 +490,21 @@ def apply_upgrade(
     BLOCKING (a file rewrite): call it from a thread.
 
     Never raises for a file that cannot be written: the login it follows
-    has succeeded already.  The reader offers an upgrade once per user and
-    hash, so this runs at most once for each, and logs at most once.
+    has succeeded already.  A reader (L{pop3srv.auth.userfile.UserFile})
+    offers an upgrade once per user and hash in the process that checked
+    the password, whether or not the offer is then written, so each process
+    runs this at most once for each and logs at most once.  An offer that
+    is dropped (this fails, or the caller never gets the result) is not
+    made again by that process until it restarts; other processes, and the
+    same one after a restart, still offer it at the user's next login
+    there.
 
     @param path: the user file.
     @param username: the user.
     @param old: the hash that matched.
     @param new: its replacement.
-    @param label: the app-password label that matched, for the log.
+    @param label: the app-password label that matched: the line to change
+        (see L{replace_hash}), and for the log.
     @param lock_timeout: seconds to wait for another editor.
     @return: whether the file was changed (L{False} as well if C{old} is
         gone: another login upgraded it first, or C{pop3srv-passwd}
@@ -500,7 +513,7 @@ def apply_upgrade(
     path = os.fspath(path)
     username = normalise_username(username)
     try:
-        done = replace_hash(path, username, old, new, lock_timeout=lock_timeout)
+        done = replace_hash(path, username, old, new, label=label, lock_timeout=lock_timeout)
     except UserFileError as e:
         _log.warn(
             "{path}: could not upgrade the hash of user {username!r}: {error}",

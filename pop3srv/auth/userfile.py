@@ -44,7 +44,11 @@ weaker parameters than the current default reports it (L{VerifyResult}
 C{needs_update}), with a new argon2id hash of the password that matched, so
 that the caller can write it (L{pop3srv.auth.editor.apply_upgrade}, which
 the checker runs in its thread pool).  Reading never writes.  Scram hashes
-are never replaced.
+are never replaced.  The new hash is offered once per user and hash by each
+L{UserFile} object (in practice, each process that checks the password),
+as the offer is remembered when it is made, not when it is written: if the
+caller drops it, that process does not offer it again until it restarts,
+while other processes still do.
 
 L{UserFile} is the read side used by the server; L{pop3srv.auth.editor} is
 the write side used by C{pop3srv-passwd} and by hash upgrades.
@@ -164,7 +168,8 @@ class VerifyResult:
     @ivar upgrade_hash: a new hash of the password that matched, for the
         caller to write in place of C{matched_hash}
         (L{pop3srv.auth.editor.apply_upgrade}); offered once per user and
-        hash, and never when upgrades are turned off.
+        hash by each L{UserFile} (see L{UserFile.verify_detailed}), and
+        never when upgrades are turned off.
     @ivar matched_hash: the hash that matched, as parsed, when
         C{needs_update}; L{None} otherwise.
     """
@@ -451,7 +456,12 @@ class UserFile:
         After a match against a hash of a deprecated scheme or weaker
         parameters, the result says so and carries a new hash for the
         caller to write (see L{VerifyResult}); the file is never written
-        here.
+        here.  The new hash comes once per user and hash in this object (in
+        the process that checked the password): later matches report
+        C{needs_update} without one, whether or not the first was written.
+        A dropped offer (the write failed, or its caller went away) is
+        therefore not repeated by this process until it restarts; other
+        processes, with their own L{UserFile}, still make it.
 
         @param username: the user name as the client sent it.
         @param password: the password as the client sent it.

@@ -7,11 +7,12 @@ A hashing process is a fork of a server process
 (L{pop3srv.processes.forking}).  Its descriptor 0 is its end of a UNIX
 socket pair to the server process, on which it answers
 L{CheckPassword <pop3srv.processes.rpc.CheckPassword>} one at a time: the
-L{VerifyResult} and the log events the check emitted (upgrade notices,
-rejected passwords) as plain dicts, for the server process to log (if the
-check raised, there is no result and the error is among the events).  It
-exits at end-of-file, which is also what happens when its server process
-dies.
+L{VerifyResult} and the log events the check emitted (rejected passwords,
+a hash that should be reset) as plain dicts, for the server process to log
+(if the check raised, there is no result and the error is among the
+events).  It never writes the user file: a hash upgrade travels in the
+L{VerifyResult}, for the server process to write.  It exits at
+end-of-file, which is also what happens when its server process dies.
 
 It runs no reactor: each check is synchronous and it has nothing else to
 do, so a blocking loop feeds what it reads to the AMP parser, whose answers

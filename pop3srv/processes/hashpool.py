@@ -15,21 +15,27 @@ changes, exactly as the server's own L{UserFile} does.  Each talks AMP
 (L{CheckPassword <pop3srv.processes.rpc.CheckPassword>}) on a UNIX socket
 pair: only the user name and password go there, and only the
 L{VerifyResult} comes back, with the log events the check produced
-(upgrade notices, rejected passwords), re-emitted here so they reach the
-server's log.  A hash upgrade is done by the hashing process that verified
-the password: L{pop3srv.auth.userfile.replace_hash} takes the same lock as
-C{pop3srv-passwd} and rewrites only if the old hash is still there, so two
-processes upgrading the same user at once rewrite the file once.
+(rejected passwords, a hash that should be reset), re-emitted here so they
+reach the server's log.  A hashing process never writes the user file: when
+a password matched a deprecated hash, it offers a new hash in the
+L{VerifyResult}, and the checker (L{pop3srv.auth.checker.PasslibChecker})
+writes it in its thread pool with L{pop3srv.auth.editor.apply_upgrade},
+which takes the same lock as C{pop3srv-passwd} and rewrites only if the old
+hash is still there, so two logins upgrading the same user at once rewrite
+the file once.
 
 Each hashing process has one check at a time; the rest wait here, in
 order.  A hashing process that dies, or answers with something that is not
-AMP, fails the check it had and is replaced.
+AMP, fails the check it had and is replaced.  A user name or password too
+long for AMP never reaches one: it cannot be right, so it is answered as a
+mismatch here.
 """
 
 from __future__ import annotations
 
 import contextlib
 import socket
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -38,6 +44,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.logger import Logger, LogLevel
+from twisted.protocols.amp import MAX_VALUE_LENGTH
 from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import UserFile, VerifyResult
@@ -89,9 +96,22 @@ class _HashProcess(ProcessProtocol):
         self._deadline = self.verifier._reactor.callLater(CHECK_TIMEOUT, self._hung)
         try:
             call = self.connection.callRemote(CheckPassword, username=username, password=password)
-        except Exception:
-            call = Deferred()
-            call.errback()
+        except ConnectionClosed:
+            return  # it is dying: _died fails the check
+        except Exception as e:
+            # Refused before anything was written (AMP checks the box as it
+            # encodes it): this check fails, and the process is as good as
+            # before.  Only the type is logged, as the text may quote the
+            # password.
+            self.verifier.log.error(
+                "A password check could not be sent to a hashing process ({error})",
+                error=type(e).__name__,
+            )
+            self._stop_deadline()
+            self.current = None
+            d.errback(HashCheckFailed("the password check could not be sent"))
+            self.verifier._idle(self)
+            return
         call.addCallbacks(self._answered, self._unanswered)
 
     def _hung(self) -> None:
@@ -289,9 +309,18 @@ class ProcessVerifier:
         """
         Check a password, as L{UserFile.verify_detailed}, in a hashing process.
 
-        @return: a Deferred firing with the L{VerifyResult}.
+        @return: a Deferred firing with the L{VerifyResult} (not C{ok},
+            without a check, for a user name or password longer than an AMP
+            value may be), or failing with L{HashProcessDied} or
+            L{HashCheckFailed}.
         """
         d: Deferred[Any] = Deferred()
+        if _too_long(username) or _too_long(password):
+            # As UserFile.verify_detailed answers a password the scheme
+            # cannot take.  No hash is spent on it: the length alone, which
+            # the client knows, is what fails it.
+            d.callback(VerifyResult(ok=False))
+            return d
         if not self._running:
             d.errback(HashProcessDied("the password-hashing processes are not running"))
             return d
@@ -308,7 +337,36 @@ class ProcessVerifier:
         return result
 
     def _emit(self, events: list[dict[str, Any]]) -> None:
-        """Log a hashing process's events here, in the server's log."""
+        """
+        Log a hashing process's events here, in the server's log.  Never
+        raises: it runs before the check's Deferred fires and the process is
+        marked idle, so an exception here would hang the login.
+        """
         for event in events:
-            emit: Callable[..., None] = Logger(namespace=event["namespace"]).emit
-            emit(LogLevel.lookupByName(event["level"]), event["format"], **event["fields"])
+            try:
+                logger = Logger(namespace=event["namespace"])
+                # Built here rather than by Logger.emit, whose own arguments
+                # ("level", "format") an event's fields may also be named:
+                # the legacy log API, for one, makes a "format" field.
+                logged: dict[str, Any] = dict(event["fields"])
+                logged.update(
+                    log_logger=logger,
+                    log_level=LogLevel.lookupByName(event["level"]),
+                    log_namespace=logger.namespace,
+                    log_source=None,
+                    log_format=event["format"],
+                    log_time=time.time(),
+                )
+                logger.observer(logged)
+            except Exception:
+                self.log.failure("Cannot log an event of a password-hashing process")
+
+
+def _too_long(value: str) -> bool:
+    """
+    @return: whether C{value} is too long for an AMP value in UTF-8.
+    """
+    # Four octets per character at most: most values skip the encoding.
+    return len(value) * 4 > MAX_VALUE_LENGTH and (
+        len(value.encode("utf-8", "surrogatepass")) > MAX_VALUE_LENGTH
+    )
