@@ -34,6 +34,7 @@ from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
 
+from pop3srv.auth.checker import CheckerFault
 from pop3srv.auth.credentials import (
     AvatarLogout,
     IAuthorizer,
@@ -398,12 +399,20 @@ class LoginService:
 
     def _fault(self, failure: Failure, username: str, peer: Peer) -> LoginFault:
         self._audit(peer, "login-refused", "error", username)
-        self._log.failure(
-            "Login of {user} from {peer} failed",
-            failure,
-            user=escape_for_log(username),
-            peer=peer.label,
-        )
+        if failure.check(CheckerFault):
+            # The checker logged the cause with its traceback already.
+            self._log.error(
+                "Login of {user} from {peer} failed: the password could not be checked",
+                user=escape_for_log(username),
+                peer=peer.label,
+            )
+        else:
+            self._log.failure(
+                "Login of {user} from {peer} failed",
+                failure,
+                user=escape_for_log(username),
+                peer=peer.label,
+            )
         return LoginFault()
 
     def _later(self, delay: float, outcome: LoginOutcome) -> defer.Deferred[LoginOutcome]:
