@@ -19,6 +19,12 @@ _LABEL_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,63}")
 
 _MAX_USERNAME_OCTETS = 255
 
+#: What a maildrop name must not look like, so that C{/var/mail/{user}} can
+#: never be another user's session lock (C{.bob.pop3srv-lock}), index,
+#: journal, dotlock (C{bob.lock}) or temporary dotlock (C{.bob.lock.<hex>}).
+#: Case-blind, for case-insensitive file systems.
+_STATE_FILE_NAME = re.compile(r"^\.|\.lock$|\.pop3srv-", re.IGNORECASE)
+
 
 def normalise_username(name: str) -> str:
     """
@@ -44,7 +50,9 @@ def validate_username(name: str) -> None:
     @raise ValueError: with a short reason if the name is empty, longer than
         255 octets as UTF-8, contains C{/}, C{:}, C{..}, NUL, whitespace or a
         control/format character, is C{.}, or starts with C{#} (it would read
-        as a comment in the user file).
+        as a comment in the user file); or if its maildrop could be one of
+        the files we keep beside another's (L{_STATE_FILE_NAME}): it starts
+        with C{.}, ends in C{.lock} or contains C{.pop3srv-}.
     """
     if not name:
         raise ValueError("user name is empty")
@@ -58,6 +66,11 @@ def validate_username(name: str) -> None:
         raise ValueError("user name must not be '.' or contain '..'")
     if name.startswith("#"):
         raise ValueError("user name must not start with '#'")
+    if _STATE_FILE_NAME.search(name):
+        raise ValueError(
+            "user name must not start with '.', end in '.lock' or contain '.pop3srv-' "
+            "(names of the files kept beside a maildrop)"
+        )
     for char in name:
         if char in "/:":
             raise ValueError(f"user name must not contain {char!r}")

@@ -24,6 +24,7 @@ from pop3srv.auth.credentials import AvatarId, AvatarLogout
 from pop3srv.auth.identity import validate_username
 from pop3srv.core.errors import InvalidUsername
 from pop3srv.mbox import open_maildrop
+from pop3srv.mbox.paths import template_prefix
 
 USER_FIELD = "{user}"
 
@@ -47,7 +48,10 @@ class MboxRealm:
     Gives each user the mbox file named by a path template.
 
     @param template: the mbox path with C{{user}} for the username, such as
-        C{/var/mail/{user}}.
+        C{/var/mail/{user}}.  The directory before the first C{{user}} is the
+        admin's and may hold symlinks; below it the maildrop is reached
+        without following any, so a user cannot point a directory of theirs
+        at another user's mail.
     @param index_dir: where UIDL indexes live; beside each mbox if C{None}.
     @param defer_to_thread: runs blocking work off the reactor thread.
     """
@@ -64,6 +68,7 @@ class MboxRealm:
 
             defer_to_thread = deferToThread
         self.template = template
+        self.trusted_root = template_prefix(template, USER_FIELD)
         self.index_dir = index_dir
         self._defer_to_thread = defer_to_thread
 
@@ -96,6 +101,7 @@ class MboxRealm:
             path,
             index_dir=self.index_dir,
             defer_to_thread=self._defer_to_thread,
+            trusted_root=self.trusted_root,
         )
         d.addCallback(lambda mailbox: (IMailbox, mailbox, AvatarLogout(avatar_id, mailbox.close)))
         return d

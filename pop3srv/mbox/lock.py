@@ -12,6 +12,11 @@ C{<mbox>.lock} dotlock.  The fcntl lock is taken as an open-file-description
 (OFD) lock, which conflicts with the classic POSIX locks MDAs use but is not
 silently dropped when some other descriptor of the same file is closed in
 this process.
+
+Every file is opened without following a final symlink and without
+blocking on a FIFO, and must be a regular file (L{pop3srv.mbox.paths}); the
+directories above are the caller's concern (L{open_maildrop} passes paths
+anchored by L{pop3srv.mbox.paths.MaildropDirectory}).
 """
 
 from __future__ import annotations
@@ -28,6 +33,13 @@ from types import TracebackType
 from twisted.logger import Logger
 
 from pop3srv.core.errors import MaildropInUse, MaildropUnavailable
+from pop3srv.mbox.paths import (
+    UnsafeStateFile,
+    display_path,
+    open_mbox_file,
+    open_state_file,
+    read_bounded,
+)
 
 _log = Logger()
 
@@ -45,6 +57,8 @@ POLL_INTERVAL = 0.05
 #: A dotlock older than this (by mtime) that we cannot otherwise judge is
 #: stale, as in procmail and Postfix.
 STALE_AGE = 300.0
+#: The most octets of a dotlock we read: C{"<pid> <hostname>\n"} fits.
+DOTLOCK_READ_LIMIT = 256
 
 
 class SessionLock:
@@ -60,21 +74,24 @@ class SessionLock:
 
         @param path: the lock file; created if missing and never removed.
         @raise MaildropInUse: another session holds it.
+        @raise UnsafeStateFile: it is a symlink (never followed, so a planted
+            one cannot make us create the file it names), a FIFO, or not a
+            regular file of the server's user.
         @raise MaildropUnavailable: the lock file cannot be opened.
         """
         self.path = path
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fd = open_state_file(path, os.O_RDWR | os.O_CREAT, mode=0o600)
         except OSError as e:
-            raise MaildropUnavailable(f"cannot open lock {path}: {e}") from e
+            raise MaildropUnavailable(f"cannot open lock {display_path(path)}: {e}") from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
             os.close(fd)
-            raise MaildropInUse(f"{path} is held") from e
+            raise MaildropInUse(f"{display_path(path)} is held") from e
         except OSError as e:
             os.close(fd)
-            raise MaildropUnavailable(f"cannot lock {path}: {e}") from e
+            raise MaildropUnavailable(f"cannot lock {display_path(path)}: {e}") from e
         self._fd: int | None = fd
 
     @property
@@ -134,13 +151,19 @@ def _pid_alive(pid: int) -> bool:
 def left_by_dead_local_process(path: str, hostname: str) -> bool:
     """
     Whether the lock file at C{path} says it was written by a process of
-    this host (C{"<pid> <hostname>"}) that is no longer alive.
+    this host (C{"<pid> <hostname>"}) that is no longer alive.  Anything but
+    a small regular file (a symlink, a FIFO, a device) says nothing.
     """
     try:
-        with open(path, "rb") as f:
-            fields = f.read(256).split()
-    except FileNotFoundError:
+        fd = open_mbox_file(path, os.O_RDONLY)
+    except (OSError, UnsafeStateFile):
         return False
+    try:
+        fields = read_bounded(fd, DOTLOCK_READ_LIMIT, path).split()
+    except (OSError, UnsafeStateFile):
+        return False
+    finally:
+        os.close(fd)
     if len(fields) != 2 or not fields[0].isdigit():
         return False
     host = fields[1].decode("utf-8", "replace")
@@ -192,9 +215,9 @@ class MboxFileLock:
                 if self._try_once():
                     return
             except OSError as e:
-                raise MaildropUnavailable(f"cannot lock {self.path}: {e}") from e
+                raise MaildropUnavailable(f"cannot lock {display_path(self.path)}: {e}") from e
             if time.monotonic() >= deadline:
-                raise MaildropUnavailable(f"timed out locking {self.path}")
+                raise MaildropUnavailable(f"timed out locking {display_path(self.path)}")
             time.sleep(self.poll_interval)
 
     def _try_once(self) -> bool:
@@ -210,10 +233,11 @@ class MboxFileLock:
         return False
 
     def _take_fcntl(self) -> bool:
-        # O_NOFOLLOW: with a template such as /home/{user}/mbox a user could
-        # otherwise point their mbox at someone else's spool file.
+        # No symlink: with a template such as /home/{user}/mbox a user could
+        # otherwise point their mbox at someone else's spool file.  No FIFO
+        # or device: a read of it would block a thread or never end.
         try:
-            fd = os.open(self.path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = open_mbox_file(self.path, os.O_RDWR)
         except FileNotFoundError:
             self.fd = None
             return True
@@ -222,7 +246,7 @@ class MboxFileLock:
                 os.close(fd)
                 return False
             # The file may have been replaced between open and lock.
-            st, cur = os.fstat(fd), os.stat(self.path)
+            st, cur = os.fstat(fd), os.stat(self.path, follow_symlinks=False)
         except BaseException:
             os.close(fd)
             raise
@@ -239,7 +263,10 @@ class MboxFileLock:
             f".{os.path.basename(self.dotlock_path)}.{uuid.uuid4().hex}",
         )
         try:
-            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            # O_EXCL never follows a symlink; O_NOFOLLOW says so again.
+            fd = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644
+            )
         except FileNotFoundError:
             if os.path.isdir(directory):
                 raise
@@ -250,34 +277,45 @@ class MboxFileLock:
                 raise
             self._log.warn(
                 "Cannot create dotlock for {path} ({error}); using the fcntl lock only",
-                path=self.path,
+                path=display_path(self.path),
                 error=e,
             )
             self._use_dotlock = False
             return True
+        # From here on the temporary file is ours to remove on every path
+        # out, a failed write (ENOSPC) included, or it stays as debris.
         try:
-            os.write(fd, f"{os.getpid()} {self._hostname}\n".encode())
-        finally:
-            os.close(fd)
-        try:
+            try:
+                os.write(fd, f"{os.getpid()} {self._hostname}\n".encode())
+            finally:
+                os.close(fd)
             try:
                 os.link(tmp, self.dotlock_path)
             except FileExistsError:
                 pass
             # link() may report failure over NFS although it worked; the
             # link count is the reliable answer.
-            st = os.stat(tmp)
-            if st.st_nlink == 2:
+            st = os.stat(tmp, follow_symlinks=False)
+            taken = st.st_nlink == 2
+            if taken:
                 self._dotlock_ino = st.st_ino
-                return True
         finally:
-            os.unlink(tmp)
+            try:
+                os.unlink(tmp)
+            except FileNotFoundError:
+                pass
+            except OSError:
+                # The dotlock must not outlive a failure we report.
+                self._drop_dotlock()
+                raise
+        if taken:
+            return True
         self._break_stale_dotlock()
         return False
 
     def _break_stale_dotlock(self) -> None:
         try:
-            st = os.stat(self.dotlock_path)
+            st = os.stat(self.dotlock_path, follow_symlinks=False)
         except FileNotFoundError:
             return
         stale = left_by_dead_local_process(self.dotlock_path, self._hostname)
@@ -287,9 +325,9 @@ class MboxFileLock:
             return
         try:
             # Only remove the file we judged, not one created since.
-            if os.stat(self.dotlock_path).st_ino == st.st_ino:
+            if os.stat(self.dotlock_path, follow_symlinks=False).st_ino == st.st_ino:
                 os.unlink(self.dotlock_path)
-                self._log.info("Removed stale dotlock {path}", path=self.dotlock_path)
+                self._log.info("Removed stale dotlock {path}", path=display_path(self.dotlock_path))
         except FileNotFoundError:
             pass
 
@@ -298,7 +336,7 @@ class MboxFileLock:
         if ino is None:
             return
         try:
-            if os.stat(self.dotlock_path).st_ino == ino:
+            if os.stat(self.dotlock_path, follow_symlinks=False).st_ino == ino:
                 os.unlink(self.dotlock_path)
         except FileNotFoundError:
             pass

@@ -32,8 +32,16 @@ from pop3srv.mbox.index import (
     load_index,
     write_index,
 )
-from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock, SessionLock
-from pop3srv.mbox.paths import StatePaths, remove_stale_temps, state_paths
+from pop3srv.mbox.lock import LOCK_TIMEOUT, STALE_AGE, MboxFileLock, SessionLock
+from pop3srv.mbox.paths import (
+    MaildropDirectory,
+    StatePaths,
+    UnsafeStateFile,
+    display_path,
+    remove_stale_dotlock_temps,
+    remove_stale_temps,
+    state_paths,
+)
 from pop3srv.mbox.quoting import MboxUnquoter
 from pop3srv.processes import malloc
 
@@ -43,6 +51,8 @@ READ_CHUNK = 64 * 1024
 BIG_SCAN = 16 << 20
 
 DeferToThread = Callable[..., "Deferred[Any]"]
+
+_log = Logger()
 
 
 def _default_defer_to_thread() -> DeferToThread:
@@ -170,8 +180,20 @@ class MboxMailbox:
         session_lock: SessionLock,
         defer_to_thread: DeferToThread,
         lock_timeout: float = LOCK_TIMEOUT,
+        *,
+        directory: MaildropDirectory | None = None,
+        name: str | None = None,
     ) -> None:
+        """
+        @param paths: the mbox and its state files, as this process reaches
+            them (possibly through C{directory}).
+        @param directory: the held directory the paths go through, closed
+            with the mailbox.
+        @param name: the mbox's path for logs, if C{paths.mbox} is not it.
+        """
         self._paths = paths
+        self._directory = directory
+        self._name = name or paths.mbox
         self._index = index
         self._descriptor = _Descriptor(fd)
         self._session_lock = session_lock
@@ -191,7 +213,7 @@ class MboxMailbox:
         """
         The absolute path of the mbox.
         """
-        return self._paths.mbox
+        return self._name
 
     def _record(self, index: int) -> IndexRecord:
         if not 0 <= index < len(self._index.records):
@@ -306,7 +328,7 @@ class MboxMailbox:
                 # The deletions are durable; the next open rescans instead.
                 self._log.warn(
                     "Cannot write index {path}: {error}",
-                    path=self._paths.index,
+                    path=display_path(self._paths.index),
                     error=e,
                 )
             return index
@@ -320,11 +342,11 @@ class MboxMailbox:
         if isinstance(failure.value, CommitFailed):
             self._log.info(
                 "Commit of {path} refused: {error}",
-                path=self._paths.mbox,
+                path=self.path,
                 error=failure.value,
             )
             return failure
-        self._log.failure("Commit of {path} failed", failure, path=self._paths.mbox)
+        self._log.failure("Commit of {path} failed", failure, path=self.path)
         # The client gets the fixed text; the detail went to the log above.
         raise CommitFailed(str(failure.value)) from failure.value
 
@@ -346,7 +368,11 @@ class MboxMailbox:
         try:
             self._descriptor.close()
         finally:
-            self._session_lock.release()
+            try:
+                self._session_lock.release()
+            finally:
+                if self._directory is not None:
+                    self._directory.close()
 
 
 def open_maildrop(
@@ -355,29 +381,77 @@ def open_maildrop(
     index_dir: str | None = None,
     defer_to_thread: DeferToThread | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
+    trusted_root: str | None = None,
 ) -> MboxMailbox:
     """
     Open a maildrop for one POP3 session.  This blocks; run it in a thread.
 
-    Takes the session lock, then under the mbox lock finishes any
+    Reaches the mbox's directory from C{trusted_root} without following a
+    symlink (L{MaildropDirectory}) and does all later file work through
+    it; takes the session lock, then under the mbox lock finishes any
     interrupted commit and brings the index up to date.  A missing mbox is
     an empty maildrop.
 
     @param path: the mbox file.
     @param index_dir: where to keep state files, or L{None} for beside the
-        mbox.
+        mbox.  It is the admin's, so trusted as named.
     @param defer_to_thread: runs the commit off the reactor thread;
         defaults to L{twisted.internet.threads.deferToThread}.
     @param lock_timeout: seconds to wait for the mbox lock.
+    @param trusted_root: the admin's part of C{path} (see
+        L{pop3srv.mbox.paths.template_prefix}): symlinks in it are followed,
+        none below it.  L{None} trusts the mbox's directory as named, so
+        only the mbox and its state files themselves must be no symlinks.
     @raise MaildropInUse: another session has this maildrop.
+    @raise UnsafeStateFile: a symlink below C{trusted_root}, or an mbox or
+        state file that is not a regular file of the expected owner (also
+        logged as a warning: it may be an attack).
     @raise MaildropUnavailable: it cannot be locked or read just now.
     """
-    paths = state_paths(path, index_dir)
-    session = SessionLock(paths.lock)
+    shown = state_paths(path, index_dir)
+    try:
+        return _open_maildrop(shown, index_dir, defer_to_thread, lock_timeout, trusted_root)
+    except UnsafeStateFile as e:
+        _log.warn("Refusing maildrop {path}: {error}", path=shown.mbox, error=e)
+        raise
+
+
+def _open_maildrop(
+    shown: StatePaths,
+    index_dir: str | None,
+    defer_to_thread: DeferToThread | None,
+    lock_timeout: float,
+    trusted_root: str | None,
+) -> MboxMailbox:
+    defer_to_thread = defer_to_thread or _default_defer_to_thread()
+    where = os.path.dirname(shown.mbox)
+    try:
+        directory = MaildropDirectory(trusted_root or where, where)
+    except FileNotFoundError:
+        if index_dir is None:
+            raise MaildropUnavailable(f"{where} does not exist") from None
+        # No directory, so no mbox: an empty maildrop, and nothing below
+        # the missing name is ever opened (it may be a symlink by now).
+        return MboxMailbox(
+            shown, empty_index(), None, SessionLock(shown.lock), defer_to_thread, lock_timeout
+        )
+    except OSError as e:
+        raise MaildropUnavailable(f"cannot open {where}: {e}") from e
+    paths = directory.anchor_paths(shown)
+    try:
+        session = SessionLock(paths.lock)
+    except BaseException:
+        directory.close()
+        raise
     fd: int | None = None
     try:
         with MboxFileLock(paths.mbox, timeout=lock_timeout) as lock:
             remove_stale_temps(paths)
+            for debris in remove_stale_dotlock_temps(
+                os.path.dirname(paths.mbox), STALE_AGE, os.path.basename(paths.mbox)
+            ):
+                _log.info("Removed a dotlock temporary file left behind: {path}",
+                          path=display_path(debris))  # fmt: skip
             if lock.fd is None:
                 index = empty_index()
             else:
@@ -387,13 +461,13 @@ def open_maildrop(
                 os.set_inheritable(fd, False)
                 index = load_index(fd, paths.index)
     except MaildropUnavailable:
-        _cleanup(fd, session)
+        _cleanup(fd, session, directory)
         raise
     except OSError as e:
-        _cleanup(fd, session)
-        raise MaildropUnavailable(f"cannot open {paths.mbox}: {e}") from e
+        _cleanup(fd, session, directory)
+        raise MaildropUnavailable(f"cannot open {shown.mbox}: {e}") from e
     except BaseException:
-        _cleanup(fd, session)
+        _cleanup(fd, session, directory)
         raise
     if index.scanned_from is not None and index.size - index.scanned_from >= BIG_SCAN:
         # The scan's buffers and records are garbage now; give them back
@@ -404,12 +478,15 @@ def open_maildrop(
         index,
         fd,
         session,
-        defer_to_thread or _default_defer_to_thread(),
+        defer_to_thread,
         lock_timeout,
+        directory=directory,
+        name=shown.mbox,
     )
 
 
-def _cleanup(fd: int | None, session: SessionLock) -> None:
+def _cleanup(fd: int | None, session: SessionLock, directory: MaildropDirectory) -> None:
     if fd is not None:
         os.close(fd)
     session.release()
+    directory.close()

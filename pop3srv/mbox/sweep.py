@@ -2,8 +2,10 @@
 """
 Start-up clean-up of the mail spool after a crash: dotlocks left by dead
 pop3srv processes of this host are removed (so deliveries are not held up
-until the lock ages out), and interrupted commits are finished (so local
-mail readers do not see a half-applied mbox until the user's next login).
+until the lock ages out), so are temporary dotlock files a failed write (a
+full disk) or a kill left behind, and interrupted commits are finished (so
+local mail readers do not see a half-applied mbox until the user's next
+login).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from twisted.logger import Logger
 
 from pop3srv.core.errors import Pop3Error
 from pop3srv.mbox.commit import recover
-from pop3srv.mbox.lock import MboxFileLock, left_by_dead_local_process
-from pop3srv.mbox.paths import state_paths
+from pop3srv.mbox.lock import STALE_AGE, MboxFileLock, left_by_dead_local_process
+from pop3srv.mbox.paths import remove_stale_dotlock_temps, state_paths
 
 _log = Logger()
 USER_FIELD = "{user}"
@@ -29,6 +31,7 @@ class SweepReport:
     """What a sweep did."""
 
     removed_dotlocks: list[str] = field(default_factory=list)
+    removed_temps: list[str] = field(default_factory=list)
     recovered: list[str] = field(default_factory=list)
 
 
@@ -39,14 +42,21 @@ def _candidate_users(names: list[str]) -> set[str]:
             stem = name[: -len(JOURNAL_SUFFIX)]
             # Beside the mbox: ".USER"; in an index dir: "<hash>-USER".
             users.add(stem[1:] if stem.startswith(".") else stem.partition("-")[2])
-    return {u for u in users if u and "/" not in u}
+    return {u for u in users if u not in ("", ".", "..") and "/" not in u}
 
 
-def sweep_spool(template: str, index_dir: str | None = None) -> SweepReport:
+def sweep_spool(
+    template: str, index_dir: str | None = None, *, temp_age: float = STALE_AGE
+) -> SweepReport:
     """
     Clean up after a crash, for mboxes named by C{template}.  Blocking: run
     it in a thread.  Only a template whose C{{user}} is in the last path
     component names a spool directory that can be swept.
+
+    @param template: the mailbox path template.
+    @param index_dir: where the state files are, if not beside the mboxes.
+    @param temp_age: seconds after which a temporary dotlock file
+        (C{.NAME.lock.<32 hex>}, regular, ours) is debris.
     """
     report = SweepReport()
     spool, base = os.path.split(template)
@@ -68,6 +78,11 @@ def sweep_spool(template: str, index_dir: str | None = None) -> SweepReport:
                     continue
                 report.removed_dotlocks.append(path)
                 _log.info("Removed dotlock {path} left by a dead pop3srv", path=path)
+    # A temporary file whose write failed holds no pid to judge by: its age
+    # says it is debris.
+    for path in remove_stale_dotlock_temps(spool, temp_age):
+        report.removed_temps.append(path)
+        _log.info("Removed a dotlock temporary file left behind: {path}", path=path)
     journal_dir = index_dir if index_dir is not None else spool
     try:
         journal_names = [n for n in os.listdir(journal_dir) if n.endswith(JOURNAL_SUFFIX)]
