@@ -8,16 +8,24 @@ import hashlib
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from mboxchild import open_in_child
 from twisted.internet.defer import Deferred
 
-from pop3srv.core.errors import CommitFailed, MaildropChanged, MaildropInUse
+from pop3srv.core.errors import (
+    CommitFailed,
+    MaildropChanged,
+    MaildropInUse,
+    MaildropUnavailable,
+)
 from pop3srv.mbox import commit as commit_module
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.commit import recover
@@ -228,29 +236,98 @@ def test_failure_before_commit_point(
     assert set(os.listdir(mbox.parent)) == entries | {".user.pop3srv-index", ".user.pop3srv-lock"}
 
 
-_POINTS = ["journal_written", "payload_partial", "payload_written", "truncated"]
+_POINTS = list(commit_module.FAULT_POINTS)
+
+
+class PowerCut:
+    """
+    Emulates what a power cut can leave on disk: the data written to a file
+    that no C{fsync}/C{fdatasync} of that file has covered yet may be lost,
+    while a truncate issued after it was kept (the disk may order them so).
+    Every C{os.pwrite} is recorded with the bytes it overwrote until the
+    file is synced; L{cut} puts those bytes back (within the file's size
+    at that moment) and keeps any truncate.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, directory: Path) -> None:
+        self._directory = directory
+        self._undo: dict[tuple[int, int], list[tuple[int, bytes]]] = {}
+        real_pwrite = os.pwrite
+
+        def pwrite(fd: int, data: Any, offset: int) -> int:
+            st = os.fstat(fd)
+            old = os.pread(fd, len(data), offset)
+            self._undo.setdefault((st.st_dev, st.st_ino), []).append((offset, old))
+            return real_pwrite(fd, data, offset)
+
+        def syncing(real: Callable[[int], None]) -> Callable[[int], None]:
+            def sync(fd: int) -> None:
+                real(fd)
+                st = os.fstat(fd)
+                self._undo.pop((st.st_dev, st.st_ino), None)
+
+            return sync
+
+        monkeypatch.setattr(os, "pwrite", pwrite)
+        monkeypatch.setattr(os, "fsync", syncing(os.fsync))
+        monkeypatch.setattr(os, "fdatasync", syncing(os.fdatasync))
+
+    def cut(self) -> None:
+        """
+        Lose every write not yet synced.
+        """
+        files: dict[tuple[int, int], Path] = {}
+        for entry in self._directory.iterdir():
+            st = entry.lstat()
+            if stat.S_ISREG(st.st_mode):
+                files[(st.st_dev, st.st_ino)] = entry
+        for key, undo in self._undo.items():
+            path = files.get(key)
+            if path is None:
+                continue
+            with path.open("r+b") as f:
+                size = os.fstat(f.fileno()).st_size
+                for offset, old in reversed(undo):
+                    if offset < size:
+                        f.seek(offset)
+                        f.write(old[: size - offset])
+        self._undo.clear()
+
+
+def _crash_at(point: str, power_cut: PowerCut | None = None) -> Callable[[str], None]:
+    def crash(where: str) -> None:
+        if where == point:
+            if power_cut is not None:
+                power_cut.cut()
+            raise SimulatedCrash(where)
+
+    return crash
 
 
 @pytest.mark.parametrize("point", _POINTS)
 @pytest.mark.parametrize("late_mail", [False, True])
 @pytest.mark.parametrize("deleted", [(0,), (1, 3), (4,), (0, 1, 2, 3, 4)])
+@pytest.mark.parametrize("power", [False, True], ids=["crash", "power_cut"])
 def test_crash_recovery(
     mbox: Path,
     messages: list[bytes],
     point: str,
     late_mail: bool,
     deleted: tuple[int, ...],
+    power: bool,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """
     A commit stopped after any phase of applying its journal is finished
     by the next open, which yields exactly the new mailbox, plus any mail
     an MDA appended after the crash (before or after the truncate).
+
+    With C{power_cut}, every write not yet synced when the commit stops is
+    lost and a truncate already issued is kept: the disk may have written
+    the truncate before the payload.  Nothing is lost or duplicated then
+    either.
     """
-
-    def crash(where: str) -> None:
-        if where == point:
-            raise SimulatedCrash(where)
-
+    crash = _crash_at(point, PowerCut(monkeypatch, mbox.parent) if power else None)
     mb = _open(mbox)
     mb._fault = crash
     for i in deleted:
@@ -277,7 +354,7 @@ def test_crash_recovery(
     assert not journal.exists()
 
 
-@pytest.mark.parametrize("point", ["payload_partial", "payload_written", "truncated"])
+@pytest.mark.parametrize("point", _POINTS[1:])
 def test_crash_during_recovery(mbox: Path, messages: list[bytes], point: str) -> None:
     """
     Recovery that itself crashes (after re-journalling late mail) is
@@ -549,3 +626,122 @@ def test_failure_after_commit_point_says_deletions_pending(mbox: Path) -> None:
     assert result.check(CommitPending)
     assert "unchanged" not in result.value.text
     assert len(_digests(mbox)) == 4  # the next open completed the commit
+
+
+@pytest.mark.parametrize("power", [False, True], ids=["crash", "power_cut"])
+def test_delivery_identical_to_the_cut_survives_recovery(
+    mbox: Path, messages: list[bytes], power: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    A crash just after the truncate, then an MDA delivers a message
+    byte-identical to the one the commit cut off: the file looks as it did
+    before the commit, yet recovery keeps the fresh delivery.
+    """
+    mb = _open(mbox)
+    mb._fault = _crash_at("truncated", PowerCut(monkeypatch, mbox.parent) if power else None)
+    mb.deleteMessage(4)
+    assert _sync(mb).check(CommitFailed)
+    mb.close()
+    assert mbox.read_bytes() == b"".join(messages[:4])
+    with mbox.open("ab") as f:
+        f.write(messages[4])
+    assert _digests(mbox) == [_digest(m) for m in messages]
+    assert mbox.read_bytes() == b"".join(messages)
+    assert not Path(state_paths(str(mbox)).journal).exists()
+
+
+@pytest.mark.parametrize("state", ["untouched", "payload_written", "truncated"])
+@pytest.mark.parametrize("late_mail", [False, True])
+def test_legacy_journal_recovered(
+    mbox: Path, messages: list[bytes], state: str, late_mail: bool
+) -> None:
+    """
+    A journal in the format of earlier releases (no phase slot, no cut
+    mark), left by a crash before, between or after its writes, is still
+    applied by the next open, keeping mail delivered since.
+    """
+    old = mbox.read_bytes()
+    st = mbox.stat()
+    start = len(messages[0])
+    payload = b"".join(messages[2:])
+    new_size = start + len(payload)
+    header = commit_module.JournalHeader(
+        dev=st.st_dev,
+        ino=st.st_ino,
+        start=start,
+        old_size=len(old),
+        new_size=new_size,
+        cut_hash=hashlib.blake2b(old[new_size:], digest_size=32).digest(),
+        payload_hash=hashlib.blake2b(payload, digest_size=32).digest(),
+        version=commit_module.LEGACY_VERSION,
+    )
+    journal = Path(state_paths(str(mbox)).journal)
+    journal.write_bytes(header.encode() + payload)
+    data = old
+    if state != "untouched":
+        data = old[:start] + payload + old[new_size:]
+    if state == "truncated":
+        data = data[:new_size]
+    kept = [messages[0], *messages[2:]]
+    if late_mail:
+        data += _message("late")
+        kept.append(_message("late"))
+    with mbox.open("r+b") as f:  # in place: the journal names this inode
+        f.write(data)
+        f.truncate(len(data))
+    assert _digests(mbox) == [_digest(m) for m in kept]
+    assert mbox.read_bytes() == b"".join(kept)
+    assert not journal.exists()
+
+
+def test_journal_header_versions_round_trip() -> None:
+    """
+    Both journal formats decode to what was encoded; other versions and
+    impossible sizes are refused.
+    """
+    fields: dict[str, Any] = {
+        "dev": 1,
+        "ino": 2,
+        "start": 10,
+        "old_size": 100,
+        "new_size": 60,
+        "cut_hash": bytes(32),
+        "payload_hash": bytes(range(32)),
+    }
+    for version in (commit_module.VERSION, commit_module.LEGACY_VERSION):
+        header = commit_module.JournalHeader(**fields, version=version)
+        assert commit_module.JournalHeader.decode(header.encode()) == header
+    for bad in ({"version": 3}, {"version": 0}, {"new_size": 101}):
+        header = commit_module.JournalHeader(**{**fields, **bad})
+        assert commit_module.JournalHeader.decode(header.encode()) is None
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo", "foreign_journal"])
+def test_unsafe_journal_refuses_maildrop(mbox: Path, tmp_path: Path, kind: str) -> None:
+    """
+    A journal that is a symlink (to C{/dev/zero}, or to a real journal
+    elsewhere) or a FIFO is neither followed nor read nor blocked on, nor
+    ignored: the maildrop is refused as temporarily unavailable, and the
+    journal and the mbox are left as they are for the admin.
+    """
+    journal = Path(state_paths(str(mbox)).journal)
+    if kind == "dev_zero":
+        journal.symlink_to("/dev/zero")
+    elif kind == "fifo":
+        os.mkfifo(journal)
+    else:
+        other = tmp_path / "elsewhere" / "user"
+        other.parent.mkdir()
+        other.write_bytes(mbox.read_bytes())
+        mb = _open(other)
+        mb._fault = _crash_always
+        mb.deleteMessage(0)
+        assert _sync(mb).check(CommitFailed)
+        mb.close()
+        journal.symlink_to(state_paths(str(other)).journal)
+    before = mbox.read_bytes()
+    assert open_in_child(mbox) == "unavailable UnsafeStateFile"
+    assert mbox.read_bytes() == before
+    assert os.path.lexists(journal)
+    with pytest.raises(MaildropUnavailable):
+        recover(str(mbox), str(journal))

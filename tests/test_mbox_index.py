@@ -12,6 +12,7 @@ from typing import BinaryIO
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
+from mboxchild import open_in_child
 
 from pop3srv.mbox import index as index_module
 from pop3srv.mbox import open_maildrop
@@ -309,3 +310,81 @@ def test_a_loaded_index_holds_packed_records(tmp_path: Path) -> None:
     assert list(grown.records)[:1] == list(first.records)[:1] and len(grown.records) == 3
     again = _loaded(mbox)
     assert again.scanned_from is None and again.records == grown.records
+
+
+def test_same_size_rewrite_keeping_ends_and_mtime_detected(tmp_path: Path) -> None:
+    """
+    An in-place rewrite that keeps size, mtime and the first and last
+    4 KiB, but shortens one message and lengthens a later one (so every
+    message start between them moves), is caught by the sample of message
+    starts: the file is scanned again, and only the two edited messages get
+    new UIDLs.
+    """
+    path = tmp_path / "user"
+    messages = [_message(f"m{i:02d}", "x" * 300) for i in range(40)]
+    path.write_bytes(b"".join(messages))
+    before = _uidls(path)
+    old = path.read_bytes()
+    st = path.stat()
+    edited = list(messages)
+    edited[15] = _message("m15", "x" * 299)
+    edited[25] = _message("m25", "x" * 301)
+    data = b"".join(edited)
+    span = index_module.PROBE_SPAN
+    assert len(data) == len(old) and data[:span] == old[:span] and data[-span:] == old[-span:]
+    with path.open("r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    idx = _loaded(path)
+    assert idx.scanned_from == 0
+    starts = [sum(map(len, edited[:i])) for i in range(len(edited))]
+    assert [r.start for r in idx.records] == starts
+    uidls = [r.uidl for r in idx.records]
+    assert [u for i, u in enumerate(uidls) if i not in (15, 25)] == [
+        u for i, u in enumerate(before) if i not in (15, 25)
+    ]
+    assert uidls[15] not in before and uidls[25] not in before
+
+
+def test_trusting_an_index_reads_a_bounded_sample(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Reopening a large mbox whose index is current reads the two probes and
+    at most L{index_module.BOUNDARY_SAMPLES} message starts, not every
+    message.
+    """
+    path = tmp_path / "user"
+    path.write_bytes(b"".join(_message(f"m{i}") for i in range(3000)))
+    _uidls(path)
+    reads: list[int] = []
+    real_pread = os.pread
+
+    def pread(fd: int, length: int, offset: int) -> bytes:
+        reads.append(length)
+        return real_pread(fd, length, offset)
+
+    monkeypatch.setattr(os, "pread", pread)
+    idx = _loaded(path)
+    assert idx.scanned_from is None
+    assert len(reads) <= index_module.BOUNDARY_SAMPLES + 2
+    assert sum(reads) <= 2 * index_module.PROBE_SPAN + 6 * index_module.BOUNDARY_SAMPLES
+
+
+@pytest.mark.parametrize("kind", ["dev_zero", "fifo"])
+def test_unsafe_index_ignored_and_replaced(mbox: Path, kind: str) -> None:
+    """
+    An index that is a symlink to C{/dev/zero} or a FIFO is neither read
+    (no memory growth: the child's address space is capped) nor waited on:
+    the maildrop opens from a fresh scan, and the planted name is replaced
+    by a regular index file.
+    """
+    index = Path(state_paths(str(mbox)).index)
+    if kind == "dev_zero":
+        index.symlink_to("/dev/zero")
+    else:
+        os.mkfifo(index)
+    assert open_in_child(mbox) == "opened 3"
+    assert index.is_file() and not index.is_symlink()
+    assert read_index(str(index)) is not None
+    assert _loaded(mbox).scanned_from is None

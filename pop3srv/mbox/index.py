@@ -12,12 +12,19 @@ File layout (little endian): a header (magic, version, st_dev, st_ino,
 size, mtime_ns, hashes of the first and last 4 KiB, record count, retired
 count), fixed-size records, retired
 entries, then a blake2b checksum of everything before it.
+
+A stored index is trusted as it is only if inode, size and mtime match and
+the file still looks as it did where we look: both ends (the probes) and a
+sample of message starts (L{boundaries_hold}).  A rewrite that kept size
+and mtime (an MUA that restores mtime, or a coarse clock) and both ends
+moves the starts between its edits, which the sample sees.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import random
 import struct
 import sys
 import tempfile
@@ -28,7 +35,13 @@ from typing import overload
 
 from twisted.logger import Logger
 
-from pop3srv.mbox.paths import fsync_dir
+from pop3srv.mbox.paths import (
+    UnsafeStateFile,
+    display_path,
+    fsync_dir,
+    open_state_file,
+    read_bounded,
+)
 from pop3srv.mbox.scan import DIGEST_SIZE, MessageRecord, scan_mbox
 
 _log = Logger()
@@ -47,6 +60,17 @@ _CHECKSUM_SIZE = 16
 
 #: Most retired digests remembered; the oldest are forgotten first.
 MAX_RETIRED = 100_000
+
+#: The shortest distance between two message starts: C{From } and an LF.
+_MIN_MESSAGE = len(b"From \n")
+
+#: Message starts checked before a stored index is trusted: half spread
+#: evenly over the file, half drawn at random on each open, so that no
+#: pattern of edits is missed on every open.  Each is one read of a few
+#: octets.
+BOUNDARY_SAMPLES = 24
+
+_random = random.SystemRandom()
 
 
 @dataclass(frozen=True, slots=True)
@@ -297,17 +321,58 @@ def decode_index(data: bytes) -> MboxIndex | None:
     return MboxIndex(dev, ino, size, mtime_ns, records, retired, head_probe=head, tail_probe=tail)
 
 
-def read_index(index_path: str) -> MboxIndex | None:
+def index_size_limit(mbox_size: int) -> int:
+    """
+    The largest index file we could have written for an mbox of
+    C{mbox_size} octets, or for an earlier, larger version of it.
+
+    Records: at most one per L{_MIN_MESSAGE} octets of the file, plus
+    L{MAX_RETIRED} for messages that have left it since (an index of a
+    file that shrank still holds them, and no more of them than the
+    retired table can keep are of use); retired entries: L{MAX_RETIRED}.
+
+    @param mbox_size: the mbox's size now.
+    @return: octets.
+    """
+    records = mbox_size // _MIN_MESSAGE + 1 + MAX_RETIRED
+    return _HEADER.size + records * _RECORD.size + MAX_RETIRED * _RETIRED.size + _CHECKSUM_SIZE
+
+
+def read_index(index_path: str, mbox_size: int | None = None) -> MboxIndex | None:
     """
     Read and validate the index file, or L{None} if absent or unusable.
+
+    The index is only a cache (its loss costs a scan, and UIDL ordinals of
+    identical messages, as a damaged one does), so one that is not a file
+    we wrote (a symlink, say to C{/dev/zero}, a FIFO, a device, a file of
+    another owner, or one larger than L{index_size_limit}) is logged and
+    treated as absent; it is never followed or read past the limit.  The
+    rebuilt index is then renamed over it, which replaces the name itself
+    and follows nothing.
+
+    @param index_path: the index file.
+    @param mbox_size: the mbox's size, which bounds the read; L{None} for
+        the size of the largest mbox (tests and tools).
     """
+    limit = index_size_limit(mbox_size if mbox_size is not None else 1 << 62)
+    shown = display_path(index_path)
     try:
-        with open(index_path, "rb") as f:
-            data = f.read()
+        fd = open_state_file(index_path, os.O_RDONLY)
+        try:
+            data = read_bounded(fd, limit, shown)
+        finally:
+            os.close(fd)
     except FileNotFoundError:
         return None
+    except UnsafeStateFile as e:
+        _log.warn(
+            "Ignoring index {path} (a fresh one is written in its place): {error}",
+            path=shown,
+            error=e,
+        )
+        return None
     except OSError as e:
-        _log.warn("Cannot read index {path}: {error}", path=index_path, error=e)
+        _log.warn("Cannot read index {path}: {error}", path=shown, error=e)
         return None
     return decode_index(data)
 
@@ -347,6 +412,32 @@ def probes(fd: int, size: int) -> tuple[bytes, bytes]:
     """
     span = min(PROBE_SPAN, size)
     return _hash_at(fd, 0, span), _hash_at(fd, size - span, span)
+
+
+def boundaries_hold(fd: int, records: Sequence[IndexRecord], size: int) -> bool:
+    """
+    Whether a sample of the recorded message starts (L{BOUNDARY_SAMPLES}
+    at most) still begin a C{From } line in C{[0, size)} of the file.
+
+    @param fd: the mbox.
+    @param records: the stored index's records.
+    @param size: the indexed length.
+    """
+    n = len(records)
+    if n == 0:
+        return True
+    half = BOUNDARY_SAMPLES // 2
+    picks = {i * (n - 1) // max(1, half - 1) for i in range(half)}
+    picks.update(_random.sample(range(n), min(n, BOUNDARY_SAMPLES - half)))
+    for i in sorted(picks):
+        start = records[i].start
+        if start == 0:
+            found = os.pread(fd, len(b"From "), 0) == b"From "
+        else:
+            found = start < size and os.pread(fd, len(b"\nFrom "), start - 1) == b"\nFrom "
+        if not found:
+            return False
+    return True
 
 
 def _scan(fd: int, start: int, limit: int) -> Iterator[MessageRecord]:
@@ -420,14 +511,21 @@ def load_index(fd: int, index_path: str) -> MboxIndex:
     @return: the current index.
     """
     st = os.fstat(fd)
-    old = read_index(index_path)
+    old = read_index(index_path, st.st_size)
     if old is not None and (old.dev, old.ino) == (st.st_dev, st.st_ino):
         head, tail = probes(fd, old.size)
-        if (old.size, old.mtime_ns, old.tail_probe) == (st.st_size, st.st_mtime_ns, tail) and (
-            head == old.head_probe
+        if (
+            (old.size, old.mtime_ns, old.tail_probe) == (st.st_size, st.st_mtime_ns, tail)
+            and head == old.head_probe
+            and boundaries_hold(fd, old.records, old.size)
         ):
             return old
-        if old.size < st.st_size and old.records and head == old.head_probe:
+        if (
+            old.size < st.st_size
+            and old.records
+            and head == old.head_probe
+            and boundaries_hold(fd, old.records, old.size)
+        ):
             grown = _grown(st, fd, old)
             if grown is not None:
                 _save(index_path, grown)
@@ -448,4 +546,4 @@ def _save(index_path: str, index: MboxIndex) -> None:
     try:
         write_index(index_path, index)
     except OSError as e:
-        _log.warn("Cannot write index {path}: {error}", path=index_path, error=e)
+        _log.warn("Cannot write index {path}: {error}", path=display_path(index_path), error=e)
