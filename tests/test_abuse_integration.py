@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import poplib
 import re
+import select
 import shutil
 import socket
 import subprocess
@@ -18,7 +19,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from livepop3 import PASSWORDS, Pop3Server
+from certs import Authority
+from livepop3 import PASSWORDS, Pop3Server, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "pop3srv.conf"
@@ -172,3 +174,99 @@ def test_audit_log_matches_fail2ban_filter_and_hides_passwords(
     matched_part = result.stdout.split("Matched line(s):")[1].split("Missed line(s):")[0]
     matched = re.findall(r"session=\S+ peer=(\S+) ", matched_part)
     assert sorted(set(matched)) == ["127.0.0.5", "127.0.0.6", "127.0.0.9"]
+
+
+TOO_MANY = b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+
+
+def greeted(srv: Pop3Server) -> bytes:
+    """The first line a new plain connection gets."""
+    with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
+        return s.makefile("rb").readline()
+
+
+def pipeline_without_reading(sock: socket.socket, seconds: float = 5.0) -> int:
+    """
+    Send CAPA after CAPA and read nothing, until the server stops taking
+    them (its output is backed up) or C{seconds} pass; return the bytes sent.
+    """
+    sock.setblocking(False)
+    burst = b"CAPA\r\n" * 10_000
+    sent = 0
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            sent += sock.send(burst)
+        except BlockingIOError:
+            if not select.select([], [sock], [], 0.5)[1]:
+                break
+        except ConnectionError:
+            break
+    return sent
+
+
+def test_timeouts_free_the_slots_of_peers_that_never_read_or_handshake(
+    start: Callable[..., Pop3Server], tmp_path: Path
+) -> None:
+    """
+    Issue 12: with --max-connections 6 and --auth-timeout 2, two clients
+    that send STLS and never handshake, two that connect to the implicit-TLS
+    port and say nothing, and two that pipeline CAPA without reading (with
+    a small receive buffer, so the server's output backs up) take every
+    slot.  The login timeout closes them and, as none takes its last output,
+    aborts them after the grace (5 s): a new client is greeted again within
+    2 + 5 s and a margin, where before their slots were held for ever.
+    """
+    cert, key = Authority.create().issue(tmp_path, "server", serial=4242)
+    tls_port = free_port()
+    srv = start(
+        "--max-connections", "6", "--auth-timeout", "2",
+        "--tls-cert", str(cert), "--tls-key", str(key),
+        "--listen-tls", f"tcp:{tls_port}:interface=127.0.0.1",
+    )  # fmt: skip
+    held: list[socket.socket] = []
+    try:
+        # The server's start-up probe may still hold a slot for a moment.
+        deadline = time.monotonic() + 5
+        while greeted(srv) == TOO_MANY:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for _ in range(2):
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            held.append(s)
+            f = s.makefile("rb")
+            assert f.readline().startswith(b"+OK POP3 server ready")
+            s.sendall(b"STLS\r\n")
+            assert f.readline() == b"+OK Begin TLS negotiation.\r\n"
+        for _ in range(2):
+            s = socket.socket()
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.settimeout(10)
+            s.connect(("127.0.0.1", srv.port))
+            held.append(s)
+            assert s.recv(100).startswith(b"+OK POP3 server ready")
+            assert pipeline_without_reading(s) > 64 * 1024
+        for _ in range(2):
+            held.append(socket.create_connection(("127.0.0.1", tls_port), timeout=10))
+        last = time.monotonic()
+        assert greeted(srv) == TOO_MANY
+        while (line := greeted(srv)) == TOO_MANY:
+            assert time.monotonic() - last < 2 + 5 + 4, "slots still held"
+            time.sleep(0.25)
+        assert line.startswith(b"+OK POP3 server ready")
+        # Every slot comes back, not just one.
+        deadline = time.monotonic() + 5
+        while len(held) < 12:
+            assert time.monotonic() < deadline, "some slots still held"
+            s = socket.create_connection(("127.0.0.1", srv.port), timeout=10)
+            if s.makefile("rb").readline().startswith(b"+OK"):
+                held.append(s)
+            else:
+                s.close()
+                time.sleep(0.1)
+    finally:
+        for s in held:
+            s.close()
+    log = srv.log_text()
+    assert log.count("reason=auth-timeout") >= 6
+    assert "did not take its last output in time; aborting" in log

@@ -81,6 +81,49 @@ def test_transaction_commands_refused_before_login() -> None:
     assert machine.state is m.State.AUTHORIZATION
 
 
+def test_noop_only_in_transaction() -> None:
+    """RFC 1939 section 5: NOOP is a TRANSACTION command; before login it is refused."""
+    machine = machine_in(m.State.AUTHORIZATION)
+    assert run(machine, b"NOOP\r\n") == [m.Reply(b"-ERR Command not valid in this state.\r\n")]
+    assert machine.bad_commands == 1
+    machine = machine_in(m.State.TRANSACTION)
+    assert run(machine, b"NOOP\r\n") == [m.Reply(b"+OK\r\n")]
+
+
+def capa_lines(machine: m.Pop3Machine) -> list[bytes]:
+    """The capability lines a CAPA gets from C{machine}."""
+    (reply,) = run(machine, b"CAPA\r\n")
+    assert isinstance(reply, m.Reply)
+    return reply.data.split(b"\r\n")[1:-2]
+
+
+def test_capa_offers_stls_only_before_login() -> None:
+    """
+    RFC 2595 section 4: STLS is an AUTHORIZATION command, so CAPA after a
+    plaintext login (USER/PASS or SASL) lists everything but STLS.
+    """
+    plain = b"AUTH PLAIN " + b64("\0alice\0pw").encode() + b"\r\n"
+    for login in (b"USER alice\r\nPASS pw\r\n", plain):
+        machine = m.Pop3Machine(
+            m.Capabilities(stls=True, sasl=(sasl.PLAIN,)),
+            start_sasl=lambda: sasl.SASLServer(
+                mechanisms=(sasl.PLAIN,), tls_active=False, plaintext_allowed=True
+            ),
+        )
+        before = capa_lines(machine)
+        assert b"STLS" in before
+        action = run(machine, login)[-1]
+        if isinstance(action, m.SaslVerify):
+            assert machine.sasl_verified("alice", [1], str) == m.Reply(
+                b"+OK Maildrop has 1 messages (1 octets).\r\n"
+            )
+        else:
+            assert isinstance(action, m.Authenticate)
+            machine.login_succeeded("alice", [1], str)
+        assert machine.state is m.State.TRANSACTION
+        assert capa_lines(machine) == [line for line in before if line != b"STLS"]
+
+
 def test_pass_needs_user_and_auth_failure_keeps_session() -> None:
     """PASS without USER is refused; a failed login leaves AUTHORIZATION usable."""
     machine = machine_in(m.State.AUTHORIZATION)
@@ -191,7 +234,7 @@ def test_bad_commands_are_counted_and_reset() -> None:
     machine = machine_in(m.State.AUTHORIZATION)
     run(machine, b"FOO\r\nBAR\r\n" + b"x" * 400 + b"\r\n")
     assert machine.bad_commands == 3
-    run(machine, b"NOOP\r\n")
+    run(machine, b"CAPA\r\n")
     assert machine.bad_commands == 0
 
 
@@ -258,7 +301,8 @@ def test_sasl_login_failure_stays_in_authorization() -> None:
     assert isinstance(action, m.SaslVerify) and action.request.password == "wrong"
     assert machine.login_failed("AUTH") == b"-ERR [AUTH] Invalid username or password.\r\n"
     assert machine.state is m.State.AUTHORIZATION and machine.bad_commands == 1
-    assert run(machine, b"NOOP\r\n") == [m.Reply(b"+OK\r\n")]
+    # Parsed as a command, not as a SASL response (and NOOP is a TRANSACTION command).
+    assert run(machine, b"NOOP\r\n") == [m.Reply(b"-ERR Command not valid in this state.\r\n")]
 
 
 def test_sasl_scram_lookup_verify_and_abort() -> None:

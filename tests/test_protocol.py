@@ -7,8 +7,10 @@ fire later (the IMailbox contract allows all three).
 from __future__ import annotations
 
 import base64
+import errno
 import gc
 import hashlib
+import io
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,7 +25,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, globalLogPublisher
 from zope.interface import implementer
 
 from pop3srv.auth.checker import PasslibChecker
@@ -272,6 +274,7 @@ def test_password_never_logged(log_events: list[LogEvent]) -> None:
 def test_replies_wait_while_the_transport_is_full() -> None:
     """When the transport pauses its producer, no further commands are answered."""
     session = Session()
+    session.login()
     session.transport.clear()
     session.protocol.pauseProducing()
     session.protocol.dataReceived(b"NOOP\r\n" * 5)
@@ -409,7 +412,8 @@ def test_sasl_plain_wrong_password(sasl_session: SaslSession) -> None:
         b"-ERR [AUTH] Invalid username or password.\r\n"
     )
     assert sasl_session.audit == ['login-failed "alice" bad-credentials']
-    assert sasl_session.send("NOOP") == b"+OK\r\n"
+    # The session goes on (NOOP would be refused: a TRANSACTION command).
+    assert sasl_session.send("CAPA").startswith(b"+OK Capability list follows.\r\n")
 
 
 def test_sasl_login(sasl_session: SaslSession) -> None:
@@ -507,3 +511,49 @@ def test_listing_failure_is_a_server_fault() -> None:
     assert session.realm.logouts == 1
     mailbox.listMessages = real  # type: ignore[method-assign]
     assert session.login().endswith(b"+OK Maildrop has 2 messages (73 octets).\r\n")
+
+
+class FailingRead(io.BytesIO):
+    """A message file whose reads fail once C{good} bytes have been read."""
+
+    def __init__(self, data: bytes, good: int) -> None:
+        super().__init__(data)
+        self.good = good
+
+    def read(self, size: int | None = -1, /) -> bytes:
+        if self.tell() >= self.good:
+            raise OSError(errno.EIO, "Input/output error")
+        return super().read(size)
+
+
+@pytest.mark.parametrize(
+    ("size", "good"),
+    [
+        # Fails while the first chunks are read, before streaming starts.
+        (100 * 1024, 64 * 1024),
+        # Fails in the middle of streaming a big message.
+        (1024 * 1024, 300 * 1024),
+    ],
+)
+def test_read_failure_after_ok_closes_without_a_false_end(
+    size: int, good: int, log_events: list[LogEvent]
+) -> None:
+    """
+    A message that cannot be read after its +OK was sent: the connection
+    closes with the response unfinished (no "." that would pass off a part
+    as the whole, no -ERR inside the response), the commands after it are
+    not run, and the fault is logged once, as an error (not critical).
+    """
+    session = Session()
+    message = b"Subject: big\n\n" + b"x" * (size - 15) + b"\n"
+    session.mailbox.getMessage = lambda index: FailingRead(message, good)  # type: ignore[method-assign]
+    session.login()
+    out = session.send(b"RETR 1\r\nSTAT\r\n")
+    assert out.startswith(b"+OK")
+    assert b"\r\n.\r\n" not in out and b"-ERR" not in out and b"+OK 2 73" not in out
+    assert session.transport.disconnecting
+    failures = [e for e in log_events if "log_failure" in e]
+    assert len(failures) == 1
+    assert failures[0]["log_failure"].check(OSError)
+    assert failures[0]["log_level"] == LogLevel.error
+    assert not [e for e in log_events if e.get("log_level") == LogLevel.critical]

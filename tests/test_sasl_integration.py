@@ -97,7 +97,7 @@ def test_bad_base64_and_wrong_password(server: Pop3Server) -> None:
         c._shortcmd("AUTH PLAIN !!!notbase64")
     with pytest.raises(poplib.error_proto, match=r"\[AUTH\]"):
         c._shortcmd("AUTH PLAIN " + b64("\0alice\0wrong"))
-    assert c.noop().startswith(b"+OK")
+    assert "SASL" in c.capa()
     c.quit()
 
 

@@ -108,6 +108,8 @@ def test_unreadable_config(tmp_path: Path) -> None:
         (["--mailbox", "/m/{user}/{home}"], "may use no field but"),
         (["--index-dir", "/nonexistent/dir"], "--index-dir: /nonexistent/dir: not a directory"),
         (["--auth", "nosuchchecker:x"], "no checker plugin named 'nosuchchecker'"),
+        (["--tls-handshake-timeout", "0"], "--tls-handshake-timeout: tls_handshake_timeout must"),
+        (["--write-stall-timeout", "soon"], "--write-stall-timeout: write_stall_timeout must be a"),
     ],
 )
 def test_bad_options(users: Path, argv: list[str], message: str) -> None:
@@ -147,6 +149,35 @@ def test_make_service_listens_on_each_endpoint(users: Path) -> None:
         (1111, "127.0.0.1"),
     ]
     assert isinstance(reactor.tcpServers[0][1], POP3ServerFactory)
+    top.stopService()
+
+
+def test_connection_timeouts_reach_the_factory(users: Path) -> None:
+    """
+    --tls-handshake-timeout and --write-stall-timeout have safe defaults and
+    are passed to the protocol factory.
+    """
+    defaults = parse("--auth", f"passlib:{users}")
+    assert (defaults["tls_handshake_timeout"], defaults["write_stall_timeout"]) == (30, 600)
+    options = parse(
+        "--auth",
+        f"passlib:{users}",
+        "--listen",
+        "tcp:1110:interface=127.0.0.1",
+        "--workers",
+        "1",
+        "--tls-handshake-timeout",
+        "7",
+        "--write-stall-timeout",
+        "45.5",
+    )
+    reactor = MemoryReactor()
+    top = makeService(options, reactor=reactor)
+    top.privilegedStartService()
+    top.startService()
+    factory = reactor.tcpServers[0][1]
+    assert isinstance(factory, POP3ServerFactory)
+    assert (factory.tls_handshake_timeout, factory.write_stall_timeout) == (7, 45.5)
     top.stopService()
 
 

@@ -133,7 +133,8 @@ def test_starttls_command_injection_is_discarded(server: TLSServer, pki: PKI) ->
     data = b""
     while chunk := tls.recv(1000):
         data += chunk
-    assert data == b"+OK\r\n+OK Bye.\r\n"
+    # NOOP is a TRANSACTION command (RFC 1939), refused before login.
+    assert data == b"-ERR Command not valid in this state.\r\n+OK Bye.\r\n"
     tls.close()
 
 

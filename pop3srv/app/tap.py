@@ -417,6 +417,8 @@ def makeService(
         tls=tls,
         plaintext_auth_networks=options["plaintext_auth_networks"],
         policy=options.policy(),
+        tls_handshake_timeout=options["tls_handshake_timeout"],
+        write_stall_timeout=options["write_stall_timeout"],
     )
     factories: dict[str, Any] = {"plain": factory}
     listeners = [(d, "plain") for d in options["listen"]]

@@ -14,7 +14,7 @@ from __future__ import annotations
 import enum
 from array import array
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from pop3srv.core import commands as c
 from pop3srv.core import sasl
@@ -39,9 +39,11 @@ class State(enum.Enum):
     CLOSED = "CLOSED"
 
 
+# RFC 1939 defines NOOP for the TRANSACTION state only, and RFC 2595 STLS
+# for the AUTHORIZATION state only.
 ALLOWED: dict[State, frozenset[type]] = {
     State.AUTHORIZATION: frozenset(
-        {c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Noop, c.Stls, c.Auth, c.Utf8}
+        {c.User, c.Pass, c.Apop, c.Quit, c.Capa, c.Stls, c.Auth, c.Utf8}
     ),
     State.TRANSACTION: frozenset(
         {c.Stat, c.List, c.Retr, c.Dele, c.Noop, c.Rset, c.Quit, c.Top, c.Uidl, c.Capa}
@@ -500,6 +502,9 @@ class Pop3Machine:
         """
         self._authenticating = False
         self.state = State.TRANSACTION
+        # RFC 2595 section 4: STLS is an AUTHORIZATION command, so CAPA in
+        # TRANSACTION does not offer it.
+        self.capabilities = replace(self.capabilities, stls=False)
         self.username = username
         self._maildrop = _Maildrop(sizes, uidl_of)
         octets = sum(sizes)

@@ -22,7 +22,7 @@ from twisted.internet.address import UNIXAddress
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -59,6 +59,19 @@ MIN_IDLE_TIMEOUT = 600
 CHUNK_SIZE = 64 * 1024
 # Pipelined input beyond this waits in the kernel, not in our memory.
 MAX_PENDING_INPUT = 64 * 1024
+# After a timeout the peer has had its chance: what is still buffered for it
+# gets this long to go out before the connection is cut.
+CLOSE_GRACE = 5.0
+# A handshake takes a round trip or two; a peer that has not finished in
+# this time is not going to.
+DEFAULT_TLS_HANDSHAKE_TIMEOUT = 30.0
+# As long as RFC 1939's autologout: a client that takes none of its replies
+# for that long is as gone as a silent one.
+DEFAULT_WRITE_STALL_TIMEOUT = float(MIN_IDLE_TIMEOUT)
+# TCP keepalive for peers that vanish without a FIN (a laptop closed, a NAT
+# entry dropped): first probe after 60 s of silence, then every 10 s, and the
+# kernel drops the connection after 6 unanswered probes.
+KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
 
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -75,6 +88,18 @@ def peer_in_networks(peer: object, networks: Iterable[IPNetwork]) -> bool:
         return True
     host = getattr(peer, "host", None)
     return isinstance(host, str) and in_networks(host, networks)
+
+
+def _socket_of(transport: Any) -> socket.socket | None:
+    """
+    The TCP socket under a transport, if there is one: C{tcp.Connection}
+    keeps it as C{socket} (a C{startTLS} does not change that), and a
+    L{TLSMemoryBIOProtocol} passes attribute look-ups to its transport.
+    """
+    sock = getattr(transport, "socket", None)
+    if isinstance(sock, socket.socket) and sock.family in (socket.AF_INET, socket.AF_INET6):
+        return sock
+    return None
 
 
 class _Readable(TypingProtocol):
@@ -95,8 +120,10 @@ class _MessageStreamer:
         top_lines: int | None,
         call_later: Callable[..., Any],
         on_progress: Callable[[], None] = lambda: None,
+        on_pause: Callable[[], None] = lambda: None,
     ) -> None:
         self._on_progress = on_progress
+        self._on_pause = on_pause
         self._transport = transport
         self._source = source
         self._top = TopFilter(top_lines) if top_lines is not None else None
@@ -205,6 +232,7 @@ class _MessageStreamer:
 
     def pauseProducing(self) -> None:
         self._paused = True
+        self._on_pause()
 
     def resumeProducing(self) -> None:
         self._paused = False
@@ -215,7 +243,7 @@ class _MessageStreamer:
         self._finish(Failure(ConnectionLost("connection lost while streaming")))
 
 
-@implementer(interfaces.IPushProducer)
+@implementer(interfaces.IPushProducer, interfaces.IHandshakeListener)
 class POP3Server(Protocol):
     """
     One POP3 connection.
@@ -224,6 +252,11 @@ class POP3Server(Protocol):
     is full (a client that pipelines commands but does not read), it stops
     taking commands until the buffer drains, so replies cannot pile up in
     memory.  While a message streams, the streamer is the producer instead.
+
+    Every way it ends a connection goes through L{_close}, which cuts the
+    connection if the peer has not taken the last output after a grace
+    period: a timeout must free the connection's slot even from a peer that
+    never reads and never finishes a TLS handshake.
     """
 
     _log = Logger()
@@ -242,6 +275,10 @@ class POP3Server(Protocol):
         self._producing = False
         self._idle_call: Any = None
         self._auth_deadline: Any = None
+        self._handshake_call: Any = None
+        self._stall_call: Any = None
+        self._abort_call: Any = None
+        self._lost = False
         self._peer = "?"
         self._host = "?"
         self._session_id = "-"
@@ -262,22 +299,28 @@ class POP3Server(Protocol):
         self._peer = f"{self._host}:{getattr(peer, 'port', '')}"
         self._session_id = self.factory.next_session_tag()
         policy = self.factory.policy
+        if ISSLTransport.providedBy(self.transport):
+            # Implicit TLS: our first line waits for a handshake that a
+            # silent peer never starts.
+            self._handshake_call = self.factory.reactor.callLater(
+                self.factory.tls_handshake_timeout, self._handshake_timed_out
+            )
         if isinstance(peer, UNIXAddress):
             self._host = "local"
         elif not policy.access.permits(self._host):
             self._audit("connection-refused", "ip-rules")
             self.transport.write(b"-ERR [SYS/PERM] Access denied.\r\n")
-            self.transport.loseConnection()
+            self._close(self.factory.close_grace)
             return
         breach = policy.connections.open(self._host)
         if breach is not None:
             self._audit("limit-hit", breach)
             self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-            self.transport.loseConnection()
+            self._close(self.factory.close_grace)
             return
         self._counted = True
         self._login_peer = Peer(self._host, self._session_id, self._peer)
-        self._set_nodelay()
+        self._set_socket_options()
         self.transport.registerProducer(self, True)
         self._producing = True
         if self.factory.login.apop_available():
@@ -297,26 +340,81 @@ class POP3Server(Protocol):
     def _auth_timed_out(self) -> None:
         self._auth_deadline = None
         self._audit("limit-hit", "auth-timeout")
-        self._close_with(b"-ERR Login timeout; closing.\r\n")
+        self._close_with(b"-ERR Login timeout; closing.\r\n", self.factory.close_grace)
 
-    def _close_with(self, line: bytes) -> None:
+    def _handshake_timed_out(self) -> None:
+        self._handshake_call = None
+        self._audit("limit-hit", "tls-handshake-timeout")
+        self._close_with(b"", self.factory.close_grace)
+
+    def handshakeCompleted(self) -> None:
+        """The TLS handshake (implicit TLS or after C{STLS}) is done."""
+        if self._handshake_call is not None and self._handshake_call.active():
+            self._handshake_call.cancel()
+        self._handshake_call = None
+
+    def _close_with(self, line: bytes, grace: float) -> None:
+        """Stop taking commands, send C{line} (if any) and L{_close}."""
         if self.machine is not None:
             self.machine.connection_lost()
-        self.transport.write(line)
-        self._disconnect()
+        if line and self._abort_call is None:
+            self.transport.write(line)
+        self._close(grace)
+
+    def _close(self, grace: float) -> None:
+        """
+        End the connection: after the pending output, and for certain.
+
+        C{loseConnection} waits until the peer has taken everything
+        buffered, which a peer that does not read, or that never finishes a
+        TLS handshake, never does; so if the connection is still open
+        C{grace} seconds later it is aborted.  The producer role is given up
+        first: a transport (TLS in particular) waits for its producer to
+        unregister before it closes.
+        """
+        if self._producing:
+            self._producing = False
+            self.transport.unregisterProducer()
+        if self._lost:
+            return
+        reactor = self.factory.reactor
+        if self._abort_call is None:
+            self._abort_call = reactor.callLater(grace, self._abort)
+        elif self._abort_call.getTime() > reactor.seconds() + grace:
+            # A timeout while closing: the shorter grace wins.
+            self._abort_call.reset(grace)
+        self.transport.loseConnection()
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        self._log.info("{peer} did not take its last output in time; aborting", peer=self._peer)
+        self.transport.abortConnection()
 
     def _capabilities(self, tls_active: bool | None = None) -> m.Capabilities:
         if tls_active is None:
             tls_active = ISSLTransport.providedBy(self.transport)
         return self.factory.capabilities(self._apop_challenge, tls_active, self.transport.getPeer())
 
-    def _set_nodelay(self) -> None:
-        set_nodelay = getattr(self.transport, "setTcpNoDelay", None)
-        if set_nodelay is not None:
-            try:
-                set_nodelay(True)
-            except OSError:
-                pass
+    def _set_socket_options(self) -> None:
+        """No Nagle delay for replies, and TCP keepalive (see L{KEEPALIVE_OPTIONS})."""
+        for name in ("setTcpNoDelay", "setTcpKeepAlive"):
+            setter = getattr(self.transport, name, None)
+            if setter is not None:
+                try:
+                    setter(True)
+                except OSError:
+                    pass
+        sock = _socket_of(self.transport)
+        if sock is None:
+            return
+        for option, value in KEEPALIVE_OPTIONS:
+            # Linux names; other systems may lack some and keep their defaults.
+            number = getattr(socket, option, None)
+            if number is not None:
+                try:
+                    sock.setsockopt(socket.IPPROTO_TCP, number, value)
+                except OSError:
+                    pass
 
     def dataReceived(self, data: bytes) -> None:
         if self.machine is None or self.machine.state is m.State.CLOSED:
@@ -329,10 +427,19 @@ class POP3Server(Protocol):
         self._run()
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        for call in (self._idle_call, self._auth_deadline):
+        self._lost = True
+        timers = (
+            self._idle_call,
+            self._auth_deadline,
+            self._handshake_call,
+            self._stall_call,
+            self._abort_call,
+        )
+        for call in timers:
             if call is not None and call.active():
                 call.cancel()
-        self._idle_call = self._auth_deadline = None
+        self._idle_call = self._auth_deadline = self._handshake_call = None
+        self._stall_call = self._abort_call = None
         if self._counted:
             self._counted = False
             self.factory.policy.connections.close(self._host)
@@ -357,8 +464,32 @@ class POP3Server(Protocol):
     def _idle_timed_out(self) -> None:
         self._idle_call = None
         self._log.info("Session of {peer} timed out", peer=self._peer)
-        self.transport.write(b"-ERR Autologout; idle for too long.\r\n")
-        self._disconnect()
+        if self._abort_call is None:
+            self.transport.write(b"-ERR Autologout; idle for too long.\r\n")
+        self._close(self.factory.close_grace)
+
+    def _output_blocked(self) -> None:
+        """The transport's buffer is full: start the write-stall timer."""
+        if self._stall_call is None and not self._lost:
+            self._stall_call = self.factory.reactor.callLater(
+                self.factory.write_stall_timeout, self._write_stalled
+            )
+
+    def _output_moved(self) -> None:
+        """The transport took output: the write is not stalled."""
+        if self._stall_call is not None and self._stall_call.active():
+            self._stall_call.cancel()
+        self._stall_call = None
+
+    def _stream_progress(self) -> None:
+        self._output_moved()
+        self._reset_idle_timer()
+
+    def _write_stalled(self) -> None:
+        self._stall_call = None
+        self._audit("limit-hit", "write-stall")
+        # Nothing more is written: the peer is not taking what is there.
+        self._close_with(b"", self.factory.close_grace)
 
     # --- running actions
 
@@ -371,7 +502,10 @@ class POP3Server(Protocol):
             while not self._busy and not self._output_paused:
                 if self.machine.bad_commands >= self.factory.policy.max_bad_commands:
                     self._audit("limit-hit", "bad-commands", self.machine.username)
-                    self._close_with(b"-ERR Too many bad commands; closing.\r\n")
+                    self._close_with(
+                        b"-ERR Too many bad commands; closing.\r\n",
+                        self.factory.write_stall_timeout,
+                    )
                     break
                 action = self.machine.next_action()
                 if action is m.NEED_DATA:
@@ -389,20 +523,18 @@ class POP3Server(Protocol):
 
     def _disconnect(self) -> None:
         """
-        Close after the pending replies.  The producer role is given up first:
-        a transport (TLS in particular) waits for its producer to unregister
-        before it closes.
+        Close after the pending replies, at an end the client asked for or
+        caused: it gets as long as a stalled write would to take them.
         """
-        if self._producing:
-            self._producing = False
-            self.transport.unregisterProducer()
-        self.transport.loseConnection()
+        self._close(self.factory.write_stall_timeout)
 
     def pauseProducing(self) -> None:
         self._output_paused = True
+        self._output_blocked()
 
     def resumeProducing(self) -> None:
         self._output_paused = False
+        self._output_moved()
         if not self._busy:
             self._run()
 
@@ -446,6 +578,10 @@ class POP3Server(Protocol):
             self.transport.write(action.reply)
         elif isinstance(action, m.StartTLS):
             self.transport.write(action.reply)
+            # Started first: the handshake may complete inside startTLS.
+            self._handshake_call = self.factory.reactor.callLater(
+                self.factory.tls_handshake_timeout, self._handshake_timed_out
+            )
             self.transport.startTLS(self.factory.tls)
             assert self.machine is not None
             self.machine.tls_started(self._capabilities(tls_active=True))
@@ -548,14 +684,19 @@ class POP3Server(Protocol):
                 source,
                 action.top_lines,
                 self.factory.reactor.callLater,
-                self._reset_idle_timer,
+                self._stream_progress,
+                self._output_blocked,
             )
-            if streamer.send_if_small():
+            try:
+                if streamer.send_if_small():
+                    return None
+            except Exception:
+                self._stream_failed(action.index, Failure())
                 return None
             self._producing = False
             self.transport.unregisterProducer()
             done = streamer.start()
-            done.addBoth(self._streamed)
+            done.addBoth(self._streamed, action.index)
             return done
 
         def unreadable(failure: Failure) -> None:
@@ -571,15 +712,35 @@ class POP3Server(Protocol):
         d.addCallbacks(stream, unreadable)
         return d
 
-    def _streamed(self, result: object) -> object:
+    def _streamed(self, result: object, index: int) -> None:
         """Take back the producer role after a message was sent."""
         self._output_paused = False
+        if isinstance(result, Failure):
+            if not result.check(ConnectionLost):
+                self._stream_failed(index, result)
+            # else the client went away mid-message; nothing to report
+            return
         if self.machine is not None and self.machine.state is not m.State.CLOSED:
             self.transport.registerProducer(self, True)
             self._producing = True
-        if isinstance(result, Failure) and result.check(ConnectionLost):
-            return None  # the client went away mid-message; nothing to report
-        return result
+
+    def _stream_failed(self, index: int, failure: Failure) -> None:
+        """
+        Reading a message failed after its C{+OK}: the response cannot be
+        ended honestly, since a C{.} would pass off the part sent as the
+        whole message and an C{-ERR} would be read as one of its lines, so
+        the connection is closed with the response unfinished.  The
+        client sees a broken download; the fault is logged once, as an
+        error (it is the mailbox's, not a bug of the server).
+        """
+        self._log.failure(
+            "Reading message {index} for {peer} failed mid-response; closing the connection",
+            failure,
+            level=LogLevel.error,
+            index=index,
+            peer=self._peer,
+        )
+        self._close_with(b"", self.factory.close_grace)
 
     def _commit(self, deleted: frozenset[int]) -> defer.Deferred[None]:
         """
@@ -642,6 +803,14 @@ class POP3ServerFactory(Factory):
     @param policy: abuse limits; the documented defaults if C{None}.
     @param login: the login service; if C{None}, one for C{portal} and
         C{policy} (L{LoginService.for_portal}).
+    @param tls_handshake_timeout: seconds a client has to complete a TLS
+        handshake, on an implicit-TLS port or after C{STLS}.
+    @param write_stall_timeout: seconds the server's output may stay
+        blocked on a client that takes none of it before the connection
+        is closed; also how long the last replies of an ordinary close
+        may take to go out.
+    @param close_grace: seconds that what is buffered for a client gets to
+        go out after a timeout, before the connection is aborted.
     """
 
     protocol = POP3Server
@@ -656,6 +825,9 @@ class POP3ServerFactory(Factory):
         plaintext_auth_networks: Iterable[IPNetwork] = LOOPBACK_NETWORKS,
         policy: ServerPolicy | None = None,
         login: LoginService | None = None,
+        tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
+        write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT,
+        close_grace: float = CLOSE_GRACE,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -667,6 +839,9 @@ class POP3ServerFactory(Factory):
         self.implementation = implementation
         self.tls = tls
         self.plaintext_auth_networks = tuple(plaintext_auth_networks)
+        self.tls_handshake_timeout = tls_handshake_timeout
+        self.write_stall_timeout = write_stall_timeout
+        self.close_grace = close_grace
         if login is None:
             login = LoginService.for_portal(portal, reactor, policy)
         self.login = login
