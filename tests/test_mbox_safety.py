@@ -460,3 +460,19 @@ def test_live_server_refuses_symlinked_mail_directory(
     client.pass_(PASSWORDS["bob"])
     assert client.stat()[0] == len(BOB_MAIL)
     client.quit()
+
+
+def test_hard_linked_state_file_refused(tmp_path: Path) -> None:
+    """
+    A state file with a second name (a hard link someone made to a file of
+    the server's user) is refused, not read or written.
+    """
+    from pop3srv.mbox.paths import UnsafeStateFile, open_state_file
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"server-owned data\n")
+    planted = tmp_path / ".inbox.pop3srv-lock"
+    os.link(victim, planted)
+    with pytest.raises(UnsafeStateFile, match="2 links"):
+        open_state_file(str(planted), os.O_RDWR | os.O_CREAT)
+    assert victim.read_bytes() == b"server-owned data\n"

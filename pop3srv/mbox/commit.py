@@ -406,7 +406,7 @@ def commit_deletions(
     records = index.records
     st = os.fstat(mbox_fd)
     try:
-        cur = os.stat(paths.mbox)
+        cur = os.stat(paths.mbox, follow_symlinks=False)
     except FileNotFoundError as e:
         raise MaildropChanged("mbox was removed") from e
     ident = (index.dev, index.ino)

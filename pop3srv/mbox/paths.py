@@ -172,6 +172,10 @@ def _open_checked(path: str, flags: int, mode: int, owner: int | None) -> int:
             raise UnsafeStateFile(f"{display_path(path)}: not a regular file")
         if owner is not None and st.st_uid != owner:
             raise UnsafeStateFile(f"{display_path(path)}: owned by uid {st.st_uid}, not {owner}")
+        if owner is not None and st.st_nlink != 1:
+            # Our state files have one name; a second one is a hard link
+            # someone else made to pass another file off as ours.
+            raise UnsafeStateFile(f"{display_path(path)}: has {st.st_nlink} links")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:
         os.close(fd)

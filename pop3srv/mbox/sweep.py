@@ -91,7 +91,7 @@ def sweep_spool(
     for user in sorted(_candidate_users(journal_names)):
         mbox = template.replace(USER_FIELD, user)
         paths = state_paths(mbox, index_dir)
-        if not os.path.exists(paths.journal):
+        if not os.path.lexists(paths.journal):
             continue
         try:
             with MboxFileLock(mbox, timeout=5):
