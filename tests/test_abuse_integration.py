@@ -270,3 +270,35 @@ def test_timeouts_free_the_slots_of_peers_that_never_read_or_handshake(
     log = srv.log_text()
     assert log.count("reason=auth-timeout") >= 6
     assert "did not take its last output in time; aborting" in log
+
+
+@pytest.mark.skipif(shutil.which("fail2ban-regex") is None, reason="fail2ban is not installed")
+def test_fail2ban_filter_matches_client_failures_never_server_faults(tmp_path: Path) -> None:
+    """
+    The filter bans for every failure that is the client's (wrong password,
+    a SASL exchange failed on its credentials, a refusal during a lockout or
+    over the in-flight limit) and never for a server fault (reason=error).
+    """
+    stamp = "2026-11-26T07:18:37+0000 [pop3srv.audit#info] pop3srv-audit"
+    client_failures = [
+        'event=login-failed session=1-1 peer=192.0.2.1 user="a" reason=bad-credentials',
+        'event=login-failed session=1-2 peer=192.0.2.2 user="a" reason=authzid-refused',
+        'event=login-failed session=1-3 peer=192.0.2.3 user="a" reason=empty-password',
+        'event=login-failed session=1-4 peer=192.0.2.4 user="a" reason=channel-binding-mismatch',
+        'event=login-refused session=1-5 peer=192.0.2.5 user="a" reason=locked-out-address',
+        'event=login-refused session=1-6 peer=192.0.2.6 user="a" reason=in-flight-address+user',
+    ]
+    faults = [
+        'event=login-refused session=1-7 peer=198.51.100.1 user="a" reason=error',
+        'event=login-refused session=1-8 peer=198.51.100.2 user="a" reason=server-busy',
+    ]
+    log = tmp_path / "audit.log"
+    log.write_text("".join(f"{stamp} {line}\n" for line in client_failures + faults))
+    result = subprocess.run(
+        ["fail2ban-regex", "--print-all-matched", str(log), str(FILTER)],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    matched_part = result.stdout.split("Matched line(s):")[1].split("Missed line(s):")[0]
+    matched = sorted(set(re.findall(r"session=\S+ peer=(\S+) ", matched_part)))
+    assert matched == [f"192.0.2.{n}" for n in range(1, 7)], result.stdout

@@ -9,11 +9,13 @@ from hypothesis import strategies as st
 
 from pop3srv.server.limits import (
     AccessRules,
+    Attempt,
     AuthThrottle,
     ConnectionCounter,
     ConnectionLimits,
     LoginGate,
     MemoryCounters,
+    Refusal,
     ThrottleSettings,
     in_networks,
 )
@@ -80,6 +82,68 @@ def test_success_resets_the_pair() -> None:
         throttle.failed("192.0.2.3", "alice", now=i)
     throttle.succeeded("192.0.2.3", "alice")
     assert throttle.failed("192.0.2.3", "alice", now=5).lockout is None
+
+
+def test_attempts_in_flight_count_towards_the_limits() -> None:
+    """
+    Attempts hold a place from their start: past the limit, counting the
+    failures so far and the checks under way, an attempt is refused; an
+    attempt that ends without a verdict gives its place back uncounted.
+    """
+    throttle = AuthThrottle(ThrottleSettings(address_limit=4, pair_limit=3))
+    throttle.failed("192.0.2.8", "alice", now=0)
+    attempts = [throttle.begin("192.0.2.8", "alice", now=1) for _ in range(3)]
+    assert [type(a) for a in attempts] == [Attempt, Attempt, Refusal]
+    assert attempts[2] == Refusal("address+user", 1, in_flight=True)
+    assert isinstance(throttle.begin("192.0.2.8", "bob", now=1), Attempt)
+    assert throttle.begin("192.0.2.8", "carol", now=1) == Refusal("address", 1, in_flight=True)
+    first, second = attempts[0], attempts[1]
+    assert isinstance(first, Attempt) and isinstance(second, Attempt)
+    first.release()
+    first.release()
+    assert throttle.in_flight("192.0.2.8", "alice") == 1
+    assert throttle.counters.count("pair:192.0.2.8:alice", 1, 600) == 1
+    assert second.failed(now=2).lockout is None
+    assert throttle.in_flight("192.0.2.8") == 1
+    assert throttle.counters.count("pair:192.0.2.8:alice", 2, 600) == 2
+
+
+def test_success_ends_the_attempt_and_clears_the_pair() -> None:
+    """A success gives the place back and forgets the pair's failures, once."""
+    throttle = AuthThrottle(ThrottleSettings())
+    throttle.failed("192.0.2.9", "alice", now=0)
+    attempt = throttle.begin("192.0.2.9", "alice", now=1)
+    assert isinstance(attempt, Attempt)
+    attempt.succeeded()
+    assert throttle.in_flight("192.0.2.9") == 0
+    assert throttle.counters.count("pair:192.0.2.9:alice", 1, 600) == 0
+    throttle.failed("192.0.2.9", "alice", now=2)
+    attempt.succeeded()
+    assert throttle.counters.count("pair:192.0.2.9:alice", 2, 600) == 1
+
+
+def test_after_a_lockout_one_attempt_at_a_time_until_the_window_forgets() -> None:
+    """
+    A block shorter than the window: when it ends the failures still count,
+    so one attempt may run (as before, its failure blocks again) but not a
+    second beside it.
+    """
+    throttle = AuthThrottle(ThrottleSettings(pair_limit=2, lockout=10, window=600))
+    throttle.failed("192.0.2.10", "alice", now=0)
+    assert throttle.failed("192.0.2.10", "alice", now=1).lockout is not None
+    assert isinstance(throttle.begin("192.0.2.10", "alice", now=5), Refusal)
+    first = throttle.begin("192.0.2.10", "alice", now=20)
+    assert isinstance(first, Attempt)
+    assert isinstance(throttle.begin("192.0.2.10", "alice", now=20), Refusal)
+    assert first.failed(now=21).lockout is not None
+
+
+def test_trusted_attempts_hold_no_place() -> None:
+    """A trusted address is never refused for attempts in flight."""
+    throttle = AuthThrottle(ThrottleSettings(pair_limit=1, trusted=nets("192.0.2.0/24")))
+    attempts = [throttle.begin("192.0.2.77", "alice", now=0) for _ in range(5)]
+    assert all(isinstance(a, Attempt) for a in attempts)
+    assert throttle.in_flight("192.0.2.77") == 0
 
 
 def test_trusted_networks_are_exempt() -> None:

@@ -338,9 +338,16 @@ def test_sasl_authzid_reaches_the_verify_step() -> None:
     verify step names it, for the checker to resolve.
     """
     machine = sasl_machine()
-    assert run(machine, b"AUTH PLAIN " + b64("bob\0admin\0pw").encode() + b"\r\n") == [
-        m.Reply(b"-ERR [AUTH] Authentication failed.\r\n")
-    ]
+    (refused,) = run(machine, b"AUTH PLAIN " + b64("bob\0admin\0pw").encode() + b"\r\n")
+    # Refused before any password check, but counted and audited by the
+    # caller first (SaslRefused), then answered with the same reply.
+    assert isinstance(refused, m.SaslRefused)
+    assert (refused.failure.reason, refused.failure.username) == ("authzid-refused", "admin")
+    assert (
+        machine.login_failed(refused.failure.code or "AUTH", refused.failure.text)
+        == b"-ERR [AUTH] Authentication failed.\r\n"
+    )
+    assert machine.state is m.State.AUTHORIZATION
     machine = sasl_machine(authorize=lambda c, z: c == "admin")
     machine.receive_data(b"AUTH PLAIN " + b64("bob\0admin\0pw").encode() + b"\r\n")
     action = machine.next_action()

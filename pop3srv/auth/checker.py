@@ -2,7 +2,8 @@
 """
 A credentials checker backed by a L{UserFile}: L{IUsernamePassword} (USER/PASS,
 SASL PLAIN and LOGIN) and L{ISCRAMProof} (SASL SCRAM-SHA-256), and the
-L{ISCRAMLookup} a SCRAM exchange needs before the client's proof.  The types
+L{ISCRAMLookup} a SCRAM exchange needs before the client's proof (and
+L{ISCRAMAvailability}: whether any user has SCRAM secrets).  The types
 live in L{pop3srv.auth.credentials}.
 
 Hash verification is slow on purpose, so it runs in a thread pool, or,
@@ -39,6 +40,7 @@ is normalised to NFC here, once: the avatar ID carries that form onward.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -54,6 +56,7 @@ from pop3srv.auth.credentials import (
     AvatarId,
     IAuthorizer,
     IAuthzidCredentials,
+    ISCRAMAvailability,
     ISCRAMLookup,
     ISCRAMProof,
 )
@@ -113,7 +116,7 @@ def _as_text(value: bytes | str) -> str:
     return value
 
 
-@implementer(ICredentialsChecker, ISCRAMLookup, IAuthorizer)
+@implementer(ICredentialsChecker, ISCRAMLookup, ISCRAMAvailability, IAuthorizer)
 class PasslibChecker:
     """
     Check usernames and passwords, or SCRAM proofs, against a user file of
@@ -159,6 +162,9 @@ class PasslibChecker:
         self._threadpool = threadpool
         self.verifier = verifier
         self.authorizer = authorizer
+        # The process that has a re-read of the file under way, if any: a
+        # forked child must not wait for its parent's thread.
+        self._refreshing: int | None = None
 
     def _pool(self) -> tuple[IReactorFromThreads, ThreadPool]:
         """
@@ -190,6 +196,35 @@ class PasslibChecker:
         """
         reactor, threadpool = self._pool()
         return deferToThreadPool(reactor, threadpool, self.users.scram_credentials, username)
+
+    def scram_available(self) -> bool:
+        """
+        Whether some user has SCRAM secrets (L{ISCRAMAvailability}): the
+        answer of the file as last read, at once, while a re-read is started
+        in the thread pool (one at a time) so that a SCRAM line added or
+        removed shows in the next session's mechanisms.  With a C{verifier}
+        this process checks no passwords itself, so without that re-read
+        its copy of the file would only follow SCRAM lookups, which do not
+        happen while SCRAM is not offered.
+
+        @return: L{UserFile.has_scram} as last read.
+        """
+        if self._refreshing != os.getpid():
+            self._refreshing = os.getpid()
+            reactor, threadpool = self._pool()
+            d = deferToThreadPool(reactor, threadpool, self.users.refresh)
+
+            def done(result: object) -> object:
+                self._refreshing = None
+                return result
+
+            d.addBoth(done)
+            d.addErrback(
+                lambda reason: self.log.failure(
+                    "Re-reading {path} failed", reason, path=self.users.path
+                )
+            )
+        return self.users.has_scram
 
     # Narrower than the interface's Deferred[bytes | tuple[()]] (never the
     # anonymous avatar), which mypy rejects as Deferred is invariant.

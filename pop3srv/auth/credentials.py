@@ -25,7 +25,9 @@ check the proof.  So a checker that can serve SCRAM:
   2. lists L{ISCRAMProof} in its C{credentialInterfaces} and, in
      C{requestAvatarId}, looks the user up again and calls
      C{credentials.checkProof(stored)}, which does the constant-time
-     comparison.  It fails with C{UnauthorizedLogin} for unknown users.
+     comparison.  It fails with C{UnauthorizedLogin} for unknown users;
+  3. optionally provides L{ISCRAMAvailability}, so that SCRAM is offered
+     only while some user has SCRAM secrets.
 
 Which password matched, and whose maildrop
 ==========================================
@@ -63,6 +65,7 @@ __all__ = [
     "AvatarLogout",
     "IAuthorizer",
     "IAuthzidCredentials",
+    "ISCRAMAvailability",
     "ISCRAMLookup",
     "ISCRAMProof",
     "PasswordCredentials",
@@ -115,6 +118,26 @@ class ISCRAMLookup(Interface):
             L{pop3srv.core.scram.fake_stored} instead of L{None} for unknown
             users is better: then the salt does not tell the client the user
             is unknown.
+        """
+
+
+class ISCRAMAvailability(Interface):
+    """
+    Optionally provided, besides L{ISCRAMLookup}, by a checker that knows
+    whether any user has SCRAM secrets at all.  SCRAM is offered only where
+    this says so: a client that picks SCRAM when no user can pass it fails
+    every time, and each failure counts towards its lockout.  A lookup
+    without this interface is taken to serve SCRAM always (as before it
+    existed).
+    """
+
+    def scram_available() -> bool:
+        """
+        Called for every session's mechanism list, on the reactor thread:
+        it must answer at once, without I/O (the last known answer, with
+        any re-check done elsewhere).
+
+        @return: whether some user could log in with SCRAM now.
         """
 
 

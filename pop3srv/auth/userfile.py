@@ -146,12 +146,15 @@ class _Snapshot:
         an empty file.
     @ivar scram_decoy: a scram hash from the file, to borrow the iteration
         count and a secret from for fake SCRAM answers; or L{None}.
+    @ivar has_scram: whether some usable password has SCRAM-SHA-256 keys,
+        i.e. whether a SCRAM login can succeed for anyone.
     """
 
     key: tuple[int, int, int]
     users: dict[str, tuple[_Secret, ...]] = field(default_factory=dict)
     decoy: str | None = None
     scram_decoy: str | None = None
+    has_scram: bool = False
 
 
 @dataclass(frozen=True)
@@ -365,7 +368,12 @@ class UserFile:
             # The main password first, then app passwords in file order.
             usable.sort(key=lambda s: (s.label is not None, s.lineno))
             users[name] = tuple(usable)
-        return _Snapshot(key, users, decoy or scram_decoy, scram_decoy)
+        has_scram = any(
+            secret.scram is not None and stored_from_hash(secret.scram, None) is not None
+            for secrets_of_user in users.values()
+            for secret in secrets_of_user
+        )
+        return _Snapshot(key, users, decoy or scram_decoy, scram_decoy, has_scram)
 
     def _skip(self, lineno: int, reason: str) -> None:
         """
@@ -406,6 +414,23 @@ class UserFile:
             else:
                 self._last_error = None
             return self._snapshot
+
+    @property
+    def has_scram(self) -> bool:
+        """
+        Whether some user has a password usable for POP3 with SCRAM-SHA-256
+        keys, as of the last read of the file.  No I/O at all, so the
+        reactor thread may ask: the answer follows the file when a lookup,
+        a verification or L{refresh} (in a thread) re-reads it.
+        """
+        return self._snapshot.has_scram
+
+    def refresh(self) -> None:
+        """
+        Re-read the file if it changed.  BLOCKING (a C{stat}, and a read
+        and parse if it changed): call it from a thread.
+        """
+        self._current()
 
     def __contains__(self, username: object) -> bool:
         """

@@ -142,6 +142,17 @@ class SaslVerify:
 
 
 @dataclass(frozen=True, slots=True)
+class SaslRefused:
+    """
+    The SASL exchange failed on the client's credentials before any were
+    checked (C{failure.reason} says why, C{failure.username} whose): count
+    and audit it as a failed login, then call L{Pop3Machine.login_failed}.
+    """
+
+    failure: sasl.Failure
+
+
+@dataclass(frozen=True, slots=True)
 class AbortLogin:
     """
     The SASL exchange failed after the credentials were verified (the client
@@ -168,6 +179,7 @@ Action = (
     | SaslLookup
     | SaslVerify
     | AbortLogin
+    | SaslRefused
 )
 
 
@@ -378,6 +390,11 @@ class Pop3Machine:
             username, sizes, uidl_of = self._pending_login
             self._pending_login = None
             return Reply(self.login_succeeded(username, sizes, uidl_of))
+        if step.reason is not None and self._pending_login is None:
+            # Answered through login_failed once the login service has
+            # counted it; the exchange stays until then, for its mechanism.
+            self._authenticating = True
+            return SaslRefused(step)
         self._end_sasl()
         reply = format_err(step.text, step.code)
         if self._pending_login is not None:

@@ -21,7 +21,9 @@ Driving it::
                       success: step = server.verified()  (Challenge or Success)
                       failure: -ERR [AUTH] or [SYS/TEMP]
         Success    -> +OK, enter TRANSACTION
-        Failure    -> "-ERR [code] text" (no code if step.code is None)
+        Failure    -> "-ERR [code] text" (no code if step.code is None); one
+                      with a reason failed on the credentials: audit it and
+                      count it as a failed login before answering
 
 Every method returns a L{Step} and never raises, whatever the client sent.
 The steps are plain data: turning a L{Verify} into C{twisted.cred}
@@ -44,6 +46,7 @@ from pop3srv.core.scram import ScramProof, StoredScram
 
 __all__ = [
     "CHANNEL_BINDING_TYPES",
+    "CREDENTIAL_FAILURES",
     "LOGIN",
     "MAX_RESPONSE_OCTETS",
     "PLAIN",
@@ -81,6 +84,24 @@ _LOGIN_USERNAME = b"Username:"
 _LOGIN_PASSWORD = b"Password:"
 
 _AUTH = "AUTH"
+
+#: The C{reason}s of a L{Failure} on the client's credentials.
+AUTHZID_REFUSED = "authzid-refused"
+EMPTY_PASSWORD = "empty-password"  # noqa: S105 - a reason, not a password
+INVALID_PASSWORD = "invalid-password"  # noqa: S105 - a reason, not a password
+CHANNEL_BINDING_MISMATCH = "channel-binding-mismatch"
+CHANNEL_BINDING_DOWNGRADE = "channel-binding-downgrade"
+NO_SCRAM_SECRET = "no-scram-secret"  # noqa: S105 - a reason, not a secret
+CREDENTIAL_FAILURES = frozenset(
+    {
+        AUTHZID_REFUSED,
+        EMPTY_PASSWORD,
+        INVALID_PASSWORD,
+        CHANNEL_BINDING_MISMATCH,
+        CHANNEL_BINDING_DOWNGRADE,
+        NO_SCRAM_SECRET,
+    }
+)
 _BAD = "Invalid authentication exchange."
 _REFUSED = "Authentication failed."
 
@@ -174,14 +195,24 @@ class Failure:
     Send C{-ERR [code] text} (no code if C{code} is L{None}); the exchange
     is over.
 
+    A failure on the client's credentials, which a login service audits and
+    counts like a wrong password, carries a C{reason}; one on the exchange
+    itself (bad syntax, a cancel, an unknown mechanism) does not.
+
     @ivar code: an RFC 2449/3206 response code such as C{AUTH}, or L{None}.
     @ivar text: fixed, client-safe text.
     @ivar detail: what went wrong, for the log only (never a secret).
+    @ivar reason: for a failure on the credentials, a machine-readable
+        reason (one of L{CREDENTIAL_FAILURES}); else L{None}.
+    @ivar username: the authentication identity (authcid) when C{reason}
+        is set; else L{None}.
     """
 
     code: str | None
     text: str
     detail: str = ""
+    reason: str | None = None
+    username: str | None = None
 
 
 Step = Challenge | Lookup | Verify | Success | Failure
@@ -418,6 +449,14 @@ class SASLServer:
         self._state = _State.DONE
         return Failure(code, text, detail)
 
+    def _refuse(self, detail: str, reason: str, username: str) -> Failure:
+        """
+        Fail on the client's credentials: C{-ERR [AUTH]}, with the reason
+        and the authcid for the audit log and the throttle.
+        """
+        self._state = _State.DONE
+        return Failure(_AUTH, _REFUSED, detail, reason, username)
+
     def _identity(self, authcid: str, authzid: str) -> Failure | str | None:
         """
         Apply the authorization rule.
@@ -434,7 +473,9 @@ class SASLServer:
                 allowed = False
             if allowed:
                 return authzid
-        return self._fail(_AUTH, _REFUSED, "authzid differs from authcid and was not authorized")
+        return self._refuse(
+            "authzid differs from authcid and was not authorized", AUTHZID_REFUSED, authcid
+        )
 
     def _password_verify(self, authcid: str, password: str, authzid: str) -> Step:
         identity = self._identity(authcid, authzid)
@@ -454,8 +495,10 @@ class SASLServer:
         authzid, authcid, password = fields
         if authzid is None or authcid is None or password is None:
             return self._fail(None, _BAD, "PLAIN message is not UTF-8")
-        if not authcid or not password:
-            return self._fail(_AUTH, _REFUSED, "empty PLAIN authcid or password")
+        if not authcid:
+            return self._fail(_AUTH, _REFUSED, "empty PLAIN authcid")
+        if not password:
+            return self._refuse("empty PLAIN password", EMPTY_PASSWORD, authcid)
         return self._password_verify(authcid, password, authzid)
 
     def _login_username(self, data: bytes) -> Step:
@@ -468,8 +511,11 @@ class SASLServer:
 
     def _login_password(self, data: bytes) -> Step:
         password = _utf8(data)
-        if not password or len(data) > _MAX_FIELD_OCTETS or "\0" in password:
-            return self._fail(_AUTH, _REFUSED, "bad LOGIN password")
+        if not password:
+            reason = EMPTY_PASSWORD if password == "" else INVALID_PASSWORD
+            return self._refuse("bad LOGIN password", reason, self._login_user)
+        if len(data) > _MAX_FIELD_OCTETS or "\0" in password:
+            return self._refuse("bad LOGIN password", INVALID_PASSWORD, self._login_user)
         return self._password_verify(self._login_user, password, "")
 
     def _scram_first(self, data: bytes) -> Step:
@@ -495,19 +541,27 @@ class SASLServer:
         plus = self.mechanism == SCRAM_SHA_256_PLUS
         if flag.startswith("p="):
             if not plus:
-                return self._fail(
-                    _AUTH, _REFUSED, "channel binding requested with a non-PLUS mechanism"
+                return self._refuse(
+                    "channel binding requested with a non-PLUS mechanism",
+                    CHANNEL_BINDING_MISMATCH,
+                    username,
                 )
             binding = self.channel_bindings.get(flag[2:])
             if binding is None:
-                return self._fail(_AUTH, _REFUSED, "unsupported channel binding type")
+                return self._refuse(
+                    "unsupported channel binding type", CHANNEL_BINDING_MISMATCH, username
+                )
             self._cbind_data = binding.data
         elif plus:
-            return self._fail(_AUTH, _REFUSED, "-PLUS mechanism without channel binding")
+            return self._refuse(
+                "-PLUS mechanism without channel binding", CHANNEL_BINDING_MISMATCH, username
+            )
         elif flag == "y" and SCRAM_SHA_256_PLUS in self.mechanisms:
             # The client can bind but believes we cannot: someone removed
             # -PLUS from what it saw (RFC 5802 section 6).
-            return self._fail(_AUTH, _REFUSED, "channel binding downgrade detected")
+            return self._refuse(
+                "channel binding downgrade detected", CHANNEL_BINDING_DOWNGRADE, username
+            )
         identity = self._identity(username, authzid)
         if isinstance(identity, Failure):
             return identity
@@ -539,13 +593,15 @@ class SASLServer:
             return self._fail(_AUTH, _REFUSED, "client-final: nonce mismatch")
         expected = self._gs2_header.encode("utf-8") + self._cbind_data
         if not secrets.compare_digest(cbind, expected):
-            return self._fail(_AUTH, _REFUSED, "channel binding mismatch")
+            return self._refuse(
+                "channel binding mismatch", CHANNEL_BINDING_MISMATCH, self._username
+            )
         without_proof = text[: text.rindex(",p=")]
         self._auth_message = ",".join(
             (self._client_first_bare, self._server_first, without_proof)
         ).encode("utf-8")
         if self._fake:
-            return self._fail(_AUTH, _REFUSED, "no SCRAM secret for this user")
+            return self._refuse("no SCRAM secret for this user", NO_SCRAM_SECRET, self._username)
         self._state = _State.VERIFYING
         assert self.mechanism is not None
         return Verify(

@@ -129,10 +129,18 @@ class ThrottleSettings:
 
 @dataclass(frozen=True)
 class Refusal:
-    """A login refused without checking the password: who is blocked and until when."""
+    """
+    A login refused without checking the password: who is blocked and until
+    when.
+
+    @ivar in_flight: refused not for a block but because the checks already
+        under way would reach the limit were they all to fail; C{until} is
+        then the time of the refusal.
+    """
 
     scope: str
     until: float
+    in_flight: bool = False
 
 
 @dataclass(frozen=True)
@@ -168,6 +176,50 @@ def in_networks(host: str, networks: Iterable[IPNetwork]) -> bool:
     return any(address in network for network in networks)
 
 
+class Attempt:
+    """
+    A login attempt admitted by L{AuthThrottle.begin}: it holds a place
+    among the attempts in flight until it ends in exactly one of
+    L{failed}, L{succeeded} or L{release}; later calls do nothing.
+    """
+
+    def __init__(
+        self, throttle: AuthThrottle, address: str, username: str, keys: tuple[str, ...]
+    ) -> None:
+        self._throttle = throttle
+        self._address = address
+        self._username = username
+        self._keys: tuple[str, ...] | None = keys
+
+    def _end(self) -> bool:
+        keys, self._keys = self._keys, None
+        if keys is None:
+            return False
+        self._throttle._leave(keys)
+        return True
+
+    def failed(self, now: float) -> FailureOutcome:
+        """
+        The credentials were wrong: count the failure (L{AuthThrottle.failed}).
+
+        @return: its delay and any block it starts.
+        """
+        self._end()
+        return self._throttle.failed(self._address, self._username, now)
+
+    def succeeded(self) -> None:
+        """The login succeeded (L{AuthThrottle.succeeded})."""
+        if self._end():
+            self._throttle.succeeded(self._address, self._username)
+
+    def release(self) -> None:
+        """
+        The attempt ended with no verdict on the credentials (a server
+        fault, a refusal for another reason): it counts for nothing.
+        """
+        self._end()
+
+
 class AuthThrottle:
     """
     Decides when a login may be tried and how long a failure waits.
@@ -176,11 +228,63 @@ class AuthThrottle:
     to blocks.  Failures for one username from many addresses only make that
     username's failures slower: a block per username would let anyone lock a
     user out of their own mail.
+
+    Attempts count from when they start (L{begin}): a check under way holds
+    a place until it ends, so parallel guesses cannot run more checks than
+    the limits allow before the first failure is recorded.  The places are
+    kept in this process (they last as long as a check), the failures in
+    L{IAuthCounters}.
     """
 
     def __init__(self, settings: ThrottleSettings, counters: IAuthCounters | None = None) -> None:
         self.settings = settings
         self.counters: IAuthCounters = counters if counters is not None else MemoryCounters()
+        self._in_flight: dict[str, int] = {}
+
+    def begin(self, address: str, username: str, now: float) -> Refusal | Attempt:
+        """
+        Admit a login attempt, or refuse it without a password check: the
+        address or the pair is blocked (L{check}), or the attempts in
+        flight, were they all to fail, would block it.
+
+        @return: a L{Refusal}, or the L{Attempt} to end when the check ends.
+        """
+        refusal = self.check(address, username, now)
+        if refusal is not None:
+            return refusal
+        if self._exempt(address):
+            return Attempt(self, address, username, ())
+        s = self.settings
+        address_key, pair_key, _ = self._keys(address, username)
+        for scope, key, limit in (
+            ("address", address_key, s.address_limit),
+            ("address+user", pair_key, s.pair_limit),
+        ):
+            pending = self._in_flight.get(key, 0)
+            # With nothing in flight one attempt always goes, as before a
+            # block: only a failure sets a block, even past the limit.
+            if pending and self.counters.count(key, now, s.window) + pending >= limit:
+                return Refusal(scope, now, in_flight=True)
+        keys = (address_key, pair_key)
+        for key in keys:
+            self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        return Attempt(self, address, username, keys)
+
+    def in_flight(self, address: str, username: str | None = None) -> int:
+        """
+        @return: the attempts under way from C{address} (for C{username}
+            only, if given).
+        """
+        address_key, pair_key, _ = self._keys(address, username or "")
+        return self._in_flight.get(address_key if username is None else pair_key, 0)
+
+    def _leave(self, keys: tuple[str, ...]) -> None:
+        for key in keys:
+            left = self._in_flight.get(key, 1) - 1
+            if left > 0:
+                self._in_flight[key] = left
+            else:
+                self._in_flight.pop(key, None)
 
     def _exempt(self, address: str) -> bool:
         return in_networks(address, self.settings.trusted)

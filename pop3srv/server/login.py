@@ -16,9 +16,11 @@ per-user session count, and answers each attempt with one outcome:
     a wrong password.
 
 The protocol only renders the outcome.  The service also answers what the
-session offers: the SASL mechanisms (from C{portal.listCredentialsInterfaces()}),
-whether APOP can be checked, the SCRAM key lookup and the early authzid
-filter.
+session offers: the SASL mechanisms (from C{portal.listCredentialsInterfaces()},
+and SCRAM only while some user has SCRAM secrets), whether APOP can be
+checked, the SCRAM key lookup and the early authzid filter; and it counts
+the SASL failures the exchange itself finds on the credentials
+(L{LoginService.sasl_failed}).
 """
 
 from __future__ import annotations
@@ -39,16 +41,19 @@ from pop3srv.auth.credentials import (
     AvatarLogout,
     IAuthorizer,
     IAuthzidCredentials,
+    ISCRAMAvailability,
     ISCRAMLookup,
     ISCRAMProof,
     mechanisms_for,
 )
+from pop3srv.core import sasl
 from pop3srv.core.errors import InvalidUsername, Pop3Error
 from pop3srv.core.machine import AUTH_FAILED
 from pop3srv.core.scram import StoredScram
 from pop3srv.server.audit import audit
 from pop3srv.server.limits import (
     AccessRules,
+    Attempt,
     AuthThrottle,
     ConnectionCounter,
     ConnectionLimits,
@@ -187,6 +192,16 @@ class LoginService:
     one look at C{portal.checkers} happens here, once, at start-up; the
     login itself always goes through C{Portal.login}, which also resolves
     an authzid (the checker returns it as the avatar ID).
+
+    Every failed login is answered at the same time after the attempt
+    began, whatever it cost to check: after the throttle's delay, or after
+    the slowest failed check of the last one to two throttle windows if
+    that is longer (capped at the throttle's C{max_failure_delay}).  So the
+    time of a wrong password does not tell a user with a costly hash from
+    an unknown user, whose password is checked against a cheaper decoy; the
+    slowest time is remembered that long so that a prober cannot wash it
+    out with cheap failures first.  A success is answered as soon as it is
+    known.
     """
 
     _log = Logger()
@@ -199,6 +214,7 @@ class LoginService:
         *,
         scram_lookup: ISCRAMLookup | None = None,
         authorizer: IAuthorizer | None = None,
+        scram_availability: ISCRAMAvailability | None = None,
     ) -> None:
         """
         @param portal: a portal whose realm gives L{IMailbox} avatars.
@@ -207,12 +223,25 @@ class LoginService:
         @param scram_lookup: finds SCRAM keys; L{None} offers no SCRAM.
         @param authorizer: refuses authzids before any password is checked;
             L{None} refuses every authzid that differs from the authcid.
+        @param scram_availability: says whether any user has SCRAM keys;
+            if L{None}, C{scram_lookup} if it provides
+            L{ISCRAMAvailability}, else SCRAM is offered whenever there is
+            a lookup.
         """
         self.portal = portal
         self.reactor = reactor
         self.policy = policy if policy is not None else ServerPolicy()
         self.scram_lookup = scram_lookup
         self.authorizer = authorizer
+        if scram_availability is None:
+            scram_availability = ISCRAMAvailability(scram_lookup, None)
+        self.scram_availability = scram_availability
+        # The slowest failed check (seconds from the start of the attempt)
+        # in the throttle window that began at _window_start (at the first
+        # failure), and in the one before it.
+        self._window_start: float | None = None
+        self._slowest = 0.0
+        self._slowest_before = 0.0
 
     @classmethod
     def for_portal(
@@ -237,16 +266,34 @@ class LoginService:
 
     def mechanisms(self, *, tls_active: bool, plaintext_allowed: bool) -> tuple[str, ...]:
         """
-        @return: the SASL mechanisms, strongest first.
+        @return: the SASL mechanisms, strongest first; SCRAM only while
+            some user has SCRAM keys (L{ISCRAMAvailability}).
         """
         return tuple(
             mechanisms_for(
                 self.portal.listCredentialsInterfaces(),
-                scram_lookup=self.scram_lookup is not None,
+                scram_lookup=self._scram_usable(),
                 tls_active=tls_active,
                 plaintext_allowed=plaintext_allowed,
             )
         )
+
+    def _scram_usable(self) -> bool:
+        """
+        @return: whether there is a SCRAM lookup and, as far as it says,
+            some user it can serve.
+        """
+        if self.scram_lookup is None:
+            return False
+        if self.scram_availability is None:
+            return True
+        try:
+            return bool(self.scram_availability.scram_available())
+        except Exception:
+            # A broken answer must not stop the session: offer SCRAM as a
+            # lookup without the interface would.
+            self._log.failure("Asking whether SCRAM can be served failed")
+            return True
 
     def apop_available(self) -> bool:
         """Whether some checker can verify an APOP digest."""
@@ -299,14 +346,18 @@ class LoginService:
             for a refusal that has one; it never fails.
         """
         policy = self.policy
-        now = self.reactor.seconds()
-        refusal = policy.throttle.check(peer.host, username, now)
-        if refusal is not None:
-            # No password check at all, so a blocked guesser cannot tie up the hashing threads.
-            self._audit(peer, "login-refused", f"locked-out-{refusal.scope}", username)
-            delay = policy.throttle.refused_delay(peer.host, username, now)
-            return self._later(delay, LoginRefused("AUTH", AUTH_FAILED))
+        started = self.reactor.seconds()
+        attempt = policy.throttle.begin(peer.host, username, started)
+        if not isinstance(attempt, Attempt):
+            # No password check at all, so a blocked guesser cannot tie up the
+            # hashing threads; nor can parallel guesses run more checks than
+            # the limits allow before the first of them fails.
+            what = "in-flight" if attempt.in_flight else "locked-out"
+            self._audit(peer, "login-refused", f"{what}-{attempt.scope}", username)
+            delay = policy.throttle.refused_delay(peer.host, username, started)
+            return self._answer_failure(started, delay, LoginRefused("AUTH", AUTH_FAILED))
         if not policy.login_gate.try_enter():
+            attempt.release()
             self._audit(peer, "login-refused", "server-busy", username)
             return defer.succeed(LoginRefused("SYS/TEMP", "Server busy, try again later."))
         d: defer.Deferred[Any] = self.portal.login(creds, None, IMailbox)
@@ -320,10 +371,31 @@ class LoginService:
         d.addCallbacks(
             self._logged_in,
             self._failed,
-            callbackArgs=(username, requested or username, method, peer),
-            errbackArgs=(username, peer),
+            callbackArgs=(username, requested or username, method, peer, attempt),
+            errbackArgs=(username, peer, attempt, started),
         )
         return d
+
+    def sasl_failed(self, step: sasl.Failure, *, peer: Peer) -> defer.Deferred[LoginOutcome]:
+        """
+        A SASL exchange failed on the client's credentials before any
+        password check (a L{sasl.Failure} with a C{reason}: an authzid
+        refused, an empty password, a channel binding that does not match):
+        audit it and count it as a failed login, like a wrong password, and
+        answer with the step's text after the same delay.
+
+        @param step: the failure; its C{username} is the authcid.
+        @param peer: who is asking.
+        @return: a Deferred firing with a L{LoginRefused}, after the delay.
+        """
+        now = self.reactor.seconds()
+        username = step.username or ""
+        self._audit(peer, "login-failed", step.reason or "bad-credentials", step.username)
+        outcome = self.policy.throttle.failed(peer.host, username, now)
+        if outcome.lockout is not None:
+            self._audit(peer, "lockout", outcome.lockout.scope, step.username)
+        refused = LoginRefused(step.code or "AUTH", step.text)
+        return self._answer_failure(now, outcome.delay, refused)
 
     def _logged_in(
         self,
@@ -332,6 +404,7 @@ class LoginService:
         owner: str,
         method: str,
         peer: Peer,
+        attempt: Attempt,
     ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
         """
         C{Portal.login} succeeded: count the session and list the maildrop.
@@ -345,7 +418,7 @@ class LoginService:
             owner = logout.avatar_id.decode("utf-8")
             label = logout.avatar_id.label
         policy = self.policy
-        policy.throttle.succeeded(peer.host, username)
+        attempt.succeeded()
         if not policy.connections.start_session(owner, peer.host):
             logout()
             self._audit(peer, "login-refused", "max-sessions-per-user", owner)
@@ -371,19 +444,26 @@ class LoginService:
         return d.addCallbacks(listed, unlisted)
 
     def _failed(
-        self, failure: Failure, username: str, peer: Peer
+        self, failure: Failure, username: str, peer: Peer, attempt: Attempt, started: float
     ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
         """
         C{Portal.login} failed: a wrong password (counted, answered after the
-        delay), a refusal the client is told about, or a server fault.
+        delay), a refusal the client is told about, or a server fault (both
+        release the attempt uncounted).
+
+        @param started: when the attempt began.
         """
         if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
             reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
             self._audit(peer, "login-failed", reason, username)
-            outcome = self.policy.throttle.failed(peer.host, username, self.reactor.seconds())
+            now = self.reactor.seconds()
+            self._rotate(now)
+            self._slowest = max(self._slowest, now - started)
+            outcome = attempt.failed(now)
             if outcome.lockout is not None:
                 self._audit(peer, "lockout", outcome.lockout.scope, username)
-            return self._later(outcome.delay, LoginRefused("AUTH", AUTH_FAILED))
+            return self._answer_failure(started, outcome.delay, LoginRefused("AUTH", AUTH_FAILED))
+        attempt.release()
         if failure.check(Pop3Error):
             exc = failure.value
             assert isinstance(exc, Pop3Error)
@@ -415,9 +495,39 @@ class LoginService:
             )
         return LoginFault()
 
-    def _later(self, delay: float, outcome: LoginOutcome) -> defer.Deferred[LoginOutcome]:
-        """Answer after C{delay} seconds, holding no thread meanwhile."""
-        return task.deferLater(self.reactor, delay, lambda: outcome)
+    def _answer_failure(
+        self, started: float, delay: float, outcome: LoginOutcome
+    ) -> defer.Deferred[LoginOutcome]:
+        """
+        Answer a failure at C{started} plus C{delay}, or plus the slowest
+        recent failed check if that is longer (see the class docstring),
+        holding no thread meanwhile.
+
+        @param started: when the attempt began.
+        @param delay: the throttle's delay.
+        """
+        now = self.reactor.seconds()
+        self._rotate(now)
+        cap = self.policy.throttle.settings.max_failure_delay
+        floor = min(max(self._slowest, self._slowest_before), cap)
+        wait = started + max(delay, floor) - now
+        return task.deferLater(self.reactor, max(0.0, wait), lambda: outcome)
+
+    def _rotate(self, now: float) -> None:
+        """
+        Start a new throttle window for the slowest failed check once the
+        current one is over, keeping the one that ended (a sliding maximum
+        over one to two windows, in constant space).
+        """
+        if self._window_start is None:
+            self._window_start = now
+        window = self.policy.throttle.settings.window
+        elapsed = now - self._window_start
+        if elapsed < window:
+            return
+        self._slowest_before = self._slowest if elapsed < 2 * window else 0.0
+        self._slowest = 0.0
+        self._window_start = now
 
     @staticmethod
     def _audit(peer: Peer, event: str, reason: str, user: str | None) -> None:

@@ -573,6 +573,10 @@ class POP3Server(Protocol):
                 method=f"sasl-{request.mechanism.lower()}",
                 sasl_exchange=True,
             )
+        elif isinstance(action, m.SaslRefused):
+            assert self._login_peer is not None
+            refused = self.factory.login.sasl_failed(action.failure, peer=self._login_peer)
+            return refused.addCallback(self._render_login, False)
         elif isinstance(action, m.AbortLogin):
             self._release_mailbox()
             self.transport.write(action.reply)

@@ -1,0 +1,482 @@
+"""
+Issue 12, items 3 and 5, at the L{LoginService} level:
+
+  - SCRAM is offered only while some user has SCRAM secrets, and follows
+    the user file when it changes (CAPA through the protocol, too);
+  - attempts count when they start: parallel guesses run no more checks
+    than the limits allow, and a server fault counts for nothing;
+  - SASL failures on the credentials (a foreign authzid, an empty
+    password, a channel binding that does not match) are audited and
+    counted;
+  - every failure is answered at the same time from the start of the
+    attempt, whatever the user's hash costs (real time, real threads).
+"""
+
+from __future__ import annotations
+
+import base64
+import ipaddress
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from helpers import MESSAGES, FakeMailbox, FakeRealm, RunNow, b64, result_of, run_until
+from passlib.hash import scram as scram_hash
+from passlib.hash import sha512_crypt
+from twisted.cred.portal import Portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import LogEvent, formatEvent
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.credentials import ISCRAMAvailability, ISCRAMLookup, PasswordCredentials
+from pop3srv.auth.userfile import UserFile, VerifyResult
+from pop3srv.core import sasl
+from pop3srv.core.scram import StoredScram
+from pop3srv.server.limits import AuthThrottle, ThrottleSettings
+from pop3srv.server.login import (
+    LoginFault,
+    LoginRefused,
+    LoginService,
+    LoginSucceeded,
+    Peer,
+    ServerPolicy,
+)
+from pop3srv.server.protocol import POP3ServerFactory
+
+PEER = Peer("192.0.2.9", "t-1", "192.0.2.9:40000")
+
+
+def cheap(password: str) -> str:
+    return str(sha512_crypt.using(rounds=1000).hash(password))
+
+
+def scram_line(name: str, password: str) -> str:
+    return f"{name}:{scram_hash.using(rounds=1000, algs='sha-1,sha-256').hash(password)}\n"
+
+
+def audit_lines(log_events: list[LogEvent]) -> list[str]:
+    """The audit lines as C{event user reason}."""
+    lines = [formatEvent(e) for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
+    return [
+        line.split(" session=")[0].removeprefix("pop3srv-audit event=")
+        + " "
+        + line.split(" user=")[1]
+        for line in lines
+    ]
+
+
+# --- item 3: SCRAM offered only where secrets exist
+
+
+def capa_sasl(factory: POP3ServerFactory) -> bytes:
+    """The SASL line of CAPA in a new session."""
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    transport.clear()
+    protocol.dataReceived(b"CAPA\r\n")
+    lines = [line for line in transport.value().split(b"\r\n") if line.startswith(b"SASL")]
+    protocol.connectionLost(None)
+    return lines[0] if lines else b""
+
+
+def test_capa_offers_scram_only_while_a_user_has_scram_secrets(tmp_path: Path) -> None:
+    """
+    No SCRAM line: CAPA lists PLAIN and LOGIN only, and AUTH SCRAM-SHA-256
+    is refused before any exchange; a SCRAM line added to the file brings
+    SCRAM into the next session; removing it withdraws it.
+    """
+    path = tmp_path / "users"
+    path.write_text(f"alice:{cheap('pw')}\nbob:{cheap('pw2')}\n")
+    clock = MemoryReactorClock()
+    pool = RunNow()
+    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool)  # type: ignore[arg-type]
+    factory = POP3ServerFactory(
+        Portal(FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock)), [checker]),
+        reactor=clock,
+        plaintext_auth_networks=[ipaddress.ip_network("0.0.0.0/0")],
+    )
+    assert capa_sasl(factory) == b"SASL PLAIN LOGIN"
+
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    transport.clear()
+    protocol.dataReceived(b"AUTH SCRAM-SHA-256\r\n")
+    assert transport.value() == b"-ERR Unrecognized authentication type.\r\n"
+
+    with path.open("a") as f:
+        f.write(scram_line("bob", "pw2"))
+    assert capa_sasl(factory) == b"SASL SCRAM-SHA-256 PLAIN LOGIN"
+
+    path.write_text(f"alice:{cheap('pw')}\n")
+    assert capa_sasl(factory) == b"SASL PLAIN LOGIN"
+
+
+def test_userfile_has_scram_counts_usable_sha256_secrets_only(tmp_path: Path) -> None:
+    """
+    A scram hash without a SHA-256 digest, or on a main password marked
+    nopop3, serves no SCRAM login; an app password's does.
+    """
+    path = tmp_path / "users"
+    sha1_only = scram_hash.using(rounds=1000, algs="sha-1").hash("pw")
+    path.write_text(
+        f"alice:{cheap('pw')}\nalice:{sha1_only}\n"
+        f"bob:{scram_hash.using(rounds=1000, algs='sha-1,sha-256').hash('pw')}:nopop3\n"
+    )
+    users = UserFile(path)
+    assert not users.has_scram
+    with path.open("a") as f:
+        f.write(f"bob:{scram_hash.using(rounds=1000, algs='sha-1,sha-256').hash('x')}:app=phone\n")
+    # No I/O in has_scram: the answer follows the file only when it is re-read.
+    assert not users.has_scram
+    users.refresh()
+    assert users.has_scram
+
+
+class QueuedPool:
+    """A thread pool that keeps the work for the test to run."""
+
+    def __init__(self) -> None:
+        self.queued: list[tuple[Any, Any, tuple[Any, ...]]] = []
+
+    def callInThreadWithCallback(self, on_result: Any, f: Any, *args: Any, **kw: Any) -> None:
+        self.queued.append((on_result, f, args))
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        f(*args, **kw)
+
+    def run_all(self) -> None:
+        queued, self.queued = self.queued, []
+        for on_result, f, args in queued:
+            on_result(True, f(*args))
+
+
+def test_scram_available_answers_from_memory_and_refreshes_in_the_pool(tmp_path: Path) -> None:
+    """
+    The reactor thread gets the last known answer at once; the re-read runs
+    in the thread pool, one at a time, and the next answer follows it.
+    """
+    path = tmp_path / "users"
+    path.write_text(f"alice:{cheap('pw')}\n")
+    pool = QueuedPool()
+    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool)  # type: ignore[arg-type]
+    assert ISCRAMAvailability.providedBy(checker)
+    assert checker.scram_available() is False
+    assert checker.scram_available() is False
+    assert len(pool.queued) == 1
+    path.write_text(f"alice:{cheap('pw')}\n{scram_line('alice', 'pw')}")
+    assert checker.scram_available() is False
+    assert len(pool.queued) == 1
+    pool.run_all()
+    assert checker.scram_available() is True
+    assert len(pool.queued) == 1
+
+
+@implementer(ISCRAMLookup)
+class ThirdPartyLookup:
+    """An ISCRAMLookup from before ISCRAMAvailability existed."""
+
+    def scram_credentials(self, username: str) -> Any:
+        return defer.succeed(None)
+
+
+@implementer(ISCRAMLookup, ISCRAMAvailability)
+class BrokenAvailability(ThirdPartyLookup):
+    def scram_available(self) -> bool:
+        raise RuntimeError("bug")
+
+
+class ScramPortal(Portal):
+    """A portal that claims every credentials interface SCRAM needs."""
+
+    def listCredentialsInterfaces(self) -> list[Any]:
+        from pop3srv.auth.credentials import ISCRAMProof
+
+        return [ISCRAMProof]
+
+
+def test_a_lookup_without_availability_still_offers_scram(clock: MemoryReactorClock) -> None:
+    """Third-party lookups keep SCRAM; a failing availability answer offers it too."""
+    realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock))
+    old = LoginService(ScramPortal(realm), clock, scram_lookup=ThirdPartyLookup())
+    assert old.mechanisms(tls_active=False, plaintext_allowed=False) == ("SCRAM-SHA-256",)
+    broken = LoginService(ScramPortal(realm), clock, scram_lookup=BrokenAvailability())
+    assert broken.mechanisms(tls_active=False, plaintext_allowed=False) == ("SCRAM-SHA-256",)
+
+
+# --- item 5b: attempts count when they start
+
+
+class HeldVerifier:
+    """A hashing stand-in whose checks stay in flight until the test ends them."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, defer.Deferred[VerifyResult]]] = []
+
+    def __call__(self, username: str, password: str) -> defer.Deferred[VerifyResult]:
+        d: defer.Deferred[VerifyResult] = defer.Deferred()
+        self.calls.append((username, d))
+        return d
+
+
+def held_service(tmp_path: Path, clock: MemoryReactorClock) -> tuple[LoginService, HeldVerifier]:
+    path = tmp_path / "users"
+    path.write_text(f"alice:{cheap('pw')}\n")
+    verifier = HeldVerifier()
+    checker = PasslibChecker(str(path), reactor=RunNow(), verifier=verifier)  # type: ignore[arg-type]
+    realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock))
+    return LoginService(Portal(realm, [checker]), clock), verifier
+
+
+def attempt(service: LoginService, username: str) -> defer.Deferred[Any]:
+    creds = PasswordCredentials(username.encode(), b"guess")
+    return service.login(creds, username=username, method="password", peer=PEER)
+
+
+@pytest.mark.parametrize(
+    ("names", "checks"),
+    [(["alice"] * 20, 5), ([f"user{i}" for i in range(20)], 10)],
+    ids=["one-user", "many-users"],
+)
+def test_parallel_guesses_run_no_more_checks_than_the_limits(
+    tmp_path: Path, clock: MemoryReactorClock, names: list[str], checks: int
+) -> None:
+    """
+    Twenty wrong passwords sent at once from one address: only as many
+    checks run as the limit allows (5 per address and user, 10 per
+    address); the rest are refused without one, after the failure delay.
+    """
+    service, verifier = held_service(tmp_path, clock)
+    answers = [attempt(service, name) for name in names]
+    assert len(verifier.calls) == checks
+    for _, d in verifier.calls:
+        d.callback(VerifyResult(ok=False))
+    clock.advance(60)
+    assert [result_of(d) for d in answers] == [
+        LoginRefused("AUTH", "Invalid username or password.")
+    ] * 20
+    assert service.policy.throttle.in_flight(PEER.host) == 0
+    # The limit is reached: the next attempt is refused without a check.
+    attempt(service, names[0])
+    assert len(verifier.calls) == checks
+
+
+def test_a_fault_or_a_success_frees_the_place_uncounted(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    A check that fails as a server fault counts for nothing and gives its
+    place back; a success gives its place back and clears the pair.
+    """
+    service, verifier = held_service(tmp_path, clock)
+    throttle = service.policy.throttle
+    pair = f"pair:{PEER.host}:alice"
+    answers = [attempt(service, "alice") for _ in range(5)]
+    assert len(verifier.calls) == 5
+    verifier.calls[0][1].errback(RuntimeError("hashing process died"))
+    assert isinstance(result_of(answers[0]), LoginFault)
+    assert throttle.in_flight(PEER.host, "alice") == 4
+    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+    attempt(service, "alice")
+    assert len(verifier.calls) == 6
+    attempt(service, "alice")
+    assert len(verifier.calls) == 6
+    assert throttle.counters.count(pair, clock.seconds(), 600) == 1
+    verifier.calls[1][1].callback(VerifyResult(ok=True))
+    assert isinstance(result_of(answers[1]), LoginSucceeded)
+    assert throttle.in_flight(PEER.host, "alice") == 4
+    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+
+
+# --- item 5c: SASL failures on the credentials are audited and counted
+
+
+def plain_failure(message: bytes) -> sasl.Failure:
+    server = sasl.SASLServer(mechanisms=["PLAIN"], tls_active=True, plaintext_allowed=True)
+    step = server.start("PLAIN", b64(message))
+    assert isinstance(step, sasl.Failure)
+    return step
+
+
+def cbind_mismatch_failure() -> sasl.Failure:
+    binding = sasl.ChannelBinding("tls-exporter", b"\x01" * 32)
+    server = sasl.SASLServer(
+        mechanisms=["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"],
+        tls_active=True,
+        plaintext_allowed=False,
+        channel_bindings=[binding],
+        nonce_factory=lambda: "SRV",
+    )
+    step = server.start("SCRAM-SHA-256-PLUS", b64("p=tls-exporter,,n=alice,r=abc"))
+    assert step == sasl.Lookup("alice")
+    stored = StoredScram(b"salt" * 4, 4096, b"k" * 32, b"s" * 32)
+    assert isinstance(server.lookup_done(stored), sasl.Challenge)
+    wrong = base64.b64encode(b"p=tls-exporter,," + b"\x02" * 32).decode()
+    proof = base64.b64encode(b"\0" * 32).decode()
+    step = server.respond(b64(f"c={wrong},r=abcSRV,p={proof}"))
+    assert isinstance(step, sasl.Failure)
+    return step
+
+
+def test_sasl_credential_failures_carry_a_reason_and_the_authcid() -> None:
+    """The failure steps say why, and whose login it was; exchange errors do not."""
+    step = plain_failure(b"bob\0alice\0pw")
+    assert (step.reason, step.username) == ("authzid-refused", "alice")
+    assert plain_failure(b"\0alice\0").reason == "empty-password"
+    assert plain_failure(b"\0alice\0").username == "alice"
+    step = cbind_mismatch_failure()
+    assert (step.reason, step.username) == ("channel-binding-mismatch", "alice")
+    assert (step.code, step.text) == ("AUTH", "Authentication failed.")
+    assert plain_failure(b"no nul here").reason is None
+    login = sasl.SASLServer(mechanisms=["LOGIN"], tls_active=True, plaintext_allowed=True)
+    login.start("LOGIN", b64("alice"))
+    empty = login.respond("")
+    assert isinstance(empty, sasl.Failure)
+    assert (empty.reason, empty.username) == ("empty-password", "alice")
+
+
+@pytest.mark.parametrize(
+    ("failure", "reason"),
+    [
+        (lambda: plain_failure(b"bob\0alice\0pw"), "authzid-refused"),
+        (lambda: plain_failure(b"\0alice\0"), "empty-password"),
+        (cbind_mismatch_failure, "channel-binding-mismatch"),
+    ],
+    ids=["authzid", "empty-password", "channel-binding"],
+)
+def test_sasl_failures_are_audited_throttled_and_delayed(
+    tmp_path: Path,
+    clock: MemoryReactorClock,
+    log_events: list[LogEvent],
+    failure: Any,
+    reason: str,
+) -> None:
+    """
+    Each is a failed login: audited with its reason, answered after the
+    failure delay with the step's text, and counted, so that five of them
+    lock the pair out (a right password is then refused without a check).
+    """
+    service, verifier = held_service(tmp_path, clock)
+    d = service.sasl_failed(failure(), peer=PEER)
+    assert not d.called
+    clock.advance(1.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert result_of(d) == LoginRefused("AUTH", "Authentication failed.")
+    for _ in range(4):
+        service.sasl_failed(failure(), peer=PEER)
+        clock.advance(60)
+    assert audit_lines(log_events) == [f'login-failed "alice" reason={reason}'] * 5 + [
+        'lockout "alice" reason=address+user'
+    ]
+    attempt(service, "alice")
+    assert verifier.calls == []
+
+
+# --- item 5a: the same answer time for every failure
+
+
+def test_failures_wait_for_the_slowest_recent_check(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    With a failure delay shorter than a check (held here while the fake
+    clock moves), every failure is answered as late after its start as the
+    slowest recent failed check, however many cheap failures follow it;
+    the floor is forgotten after two failure windows, and a success is not
+    held back.
+    """
+    settings = ThrottleSettings(failure_delay=0.5, trusted=(ipaddress.ip_network("192.0.2.0/24"),))
+    service, verifier = held_service(tmp_path, clock)
+    service.policy = ServerPolicy(throttle=AuthThrottle(settings))
+    slow = attempt(service, "alice")
+    clock.advance(3)
+    verifier.calls[0][1].callback(VerifyResult(ok=False))
+    clock.advance(0)
+    assert isinstance(result_of(slow), LoginRefused)
+    for i in range(100):
+        answers: list[Any] = []
+        attempt(service, f"nobody{i}").addCallback(answers.append)
+        verifier.calls[-1][1].callback(VerifyResult(ok=False))
+        clock.advance(2.9)
+        assert answers == []
+        clock.advance(0.1)
+        assert [type(a) for a in answers] == [LoginRefused]
+    success = attempt(service, "alice")
+    verifier.calls[-1][1].callback(VerifyResult(ok=True))
+    assert isinstance(result_of(success), LoginSucceeded)
+    clock.advance(1200)
+    answers = []
+    attempt(service, "nobody").addCallback(answers.append)
+    verifier.calls[-1][1].callback(VerifyResult(ok=False))
+    clock.advance(0.4)
+    assert answers == []
+    clock.advance(0.1)
+    assert [type(a) for a in answers] == [LoginRefused]
+
+
+# --- item 5a in real time
+
+
+def rounds_for(seconds: float) -> int:
+    """sha512_crypt rounds that take about C{seconds} here."""
+    probe = 50_000
+    start = time.perf_counter()
+    sha512_crypt.using(rounds=probe).hash("probe")
+    per_round = (time.perf_counter() - start) / probe
+    return max(1000, min(5_000_000, int(seconds / per_round)))
+
+
+def test_unknown_and_costly_users_fail_at_the_same_time(tmp_path: Path) -> None:
+    """
+    A wrong password for a user whose hash costs ~150 ms, and one for an
+    unknown user (checked against the cheap first hash of the file), are
+    answered at the same time from the start of the attempt (medians within
+    20 ms; before, they differed by the cost of the hash).  A success is not
+    held back to that time.
+    """
+    from twisted.internet import reactor
+
+    path = tmp_path / "users"
+    costly = sha512_crypt.using(rounds=rounds_for(0.15)).hash("bob-pw")
+    path.write_text(f"alice:{cheap('alice-pw')}\nbob:{costly}\n")
+    pool = ThreadPool(minthreads=1, maxthreads=1)
+    pool.start()
+    try:
+        checker = PasslibChecker(str(path), reactor=reactor, threadpool=pool)  # type: ignore[arg-type]
+        realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", MemoryReactorClock()))
+        settings = ThrottleSettings(failure_delay=0.0, address_limit=1000, pair_limit=1000)
+        service = LoginService(
+            Portal(realm, [checker]), reactor, ServerPolicy(throttle=AuthThrottle(settings))
+        )
+
+        def timed(username: str, password: bytes) -> tuple[float, Any]:
+            creds = PasswordCredentials(username.encode(), password)
+            start = time.perf_counter()
+            outcome = run_until(
+                service.login(creds, username=username, method="password", peer=PEER), 15
+            )
+            return time.perf_counter() - start, outcome
+
+        times: dict[str, list[float]] = {"bob": [], "nobody": []}
+        for _ in range(7):
+            for name in times:
+                elapsed, outcome = timed(name, b"wrong")
+                assert isinstance(outcome, LoginRefused)
+                times[name].append(elapsed)
+        bob, nobody = statistics.median(times["bob"]), statistics.median(times["nobody"])
+        assert bob > 0.05, "the costly hash is too cheap to tell anything"
+        assert abs(bob - nobody) < 0.02, times
+        elapsed, outcome = timed("alice", b"alice-pw")
+        assert isinstance(outcome, LoginSucceeded)
+        assert elapsed < bob / 2
+        outcome.release()
+    finally:
+        pool.stop()
