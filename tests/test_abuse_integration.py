@@ -276,8 +276,8 @@ def test_timeouts_free_the_slots_of_peers_that_never_read_or_handshake(
 def test_fail2ban_filter_matches_client_failures_never_server_faults(tmp_path: Path) -> None:
     """
     The filter bans for every failure that is the client's (wrong password,
-    a SASL exchange failed on its credentials, a refusal during a lockout or
-    over the in-flight limit) and never for a server fault (reason=error).
+    a SASL exchange failed on its credentials, a refusal during a lockout)
+    and never for a server fault (reason=error).
     """
     stamp = "2026-11-26T07:18:37+0000 [pop3srv.audit#info] pop3srv-audit"
     client_failures = [
@@ -286,7 +286,7 @@ def test_fail2ban_filter_matches_client_failures_never_server_faults(tmp_path: P
         'event=login-failed session=1-3 peer=192.0.2.3 user="a" reason=empty-password',
         'event=login-failed session=1-4 peer=192.0.2.4 user="a" reason=channel-binding-mismatch',
         'event=login-refused session=1-5 peer=192.0.2.5 user="a" reason=locked-out-address',
-        'event=login-refused session=1-6 peer=192.0.2.6 user="a" reason=in-flight-address+user',
+        'event=login-refused session=1-6 peer=192.0.2.6 user="a" reason=locked-out-address+user',
     ]
     faults = [
         'event=login-refused session=1-7 peer=198.51.100.1 user="a" reason=error',

@@ -11,6 +11,7 @@ from pop3srv.server.limits import (
     AccessRules,
     Attempt,
     AuthThrottle,
+    Busy,
     ConnectionCounter,
     ConnectionLimits,
     LoginGate,
@@ -87,20 +88,25 @@ def test_success_resets_the_pair() -> None:
 def test_attempts_in_flight_count_towards_the_limits() -> None:
     """
     Attempts hold a place from their start: past the limit, counting the
-    failures so far and the checks under way, an attempt is refused; an
-    attempt that ends without a verdict gives its place back uncounted.
+    failures so far and the checks under way, an attempt must wait (it is
+    not refused, nor counted); an attempt that ends without a verdict gives
+    its place back uncounted and wakes the waiting ones.
     """
     throttle = AuthThrottle(ThrottleSettings(address_limit=4, pair_limit=3))
     throttle.failed("192.0.2.8", "alice", now=0)
     attempts = [throttle.begin("192.0.2.8", "alice", now=1) for _ in range(3)]
-    assert [type(a) for a in attempts] == [Attempt, Attempt, Refusal]
-    assert attempts[2] == Refusal("address+user", 1, in_flight=True)
+    assert [type(a) for a in attempts] == [Attempt, Attempt, Busy]
+    assert attempts[2] == Busy("address+user")
     assert isinstance(throttle.begin("192.0.2.8", "bob", now=1), Attempt)
-    assert throttle.begin("192.0.2.8", "carol", now=1) == Refusal("address", 1, in_flight=True)
+    assert throttle.begin("192.0.2.8", "carol", now=1) == Busy("address")
+    woken: list[int] = []
+    throttle.wait_for_place(lambda: woken.append(1))
     first, second = attempts[0], attempts[1]
     assert isinstance(first, Attempt) and isinstance(second, Attempt)
     first.release()
+    assert woken == [1]
     first.release()
+    assert woken == [1]
     assert throttle.in_flight("192.0.2.8", "alice") == 1
     assert throttle.counters.count("pair:192.0.2.8:alice", 1, 600) == 1
     assert second.failed(now=2).lockout is None
@@ -134,8 +140,9 @@ def test_after_a_lockout_one_attempt_at_a_time_until_the_window_forgets() -> Non
     assert isinstance(throttle.begin("192.0.2.10", "alice", now=5), Refusal)
     first = throttle.begin("192.0.2.10", "alice", now=20)
     assert isinstance(first, Attempt)
-    assert isinstance(throttle.begin("192.0.2.10", "alice", now=20), Refusal)
+    assert isinstance(throttle.begin("192.0.2.10", "alice", now=20), Busy)
     assert first.failed(now=21).lockout is not None
+    assert isinstance(throttle.begin("192.0.2.10", "alice", now=21), Refusal)
 
 
 def test_trusted_attempts_hold_no_place() -> None:

@@ -251,13 +251,15 @@ def test_parallel_guesses_run_no_more_checks_than_the_limits(
     """
     Twenty wrong passwords sent at once from one address: only as many
     checks run as the limit allows (5 per address and user, 10 per
-    address); the rest are refused without one, after the failure delay.
+    address); the rest wait, and once the failures block the address (or
+    pair) they are refused without one, after the failure delay.
     """
     service, verifier = held_service(tmp_path, clock)
     answers = [attempt(service, name) for name in names]
     assert len(verifier.calls) == checks
-    for _, d in verifier.calls:
+    for _, d in list(verifier.calls):
         d.callback(VerifyResult(ok=False))
+    assert len(verifier.calls) == checks
     clock.advance(60)
     assert [result_of(d) for d in answers] == [
         LoginRefused("AUTH", "Invalid username or password.")
@@ -273,7 +275,9 @@ def test_a_fault_or_a_success_frees_the_place_uncounted(
 ) -> None:
     """
     A check that fails as a server fault counts for nothing and gives its
-    place back; a success gives its place back and clears the pair.
+    place back; a success gives its place back and clears the pair; an
+    attempt over the in-flight limit waits, uncounted, and starts when a
+    place frees.
     """
     service, verifier = held_service(tmp_path, clock)
     throttle = service.policy.throttle
@@ -286,13 +290,38 @@ def test_a_fault_or_a_success_frees_the_place_uncounted(
     assert throttle.counters.count(pair, clock.seconds(), 600) == 0
     attempt(service, "alice")
     assert len(verifier.calls) == 6
-    attempt(service, "alice")
+    waiting = attempt(service, "alice")
     assert len(verifier.calls) == 6
-    assert throttle.counters.count(pair, clock.seconds(), 600) == 1
+    assert not waiting.called
+    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
     verifier.calls[1][1].callback(VerifyResult(ok=True))
     assert isinstance(result_of(answers[1]), LoginSucceeded)
-    assert throttle.in_flight(PEER.host, "alice") == 4
+    # The success gave its place to the waiting attempt, whose check runs now.
+    assert len(verifier.calls) == 7
+    assert throttle.in_flight(PEER.host, "alice") == 5
     assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+
+
+def test_parallel_right_passwords_from_one_address_all_log_in(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    Twenty logins at once from one address (a NAT gateway) with the right
+    password: none is refused or counted as a failure; those over the
+    in-flight limit wait for a place and then log in.
+    """
+    service, verifier = held_service(tmp_path, clock)
+    answers = [attempt(service, f"user{i}") for i in range(20)]
+    assert len(verifier.calls) == 10
+    done = 0
+    while done < len(verifier.calls):
+        verifier.calls[done][1].callback(VerifyResult(ok=True))
+        done += 1
+    assert done == 20
+    assert all(isinstance(result_of(d), LoginSucceeded) for d in answers)
+    throttle = service.policy.throttle
+    assert throttle.in_flight(PEER.host) == 0
+    assert throttle.counters.count(f"addr:{PEER.host}", clock.seconds(), 600) == 0
 
 
 # --- item 5c: SASL failures on the credentials are audited and counted

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from zope.interface import Interface, implementer
@@ -132,15 +132,24 @@ class Refusal:
     """
     A login refused without checking the password: who is blocked and until
     when.
-
-    @ivar in_flight: refused not for a block but because the checks already
-        under way would reach the limit were they all to fail; C{until} is
-        then the time of the refusal.
     """
 
     scope: str
     until: float
-    in_flight: bool = False
+
+
+@dataclass(frozen=True)
+class Busy:
+    """
+    A login that must wait before its check starts: the checks already under
+    way for this address (or address and user) would reach the limit were
+    they all to fail.  It is not a refusal: parallel logins from one address
+    (a NAT gateway, a client with several accounts) are legitimate, so the
+    attempt waits for a place (L{AuthThrottle.wait_for_place}) and is
+    admitted or refused once one frees.
+    """
+
+    scope: str
 
 
 @dataclass(frozen=True)
@@ -191,11 +200,19 @@ class Attempt:
         self._username = username
         self._keys: tuple[str, ...] | None = keys
 
-    def _end(self) -> bool:
+    def _end(self, verdict: Callable[[], object] | None = None) -> bool:
+        """
+        Give the place back, after recording C{verdict}: attempts waiting
+        for a place are woken by the leaving, and must see the verdict.
+        """
         keys, self._keys = self._keys, None
         if keys is None:
             return False
-        self._throttle._leave(keys)
+        try:
+            if verdict is not None:
+                verdict()
+        finally:
+            self._throttle._leave(keys)
         return True
 
     def failed(self, now: float) -> FailureOutcome:
@@ -204,13 +221,16 @@ class Attempt:
 
         @return: its delay and any block it starts.
         """
-        self._end()
-        return self._throttle.failed(self._address, self._username, now)
+        outcomes: list[FailureOutcome] = []
+        if not self._end(
+            lambda: outcomes.append(self._throttle.failed(self._address, self._username, now))
+        ):
+            return self._throttle.failed(self._address, self._username, now)
+        return outcomes[0]
 
     def succeeded(self) -> None:
         """The login succeeded (L{AuthThrottle.succeeded})."""
-        if self._end():
-            self._throttle.succeeded(self._address, self._username)
+        self._end(lambda: self._throttle.succeeded(self._address, self._username))
 
     def release(self) -> None:
         """
@@ -240,14 +260,16 @@ class AuthThrottle:
         self.settings = settings
         self.counters: IAuthCounters = counters if counters is not None else MemoryCounters()
         self._in_flight: dict[str, int] = {}
+        self._waiting: list[Callable[[], None]] = []
 
-    def begin(self, address: str, username: str, now: float) -> Refusal | Attempt:
+    def begin(self, address: str, username: str, now: float) -> Refusal | Busy | Attempt:
         """
-        Admit a login attempt, or refuse it without a password check: the
-        address or the pair is blocked (L{check}), or the attempts in
-        flight, were they all to fail, would block it.
+        Admit a login attempt, refuse it without a password check (the
+        address or the pair is blocked, L{check}), or ask it to wait: the
+        attempts in flight, were they all to fail, would block it.
 
-        @return: a L{Refusal}, or the L{Attempt} to end when the check ends.
+        @return: a L{Refusal}; a L{Busy} (call L{wait_for_place}, then
+            L{begin} again); or the L{Attempt} to end when the check ends.
         """
         refusal = self.check(address, username, now)
         if refusal is not None:
@@ -264,7 +286,7 @@ class AuthThrottle:
             # With nothing in flight one attempt always goes, as before a
             # block: only a failure sets a block, even past the limit.
             if pending and self.counters.count(key, now, s.window) + pending >= limit:
-                return Refusal(scope, now, in_flight=True)
+                return Busy(scope)
         keys = (address_key, pair_key)
         for key in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
@@ -278,6 +300,17 @@ class AuthThrottle:
         address_key, pair_key, _ = self._keys(address, username or "")
         return self._in_flight.get(address_key if username is None else pair_key, 0)
 
+    def wait_for_place(self, wake: Callable[[], None]) -> None:
+        """
+        Call C{wake} once, when the next attempt in flight ends.
+
+        Every attempt ends (a check has a deadline), so every waiter is
+        woken; one that still finds no place simply waits again.
+
+        @param wake: called with no arguments.
+        """
+        self._waiting.append(wake)
+
     def _leave(self, keys: tuple[str, ...]) -> None:
         for key in keys:
             left = self._in_flight.get(key, 1) - 1
@@ -285,6 +318,9 @@ class AuthThrottle:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
+        waiting, self._waiting = self._waiting, []
+        for wake in waiting:
+            wake()
 
     def _exempt(self, address: str) -> bool:
         return in_networks(address, self.settings.trusted)

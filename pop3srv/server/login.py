@@ -55,6 +55,7 @@ from pop3srv.server.limits import (
     AccessRules,
     Attempt,
     AuthThrottle,
+    Busy,
     ConnectionCounter,
     ConnectionLimits,
     LoginGate,
@@ -345,16 +346,38 @@ class LoginService:
         @return: a Deferred firing with the outcome, after the failure delay
             for a refusal that has one; it never fails.
         """
+        return self._login(creds, username, method, peer, self.reactor.seconds())
+
+    def _login(
+        self,
+        creds: credentials.ICredentials,
+        username: str,
+        method: str,
+        peer: Peer,
+        started: float,
+    ) -> defer.Deferred[LoginOutcome]:
+        """
+        L{login}, for an attempt that began at C{started} (it may have
+        waited for a place since).
+        """
         policy = self.policy
-        started = self.reactor.seconds()
-        attempt = policy.throttle.begin(peer.host, username, started)
+        attempt = policy.throttle.begin(peer.host, username, self.reactor.seconds())
+        if isinstance(attempt, Busy):
+            # Parallel guesses cannot run more checks than the limits allow
+            # before the first of them fails: this one waits for a place,
+            # then is admitted, or refused if the others' failures blocked it.
+            waited: defer.Deferred[LoginOutcome] = defer.Deferred()
+
+            def wake() -> None:
+                self._login(creds, username, method, peer, started).chainDeferred(waited)
+
+            policy.throttle.wait_for_place(wake)
+            return waited
         if not isinstance(attempt, Attempt):
             # No password check at all, so a blocked guesser cannot tie up the
-            # hashing threads; nor can parallel guesses run more checks than
-            # the limits allow before the first of them fails.
-            what = "in-flight" if attempt.in_flight else "locked-out"
-            self._audit(peer, "login-refused", f"{what}-{attempt.scope}", username)
-            delay = policy.throttle.refused_delay(peer.host, username, started)
+            # hashing threads.
+            self._audit(peer, "login-refused", f"locked-out-{attempt.scope}", username)
+            delay = policy.throttle.refused_delay(peer.host, username, self.reactor.seconds())
             return self._answer_failure(started, delay, LoginRefused("AUTH", AUTH_FAILED))
         if not policy.login_gate.try_enter():
             attempt.release()
