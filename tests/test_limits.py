@@ -226,3 +226,25 @@ def test_login_gate() -> None:
     assert gate.try_enter() and gate.try_enter() and not gate.try_enter()
     gate.leave()
     assert gate.try_enter()
+
+
+def test_only_waiters_for_the_freed_counter_are_woken() -> None:
+    """
+    An attempt that ends wakes the attempts waiting on its own counters,
+    not those waiting for another address.
+    """
+    throttle = AuthThrottle(ThrottleSettings(pair_limit=1))
+    throttle.failed("192.0.2.20", "alice", now=0)
+    throttle.failed("192.0.2.21", "alice", now=0)
+    ours = throttle.begin("192.0.2.20", "bob", now=1)
+    theirs = throttle.begin("192.0.2.21", "bob", now=1)
+    assert isinstance(ours, Attempt) and isinstance(theirs, Attempt)
+    woken: list[str] = []
+    for address in ("192.0.2.20", "192.0.2.21"):
+        busy = throttle.begin(address, "bob", now=1)
+        assert isinstance(busy, Busy)
+        throttle.wait_for_place(lambda a=address: woken.append(a), busy)
+    ours.release()
+    assert woken == ["192.0.2.20"]
+    theirs.succeeded()
+    assert woken == ["192.0.2.20", "192.0.2.21"]

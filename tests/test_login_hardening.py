@@ -296,7 +296,10 @@ def test_a_fault_or_a_success_frees_the_place_uncounted(
     assert throttle.counters.count(pair, clock.seconds(), 600) == 0
     verifier.calls[1][1].callback(VerifyResult(ok=True))
     assert isinstance(result_of(answers[1]), LoginSucceeded)
-    # The success gave its place to the waiting attempt, whose check runs now.
+    # The success gave its place to the waiting attempt, whose check runs
+    # next, from the reactor.
+    assert len(verifier.calls) == 6
+    clock.advance(0)
     assert len(verifier.calls) == 7
     assert throttle.in_flight(PEER.host, "alice") == 5
     assert throttle.counters.count(pair, clock.seconds(), 600) == 0
@@ -317,6 +320,7 @@ def test_parallel_right_passwords_from_one_address_all_log_in(
     while done < len(verifier.calls):
         verifier.calls[done][1].callback(VerifyResult(ok=True))
         done += 1
+        clock.advance(0)
     assert done == 20
     assert all(isinstance(result_of(d), LoginSucceeded) for d in answers)
     throttle = service.policy.throttle

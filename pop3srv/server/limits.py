@@ -14,7 +14,7 @@ from __future__ import annotations
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from zope.interface import Interface, implementer
 
@@ -147,9 +147,12 @@ class Busy:
     (a NAT gateway, a client with several accounts) are legitimate, so the
     attempt waits for a place (L{AuthThrottle.wait_for_place}) and is
     admitted or refused once one frees.
+
+    @ivar key: the counter whose attempts in flight are at the limit.
     """
 
     scope: str
+    key: str = field(default="", compare=False)
 
 
 @dataclass(frozen=True)
@@ -260,7 +263,7 @@ class AuthThrottle:
         self.settings = settings
         self.counters: IAuthCounters = counters if counters is not None else MemoryCounters()
         self._in_flight: dict[str, int] = {}
-        self._waiting: list[Callable[[], None]] = []
+        self._waiting: dict[str, list[Callable[[], None]]] = {}
 
     def begin(self, address: str, username: str, now: float) -> Refusal | Busy | Attempt:
         """
@@ -286,7 +289,7 @@ class AuthThrottle:
             # With nothing in flight one attempt always goes, as before a
             # block: only a failure sets a block, even past the limit.
             if pending and self.counters.count(key, now, s.window) + pending >= limit:
-                return Busy(scope)
+                return Busy(scope, key)
         keys = (address_key, pair_key)
         for key in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
@@ -300,16 +303,18 @@ class AuthThrottle:
         address_key, pair_key, _ = self._keys(address, username or "")
         return self._in_flight.get(address_key if username is None else pair_key, 0)
 
-    def wait_for_place(self, wake: Callable[[], None]) -> None:
+    def wait_for_place(self, wake: Callable[[], None], busy: Busy | None = None) -> None:
         """
-        Call C{wake} once, when the next attempt in flight ends.
+        Call C{wake} once, when the next attempt in flight ends (one of
+        C{busy}'s counter, if given).
 
         Every attempt ends (a check has a deadline), so every waiter is
         woken; one that still finds no place simply waits again.
 
-        @param wake: called with no arguments.
+        @param wake: called with no arguments; it must not raise.
+        @param busy: what L{begin} answered.
         """
-        self._waiting.append(wake)
+        self._waiting.setdefault(busy.key if busy is not None else "", []).append(wake)
 
     def _leave(self, keys: tuple[str, ...]) -> None:
         for key in keys:
@@ -318,8 +323,10 @@ class AuthThrottle:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
-        waiting, self._waiting = self._waiting, []
-        for wake in waiting:
+        woken: list[Callable[[], None]] = []
+        for key in ("", *keys):
+            woken.extend(self._waiting.pop(key, ()))
+        for wake in woken:
             wake()
 
     def _exempt(self, address: str) -> bool:

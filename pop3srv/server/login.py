@@ -368,10 +368,14 @@ class LoginService:
             # then is admitted, or refused if the others' failures blocked it.
             waited: defer.Deferred[LoginOutcome] = defer.Deferred()
 
-            def wake() -> None:
-                self._login(creds, username, method, peer, started).chainDeferred(waited)
+            def retry() -> None:
+                d = defer.maybeDeferred(self._login, creds, username, method, peer, started)
+                d.addErrback(self._fault, username, peer)
+                d.chainDeferred(waited)
 
-            policy.throttle.wait_for_place(wake)
+            # Retried from the reactor, not from inside the check that gave
+            # the place back: no nesting, and nothing raised into its caller.
+            policy.throttle.wait_for_place(lambda: self.reactor.callLater(0, retry), attempt)
             return waited
         if not isinstance(attempt, Attempt):
             # No password check at all, so a blocked guesser cannot tie up the
