@@ -13,7 +13,10 @@ from __future__ import annotations
 import errno
 import os
 import poplib
+import socket
 import stat
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -310,11 +313,11 @@ def test_lock_of_another_owner_refused(spool: Path) -> None:
 def test_mbox_must_be_regular(tmp_path: Path) -> None:
     """L{open_mbox_file} refuses a directory, but takes a regular file of any owner."""
     with pytest.raises(UnsafeStateFile):
-        open_mbox_file(str(tmp_path), os.O_RDONLY)
+        open_mbox_file(str(tmp_path), os.O_RDONLY, single_link=True)
     (tmp_path / "box").write_bytes(b"x")
     if os.geteuid() == 0:
         os.chown(tmp_path / "box", 12345, 12345)
-    os.close(open_mbox_file(str(tmp_path / "box"), os.O_RDWR))
+    os.close(open_mbox_file(str(tmp_path / "box"), os.O_RDWR, single_link=True))
 
 
 COLLIDING = [".bob.pop3srv-lock", "bob.lock", ".alice", "x.pop3srv-index", "Bob.LOCK"]
@@ -476,3 +479,95 @@ def test_hard_linked_state_file_refused(tmp_path: Path) -> None:
     with pytest.raises(UnsafeStateFile, match="2 links"):
         open_state_file(str(planted), os.O_RDWR | os.O_CREAT)
     assert victim.read_bytes() == b"server-owned data\n"
+
+
+def test_hard_linked_mbox_refused(homes: Path) -> None:
+    """
+    bob's inbox made a second hard link to alice's (possible for a file one
+    cannot read where C{fs.protected_hardlinks} is off) is refused with
+    SYS/TEMP; so is alice's until the admin looks, since nothing tells
+    which name is the rightful one.  Nothing but the session locks is
+    written or created.
+    """
+    alice_inbox = homes / "alice" / "Mail" / "inbox"
+    bob_inbox = homes / "bob" / "Mail" / "inbox"
+    bob_inbox.unlink()
+    os.link(alice_inbox, bob_inbox)
+    before = snapshot(homes)
+    realm = home_realm(homes)
+    assert "2 links" in str(refused(realm, b"bob"))
+    assert "2 links" in str(refused(realm, b"alice"))
+    after = snapshot(homes)
+    assert after.pop("alice/Mail/.inbox.pop3srv-lock") == b""
+    assert after.pop("bob/Mail/.inbox.pop3srv-lock") == b""
+    assert after == before
+
+
+def test_recovery_refuses_hard_linked_mbox(tmp_path: Path) -> None:
+    """Crash recovery does not apply a journal to an mbox with a second name."""
+    from pop3srv.mbox.commit import recover
+
+    write_mbox(tmp_path / "victim", ALICE_MAIL)
+    os.link(tmp_path / "victim", tmp_path / "bob")
+    journal = tmp_path / ".bob.pop3srv-journal"
+    journal.write_bytes(b"")
+    with pytest.raises(UnsafeStateFile, match="2 links"):
+        recover(str(tmp_path / "bob"), str(journal))
+
+
+def test_dotlock_with_two_names_is_still_read(spool: Path) -> None:
+    """
+    A dotlock has two names for a moment while its writer takes it, so
+    reading one does not refuse a second link as an mbox open does.
+    """
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    temp = spool / f".alice.lock.{'c' * 32}"
+    temp.write_text(f"{dead.pid} {host}\n")
+    os.link(temp, spool / "alice.lock")
+    assert left_by_dead_local_process(str(spool / "alice.lock"), host)
+
+
+def test_dotlock_debris_looked_for_rarely_and_outside_the_lock(
+    spool: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """
+    Logins do not list the spool for temporary dotlocks every time: one
+    process looks at most once per interval per directory, and not while
+    it holds the mbox lock an MDA waits for.  In a spool such as
+    C{/var/mail/{user}} a look removes every user's old debris, as the
+    start-up sweep does; debris left later goes at the next look.
+    """
+    from pop3srv.mbox import mailbox as mailbox_module
+
+    write_mbox(spool / "bob", BOB_MAIL)
+    now = [0.0]
+    schedule = mailbox_module.DebrisSchedule(interval=600, clock=lambda: now[0])
+    monkeypatch.setattr(mailbox_module, "_debris_schedule", schedule)
+    looks: list[bool] = []
+    real = mailbox_module.remove_stale_dotlock_temps
+
+    def counted(directory: str, max_age: float, name: str | None = None) -> list[str]:
+        looks.append(any(n.endswith(".lock") for n in os.listdir(spool)))
+        return real(directory, max_age, name)
+
+    monkeypatch.setattr(mailbox_module, "remove_stale_dotlock_temps", counted)
+    debris = [spool / f".alice.lock.{'d' * 32}", spool / f".bob.lock.{'e' * 32}"]
+    for path in debris:
+        path.write_bytes(b"")
+        _age(path, 3600)
+    realm = spool_realm(spool)
+    for user in (b"alice", b"bob", b"alice"):
+        login(realm, user)[2]()
+    assert looks == [False]
+    assert not any(p.exists() for p in debris)
+    later = spool / f".alice.lock.{'f' * 32}"
+    later.write_bytes(b"")
+    _age(later, 3600)
+    login(realm, b"bob")[2]()
+    assert later.exists()
+    now[0] = 600
+    login(realm, b"bob")[2]()
+    assert looks == [False, False]
+    assert not later.exists()

@@ -63,3 +63,32 @@ def test_template_with_user_directory_is_left_alone(tmp_path: Path) -> None:
     """A template like /home/{user}/mbox names no single spool: nothing is swept."""
     (tmp_path / "x.lock").write_text(f"{dead_pid()} {socket.gethostname()}\n")
     assert sweep_spool(f"{tmp_path}/{{user}}/mbox").removed_dotlocks == []
+
+
+def test_finishes_interrupted_commit_with_text_around_user(tmp_path: Path) -> None:
+    """
+    With a template such as C{/srv/{user}.mbox} the user is found in the
+    journal's name without the template's text around it, and the commit
+    is finished at start-up; a journal of a name the template cannot make
+    is not taken for a user's.
+    """
+    mbox = tmp_path / "bob.mbox"
+    messages = [_message(f"m{i}") for i in range(3)]
+    mbox.write_bytes(b"".join(messages))
+
+    def crash(where: str) -> None:
+        if where == "payload_partial":
+            raise SimulatedCrash(where)
+
+    mb = _open(mbox)
+    mb._fault = crash
+    mb.deleteMessage(0)
+    _sync(mb)
+    mb.close()
+    assert Path(state_paths(str(mbox)).journal).exists()
+    stray = tmp_path / ".carol.pop3srv-journal"
+    stray.write_bytes(b"")
+    report = sweep_spool(f"{tmp_path}/{{user}}.mbox")
+    assert report.recovered == [str(mbox)]
+    assert mbox.read_bytes() == b"".join(messages[1:])
+    assert stray.exists() and not (tmp_path / "carol.mbox").exists()

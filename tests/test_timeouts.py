@@ -309,3 +309,60 @@ def test_a_completed_implicit_tls_handshake_stops_the_timer(tmp_path: Path) -> N
     client.write(b"CAPA\r\n")
     pump.flush()
     assert recorder.received.startswith(b"+OK Capability list follows.")
+
+
+@pytest.mark.parametrize("stall_beyond_idle", [0.0, 60.0])
+def test_idle_timeout_writes_nothing_into_a_download(
+    log_events: list[LogEvent], stall_beyond_idle: float
+) -> None:
+    """
+    With the default timeouts (the write stall as long as the idle time),
+    or a longer write stall, a RETR to a client that stopped reading meets
+    the idle timer first: no C{-ERR} line is written into the message, the
+    close is audited as the write stall it is, and the connection is
+    aborted after the grace.
+    """
+    server = Server()
+    server.factory.write_stall_timeout = server.factory.idle_timeout + stall_beyond_idle
+    server.mailbox.messages[0] = b"Subject: big\n\n" + (b"x" * 70 + b"\n") * 15_000
+    protocol = server.factory.buildProtocol(None)
+    transport = FullAfterWrite(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"USER a\r\nPASS pw\r\n")
+    transport.full = True
+    protocol.dataReceived(b"RETR 1\r\n")
+    sent = len(transport.value())
+    server.clock.advance(server.factory.idle_timeout)
+    assert transport.value()[sent:] == b""
+    assert transport.disconnecting and not transport.aborted
+    reasons = [e.get("reason") for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
+    assert "write-stall" in reasons
+    server.clock.advance(GRACE)
+    assert transport.aborted
+
+
+def test_no_timer_after_the_connection_is_lost_mid_download() -> None:
+    """
+    A chunk of a download scheduled just before the connection is lost
+    starts no idle or stall timer for the dead connection, whether the
+    transport stopped the streamer first (as Twisted's do) or not.
+    """
+    for transport_stops_producer in (True, False):
+        server = Server()
+        server.mailbox.messages[0] = b"Subject: big\n\n" + (b"x" * 70 + b"\n") * 15_000
+        protocol = server.factory.buildProtocol(None)
+        transport = FullAfterWrite(peerAddress=IPv4Address("TCP", "127.0.0.1", 40000))
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"USER a\r\nPASS pw\r\n")
+        transport.full = True
+        protocol.dataReceived(b"RETR 1\r\n")
+        streamer = transport.producer
+        assert streamer is not None and streamer is not protocol
+        streamer.resumeProducing()  # the next chunk is scheduled
+        # In the same reactor turn the peer goes away.
+        if transport_stops_producer:
+            streamer.stopProducing()
+        protocol.connectionLost(None)
+        assert server.clock.getDelayedCalls() != []
+        server.clock.advance(0)  # the scheduled chunk runs
+        assert server.clock.getDelayedCalls() == [], transport_stops_producer

@@ -607,7 +607,7 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
     except FileNotFoundError:
         return False
     try:
-        mbox_fd = open_mbox_file(mbox_path, os.O_RDWR)
+        mbox_fd = open_mbox_file(mbox_path, os.O_RDWR, single_link=True)
     except FileNotFoundError:
         return False
     try:

@@ -155,7 +155,7 @@ def left_by_dead_local_process(path: str, hostname: str) -> bool:
     a small regular file (a symlink, a FIFO, a device) says nothing.
     """
     try:
-        fd = open_mbox_file(path, os.O_RDONLY)
+        fd = open_mbox_file(path, os.O_RDONLY, single_link=False)
     except (OSError, UnsafeStateFile):
         return False
     try:
@@ -234,10 +234,12 @@ class MboxFileLock:
 
     def _take_fcntl(self) -> bool:
         # No symlink: with a template such as /home/{user}/mbox a user could
-        # otherwise point their mbox at someone else's spool file.  No FIFO
-        # or device: a read of it would block a thread or never end.
+        # otherwise point their mbox at someone else's spool file, nor a
+        # second hard link, which does the same where the kernel lets a user
+        # link to a file they cannot read.  No FIFO or device: a read of it
+        # would block a thread or never end.
         try:
-            fd = open_mbox_file(self.path, os.O_RDWR)
+            fd = open_mbox_file(self.path, os.O_RDWR, single_link=True)
         except FileNotFoundError:
             self.fd = None
             return True

@@ -13,6 +13,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import threading
+import time
 from collections.abc import Callable
 from typing import Any, overload
 
@@ -49,10 +51,92 @@ from pop3srv.processes import malloc
 READ_CHUNK = 64 * 1024
 #: A scan of at least this many bytes is followed by L{malloc.trim}.
 BIG_SCAN = 16 << 20
+#: Seconds between two looks by one process for temporary dotlock files
+#: left behind in one maildrop directory (see L{DebrisSchedule}).
+DEBRIS_INTERVAL = 3600.0
 
 DeferToThread = Callable[..., "Deferred[Any]"]
 
 _log = Logger()
+
+
+class DebrisSchedule:
+    """
+    When this process last looked for temporary dotlock files left behind
+    (L{remove_stale_dotlock_temps}) in each maildrop directory.
+
+    Such debris stays only when a process is killed in the middle of taking
+    a lock, but looking for it means listing the directory, which for
+    C{/var/mail/{user}} is the whole spool: so a login looks at most once
+    per C{interval} per directory and process (the start-up sweep of a
+    spool looks at once).  Debris is still removed, by the first login to
+    its directory after it is L{STALE_AGE} old and the interval is over.
+    Thread-safe: maildrops are opened in worker threads.
+    """
+
+    def __init__(
+        self,
+        interval: float = DEBRIS_INTERVAL,
+        clock: Callable[[], float] = time.monotonic,
+        limit: int = 10_000,
+    ) -> None:
+        """
+        @param interval: seconds between two looks in one directory.
+        @param clock: monotonic seconds.
+        @param limit: directories remembered at most; past it the oldest
+            looks are forgotten (those directories are then looked at
+            early, which costs only time).
+        """
+        self.interval = interval
+        self._clock = clock
+        self._limit = limit
+        self._lock = threading.Lock()
+        self._last: dict[tuple[str, str | None], float] = {}
+
+    def due(self, directory: str, name: str | None) -> bool:
+        """
+        Whether to look in C{directory} now; if so, the look counts as done.
+
+        @param directory: the directory's name.
+        @param name: the mbox whose debris is looked for, or L{None} for
+            every mbox in the directory.
+        """
+        key = (directory, name)
+        now = self._clock()
+        with self._lock:
+            last = self._last.get(key)
+            if last is not None and now - last < self.interval:
+                return False
+            if len(self._last) >= self._limit:
+                recent = {k: t for k, t in self._last.items() if now - t < self.interval}
+                self._last = recent if len(recent) < self._limit else {}
+            self._last[key] = now
+            return True
+
+
+_debris_schedule = DebrisSchedule()
+
+
+def _remove_dotlock_debris(
+    directory: MaildropDirectory, paths: StatePaths, trusted_root: str | None
+) -> None:
+    """
+    Remove old temporary dotlock files beside the mbox, if
+    L{_debris_schedule} says it is time.  No lock is needed: only files
+    older than any live locker keeps one are removed.
+
+    In a spool (the mbox's directory is the template's fixed prefix, as
+    for C{/var/mail/{user}}) every mbox's debris is removed, as the
+    start-up sweep does; in a directory of the user's own, only this
+    mbox's, whatever else they keep there.
+    """
+    spool = trusted_root is not None and os.path.normpath(trusted_root) == directory.path
+    name = None if spool else os.path.basename(paths.mbox)
+    if not _debris_schedule.due(directory.path, name):
+        return
+    for debris in remove_stale_dotlock_temps(os.path.dirname(paths.mbox), STALE_AGE, name):
+        _log.info("Removed a dotlock temporary file left behind: {path}",
+                  path=display_path(debris))  # fmt: skip
 
 
 def _default_defer_to_thread() -> DeferToThread:
@@ -445,13 +529,11 @@ def _open_maildrop(
         raise
     fd: int | None = None
     try:
+        # Both before the mbox lock, which an MDA waits for: the session
+        # lock is all that stale index and journal temporaries need.
+        remove_stale_temps(paths)
+        _remove_dotlock_debris(directory, paths, trusted_root)
         with MboxFileLock(paths.mbox, timeout=lock_timeout) as lock:
-            remove_stale_temps(paths)
-            for debris in remove_stale_dotlock_temps(
-                os.path.dirname(paths.mbox), STALE_AGE, os.path.basename(paths.mbox)
-            ):
-                _log.info("Removed a dotlock temporary file left behind: {path}",
-                          path=display_path(debris))  # fmt: skip
             if lock.fd is None:
                 index = empty_index()
             else:

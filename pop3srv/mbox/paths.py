@@ -97,14 +97,18 @@ def remove_stale_temps(paths: StatePaths) -> list[str]:
     @return: the paths removed.
     """
     removed = []
+    # The index and the journal share a directory: list it once.
+    bases: dict[str, list[str]] = {}
     for target in (paths.index, paths.journal):
         directory, base = os.path.split(target)
+        bases.setdefault(directory, []).append(base)
+    for directory, names_of in bases.items():
         try:
             names = os.listdir(directory)
         except OSError:
             continue
         for name in names:
-            if name.startswith(f"{base}.") and name.endswith(".tmp"):
+            if name.endswith(".tmp") and any(name.startswith(f"{base}.") for base in names_of):
                 path = os.path.join(directory, name)
                 try:
                     os.unlink(path)
@@ -137,7 +141,7 @@ def open_state_file(path: str, flags: int, *, mode: int = 0o600, owner: int | No
     return _open_checked(path, flags, mode, os.geteuid() if owner is None else owner)
 
 
-def open_mbox_file(path: str, flags: int) -> int:
+def open_mbox_file(path: str, flags: int, *, single_link: bool) -> int:
     """
     Open an mbox, or a dotlock an MDA may have written, for reading or
     locking: like L{open_state_file}, but of any owner (the user's own,
@@ -145,20 +149,27 @@ def open_mbox_file(path: str, flags: int) -> int:
 
     @param path: the file.
     @param flags: C{os.O_*} flags, without C{O_CREAT}.
+    @param single_link: refuse a file with more than one name.  Say so for
+        an mbox: a second name is a hard link that passes another user's
+        mbox off as this one.  Not for a dotlock, which has two names for
+        a moment while its writer takes it.
     @return: an open descriptor, in blocking mode.
     @raise FileNotFoundError: if it does not exist.
     @raise UnsafeStateFile: if it is a symlink, a FIFO or a device, or
-        anything else but a regular file.
+        anything else but a regular file, or has a second name although
+        C{single_link} was asked for.
     @raise OSError: for other failures to open.
     """
-    return _open_checked(path, flags, 0o600, None)
+    return _open_checked(path, flags, 0o600, None, single_link)
 
 
-def _open_checked(path: str, flags: int, mode: int, owner: int | None) -> int:
+def _open_checked(
+    path: str, flags: int, mode: int, owner: int | None, single_link: bool = True
+) -> int:
     """
     Open C{path} without following a final symlink or blocking on a FIFO,
     and keep it only if it is a regular file of C{owner} (any owner for
-    L{None}).
+    L{None}) with, if C{single_link}, one name.
     """
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, mode)
@@ -172,9 +183,9 @@ def _open_checked(path: str, flags: int, mode: int, owner: int | None) -> int:
             raise UnsafeStateFile(f"{display_path(path)}: not a regular file")
         if owner is not None and st.st_uid != owner:
             raise UnsafeStateFile(f"{display_path(path)}: owned by uid {st.st_uid}, not {owner}")
-        if owner is not None and st.st_nlink != 1:
-            # Our state files have one name; a second one is a hard link
-            # someone else made to pass another file off as ours.
+        if single_link and st.st_nlink != 1:
+            # Our state files and mboxes have one name; a second one is a
+            # hard link someone made to pass another file off as this one.
             raise UnsafeStateFile(f"{display_path(path)}: has {st.st_nlink} links")
         fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
     except BaseException:

@@ -11,6 +11,7 @@ login).
 from __future__ import annotations
 
 import os
+import re
 import socket
 from dataclasses import dataclass, field
 
@@ -35,14 +36,28 @@ class SweepReport:
     recovered: list[str] = field(default_factory=list)
 
 
-def _candidate_users(names: list[str]) -> set[str]:
+def _candidate_users(names: list[str], base: str) -> set[str]:
+    """
+    The users whose mbox a journal name in C{names} may belong to.
+
+    @param names: file names in the journal directory.
+    @param base: the template's last component, such as C{{user}} or
+        C{{user}.mbox}: a journal is named after the mbox, so the text
+        around the user is stripped as the template puts it there.
+    """
+    # Every {user} in the name is the same user.
+    parts = [re.escape(part) for part in base.split(USER_FIELD)]
+    mbox_name = re.compile(parts[0] + "(?P<user>.+)" + "(?P=user)".join(parts[1:]))
     users = set()
     for name in names:
         if name.endswith(JOURNAL_SUFFIX):
             stem = name[: -len(JOURNAL_SUFFIX)]
-            # Beside the mbox: ".USER"; in an index dir: "<hash>-USER".
-            users.add(stem[1:] if stem.startswith(".") else stem.partition("-")[2])
-    return {u for u in users if u not in ("", ".", "..") and "/" not in u}
+            # Beside the mbox: ".MBOX"; in an index dir: "<hash>-MBOX".
+            mbox = stem[1:] if stem.startswith(".") else stem.partition("-")[2]
+            match = mbox_name.fullmatch(mbox)
+            if match is not None:
+                users.add(match["user"])
+    return {u for u in users if u not in (".", "..") and "/" not in u}
 
 
 def sweep_spool(
@@ -88,7 +103,7 @@ def sweep_spool(
         journal_names = [n for n in os.listdir(journal_dir) if n.endswith(JOURNAL_SUFFIX)]
     except OSError:
         journal_names = []
-    for user in sorted(_candidate_users(journal_names)):
+    for user in sorted(_candidate_users(journal_names, base)):
         mbox = template.replace(USER_FIELD, user)
         paths = state_paths(mbox, index_dir)
         if not os.path.lexists(paths.journal):

@@ -205,6 +205,10 @@ class _MessageStreamer:
 
     def _pump(self) -> None:
         self._scheduled = False
+        if self._stopped:
+            # Scheduled before the connection was lost: nothing to send, and
+            # no timer to start for a connection that is gone.
+            return
         # A slow reader is not an idle client: sending counts as activity.
         self._on_progress()
         try:
@@ -354,10 +358,13 @@ class POP3Server(Protocol):
         self._handshake_call = None
 
     def _close_with(self, line: bytes, grace: float) -> None:
-        """Stop taking commands, send C{line} (if any) and L{_close}."""
+        """
+        Stop taking commands, send C{line} (if any, and only between
+        replies: not while a message streams) and L{_close}.
+        """
         if self.machine is not None:
             self.machine.connection_lost()
-        if line and self._abort_call is None:
+        if line and self._abort_call is None and self._producing:
             self.transport.write(line)
         self._close(grace)
 
@@ -455,6 +462,8 @@ class POP3Server(Protocol):
             session.release()
 
     def _reset_idle_timer(self) -> None:
+        if self._lost:
+            return
         timeout = self.factory.idle_timeout
         if self._idle_call is not None and self._idle_call.active():
             self._idle_call.reset(timeout)
@@ -463,8 +472,17 @@ class POP3Server(Protocol):
 
     def _idle_timed_out(self) -> None:
         self._idle_call = None
+        if self._stall_call is not None:
+            # Our output is blocked as well: the peer is not reading, which
+            # is the write-stall timeout's case (and its audit), whichever
+            # of the two timers happens to fire first.
+            self._stall_call.cancel()
+            self._write_stalled()
+            return
         self._log.info("Session of {peer} timed out", peer=self._peer)
-        if self._abort_call is None:
+        if self._abort_call is None and self._producing:
+            # Only between replies: while a message streams (the streamer
+            # is the producer) a line would land inside the message.
             self.transport.write(b"-ERR Autologout; idle for too long.\r\n")
         self._close(self.factory.close_grace)
 
