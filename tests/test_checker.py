@@ -32,6 +32,7 @@ from zope.interface import implementer
 from pop3srv.auth.checker import (
     FAILURE_MESSAGE,
     MAX_CREDENTIAL_BYTES,
+    REFRESH_INTERVAL,
     AvatarId,
     CheckerFault,
     PasslibChecker,
@@ -556,6 +557,41 @@ def test_plugin_missing_file(tmp_path: Path) -> None:
     assert str(info.value) == f"{missing}: No such file or directory"
     with pytest.raises(UserFileError, match="requires a user file path"):
         plugin().generateChecker("")
+
+
+def test_scram_available_rereads_at_most_once_per_interval(tmp_path: Path) -> None:
+    """
+    L{PasslibChecker.scram_available}, asked once per connection, starts a
+    re-read of the user file at most once every L{REFRESH_INTERVAL}
+    seconds, however many connections come; a SCRAM line added shows at
+    the first re-read after the interval, and a clock set back does not
+    stop re-reads.
+    """
+    cheap = sha256_crypt.using(rounds=1000)
+    path = tmp_path / "users"
+    path.write_text(f"alice:{cheap.hash(PASSWORD)}\n")
+    run, clock = RunNow(), MemoryReactorClock()
+    checker = PasslibChecker(
+        UserFile(path),
+        reactor=run,  # type: ignore[arg-type]
+        threadpool=run,  # type: ignore[arg-type]
+        clock=clock,
+    )
+    assert checker.scram_available() is False
+    assert run.calls == 1
+    scram = passlib_hash.scram.using(rounds=1000, algs="sha-1,sha-256").hash(PASSWORD)
+    path.write_text(f"alice:{cheap.hash(PASSWORD)}\nalice:{scram}\n")
+    clock.advance(REFRESH_INTERVAL / 2)
+    for _ in range(100):
+        assert checker.scram_available() is False
+    assert run.calls == 1
+    clock.advance(REFRESH_INTERVAL / 2)
+    # RunNow re-reads before the answer, so this one already follows the file.
+    assert checker.scram_available() is True
+    assert run.calls == 2
+    clock.rightNow -= 10
+    checker.scram_available()
+    assert run.calls == 3
 
 
 # --- a server fault through the login service

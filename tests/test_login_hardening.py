@@ -33,7 +33,7 @@ from twisted.logger import LogEvent, formatEvent
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.checker import REFRESH_INTERVAL, PasslibChecker
 from pop3srv.auth.credentials import ISCRAMAvailability, ISCRAMLookup, PasswordCredentials
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.core import sasl
@@ -96,7 +96,7 @@ def test_capa_offers_scram_only_while_a_user_has_scram_secrets(tmp_path: Path) -
     path.write_text(f"alice:{cheap('pw')}\nbob:{cheap('pw2')}\n")
     clock = MemoryReactorClock()
     pool = RunNow()
-    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool)  # type: ignore[arg-type]
+    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool, clock=clock)  # type: ignore[arg-type]
     factory = POP3ServerFactory(
         Portal(FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock)), [checker]),
         reactor=clock,
@@ -113,9 +113,11 @@ def test_capa_offers_scram_only_while_a_user_has_scram_secrets(tmp_path: Path) -
 
     with path.open("a") as f:
         f.write(scram_line("bob", "pw2"))
+    clock.advance(REFRESH_INTERVAL)
     assert capa_sasl(factory) == b"SASL SCRAM-SHA-256 PLAIN LOGIN"
 
     path.write_text(f"alice:{cheap('pw')}\n")
+    clock.advance(REFRESH_INTERVAL)
     assert capa_sasl(factory) == b"SASL PLAIN LOGIN"
 
 
@@ -165,8 +167,8 @@ def test_scram_available_answers_from_memory_and_refreshes_in_the_pool(tmp_path:
     """
     path = tmp_path / "users"
     path.write_text(f"alice:{cheap('pw')}\n")
-    pool = QueuedPool()
-    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool)  # type: ignore[arg-type]
+    pool, clock = QueuedPool(), MemoryReactorClock()
+    checker = PasslibChecker(str(path), reactor=pool, threadpool=pool, clock=clock)  # type: ignore[arg-type]
     assert ISCRAMAvailability.providedBy(checker)
     assert checker.scram_available() is False
     assert checker.scram_available() is False
@@ -175,6 +177,7 @@ def test_scram_available_answers_from_memory_and_refreshes_in_the_pool(tmp_path:
     assert checker.scram_available() is False
     assert len(pool.queued) == 1
     pool.run_all()
+    clock.advance(REFRESH_INTERVAL)
     assert checker.scram_available() is True
     assert len(pool.queued) == 1
 

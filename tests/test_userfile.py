@@ -427,6 +427,70 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
         UserFile(tmp_path)
 
 
+def without_blocking_on(fifo: Path, call: Any) -> Any:
+    """
+    Run C{call()} in a thread and give it 5 s.  If it is still blocked (on
+    opening the FIFO C{fifo}, until a writer comes), open and close the
+    FIFO for writing so that the thread ends, and fail the test.
+
+    @return: what C{call} returned.
+    @raise BaseException: what C{call} raised.
+    """
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append(("value", call()))
+        except BaseException as e:
+            outcome.append(("error", e))
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(5)
+    if thread.is_alive():
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+        thread.join(5)
+        pytest.fail(f"blocked opening the FIFO {fifo}")
+    [(kind, value)] = outcome
+    if kind == "error":
+        raise value
+    return value
+
+
+def test_fifo_at_construction_is_a_clear_error(tmp_path: Path) -> None:
+    """
+    A FIFO at the path is refused at once with a one-line L{UserFileError},
+    rather than blocking start-up until something writes to it.
+    """
+    path = tmp_path / "users"
+    os.mkfifo(path)
+    with pytest.raises(UserFileError) as info:
+        without_blocking_on(path, lambda: UserFile(path))
+    assert str(info.value) == f"{path}: Not a regular file"
+
+
+def test_fifo_after_start_keeps_last_good(tmp_path: Path, log_events: list[LogEvent]) -> None:
+    """
+    A user file replaced by a FIFO after start leaves the last good
+    contents in use, with one error logged, as any other unreadable file
+    does; the check does not block on the FIFO (with the lock held, which
+    would stall every lookup of the process).  When a file is back it is
+    read again.
+    """
+    path = write(tmp_path / "users", f"alice:{cheap()}\n")
+    users = UserFile(path)
+    path.unlink()
+    os.mkfifo(path)
+    assert without_blocking_on(path, lambda: users.verify("alice", PASSWORD))
+    assert without_blocking_on(path, lambda: users.verify("alice", PASSWORD))
+    errors = [formatEvent(e) for e in log_events if e["log_level"].name == "error"]
+    assert errors == [f"{path}: Not a regular file; still using the user list read earlier"]
+    path.unlink()
+    write(path, f"alice:{cheap(password='new')}\n")
+    assert users.verify("alice", "new")
+    assert not users.verify("alice", PASSWORD)
+
+
 @pytest.mark.parametrize(
     "name", ["alice", "alice@example.org", "a.b-c_d+e", "Ünïcødé", "x" * 255, "a#b"]
 )

@@ -41,6 +41,7 @@ is normalised to NFC here, once: the avatar ID carries that form onward.
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -64,14 +65,21 @@ from pop3srv.auth.identity import normalise_username
 from pop3srv.core.scram import StoredScram
 
 if TYPE_CHECKING:
-    from twisted.internet.interfaces import IReactorFromThreads
+    from twisted.internet.interfaces import IReactorFromThreads, IReactorTime
     from twisted.python.failure import Failure
     from twisted.python.threadpool import ThreadPool
 
     from pop3srv.auth.userfile import UserFile, VerifyResult
 
 # AvatarId is re-exported: it was defined here before the cred types moved.
-__all__ = ["FAILURE_MESSAGE", "MAX_CREDENTIAL_BYTES", "AvatarId", "CheckerFault", "PasslibChecker"]
+__all__ = [
+    "FAILURE_MESSAGE",
+    "MAX_CREDENTIAL_BYTES",
+    "REFRESH_INTERVAL",
+    "AvatarId",
+    "CheckerFault",
+    "PasslibChecker",
+]
 
 #: The one message for every failed login, so that the text never tells an
 #: unknown user from a wrong password.
@@ -83,6 +91,12 @@ FAILURE_MESSAGE = "Invalid username or password."
 #: the most an AMP value carries to a hashing process or the parent's relay,
 #: which would otherwise refuse the call as a broken one.
 MAX_CREDENTIAL_BYTES = 0xFFFF
+
+#: The fewest seconds between two re-reads of the user file started by
+#: L{PasslibChecker.scram_available}, which is asked once per connection: a
+#: connection flood costs one thread-pool call and C{stat} per interval, not
+#: one per connection, and a SCRAM line added or removed shows within it.
+REFRESH_INTERVAL = 1.0
 
 
 class CheckerFault(Exception):
@@ -139,6 +153,8 @@ class PasslibChecker:
         threadpool: ThreadPool | None = None,
         verifier: Callable[[str, str], Deferred[VerifyResult]] | None = None,
         authorizer: IAuthorizer | None = None,
+        *,
+        clock: IReactorTime | None = None,
     ) -> None:
         """
         @param users: the user file to verify against, or its path.
@@ -152,6 +168,9 @@ class PasslibChecker:
             L{pop3srv.processes.hashpool.ProcessVerifier.verify_detailed}; it must
             check the same file.
         @param authorizer: see L{authorizer}.
+        @param clock: times the re-reads of L{scram_available}; if L{None},
+            C{time.monotonic}, which a change of the system clock does not
+            move.
         """
         if isinstance(users, str):
             from pop3srv.auth.userfile import UserFile
@@ -162,9 +181,12 @@ class PasslibChecker:
         self._threadpool = threadpool
         self.verifier = verifier
         self.authorizer = authorizer
+        self._clock = clock
         # The process that has a re-read of the file under way, if any: a
         # forked child must not wait for its parent's thread.
         self._refreshing: int | None = None
+        # When the last re-read for scram_available started, by the clock.
+        self._refresh_started = float("-inf")
 
     def _pool(self) -> tuple[IReactorFromThreads, ThreadPool]:
         """
@@ -201,16 +223,21 @@ class PasslibChecker:
         """
         Whether some user has SCRAM secrets (L{ISCRAMAvailability}): the
         answer of the file as last read, at once, while a re-read is started
-        in the thread pool (one at a time) so that a SCRAM line added or
-        removed shows in the next session's mechanisms.  With a C{verifier}
-        this process checks no passwords itself, so without that re-read
-        its copy of the file would only follow SCRAM lookups, which do not
-        happen while SCRAM is not offered.
+        in the thread pool (one at a time, and at most one every
+        L{REFRESH_INTERVAL} seconds) so that a SCRAM line added or removed
+        shows in the mechanisms of the sessions that start after it.  With a
+        C{verifier} this process checks no passwords itself, so without that
+        re-read its copy of the file would only follow SCRAM lookups, which
+        do not happen while SCRAM is not offered.
 
         @return: L{UserFile.has_scram} as last read.
         """
-        if self._refreshing != os.getpid():
+        now = time.monotonic() if self._clock is None else self._clock.seconds()
+        # A clock set back (now before the last start) does not stop re-reads.
+        recent = 0 <= now - self._refresh_started < REFRESH_INTERVAL
+        if self._refreshing != os.getpid() and not recent:
             self._refreshing = os.getpid()
+            self._refresh_started = now
             reactor, threadpool = self._pool()
             d = deferToThreadPool(reactor, threadpool, self.users.refresh)
 

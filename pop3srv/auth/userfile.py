@@ -56,8 +56,10 @@ the write side used by C{pop3srv-passwd} and by hash upgrades.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
+import stat
 import threading
 import weakref
 from dataclasses import dataclass, field
@@ -285,11 +287,21 @@ class UserFile:
         @return: the new snapshot.
         @raise OSError: if the file cannot be read.
         """
-        with open(self.path, "rb") as f:
+        # Non-blocking, so that a FIFO put at the path fails here instead of
+        # blocking the open until a writer comes, with the lock held (every
+        # lookup of this process would wait behind it).
+        fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY)
+        with open(fd, "rb") as f:
             # The key comes from the descriptor we read, not from an earlier
             # stat() of the path, so a rename between the two cannot pair new
             # contents with an old key.
             st = os.fstat(f.fileno())
+            if stat.S_ISDIR(st.st_mode):
+                raise IsADirectoryError(errno.EISDIR, os.strerror(errno.EISDIR), self.path)
+            if not stat.S_ISREG(st.st_mode):
+                # A FIFO would give nothing or a writer's text, a device
+                # such as /dev/zero an endless read.
+                raise OSError(errno.EINVAL, "Not a regular file", self.path)
             data = f.read()
         return self._parse(data, (st.st_mtime_ns, st.st_size, st.st_ino))
 
@@ -393,8 +405,10 @@ class UserFile:
         """
         Return the current snapshot, re-reading the file if it changed.
 
-        If the file cannot be read the last good snapshot stays in use; the
-        error is logged once, not on every lookup.
+        If the file cannot be read (gone, not permitted, a directory, a FIFO
+        or another file that is not a regular one) the last good snapshot
+        stays in use, so logins go on as before the change rather than fail;
+        the error is logged once, not on every lookup.
 
         @return: the snapshot to use for this lookup.
         """
