@@ -557,3 +557,20 @@ def test_read_failure_after_ok_closes_without_a_false_end(
     assert failures[0]["log_failure"].check(OSError)
     assert failures[0]["log_level"] == LogLevel.error
     assert not [e for e in log_events if e.get("log_level") == LogLevel.critical]
+
+
+def test_the_factory_knows_the_commits_in_progress() -> None:
+    """
+    A commit that has not finished is in the factory's C{commits} (what a
+    stopping server waits for) until it ends.
+    """
+    session = Session("later")
+    session.login()
+    session.send(b"DELE 1\r\n")
+    session.transport.clear()
+    session.protocol.dataReceived(b"QUIT\r\n")
+    assert len(session.factory.commits) == 1
+    for _ in range(5):
+        session.clock.advance(1)
+    assert session.transport.value() == b"+OK Bye, 1 messages deleted.\r\n"
+    assert session.factory.commits == set()

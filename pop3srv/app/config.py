@@ -23,6 +23,47 @@ class ConfigError(ValueError):
     """A configuration problem, as one line that names where it is."""
 
 
+#: The listen backlog given to every listener whose endpoint names none:
+#: Twisted's default of 50 overflows in a burst of connections (a busy NAT
+#: gateway, a client reconnecting many sessions), and an overflowed client
+#: waits for its SYN to be retried instead of being greeted or refused.
+#: 511 is what Dovecot, nginx and Redis use; the kernel's C{somaxconn} (which
+#: caps any backlog) wins when it is larger.
+MIN_BACKLOG = 511
+
+#: The endpoint types whose description takes a C{backlog} parameter.
+_BACKLOG_TYPES = ("tcp", "tcp6", "unix", "ssl")
+
+#: What a bad endpoint's error adds, so the admin sees the right form.
+ENDPOINT_HINT = (
+    "expected e.g. tcp:110 (every IPv4 and IPv6 address), "
+    "tcp:110:interface=192.0.2.1, tcp6:110:interface=2001\\:db8\\:\\:1, "
+    "unix:/run/pop3srv/pop3.sock or systemd:domain=INET:index=0; "
+    "a ':' inside a value is written '\\:'"
+)
+
+
+def listen_backlog(somaxconn: str = "/proc/sys/net/core/somaxconn") -> int:
+    """The backlog for listeners whose endpoint does not give one."""
+    try:
+        with open(somaxconn, encoding="ascii") as f:
+            kernel = int(f.read().strip())
+    except (OSError, ValueError):
+        kernel = 0
+    return max(MIN_BACKLOG, kernel)
+
+
+def with_backlog(description: str, backlog: int) -> str:
+    """
+    C{description} with C{backlog=} added, unless it is of a type that takes
+    none or already gives one.
+    """
+    kind = description.split(":", 1)[0]
+    if kind not in _BACKLOG_TYPES or re.search(r"(^|[^\\]):backlog=", description):
+        return description
+    return f"{description}:backlog={backlog}"
+
+
 @dataclass(frozen=True)
 class Setting:
     """

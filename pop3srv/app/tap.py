@@ -5,8 +5,11 @@ The C{twistd pop3srv} command: options, configuration file and service.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import os
 import signal
+import socket
 from collections.abc import Callable
 from typing import Any
 
@@ -14,15 +17,24 @@ from twisted.application import service
 from twisted.cred import credentials, strcred
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
-from twisted.internet import endpoints
-from twisted.internet.error import CannotListenError
+from twisted.internet import defer, endpoints, tcp
+from twisted.internet.error import CannotListenError, ReactorNotRunning
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
-from pop3srv.app.config import SETTINGS, ConfigError, convert, load_config
+from pop3srv.app.config import (
+    ENDPOINT_HINT,
+    SETTINGS,
+    ConfigError,
+    convert,
+    listen_backlog,
+    load_config,
+    with_backlog,
+)
+from pop3srv.app.systemd import Notifier
 from pop3srv.auth.checker import PasslibChecker
 from pop3srv.auth.realm import MboxRealm, check_mailbox_template
 from pop3srv.mbox.sweep import sweep_spool
@@ -48,6 +60,12 @@ from pop3srv.server.tls import TLSConfigError, TLSContextSource, TLSMinimum
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
 
+#: Seconds a stopping server process gives the commits in progress (the
+#: UPDATE state after QUIT) to finish, once it has stopped accepting;
+#: sessions still open after that are closed without committing, as a
+#: dropped connection is.  Below the supervisor's C{STOP_TIMEOUT}.
+DRAIN_TIMEOUT = 10.0
+
 _log = Logger()
 
 
@@ -72,6 +90,31 @@ def _make_checker(description: str) -> Any:
     if auth_type == thePasslibCheckerFactory.authType:
         return thePasslibCheckerFactory.generateChecker(argstring)
     return strcred.makeChecker(description)
+
+
+def _endpoint_problem(description: str) -> str | None:
+    """
+    What is wrong with an endpoint description that can be told without
+    listening (its syntax, a port out of range, a UNIX socket's missing
+    directory), in a few words with the right form; L{None} if nothing.
+    """
+    try:
+        endpoint = endpoints.serverFromString(_ParseOnlyReactor(), description)
+    except Exception as e:
+        # Twisted's own words are about its parser's arguments ("got
+        # multiple values for argument 'interface'"): add the right form.
+        reason = str(e) or type(e).__name__
+        return f"{reason}; {ENDPOINT_HINT}"
+    port = getattr(endpoint, "_port", None)
+    if isinstance(endpoint, endpoints.TCP4ServerEndpoint | endpoints.TCP6ServerEndpoint) and (
+        not isinstance(port, int) or not 0 <= port <= 65535
+    ):
+        return f"port {port} is out of range (0 to 65535)"
+    if isinstance(endpoint, endpoints.UNIXServerEndpoint):
+        directory = os.path.dirname(os.path.abspath(endpoint._address))
+        if not os.path.isdir(directory):
+            return f"directory {directory} does not exist"
+    return None
 
 
 def _repeatable_option(key: str) -> Callable[[Options, str], None]:
@@ -180,10 +223,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
         for key in ("listen", "listen_tls"):
             for description in self[key]:
-                try:
-                    endpoints.serverFromString(_ParseOnlyReactor(), description)
-                except Exception as e:
-                    raise ConfigError(f"{origin[key]}: bad endpoint {description!r}: {e}") from None
+                problem = _endpoint_problem(description)
+                if problem is not None:
+                    raise ConfigError(
+                        f"{origin[key]}: bad endpoint {description!r}: {problem}"
+                    ) from None
         try:
             check_mailbox_template(self["mailbox"])
         except ValueError as e:
@@ -255,7 +299,9 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 class Pop3Service(service.MultiService):
     """
     The listening services.  A port that cannot be bound ends start-up in one
-    line; SIGHUP re-reads the TLS certificate.
+    line; SIGHUP re-reads the TLS certificate.  A stop (SIGTERM, SIGINT)
+    stops accepting, lets the commits in progress finish (at most
+    L{DRAIN_TIMEOUT} seconds), then stops the rest; the process exits 0.
     """
 
     _log = Logger()
@@ -267,6 +313,10 @@ class Pop3Service(service.MultiService):
         self._previous_handler: Any = None
         #: The workers (C{--workers} above 1), told of SIGHUP too.
         self.supervisor: WorkerSupervisor | None = None
+        #: The protocol factory, whose commits a stop waits for.
+        self.factory: POP3ServerFactory | None = None
+        #: Tells systemd (Type=notify) when we are ready, reloading, stopping.
+        self.notifier = Notifier(None)
 
     def privilegedStartService(self) -> None:
         try:
@@ -276,20 +326,77 @@ class Pop3Service(service.MultiService):
 
     def startService(self) -> None:
         super().startService()
-        if self.tls is not None:
-            self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        # Always: without a handler, SIGHUP (systemctl reload) would kill us.
+        self._previous_handler = signal.signal(signal.SIGHUP, self._on_sighup)
+        if hasattr(self._reactor, "sigTerm"):
+            # The reactor installs these when it runs, after this.  Twisted's
+            # own raise ReactorNotRunning (a traceback in the log) at a
+            # second signal, which a worker gets whenever systemd signals
+            # the whole group as the parent passes the stop on; and they
+            # make twistd end by the signal instead of exiting 0.
+            self._reactor.sigTerm = self._reactor.sigInt = self._on_stop_signal
+        # Every listener is bound by now (in makeService, or adopted).
+        self.notifier.ready()
 
-    def stopService(self) -> Any:
+    def _on_stop_signal(self, signum: int, frame: object = None) -> None:
+        self._log.info("Received {signal}, shutting down.", signal=signal.Signals(signum).name)
+        self._reactor.callFromThread(self._stop_reactor)
+
+    def _stop_reactor(self) -> None:
+        with contextlib.suppress(ReactorNotRunning):
+            self._reactor.stop()
+
+    def stopService(self) -> defer.Deferred[Any]:
+        self.notifier.stopping()
         if self._previous_handler is not None:
             signal.signal(signal.SIGHUP, self._previous_handler)
             self._previous_handler = None
-        return super().stopService()
+        # First stop accepting, here and in the workers (which drain as
+        # this process does, meanwhile), then wait for the commits.
+        first = [
+            child
+            for child in self
+            if isinstance(child, ListeningService | AdoptedPortService | WorkerSupervisor)
+        ]
+        d: defer.Deferred[Any] = defer.DeferredList(
+            [defer.maybeDeferred(child.stopService) for child in first]
+        )
+        d.addCallback(lambda _: self._drain())
+        d.addCallback(lambda _: super(Pop3Service, self).stopService())
+        return d
+
+    def _drain(self) -> defer.Deferred[None]:
+        """Fires once no commit is in progress, or after L{DRAIN_TIMEOUT}."""
+        done: defer.Deferred[None] = defer.Deferred()
+        deadline = self._reactor.seconds() + DRAIN_TIMEOUT
+
+        def check() -> None:
+            commits = self.factory.commits if self.factory is not None else set()
+            if not commits:
+                done.callback(None)
+            elif self._reactor.seconds() >= deadline:
+                self._log.warn(
+                    "{count} commits still in progress after {timeout:g} s; stopping without them",
+                    count=len(commits),
+                    timeout=DRAIN_TIMEOUT,
+                )
+                done.callback(None)
+            else:
+                self._reactor.callLater(0.05, check)
+
+        check()
+        return done
 
     def _on_sighup(self, signum: int, frame: object) -> None:
         # A signal handler may interrupt the reactor anywhere; do the work in it.
-        self._reactor.callFromThread(self.reload_tls)
+        self._reactor.callFromThread(self._reload)
         if self.supervisor is not None:
             self._reactor.callFromThread(self.supervisor.signal_all, "HUP")
+
+    def _reload(self) -> None:
+        self.notifier.reloading()
+        self.reload_tls()
+        self.notifier.ready()
 
     def reload_tls(self) -> bool:
         """Re-read the certificate and key (for embedders and SIGHUP)."""
@@ -349,6 +456,69 @@ class SpoolSweepService(service.Service):
         super().startService()
         d = deferToThreadPool(self._reactor, self._pool, sweep_spool, self.template, self.index_dir)
         d.addErrback(lambda f: self._log.failure("Sweeping the mail spool failed", f))
+
+
+class _IPv6OnlyPort(tcp.Port):
+    """A TCP port on an IPv6 address that takes no IPv4 connections."""
+
+    def createInternetSocket(self) -> socket.socket:
+        s: socket.socket = super().createInternetSocket()
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        return s
+
+
+class _IPv6WildcardEndpoint:
+    """
+    Listens on every IPv6 address (C{::}), beside an IPv4 listener on
+    every IPv4 address: a port that took IPv4 too would see IPv4 clients
+    as IPv4-mapped IPv6 addresses (C{::ffff:192.0.2.1}) in the log, where
+    fail2ban would ban the IPv6 form.  Dovecot's C{*, ::} does the same.
+    """
+
+    def __init__(self, reactor: Any, port: int, backlog: int) -> None:
+        self._reactor = reactor
+        self._port = port
+        self._backlog = backlog
+
+    def listen(self, factory: Any) -> defer.Deferred[Any]:
+        def start() -> Any:
+            port = _IPv6OnlyPort(self._port, factory, self._backlog, "::", self._reactor)
+            port.startListening()
+            return port
+
+        return defer.execute(start)
+
+    def __repr__(self) -> str:
+        return f"<IPv6 endpoint [::]:{self._port}>"
+
+
+def _ipv6_available() -> bool:
+    """Whether this host can listen on IPv6 (a kernel or container may lack it)."""
+    try:
+        with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
+            probe.bind(("::1", 0))
+    except OSError as e:
+        if e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
+            return False
+        raise
+    return True
+
+
+def _endpoints(reactor: Any, description: str) -> list[Any]:
+    """
+    The endpoints to listen on for one description: C{tcp:PORT} with no
+    interface means every address, IPv4 and (where the host has it) IPv6,
+    as an admin expects of a mail server; anything else is Twisted's.
+    """
+    endpoint = endpoints.serverFromString(reactor, description)
+    if (
+        type(endpoint) is endpoints.TCP4ServerEndpoint
+        and not endpoint._interface
+        and not isinstance(reactor, _ParseOnlyReactor)
+        and _ipv6_available()
+    ):
+        return [endpoint, _IPv6WildcardEndpoint(reactor, endpoint._port, endpoint._backlog)]
+    return [endpoint]
 
 
 def _worker_build(options: Options) -> Build:
@@ -420,6 +590,7 @@ def makeService(
         tls_handshake_timeout=options["tls_handshake_timeout"],
         write_stall_timeout=options["write_stall_timeout"],
     )
+    top.factory = factory
     factories: dict[str, Any] = {"plain": factory}
     listeners = [(d, "plain") for d in options["listen"]]
     if options["listen_tls"]:
@@ -429,13 +600,30 @@ def makeService(
         for fd, kind in inherited:
             AdoptedPortService(reactor, fd, factories[kind]).setServiceParent(top)
         return top
+    # Only here, in the process systemd started: it takes NOTIFY_SOCKET out
+    # of the environment, so no child can speak for the service.
+    top.notifier = Notifier.from_environment()
     servers = []
+    backlog = listen_backlog()
     for description, kind in listeners:
-        server = ListeningService(
-            endpoints.serverFromString(reactor, description), factories[kind], kind
-        )
-        server.setServiceParent(top)
-        servers.append(server)
+        for endpoint in _endpoints(reactor, with_backlog(description, backlog)):
+            server = ListeningService(endpoint, factories[kind], kind)
+            server.setServiceParent(top)
+            servers.append(server)
+            try:
+                # Now, not when the service starts: twistd (without -n)
+                # turns into a daemon in between, and a daemon's start-up
+                # error reaches the terminal only as an exception's class
+                # name and a pointer to the log (or not at all: it waits
+                # for ever on a SystemExit).
+                server.bind()
+            except CannotListenError as e:
+                raise SystemExit(f"twistd pop3srv: {e}") from None
+            except Exception as e:
+                reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+                raise SystemExit(
+                    f"twistd pop3srv: cannot listen on {description!r}: {reason}"
+                ) from None
     if options["workers"] > 1:
         # Added after the listeners: it starts once every port is bound, to
         # pass them on.

@@ -62,6 +62,14 @@ _KEPT: list[Any] = []
 _PARENT_SIGNALS = ("SIGINT", "SIGTERM", "SIGHUP", "SIGCHLD", "SIGUSR1", "SIGUSR2")
 
 
+#: The signals a forked child ignores until it says otherwise (a worker's
+#: reactor handles SIGTERM again): a child stops when its parent tells it
+#: or goes, so that systemd's SIGTERM to every process of the service, or a
+#: terminal's SIGINT to the whole group, cannot kill a hashing process
+#: while its server process still counts on it.
+_STOP_SIGNALS = ("SIGINT", "SIGTERM")
+
+
 def _reactor_classes() -> tuple[type, ...]:
     """The reactor classes L{fresh_reactor} can build anew."""
     classes = []
@@ -98,7 +106,7 @@ def _forget_parent() -> None:
     for name in _PARENT_SIGNALS:
         number = getattr(signal, name, None)
         if number is not None:
-            signal.signal(number, signal.SIG_DFL)
+            signal.signal(number, signal.SIG_IGN if name in _STOP_SIGNALS else signal.SIG_DFL)
     _KEPT.append(dict(process.reapProcessHandlers))
     process.reapProcessHandlers.clear()
 

@@ -62,13 +62,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
-from twisted.internet.error import ProcessExitedAlready, ReactorNotRunning
+from twisted.internet.error import ProcessDone, ProcessExitedAlready, ReactorNotRunning
 from twisted.internet.protocol import ProcessProtocol
 from twisted.logger import Logger, eventFromJSON, globalLogPublisher, jsonFileLogObserver
 from twisted.python.failure import Failure
@@ -93,8 +94,9 @@ READY_KEY = "pop3srv_worker_ready"
 _log = Logger()
 #: Seconds between a worker's death and its restart.
 RESTART_DELAY = 1.0
-#: Seconds stopped workers get before SIGKILL.
-STOP_TIMEOUT = 10.0
+#: Seconds stopped workers get before SIGKILL: more than a worker's time
+#: to let its commits finish (C{pop3srv.app.tap.DRAIN_TIMEOUT}).
+STOP_TIMEOUT = 20.0
 #: The first descriptor number of inherited sockets in a worker.
 FIRST_FD = 3
 #: A worker's standard output is its log; cap one line so a broken worker
@@ -127,13 +129,23 @@ class ListeningService(service.Service):
 
     def privilegedStartService(self) -> None:
         super().privilegedStartService()
-        self._listen()
+        self.bind()
 
     def startService(self) -> None:
         super().startService()
-        self._listen()
+        self.bind()
 
-    def _listen(self) -> None:
+    def bind(self) -> None:
+        """
+        Listen now, if not yet listening: C{twistd pop3srv} binds while
+        building its service, before twistd turns into a daemon, so that a
+        port that cannot be bound is reported on the terminal that started
+        it (a daemon's start-up errors reach it only as a traceback
+        class name and a pointer to the log).
+
+        @raise Exception: the endpoint's reason, such as
+            L{CannotListenError}.
+        """
         if self._listening is not None:
             return
         caught: list[Failure] = []
@@ -358,6 +370,23 @@ class WorkerSupervisor(service.Service):
         if self.children.get(child.slot) is child:
             del self.children[child.slot]
         if self._stopping:
+            if not reason.check(ProcessDone):
+                self.log.error(
+                    "Server process of worker {slot} did not stop cleanly ({reason})",
+                    slot=child.slot,
+                    reason=reason.getErrorMessage(),
+                )
+            return
+        if reason.check(ProcessDone):
+            # It was stopped (SIGTERM), most likely by systemd stopping the
+            # whole service, whose SIGTERM to this process is on its way.
+            self.log.info(
+                "Server process of worker {slot} stopped; starting it again",
+                slot=child.slot,
+            )
+            self._pending[child.slot] = self._reactor.callLater(
+                RESTART_DELAY, self._spawn, child.slot
+            )
             return
         now = self._reactor.seconds()
         recent = [t for t in self._restarts.get(child.slot, []) if t > now - RESTART_WINDOW]
@@ -429,11 +458,17 @@ def _stop_running(reactor: Any) -> None:
 def _run_worker(ports: list[tuple[int, str]], control: int, build: Build) -> None:
     """Run a worker, in a fork of the parent: serve until stopped."""
     set_process_name("pop3srv-worker")
+    # A fork starts ignoring SIGTERM (for the hashing processes); a worker
+    # stops on it, by default until its reactor handles it.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     reactor = fresh_reactor()
     out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
     log_only_to(jsonFileLogObserver(out))
     try:
-        parent = RelayClient(on_lost=lambda: _stop_running(reactor))
+        # Its own stop closes the connection to the parent too: not news.
+        stopping: list[bool] = []
+        reactor.addSystemEventTrigger("before", "shutdown", stopping.append, True)
+        parent = RelayClient(on_lost=lambda: None if stopping else _stop_running(reactor))
         connect(reactor, socket.socket(fileno=control), parent)
         top = build(reactor, ports, parent)
         top.privilegedStartService()

@@ -808,6 +808,15 @@ class POP3Server(Protocol):
 
         d.addCallbacks(committed, failed)
         d.addBoth(close)
+        # A stopping server waits for the commits in progress (see commits).
+        commits = self.factory.commits
+        commits.add(d)
+
+        def finished(result: object) -> object:
+            commits.discard(d)
+            return result
+
+        d.addBoth(finished)
         return d
 
 
@@ -868,6 +877,8 @@ class POP3ServerFactory(Factory):
             login = LoginService.for_portal(portal, reactor, policy)
         self.login = login
         self.policy = login.policy
+        #: The commits in progress: a server that stops waits for them.
+        self.commits: set[defer.Deferred[None]] = set()
         self._session_counter = 0
         self._tag_prefix = f"{os.getpid():x}"
 
