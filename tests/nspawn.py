@@ -11,8 +11,10 @@ shares the host's network: tests must use loopback addresses and free ports.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import time
 import uuid
@@ -119,8 +121,12 @@ class Container:
             children = subprocess.run(
                 ["pgrep", "-P", str(self.process.pid)], capture_output=True, text=True
             ).stdout.split()
-            if children:
-                self.leader = int(children[0])
+            # nspawn's first child still lives in our PID namespace while it
+            # sets up; only the container's own init may be driven, or a
+            # command would reach this machine's systemd instead.
+            inits = [int(pid) for pid in children if _in_other_pid_namespace(int(pid))]
+            if inits:
+                self.leader = inits[0]
             else:
                 time.sleep(0.2)
         while True:
@@ -205,5 +211,18 @@ class Container:
         try:
             process.wait(15)
         except subprocess.TimeoutExpired:
+            # Killing the container's init ends its whole PID namespace;
+            # killing nspawn alone would leave the container running.
+            if self.leader:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(self.leader, signal.SIGKILL)
             process.kill()
             process.wait(15)
+
+
+def _in_other_pid_namespace(pid: int) -> bool:
+    """Whether C{pid} runs in a PID namespace other than ours (a container's init)."""
+    try:
+        return os.readlink(f"/proc/{pid}/ns/pid") != os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return False

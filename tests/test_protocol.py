@@ -11,6 +11,7 @@ import errno
 import gc
 import hashlib
 import io
+import ipaddress
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -23,9 +24,9 @@ from passlib.hash import sha256_crypt  # type: ignore[import-untyped]
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import defer
-from twisted.internet.address import IPv4Address
+from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, LogLevel, globalLogPublisher
+from twisted.logger import LogEvent, LogLevel, formatEvent, globalLogPublisher
 from zope.interface import implementer
 
 from pop3srv.auth.checker import PasslibChecker
@@ -574,3 +575,24 @@ def test_the_factory_knows_the_commits_in_progress() -> None:
         session.clock.advance(1)
     assert session.transport.value() == b"+OK Bye, 1 messages deleted.\r\n"
     assert session.factory.commits == set()
+
+
+def test_ipv4_mapped_peer_is_audited_as_ipv4(log_events: list[LogEvent]) -> None:
+    """
+    A client reaching a dual-stack socket as ::ffff:192.0.2.44 is audited
+    (and so counted and matched by fail2ban) as 192.0.2.44.
+    """
+    session = Session()
+    factory = POP3ServerFactory(
+        Portal(session.realm, [InMemoryUsernamePasswordDatabaseDontUse(alice=b"secret")]),
+        reactor=session.clock,
+        plaintext_auth_networks=[ipaddress.ip_network("192.0.2.0/24")],
+    )
+    protocol = factory.buildProtocol(None)
+    transport = StringTransport(peerAddress=IPv6Address("TCP", "::ffff:192.0.2.44", 40000))
+    protocol.makeConnection(transport)
+    protocol.dataReceived(b"USER alice\r\nPASS wrong\r\n")
+    session.clock.advance(60)
+    lines = [formatEvent(e) for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
+    assert any("peer=192.0.2.44 " in line for line in lines), lines
+    assert not any("::ffff:" in line for line in lines), lines

@@ -266,3 +266,21 @@ def test_losing_the_hashing_relay_after_a_stop_is_harmless() -> None:
     reactor.callWhenRunning(both)
     reactor.run(installSignalHandlers=False)
     assert errors == []
+
+
+def test_backlog_added_only_where_none_is_given() -> None:
+    """
+    A burst-sized backlog is added to a listener without one, and never to
+    one that gives it by name or by position (which would not parse).
+    """
+    from pop3srv.app.config import with_backlog
+
+    assert with_backlog("tcp:110", 511) == "tcp:110:backlog=511"
+    assert with_backlog("tcp:110:interface=127.0.0.1", 511).endswith(":backlog=511")
+    for given in (
+        "tcp:110:127.0.0.1:64",
+        "tcp:110:backlog=64",
+        "tcp6:110:64",
+        "unix:/run/pop3.sock:666:5",
+    ):
+        assert with_backlog(given, 511) == given

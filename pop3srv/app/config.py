@@ -33,6 +33,8 @@ MIN_BACKLOG = 511
 
 #: The endpoint types whose description takes a C{backlog} parameter.
 _BACKLOG_TYPES = ("tcp", "tcp6", "unix", "ssl")
+#: Where each type's parser takes its backlog by position (0: the first field).
+_BACKLOG_POSITION = {"tcp": 2, "tcp6": 1, "unix": 2, "ssl": 5}
 
 #: What a bad endpoint's error adds, so the admin sees the right form.
 ENDPOINT_HINT = (
@@ -60,6 +62,11 @@ def with_backlog(description: str, backlog: int) -> str:
     """
     kind = description.split(":", 1)[0]
     if kind not in _BACKLOG_TYPES or re.search(r"(^|[^\\]):backlog=", description):
+        return description
+    # A backlog may also be given by position (tcp:110:0.0.0.0:64).
+    fields = re.split(r"(?<!\\):", description)[1:]
+    positional = [f for f in fields if not re.match(r"^[A-Za-z_][A-Za-z0-9_]*=", f)]
+    if len(positional) > _BACKLOG_POSITION[kind]:
         return description
     return f"{description}:backlog={backlog}"
 

@@ -6,7 +6,6 @@ The C{twistd pop3srv} command: options, configuration file and service.
 from __future__ import annotations
 
 import contextlib
-import errno
 import os
 import signal
 import socket
@@ -339,10 +338,15 @@ class Pop3Service(service.MultiService):
         self.notifier.ready()
 
     def _on_stop_signal(self, signum: int, frame: object = None) -> None:
-        self._log.info("Received {signal}, shutting down.", signal=signal.Signals(signum).name)
-        self._reactor.callFromThread(self._stop_reactor)
+        # Nothing but the hand-over here: logging inside a signal handler can
+        # interrupt a write to the same log ("reentrant call").
+        self._reactor.callFromThread(self._stop_reactor, signum)
 
-    def _stop_reactor(self) -> None:
+    def _stop_reactor(self, signum: int | None = None) -> None:
+        if signum is not None:
+            self._log.info(
+                "Received {signal}, shutting down.", signal=signal.Signals(signum).name
+            )
         with contextlib.suppress(ReactorNotRunning):
             self._reactor.stop()
 
@@ -497,10 +501,10 @@ def _ipv6_available() -> bool:
     try:
         with socket.socket(socket.AF_INET6, socket.SOCK_STREAM) as probe:
             probe.bind(("::1", 0))
-    except OSError as e:
-        if e.errno in (errno.EAFNOSUPPORT, errno.EADDRNOTAVAIL, errno.EPROTONOSUPPORT):
-            return False
-        raise
+    except OSError:
+        # Whatever the reason (no IPv6 in the kernel, none on loopback, a
+        # security module saying no), serve IPv4 rather than fail.
+        return False
     return True
 
 

@@ -32,7 +32,7 @@ from pop3srv.core import sasl, scram
 from pop3srv.core.errors import Pop3Error
 from pop3srv.core.wire import DotStuffer, TopFilter
 from pop3srv.server.audit import audit
-from pop3srv.server.limits import IPNetwork, in_networks
+from pop3srv.server.limits import IPNetwork, in_networks, normalise_address
 from pop3srv.server.login import (
     LoginFault,
     LoginOutcome,
@@ -299,7 +299,9 @@ class POP3Server(Protocol):
 
     def connectionMade(self) -> None:
         peer = self.transport.getPeer()
-        self._host = str(getattr(peer, "host", "local"))
+        # An IPv4 client of a dual-stack socket (systemd's BindIPv6Only=both)
+        # is logged, counted and matched by its IPv4 address.
+        self._host = normalise_address(str(getattr(peer, "host", "local")))
         self._peer = f"{self._host}:{getattr(peer, 'port', '')}"
         self._session_id = self.factory.next_session_tag()
         policy = self.factory.policy
