@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 from livepop3 import TWISTD, write_users
-from twisted.internet.testing import MemoryReactor
+from twisted.internet.testing import MemoryReactorClock
+from twisted.python.failure import Failure
 
 from pop3srv.app.config import ConfigError, load_config
 from pop3srv.app.tap import Options, makeService
@@ -140,7 +141,8 @@ def test_make_service_listens_on_each_endpoint(users: Path) -> None:
         "--workers",
         "1",
     )
-    reactor = MemoryReactor()
+    # A clock too: a stop waits for commits on the reactor's time.
+    reactor = MemoryReactorClock()
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
     top.startService()
@@ -149,7 +151,9 @@ def test_make_service_listens_on_each_endpoint(users: Path) -> None:
         (1111, "127.0.0.1"),
     ]
     assert isinstance(reactor.tcpServers[0][1], POP3ServerFactory)
-    top.stopService()
+    stopped = top.stopService()
+    # Stopped for certain: a thread pool left running keeps pytest from exiting.
+    assert stopped.called and not isinstance(stopped.result, Failure)
 
 
 def test_connection_timeouts_reach_the_factory(users: Path) -> None:
@@ -171,13 +175,16 @@ def test_connection_timeouts_reach_the_factory(users: Path) -> None:
         "--write-stall-timeout",
         "45.5",
     )
-    reactor = MemoryReactor()
+    # A clock too: a stop waits for commits on the reactor's time.
+    reactor = MemoryReactorClock()
     top = makeService(options, reactor=reactor)
     top.privilegedStartService()
     top.startService()
     factory = reactor.tcpServers[0][1]
     assert isinstance(factory, POP3ServerFactory)
     assert (factory.tls_handshake_timeout, factory.write_stall_timeout) == (7, 45.5)
+    stopped = top.stopService()
+    assert stopped.called and not isinstance(stopped.result, Failure)
     top.stopService()
 
 
