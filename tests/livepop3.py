@@ -129,3 +129,25 @@ class Pop3Server:
         self.stop()
         self.port = free_port()
         return self.start()
+
+
+def attempt(
+    srv: Pop3Server,
+    user: str,
+    password: str,
+    source: str = "127.0.0.1",
+    timeout: float = 30,
+) -> bytes:
+    """One USER/PASS attempt on a fresh connection from C{source}; the PASS reply."""
+    with socket.create_connection(
+        ("127.0.0.1", srv.port), timeout=timeout, source_address=(source, 0)
+    ) as s:
+        f = s.makefile("rwb")
+        f.readline()
+        f.write(f"USER {user}\r\nPASS {password}\r\n".encode())
+        f.flush()
+        f.readline()
+        reply = f.readline()
+        f.write(b"QUIT\r\n")
+        f.flush()
+        return reply

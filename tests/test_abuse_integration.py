@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 from certs import Authority
-from livepop3 import PASSWORDS, Pop3Server, free_port
+from livepop3 import PASSWORDS, Pop3Server, attempt, free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 FILTER = ROOT / "etc" / "fail2ban" / "filter.d" / "pop3srv.conf"
@@ -37,20 +37,6 @@ def start(live_server: Callable[..., Pop3Server]) -> Callable[..., Pop3Server]:
 
     return start_
 
-
-def attempt(srv: Pop3Server, user: str, password: str, source: str = "127.0.0.1") -> bytes:
-    """One USER/PASS attempt on a fresh connection; the PASS reply."""
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=30,
-                                  source_address=(source, 0)) as s:  # fmt: skip
-        f = s.makefile("rwb")
-        f.readline()
-        f.write(f"USER {user}\r\nPASS {password}\r\n".encode())
-        f.flush()
-        f.readline()
-        reply = f.readline()
-        f.write(b"QUIT\r\n")
-        f.flush()
-        return reply
 
 
 def test_failure_delay_does_not_block_other_sessions(start: Callable[..., Pop3Server]) -> None:

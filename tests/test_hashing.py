@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from argon2 import low_level as argon2_low_level
+from helpers import run_until
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from passlib.hash import (
@@ -38,22 +39,6 @@ from pop3srv.auth.hashpolicy import argon2check, oscrypt
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.processes import hashpool as hashing
 from pop3srv.processes.hashpool import NICENESS, HashCheckFailed, HashProcessDied, ProcessVerifier
-
-
-def run_until(d: Deferred[Any], timeout: float = 30.0) -> Any:
-    """
-    Iterate the global reactor (real pipes, real child processes) until
-    C{d} fires; return its result or raise its failure.
-    """
-    results: list[Any] = []
-    d.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results:
-        assert time.monotonic() < deadline, "timed out"
-        reactor.iterate(0.01)
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ import time
 from collections.abc import Iterator
 from typing import Any
 
+import helpers
 import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.testing import StringTransport
-from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import VerifyResult
 from pop3srv.processes.hashrelay import RelayClient, RelayServer
@@ -22,16 +22,8 @@ from pop3srv.processes.rpc import HashCheckFailed, HashProcessDied, connect
 
 
 def run_until(d: Deferred[Any], timeout: float = 10.0) -> Any:
-    """Iterate the global reactor until C{d} fires; its result, or raise."""
-    results: list[Any] = []
-    d.addBoth(results.append)
-    deadline = time.monotonic() + timeout
-    while not results:
-        assert time.monotonic() < deadline, "timed out"
-        reactor.iterate(0.01)  # type: ignore[attr-defined]
-    if isinstance(results[0], Failure):
-        results[0].raiseException()
-    return results[0]
+    """L{helpers.run_until} with this module's shorter deadline."""
+    return helpers.run_until(d, timeout)
 
 
 class Relay:

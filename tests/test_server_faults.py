@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from livepop3 import PASSWORDS, Pop3Server
+from livepop3 import PASSWORDS, Pop3Server, attempt
 from passlib.hash import sha512_crypt
 
 from pop3srv.auth.hashpolicy import verify_hash
@@ -31,19 +31,6 @@ MAIL = {"alice": [b"Subject: hi\n\nhello\n"]}
 
 T = TypeVar("T")
 
-
-def attempt(srv: Pop3Server, user: str, password: str, timeout: float = 30) -> bytes:
-    """One USER/PASS attempt from 127.0.0.1 on a fresh connection; the PASS reply."""
-    with socket.create_connection(("127.0.0.1", srv.port), timeout=timeout) as s:
-        f = s.makefile("rwb")
-        f.readline()
-        f.write(f"USER {user}\r\nPASS {password}\r\n".encode())
-        f.flush()
-        f.readline()
-        reply = f.readline()
-        f.write(b"QUIT\r\n")
-        f.flush()
-        return reply
 
 
 def processes() -> dict[int, tuple[str, int, int]]:
