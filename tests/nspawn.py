@@ -27,6 +27,8 @@ MASKED = (
     "dovecot.socket",
     "postgresql.service",
     "fail2ban.service",
+    "haproxy.service",
+    "redis-server.service",
 )
 
 #: A PATH as a Debian root shell has it: the container's commands, not a
