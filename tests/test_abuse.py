@@ -12,14 +12,14 @@ from typing import Any
 from helpers import MESSAGES, FakeMailbox, FakeRealm
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
+from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent
 
+from pop3srv.server.authority import LocalAuthority
 from pop3srv.server.limits import (
     AccessRules,
-    AuthThrottle,
-    ConnectionCounter,
     ConnectionLimits,
     LoginGate,
     ThrottleSettings,
@@ -40,10 +40,22 @@ class CountingChecker(InMemoryUsernamePasswordDatabaseDontUse):
 
 
 class Server:
-    """A factory with a policy, a fake clock, and connections from chosen addresses."""
+    """
+    A factory with a policy (its authority made of C{settings} and
+    C{limits}), a fake clock, and connections from chosen addresses.
+    """
 
-    def __init__(self, **policy: Any) -> None:
+    def __init__(
+        self,
+        settings: ThrottleSettings | None = None,
+        limits: ConnectionLimits | None = None,
+        **policy: Any,
+    ) -> None:
         self.clock = MemoryReactorClock()
+        self.authority = LocalAuthority(
+            settings or ThrottleSettings(), limits or ConnectionLimits(), clock=self.clock
+        )
+        policy.setdefault("authority", self.authority)
         self.checker = CountingChecker(alice=b"secret", bob=b"pw")
         realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", self.clock))
         # These tests move the clock by minutes; only the login-timeout test keeps 60 s.
@@ -121,8 +133,7 @@ def test_hashing_queue_full_is_sys_temp() -> None:
 
 def test_connection_limits() -> None:
     """Per-address and total limits refuse with [SYS/TEMP] and close; closing frees a place."""
-    server = Server(connections=ConnectionCounter(ConnectionLimits(max_connections=3,
-                                                                   max_per_address=2)))  # fmt: skip
+    server = Server(limits=ConnectionLimits(max_connections=3, max_per_address=2))
     first, _ = server.connect("192.0.2.1"), server.connect("192.0.2.1")
     third = server.connect("192.0.2.1")
     assert third.transport.value() == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
@@ -136,7 +147,7 @@ def test_connection_limits() -> None:
 
 def test_sessions_per_user_limit() -> None:
     """A user past the session limit from one address gets [SYS/TEMP]."""
-    server = Server(connections=ConnectionCounter(ConnectionLimits(max_sessions_per_user=1)))
+    server = Server(limits=ConnectionLimits(max_sessions_per_user=1))
     first = server.connect()
     first.send(b"USER alice\r\nPASS secret\r\n")
     second = server.connect()
@@ -184,7 +195,7 @@ def test_login_timeout_for_unauthenticated_connections() -> None:
 
 def test_audit_lines_and_no_password(log_events: list[LogEvent]) -> None:
     """Failures, lockouts, refusals and successes each log one stable audit line."""
-    server = Server(throttle=AuthThrottle(ThrottleSettings(pair_limit=2)))
+    server = Server(settings=ThrottleSettings(pair_limit=2))
     client = server.connect("192.0.2.44")
     for _ in range(3):
         client.send('USER "evil\u00e9\r\nPASS hunter2-secret\r\n'.encode())
@@ -204,3 +215,125 @@ def test_audit_lines_and_no_password(log_events: list[LogEvent]) -> None:
     ]
     assert all(" peer=192.0.2.4" in line for line in lines)
     assert "hunter2" not in repr(log_events) and "secret" not in repr(log_events)
+
+
+# --- admission waits for the authority (issue 14, item 1)
+
+
+class HeldAuthority(LocalAuthority):
+    """
+    A L{LocalAuthority} whose connection counts answer only when the test
+    says (as one in another process may), or fail.
+    """
+
+    def __init__(self, clock: MemoryReactorClock) -> None:
+        super().__init__(ThrottleSettings(), ConnectionLimits(max_per_address=1), clock=clock)
+        self.held: list[tuple[str, defer.Deferred[str | None]]] = []
+
+    def open_connection(self, host: str) -> defer.Deferred[str | None]:
+        d: defer.Deferred[str | None] = defer.Deferred()
+        self.held.append((host, d))
+        return d
+
+    def answer(self, fault: bool = False) -> None:
+        held, self.held = self.held, []
+        for host, d in held:
+            if fault:
+                d.errback(ConnectionError("the parent is gone"))
+            else:
+                super().open_connection(host).chainDeferred(d)
+
+
+def held_server(**policy: Any) -> tuple[Server, HeldAuthority]:
+    clock_server = Server(**policy)
+    held = HeldAuthority(clock_server.clock)
+    clock_server.factory.login.authority = held
+    return clock_server, held
+
+
+def test_the_greeting_waits_for_the_count_and_early_input_is_kept() -> None:
+    """
+    No greeting until the authority has counted the connection; commands
+    sent meanwhile are answered after it, in order.
+    """
+    server, held = held_server()
+    client = server.connect("192.0.2.70")
+    assert client.transport.value() == b""
+    assert client.send(b"USER alice\r\n") == b""
+    assert client.send(b"PASS secret\r\nSTAT\r\n") == b""
+    client.transport.clear()
+    held.answer()
+    out = client.transport.value()
+    assert out.startswith(b"+OK POP3 server ready")
+    assert out.split(b"\r\n")[1:] == [
+        b"+OK Send PASS.",
+        b"+OK Maildrop has 2 messages (73 octets).",
+        b"+OK 2 73",
+        b"",
+    ]
+    assert held.connections.total == 1
+
+
+def test_early_input_past_the_bound_pauses_reading() -> None:
+    """Input before the greeting is kept only up to a bound; past it the transport pauses."""
+    server, held = held_server()
+    client = server.connect("192.0.2.71")
+    client.send(b"USER alice\r\n" * 6_000)
+    assert client.transport.producerState == "paused"
+    held.answer()
+    assert client.transport.producerState == "producing"
+    assert client.transport.value().count(b"+OK Send PASS.\r\n") == 6_000
+
+
+def test_a_connection_lost_while_counted_gives_the_count_back() -> None:
+    """Gone before the authority answered: the count it brings later is given back."""
+    server, held = held_server()
+    client = server.connect("192.0.2.72")
+    client.protocol.connectionLost()
+    held.answer()
+    assert held.connections.total == 0
+    again = server.connect("192.0.2.72")
+    held.answer()
+    assert again.transport.value().startswith(b"+OK POP3 server ready")
+
+
+def test_an_authority_that_fails_is_a_temporary_refusal(log_events: list[LogEvent]) -> None:
+    """A count that fails is a server fault: [SYS/TEMP], audited as an error, closed."""
+    server, held = held_server()
+    client = server.connect("192.0.2.73")
+    held.answer(fault=True)
+    assert client.transport.value() == b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n"
+    assert client.transport.disconnecting
+    lines = [formatEvent(e) for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
+    assert len(lines) == 1 and "event=connection-refused" in lines[0] and "reason=error" in lines[0]
+    client.protocol.connectionLost()
+    assert held.connections.total == 0
+
+
+def test_an_authority_that_does_not_answer_ends_at_the_login_timeout() -> None:
+    """
+    The login timeout runs from the connect, so an unanswered count ends
+    the connection; a count that comes after that goes back.
+    """
+    server, held = held_server(auth_timeout=60)
+    client = server.connect("192.0.2.74")
+    assert client.wait(59.9) == b""
+    assert client.wait(0.1) == b"-ERR [SYS/TEMP] Server busy, try again later.\r\n"
+    assert client.transport.disconnecting
+    held.answer()
+    assert client.transport.value() == b"-ERR [SYS/TEMP] Server busy, try again later.\r\n"
+    assert held.connections.total == 0
+    client.protocol.connectionLost()
+    assert held.connections.total == 0
+
+
+def test_a_refused_count_is_answered_even_late() -> None:
+    """A limit the late answer breaks is refused as at once."""
+    server, held = held_server()
+    first, second = server.connect("192.0.2.75"), server.connect("192.0.2.75")
+    held.answer()
+    assert first.transport.value().startswith(b"+OK POP3 server ready")
+    assert second.transport.value() == b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n"
+    first.protocol.connectionLost()
+    second.protocol.connectionLost()
+    assert held.connections.total == 0

@@ -38,7 +38,8 @@ from pop3srv.auth.credentials import ISCRAMAvailability, ISCRAMLookup, PasswordC
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.core import sasl
 from pop3srv.core.scram import StoredScram
-from pop3srv.server.limits import AuthThrottle, ThrottleSettings
+from pop3srv.server.authority import LocalAuthority
+from pop3srv.server.limits import AuthThrottle, ConnectionLimits, ThrottleSettings
 from pop3srv.server.login import (
     LoginFault,
     LoginRefused,
@@ -229,13 +230,31 @@ class HeldVerifier:
         return d
 
 
-def held_service(tmp_path: Path, clock: MemoryReactorClock) -> tuple[LoginService, HeldVerifier]:
+def held_service(
+    tmp_path: Path, clock: MemoryReactorClock, settings: ThrottleSettings | None = None
+) -> tuple[LoginService, HeldVerifier]:
     path = tmp_path / "users"
     path.write_text(f"alice:{cheap('pw')}\n")
     verifier = HeldVerifier()
     checker = PasslibChecker(str(path), reactor=RunNow(), verifier=verifier)  # type: ignore[arg-type]
     realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock))
-    return LoginService(Portal(realm, [checker]), clock), verifier
+    policy = ServerPolicy(
+        authority=LocalAuthority(settings or ThrottleSettings(), ConnectionLimits(), clock=clock)
+    )
+    return LoginService(Portal(realm, [checker]), clock, policy), verifier
+
+
+def throttle_of(service: LoginService) -> AuthThrottle:
+    """The throttle of the service's (local) authority."""
+    authority = service.authority
+    assert isinstance(authority, LocalAuthority)
+    return authority.throttle
+
+
+def failures(throttle: AuthThrottle, key: str, now: float) -> int:
+    """The failures counted for C{key} in the last ten minutes."""
+    counts: list[int] = result_of(throttle.counters.count([key], now, 600))
+    return counts[0]
 
 
 def attempt(service: LoginService, username: str) -> defer.Deferred[Any]:
@@ -267,7 +286,7 @@ def test_parallel_guesses_run_no_more_checks_than_the_limits(
     assert [result_of(d) for d in answers] == [
         LoginRefused("AUTH", "Invalid username or password.")
     ] * 20
-    assert service.policy.throttle.in_flight(PEER.host) == 0
+    assert throttle_of(service).in_flight(PEER.host) == 0
     # The limit is reached: the next attempt is refused without a check.
     attempt(service, names[0])
     assert len(verifier.calls) == checks
@@ -283,20 +302,20 @@ def test_a_fault_or_a_success_frees_the_place_uncounted(
     place frees.
     """
     service, verifier = held_service(tmp_path, clock)
-    throttle = service.policy.throttle
+    throttle = throttle_of(service)
     pair = f"pair:{PEER.host}:alice"
     answers = [attempt(service, "alice") for _ in range(5)]
     assert len(verifier.calls) == 5
     verifier.calls[0][1].errback(RuntimeError("hashing process died"))
     assert isinstance(result_of(answers[0]), LoginFault)
     assert throttle.in_flight(PEER.host, "alice") == 4
-    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+    assert failures(throttle, pair, clock.seconds()) == 0
     attempt(service, "alice")
     assert len(verifier.calls) == 6
     waiting = attempt(service, "alice")
     assert len(verifier.calls) == 6
     assert not waiting.called
-    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+    assert failures(throttle, pair, clock.seconds()) == 0
     verifier.calls[1][1].callback(VerifyResult(ok=True))
     assert isinstance(result_of(answers[1]), LoginSucceeded)
     # The success gave its place to the waiting attempt, whose check runs
@@ -305,7 +324,7 @@ def test_a_fault_or_a_success_frees_the_place_uncounted(
     clock.advance(0)
     assert len(verifier.calls) == 7
     assert throttle.in_flight(PEER.host, "alice") == 5
-    assert throttle.counters.count(pair, clock.seconds(), 600) == 0
+    assert failures(throttle, pair, clock.seconds()) == 0
 
 
 def test_parallel_right_passwords_from_one_address_all_log_in(
@@ -326,9 +345,9 @@ def test_parallel_right_passwords_from_one_address_all_log_in(
         clock.advance(0)
     assert done == 20
     assert all(isinstance(result_of(d), LoginSucceeded) for d in answers)
-    throttle = service.policy.throttle
+    throttle = throttle_of(service)
     assert throttle.in_flight(PEER.host) == 0
-    assert throttle.counters.count(f"addr:{PEER.host}", clock.seconds(), 600) == 0
+    assert failures(throttle, f"addr:{PEER.host}", clock.seconds()) == 0
 
 
 # --- item 5c: SASL failures on the credentials are audited and counted
@@ -430,8 +449,7 @@ def test_failures_wait_for_the_slowest_recent_check(
     held back.
     """
     settings = ThrottleSettings(failure_delay=0.5, trusted=(ipaddress.ip_network("192.0.2.0/24"),))
-    service, verifier = held_service(tmp_path, clock)
-    service.policy = ServerPolicy(throttle=AuthThrottle(settings))
+    service, verifier = held_service(tmp_path, clock, settings)
     slow = attempt(service, "alice")
     clock.advance(3)
     verifier.calls[0][1].callback(VerifyResult(ok=False))
@@ -489,9 +507,8 @@ def test_unknown_and_costly_users_fail_at_the_same_time(tmp_path: Path) -> None:
         checker = PasslibChecker(str(path), reactor=reactor, threadpool=pool)  # type: ignore[arg-type]
         realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", MemoryReactorClock()))
         settings = ThrottleSettings(failure_delay=0.0, address_limit=1000, pair_limit=1000)
-        service = LoginService(
-            Portal(realm, [checker]), reactor, ServerPolicy(throttle=AuthThrottle(settings))
-        )
+        authority = LocalAuthority(settings, ConnectionLimits(), clock=reactor)
+        service = LoginService(Portal(realm, [checker]), reactor, ServerPolicy(authority=authority))
 
         def timed(username: str, password: bytes) -> tuple[float, Any]:
             creds = PasswordCredentials(username.encode(), password)
@@ -516,3 +533,188 @@ def test_unknown_and_costly_users_fail_at_the_same_time(tmp_path: Path) -> None:
         outcome.release()
     finally:
         pool.stop()
+
+
+# --- issue 14, item 4: answers within a client's patience
+
+
+class StallingAuthority(LocalAuthority):
+    """
+    A L{LocalAuthority} whose chosen questions are held (C{stalled}, for
+    the test to answer) or fail (C{broken}), as one in a lost parent may.
+    """
+
+    def __init__(self, clock: MemoryReactorClock, stall: str = "", broken: str = "") -> None:
+        super().__init__(ThrottleSettings(), ConnectionLimits(), clock=clock)
+        self.stall, self.broken = stall, broken
+        self.stalled: list[tuple[defer.Deferred[Any], defer.Deferred[Any]]] = []
+
+    def _asked(self, name: str, ask: Any, *args: Any) -> defer.Deferred[Any]:
+        if name == self.broken:
+            # Nothing done, nothing counted: the question never arrived.
+            return defer.fail(ConnectionError("the parent is gone"))
+        answer: defer.Deferred[Any] = ask(*args)
+        if name != self.stall:
+            return answer
+        later: defer.Deferred[Any] = defer.Deferred()
+        self.stalled.append((answer, later))
+        return later
+
+    def answer_stalled(self) -> None:
+        stalled, self.stalled = self.stalled, []
+        for answer, later in stalled:
+            answer.chainDeferred(later)
+
+    def begin_login(self, host: str, username: str) -> defer.Deferred[Any]:
+        return self._asked("begin_login", super().begin_login, host, username)
+
+    def end_login(self, ticket: Any, verdict: Any) -> defer.Deferred[Any]:
+        return self._asked("end_login", super().end_login, ticket, verdict)
+
+    def login_failed(self, host: str, username: str) -> defer.Deferred[Any]:
+        return self._asked("login_failed", super().login_failed, host, username)
+
+    def start_session(self, username: str, host: str) -> defer.Deferred[Any]:
+        return self._asked("start_session", super().start_session, username, host)
+
+
+def stalling_service(
+    tmp_path: Path, clock: MemoryReactorClock, **stall: str
+) -> tuple[LoginService, HeldVerifier, StallingAuthority]:
+    service, verifier = held_service(tmp_path, clock)
+    authority = StallingAuthority(clock, **stall)
+    service.authority = authority
+    return service, verifier, authority
+
+
+def test_an_attempt_waiting_for_a_place_is_answered_within_the_patience(
+    tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent]
+) -> None:
+    """
+    Five checks for alice hold every place past the failure cap: the sixth
+    attempt is answered [SYS/TEMP] without a check at 15 s, counted for
+    nothing and no longer waiting; the five, failing later, are answered
+    at once.
+    """
+    service, verifier = held_service(tmp_path, clock)
+    throttle = throttle_of(service)
+    held = [attempt(service, "alice") for _ in range(5)]
+    waiting = attempt(service, "alice")
+    assert len(verifier.calls) == 5
+    clock.advance(14.9)
+    assert not waiting.called
+    clock.advance(0.1)
+    assert result_of(waiting) == LoginRefused(
+        "SYS/TEMP", "Too many logins in progress, try again later."
+    )
+    assert audit_lines(log_events) == ['login-refused "alice" reason=attempts-in-flight']
+    assert throttle._waiting == {}
+    assert failures(throttle, f"pair:{PEER.host}:alice", clock.seconds()) == 0
+    for _, d in verifier.calls:
+        d.callback(VerifyResult(ok=False))
+    clock.advance(0)
+    assert [result_of(d) for d in held] == [
+        LoginRefused("AUTH", "Invalid username or password.")
+    ] * 5
+    assert len(verifier.calls) == 5
+
+
+def test_a_locked_out_attempt_is_answered_within_the_patience(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    An attempt that waits 14 s for a place, then finds the pair blocked by
+    the failure it waited for, is answered 15 s after it began, not 15 s
+    after the block.
+    """
+    settings = ThrottleSettings(failure_delay=4, pair_limit=2)
+    service, verifier = held_service(tmp_path, clock, settings)
+    result_of(service.authority.login_failed(PEER.host, "alice"))
+    first = attempt(service, "alice")
+    waiting = attempt(service, "alice")
+    assert len(verifier.calls) == 1
+    clock.advance(14)
+    verifier.calls[0][1].callback(VerifyResult(ok=False))
+    clock.advance(0)
+    assert result_of(first) == LoginRefused("AUTH", "Invalid username or password.")
+    assert not waiting.called
+    clock.advance(0.9)
+    assert not waiting.called
+    clock.advance(0.1)
+    assert result_of(waiting) == LoginRefused("AUTH", "Invalid username or password.")
+    assert len(verifier.calls) == 1
+
+
+def test_a_count_that_takes_too_long_does_not_hold_the_answer(
+    tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent]
+) -> None:
+    """
+    The authority does not answer a failure's count: the client is told of
+    the failure at 15 s all the same; the lockout the count brings later is
+    still audited.
+    """
+    service, _, authority = stalling_service(tmp_path, clock, stall="login_failed")
+    for _ in range(4):
+        result_of(authority.throttle.failed(PEER.host, "alice", 0))
+    answer = service.sasl_failed(plain_failure(b"\0alice\0"), peer=PEER)
+    clock.advance(14.9)
+    assert not answer.called
+    clock.advance(0.1)
+    assert result_of(answer) == LoginRefused("AUTH", "Authentication failed.")
+    authority.answer_stalled()
+    assert audit_lines(log_events)[-1] == 'lockout "alice" reason=address+user'
+
+
+@pytest.mark.parametrize("broken", ["begin_login", "end_login", "login_failed", "start_session"])
+def test_an_authority_fault_is_a_server_fault(
+    tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent], broken: str
+) -> None:
+    """
+    An authority that fails makes the login a L{LoginFault} ([SYS/TEMP],
+    audited as an error), never a wrong password: nothing is counted, and
+    no place or session is kept.
+    """
+    service, verifier, authority = stalling_service(tmp_path, clock, broken=broken)
+    if broken == "login_failed":
+        answer = service.sasl_failed(plain_failure(b"\0alice\0"), peer=PEER)
+    else:
+        answer = attempt(service, "alice")
+        if verifier.calls:
+            verifier.calls[0][1].callback(VerifyResult(ok=broken == "start_session"))
+    clock.advance(15)
+    assert isinstance(result_of(answer), LoginFault)
+    assert audit_lines(log_events)[-1] == 'login-refused "alice" reason=error'
+    assert authority.connections.sessions == 0
+    assert failures(authority.throttle, f"pair:{PEER.host}:alice", clock.seconds()) == 0
+    # An end that never arrived leaves the place with the authority (a
+    # parent gives it back when the child's channel goes, Holdings).
+    assert authority.throttle.in_flight(PEER.host) == (1 if broken == "end_login" else 0)
+
+
+def test_a_wait_for_a_place_does_not_raise_the_answer_time_of_later_failures(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    The slowest recent check sets the answer time of every failure; an
+    attempt that waited 10 s for a place and then failed at once took no
+    time to check, so the next failure is answered after its own delay.
+    """
+    settings = ThrottleSettings(failure_delay=1, address_limit=100, pair_limit=2)
+    service, verifier = held_service(tmp_path, clock, settings)
+    result_of(service.authority.login_failed(PEER.host, "alice"))
+    first = attempt(service, "alice")
+    waited = attempt(service, "alice")
+    clock.advance(10)
+    verifier.calls[0][1].callback(VerifyResult(ok=True))
+    assert isinstance(result_of(first), LoginSucceeded)
+    clock.advance(0)
+    verifier.calls[1][1].callback(VerifyResult(ok=False))
+    clock.advance(0)
+    assert isinstance(result_of(waited), LoginRefused)
+    answers: list[Any] = []
+    attempt(service, "nobody").addCallback(answers.append)
+    verifier.calls[2][1].callback(VerifyResult(ok=False))
+    clock.advance(3.9)
+    assert answers == []
+    clock.advance(0.1)
+    assert [type(a) for a in answers] == [LoginRefused]

@@ -27,7 +27,8 @@ from twisted.logger import LogEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.test import iosim
 
-from pop3srv.server.limits import ConnectionCounter, ConnectionLimits
+from pop3srv.server.authority import LocalAuthority
+from pop3srv.server.limits import ConnectionLimits, ThrottleSettings
 from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy
 from pop3srv.server.tls import TLSContextSource
 
@@ -61,12 +62,15 @@ class Server:
     def __init__(self, auth_timeout: float = 100_000, tls: TLSContextSource | None = None) -> None:
         self.clock = MemoryReactorClock()
         self.mailbox = FakeMailbox(list(MESSAGES), "plain", self.clock)
-        self.connections = ConnectionCounter(ConnectionLimits(max_connections=1))
+        self.authority = LocalAuthority(
+            ThrottleSettings(), ConnectionLimits(max_connections=1), clock=self.clock
+        )
+        self.connections = self.authority.connections
         self.factory = POP3ServerFactory(
             Portal(FakeRealm(self.mailbox), [InMemoryUsernamePasswordDatabaseDontUse(a=b"pw")]),
             reactor=self.clock,
             tls=tls,
-            policy=ServerPolicy(auth_timeout=auth_timeout, connections=self.connections),
+            policy=ServerPolicy(auth_timeout=auth_timeout, authority=self.authority),
             tls_handshake_timeout=HANDSHAKE,
             write_stall_timeout=STALL,
             close_grace=GRACE,

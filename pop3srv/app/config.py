@@ -88,6 +88,7 @@ class Setting:
     default: Any
     help: str
     minimum: float | None = None
+    maximum: float | None = None
     choices: tuple[str, ...] = ()
     why: str = ""
 
@@ -124,7 +125,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("plaintext_auth_networks", "networks", ["127.0.0.0/8", "::1/128"],
                 "Networks whose clients may log in without TLS."),
         Setting("failure_delay", "float", 2.0, "Seconds before a failed login is answered.", 0),
-        Setting("max_failure_delay", "float", 30.0, "Cap of the growing failure delay.", 0),
+        Setting("max_failure_delay", "float", 15.0,
+                "Cap of the growing failure delay: every failed or refused login is "
+                "answered within it.", 0, maximum=15.0,
+                why="clients stop waiting; 15 s is also Dovecot's longest auth penalty"),
         Setting("failure_window", "float", 600.0, "Seconds over which failures count.", 1),
         Setting("address_failure_limit", "int", 10,
                 "Failures from one address that lock it out.", 1),
@@ -140,6 +144,16 @@ SETTINGS: dict[str, Setting] = {
                 "Concurrent logged-in sessions of one user from one address.", 1),
         Setting("max_bad_commands", "int", 10, "Consecutive bad commands before closing.", 1),
         Setting("allow", "networks", [], "Only these networks may connect (if set)."),
+        Setting("proxy_networks", "networks", [],
+                "Load balancers (e.g. HAProxy) whose connections start with a PROXY "
+                "protocol v1 or v2 header giving the client's address; no one "
+                "else's header is honoured."),
+        Setting("proxy_header_timeout", "float", 5.0,
+                "Seconds a connection from proxy_networks has to send its PROXY header.", 0.1),
+        Setting("counters", "str", "memory",
+                "Where failed-login counts and lockouts live: memory (this server's "
+                "processes) or redis://HOST:PORT/DB (shared by several servers; "
+                "counted here while Redis is unreachable)."),
         Setting("deny", "networks", [], "These networks may not connect."),
         Setting("hash_workers", "int", None,
                 "Processes that verify passwords (per server process, or in "
@@ -200,6 +214,9 @@ def convert(setting: Setting, value: Any, where: str) -> Any:
         if setting.minimum is not None and number < setting.minimum:
             why = f" ({setting.why})" if setting.why else ""
             raise ConfigError(f"{where}: {setting.key} must be at least {setting.minimum:g}{why}")
+        if setting.maximum is not None and number > setting.maximum:
+            why = f" ({setting.why})" if setting.why else ""
+            raise ConfigError(f"{where}: {setting.key} must be at most {setting.maximum:g}{why}")
         return number
     if not isinstance(value, str):
         raise ConfigError(f"{where}: {setting.key} must be a string")

@@ -38,6 +38,7 @@ from pop3srv.auth.checker import PasslibChecker
 from pop3srv.auth.realm import MboxRealm, check_mailbox_template
 from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.processes import malloc
+from pop3srv.processes.authorityrpc import RemoteAuthority
 from pop3srv.processes.hashpool import ProcessVerifier
 from pop3srv.processes.hashrelay import RelayClient
 from pop3srv.processes.supervisor import (
@@ -46,15 +47,18 @@ from pop3srv.processes.supervisor import (
     ListeningService,
     WorkerSupervisor,
 )
+from pop3srv.server.authority import IPolicyAuthority, LocalAuthority
 from pop3srv.server.limits import (
     AccessRules,
-    AuthThrottle,
-    ConnectionCounter,
     ConnectionLimits,
+    IAuthCounters,
     LoginGate,
+    MemoryCounters,
     ThrottleSettings,
 )
 from pop3srv.server.protocol import POP3ServerFactory, ServerPolicy
+from pop3srv.server.proxy import ProxyHeaderFactory
+from pop3srv.server.rediscounters import CountersService, counters_for, parse_counters_url
 from pop3srv.server.tls import TLSConfigError, TLSContextSource, TLSMinimum
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
@@ -97,6 +101,13 @@ def _endpoint_problem(description: str) -> str | None:
     listening (its syntax, a port out of range, a UNIX socket's missing
     directory), in a few words with the right form; L{None} if nothing.
     """
+    if description.split(":", 1)[0].lower() == "haproxy":
+        # Twisted's haproxy: endpoint takes the header from anyone who can
+        # connect, so any client could claim any address.
+        return (
+            "the haproxy: endpoint honours a PROXY header from anyone; listen on a "
+            "plain endpoint and name the balancers with --proxy-networks CIDRS"
+        )
     try:
         endpoint = endpoints.serverFromString(_ParseOnlyReactor(), description)
     except Exception as e:
@@ -175,6 +186,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
     opt_trusted_networks = _repeatable_option("trusted_networks")
     opt_allow = _repeatable_option("allow")
     opt_deny = _repeatable_option("deny")
+    opt_proxy_networks = _repeatable_option("proxy_networks")
 
     def opt_auth(self, description: str) -> None:
         """Credential checker, e.g. passlib:/etc/pop3srv/users (repeatable)."""
@@ -234,6 +246,10 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["index_dir"] is not None and not os.path.isdir(self["index_dir"]):
             raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
         self["tls"] = self._tls(origin)
+        try:
+            parse_counters_url(self["counters"])
+        except ValueError as e:
+            raise ConfigError(f"{origin['counters']}: {e}") from None
         if self["hash_workers"] is None:
             # The old name still works; otherwise one hashing process per
             # CPU, shared out among the server processes' pools unless they
@@ -268,8 +284,25 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         except TLSConfigError as e:
             raise ConfigError(str(e)) from None
 
-    def policy(self) -> ServerPolicy:
-        """The abuse limits these options set."""
+    def policy(
+        self,
+        counters: IAuthCounters | None = None,
+        authority: IPolicyAuthority | None = None,
+        clock: Any = None,
+    ) -> ServerPolicy:
+        """
+        The abuse limits these options set.
+
+        @param counters: where the failure counts and blocks are kept, for
+            the L{LocalAuthority} made when C{authority} is L{None}; this
+            process's memory if L{None}.
+        @param authority: the authority to ask (a child process asks its
+            parent's); if L{None}, a new L{LocalAuthority} with these
+            options' limits over C{counters} (the single process, or the
+            parent: its C{policy().authority}).
+        @param clock: the new L{LocalAuthority}'s time; the global reactor
+            if L{None}.
+        """
         throttle = ThrottleSettings(
             failure_delay=self["failure_delay"],
             max_failure_delay=self["max_failure_delay"],
@@ -279,16 +312,21 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             lockout=self["lockout"],
             trusted=tuple(self["trusted_networks"]),
         )
+        if authority is None:
+            limits = ConnectionLimits(
+                max_connections=self["max_connections"],
+                max_per_address=self["max_connections_per_address"],
+                max_sessions_per_user=self["max_sessions_per_user"],
+            )
+            authority = LocalAuthority(
+                throttle,
+                limits,
+                counters if counters is not None else MemoryCounters(),
+                clock=clock,
+            )
         return ServerPolicy(
-            throttle=AuthThrottle(throttle),
+            authority=authority,
             access=AccessRules(allow=tuple(self["allow"]), deny=tuple(self["deny"])),
-            connections=ConnectionCounter(
-                ConnectionLimits(
-                    max_connections=self["max_connections"],
-                    max_per_address=self["max_connections_per_address"],
-                    max_sessions_per_user=self["max_sessions_per_user"],
-                )
-            ),
             login_gate=LoginGate(max(1, self["hash_workers"]) + self["hash_queue"]),
             auth_timeout=self["auth_timeout"],
             max_bad_commands=self["max_bad_commands"],
@@ -525,11 +563,19 @@ def _endpoints(reactor: Any, description: str) -> list[Any]:
     return [endpoint]
 
 
-def _worker_build(options: Options) -> Build:
-    """How a worker builds its service: as here, on the sockets it inherits."""
+def _worker_build(options: Options, settings: ThrottleSettings) -> Build:
+    """
+    How a worker builds its service: as here, on the sockets it inherits,
+    asking the parent's policy authority.
+
+    @param settings: the throttle settings of the parent's authority.
+    """
 
     def build(reactor: Any, inherited: list[tuple[int, str]], parent: RelayClient) -> Pop3Service:
-        return makeService(options, reactor, inherited=inherited, parent=parent)
+        authority = RemoteAuthority(parent, settings)
+        return makeService(
+            options, reactor, inherited=inherited, parent=parent, authority=authority
+        )
 
     return build
 
@@ -539,6 +585,7 @@ def makeService(
     reactor: Any = None,
     inherited: list[tuple[int, str]] | None = None,
     parent: RelayClient | None = None,
+    authority: IPolicyAuthority | None = None,
 ) -> Pop3Service:
     """
     Assemble the services: one listener per endpoint, the hashing processes,
@@ -553,6 +600,9 @@ def makeService(
     @param parent: in a worker, its connection to the parent server
         process, to whose hashing pool its checks go with C{--hash-pool
         shared} (L{pop3srv.processes.hashrelay}).
+    @param authority: the policy authority to ask (in a worker, its
+        parent's, a L{RemoteAuthority}); if L{None}, a new L{LocalAuthority}
+        (L{Options.policy}), which answers the workers too.
     """
     if reactor is None:
         from twisted.internet import reactor as global_reactor
@@ -584,13 +634,20 @@ def makeService(
             )
         checkers.append(checker)
     realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
+    counters = None
+    if authority is None:
+        # This process keeps the counts (a single process, or the parent of
+        # workers, which ask it): only it talks to Redis.
+        counters = counters_for(options["counters"], reactor)
+        CountersService(counters).setServiceParent(top)
+    policy = options.policy(counters=counters, authority=authority, clock=reactor)
     factory = POP3ServerFactory(
         Portal(realm, checkers),
         idle_timeout=options["idle_timeout"],
         reactor=reactor,
         tls=tls,
         plaintext_auth_networks=options["plaintext_auth_networks"],
-        policy=options.policy(),
+        policy=policy,
         tls_handshake_timeout=options["tls_handshake_timeout"],
         write_stall_timeout=options["write_stall_timeout"],
     )
@@ -600,6 +657,19 @@ def makeService(
     if options["listen_tls"]:
         factories["tls"] = TLSMemoryBIOFactory(tls, False, factory, clock=reactor)
         listeners += [(d, "tls") for d in options["listen_tls"]]
+    if options["proxy_networks"]:
+        # Outermost: the header comes before anything else, a TLS
+        # handshake included.
+        factories = {
+            kind: ProxyHeaderFactory(
+                wrapped,
+                options["proxy_networks"],
+                reactor,
+                options["proxy_header_timeout"],
+                health_reply=b"+OK pop3srv ready\r\n" if kind == "plain" else b"",
+            )
+            for kind, wrapped in factories.items()
+        }
     if inherited is not None:
         for fd, kind in inherited:
             AdoptedPortService(reactor, fd, factories[kind]).setServiceParent(top)
@@ -629,14 +699,20 @@ def makeService(
                     f"twistd pop3srv: cannot listen on {description!r}: {reason}"
                 ) from None
     if options["workers"] > 1:
+        # The workers ask this process's authority, so it must be one that
+        # keeps the counts here.
+        own = policy.authority
+        if not isinstance(own, LocalAuthority):
+            raise ValueError("--workers above 1 needs this process's own LocalAuthority")
         # Added after the listeners: it starts once every port is bound, to
         # pass them on.
         top.supervisor = WorkerSupervisor(
             reactor,
             options["workers"] - 1,
             servers,
-            _worker_build(options),
+            _worker_build(options, own.settings),
             verifiers=verifiers if options["hash_pool"] == "shared" else None,
+            authority=own,
         )
         top.supervisor.setServiceParent(top)
     # Last, so that its thread starts after the hashing processes and the

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hashrelay -*-
+# -*- test-case-name: tests.test_hashrelay,tests.test_authority_rpc -*-
 """
 One hashing pool for every server process (C{--hash-pool shared}).
 
@@ -17,8 +17,11 @@ The path in a check picks the parent's verifier for that C{passlib}
 checker.  A dead hashing process stays L{HashProcessDied} across the relay;
 any other failure is L{HashCheckFailed}.
 
-A child whose connection closes while it runs cannot check passwords any
-more; it stops, and the parent starts it afresh with a new connection.
+The same connection carries the child's policy questions to the parent's
+authority (L{pop3srv.processes.authorityrpc}, whose C{WorkerConnection} is
+the parent's end of both).  A child whose connection closes while it runs
+cannot check passwords or ask its policy any more; it stops, and the parent
+starts it afresh with a new connection.
 When a child goes, the checks it still had waiting in the parent's pool are
 cancelled.
 """

@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_hashrelay,tests.test_hashing -*-
+# -*- test-case-name: tests.test_hashrelay,tests.test_hashing,tests.test_authority_rpc -*-
 """
 What pop3srv's processes say to each other: AMP commands
 (L{twisted.protocols.amp}) and the errors they declare.
@@ -10,8 +10,13 @@ the child process starts:
     (L{pop3srv.processes.hashpool}, L{pop3srv.processes.hashchild}):
     L{CheckPassword};
   - a child server process and the parent server process
-    (L{pop3srv.processes.supervisor}, L{pop3srv.processes.hashrelay}):
-    L{RelayCheck}, a password check for the parent's hashing pool.
+    (L{pop3srv.processes.supervisor}): L{RelayCheck}, a password check for
+    the parent's hashing pool (L{pop3srv.processes.hashrelay}), and the
+    questions of L{IPolicyAuthority
+    <pop3srv.server.authority.IPolicyAuthority>}, which the parent answers
+    for every server process (L{pop3srv.processes.authorityrpc}):
+    L{OpenConnection}, L{CloseConnection}, L{BeginLogin}, L{EndLogin},
+    L{LoginFailed}, L{StartSession}, L{EndSession}.
 
 AMP matches each answer to its question and carries declared errors as
 their own types, so there is no request id or error-name table of ours.
@@ -34,13 +39,21 @@ from twisted.python.failure import Failure
 from pop3srv.auth.userfile import VerifyResult
 
 __all__ = [
+    "AuthorityFailed",
+    "BeginLogin",
     "CheckPassword",
+    "CloseConnection",
+    "EndLogin",
+    "EndSession",
     "HashCheckFailed",
     "HashProcessDied",
     "LogEvents",
+    "LoginFailed",
+    "OpenConnection",
     "Peer",
     "RelayCheck",
     "Result",
+    "StartSession",
     "connect",
 ]
 
@@ -51,6 +64,14 @@ class HashProcessDied(Exception):
 
 class HashCheckFailed(Exception):
     """The password check raised where it ran (which logged why)."""
+
+
+class AuthorityFailed(Exception):
+    """
+    The parent's policy authority could not answer (the parent logged
+    why).  Declared, so that it fails one question: an error AMP does not
+    know of would close the whole connection, and the child with it.
+    """
 
 
 class _JSON(amp.Argument):
@@ -111,6 +132,102 @@ class RelayCheck(amp.Command):
     ]
     response = [(b"result", Result())]
     errors = {HashProcessDied: b"HASH-PROCESS-DIED", HashCheckFailed: b"HASH-CHECK-FAILED"}
+
+
+# The policy authority's questions.  A union answer crosses as optional
+# fields, at most one group of them present; a FailureOutcome as its delay
+# and, when it started a block, the block's scope and end.
+
+
+class OpenConnection(amp.Command):
+    """
+    L{IPolicyAuthority.open_connection
+    <pop3srv.server.authority.IPolicyAuthority.open_connection>}: C{breach}
+    is the limit the connection breaks, absent if it was counted.
+    """
+
+    arguments = [(b"host", amp.Unicode())]
+    response = [(b"breach", amp.Unicode(optional=True))]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class CloseConnection(amp.Command):
+    """A connection counted by L{OpenConnection} ended (no answer)."""
+
+    arguments = [(b"host", amp.Unicode())]
+    requiresAnswer = False
+
+
+class BeginLogin(amp.Command):
+    """
+    L{IPolicyAuthority.begin_login
+    <pop3srv.server.authority.IPolicyAuthority.begin_login>}: the answer is
+    either C{ticket} (an L{AttemptTicket
+    <pop3srv.server.authority.AttemptTicket>}'s number) or C{scope} and
+    C{delay} (a L{Blocked <pop3srv.server.authority.Blocked>}).
+    """
+
+    arguments = [(b"host", amp.Unicode()), (b"username", amp.Unicode())]
+    response = [
+        (b"ticket", amp.Integer(optional=True)),
+        (b"scope", amp.Unicode(optional=True)),
+        (b"delay", amp.Float(optional=True)),
+    ]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class EndLogin(amp.Command):
+    """
+    L{IPolicyAuthority.end_login
+    <pop3srv.server.authority.IPolicyAuthority.end_login>}: C{verdict} is
+    C{failed}, C{succeeded} or C{released}.  The answer is a
+    L{FailureOutcome <pop3srv.server.limits.FailureOutcome>} (C{delay}, and
+    C{lockout_scope} and C{lockout_until} if it started a block), or nothing.
+    """
+
+    arguments = [(b"ticket", amp.Integer()), (b"verdict", amp.Unicode())]
+    response = [
+        (b"delay", amp.Float(optional=True)),
+        (b"lockout_scope", amp.Unicode(optional=True)),
+        (b"lockout_until", amp.Float(optional=True)),
+    ]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class LoginFailed(amp.Command):
+    """
+    L{IPolicyAuthority.login_failed
+    <pop3srv.server.authority.IPolicyAuthority.login_failed>}: the answer is
+    a L{FailureOutcome <pop3srv.server.limits.FailureOutcome>}, as for
+    L{EndLogin}.
+    """
+
+    arguments = [(b"host", amp.Unicode()), (b"username", amp.Unicode())]
+    response = [
+        (b"delay", amp.Float()),
+        (b"lockout_scope", amp.Unicode(optional=True)),
+        (b"lockout_until", amp.Float(optional=True)),
+    ]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class StartSession(amp.Command):
+    """
+    L{IPolicyAuthority.start_session
+    <pop3srv.server.authority.IPolicyAuthority.start_session>}: C{counted}
+    is false if the user is at the limit.
+    """
+
+    arguments = [(b"username", amp.Unicode()), (b"host", amp.Unicode())]
+    response = [(b"counted", amp.Boolean())]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class EndSession(amp.Command):
+    """A session counted by L{StartSession} ended (no answer)."""
+
+    arguments = [(b"username", amp.Unicode()), (b"host", amp.Unicode())]
+    requiresAnswer = False
 
 
 class Peer(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):

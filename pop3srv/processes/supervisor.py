@@ -1,4 +1,4 @@
-# -*- test-case-name: tests.test_workers -*-
+# -*- test-case-name: tests.test_workers,tests.test_workers_policy -*-
 """
 Several server processes on the same listening sockets (C{--workers N}).
 
@@ -39,10 +39,18 @@ Overriding its C{startProcess} to fix all that would leave only its
 restart timing, which is the few lines of L{WorkerSupervisor.worker_ended}.
 
 The parent:
-  - keeps an AMP connection to each worker, on a UNIX socket pair: the
-    worker's password checks come over it with C{--hash-pool shared}
-    (L{pop3srv.processes.hashrelay}), and the worker stops when it closes,
-    so workers never outlive a parent that was killed;
+  - is the one policy authority of all the server processes: it keeps the
+    failed-login counts, blocks, attempts in flight, connections per
+    address and sessions per user for its own sessions and the workers'
+    (L{pop3srv.processes.authorityrpc}), so a lockout holds whichever
+    process takes the next connection and the C{max_connections*} limits
+    are totals; what a worker that dies held is given back;
+  - keeps an AMP connection to each worker, on a UNIX socket pair
+    (L{WorkerConnection <pop3srv.processes.authorityrpc.WorkerConnection>}):
+    the worker's policy questions come over it, and its password checks
+    with C{--hash-pool shared} (L{pop3srv.processes.hashrelay}); the
+    worker stops when it closes, so workers never outlive a parent that
+    was killed;
   - forwards SIGHUP, so every process re-reads the TLS certificate;
   - re-publishes the workers' log events (sent as JSON lines on their
     standard output) in its own log, so there is one log and one audit
@@ -54,8 +62,6 @@ The parent:
     held a lock could otherwise wait for that lock for ever;
   - on stop, sends SIGTERM to the workers and waits for them (SIGKILL after
     L{STOP_TIMEOUT} seconds).
-
-Limits are per process: see the README ("Several processes").
 """
 
 from __future__ import annotations
@@ -75,9 +81,11 @@ from twisted.logger import Logger, eventFromJSON, globalLogPublisher, jsonFileLo
 from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import VerifyResult
+from pop3srv.processes.authorityrpc import WorkerConnection
 from pop3srv.processes.forking import ForkedProcess, fresh_reactor, log_only_to, set_process_name
 from pop3srv.processes.hashrelay import RelayClient, RelayServer
 from pop3srv.processes.rpc import connect
+from pop3srv.server.authority import LocalAuthority
 
 __all__ = ["AdoptedPortService", "Build", "ListeningService", "WorkerSupervisor"]
 
@@ -105,7 +113,8 @@ MAX_LOG_LINE = 1 << 20
 
 #: What builds a worker's service: called in the worker with its reactor,
 #: its inherited listening sockets as C{(fd, "plain" or "tls")}, and its
-#: connection to the parent (for C{--hash-pool shared}).
+#: connection to the parent (for the parent's policy authority, and its
+#: hashing pool with C{--hash-pool shared}).
 Build = Callable[[Any, list[tuple[int, str]], RelayClient], service.IService]
 
 Verifiers = Mapping[str, Callable[[str, str], Deferred[VerifyResult]]]
@@ -247,6 +256,7 @@ class WorkerSupervisor(service.Service):
         listeners: Sequence[ListeningService],
         build: Build,
         verifiers: Verifiers | None = None,
+        authority: LocalAuthority | None = None,
     ) -> None:
         """
         @param reactor: provides L{IReactorProcess}, L{IReactorSocket} and
@@ -259,12 +269,16 @@ class WorkerSupervisor(service.Service):
             their C{passlib} checker's user file, that the workers' checks
             are relayed to (L{pop3srv.processes.hashrelay}); none: workers
             verify alone.
+        @param authority: this process's policy authority, which answers
+            the workers' questions too (L{pop3srv.processes.authorityrpc});
+            none: they have none to ask, and each keeps its own limits.
         """
         self._reactor = reactor
         self.count = count
         self.listeners = list(listeners)
         self.build = build
         self.verifiers = dict(verifiers or {})
+        self.authority = authority
         self.children: dict[int, _WorkerProtocol] = {}
         self._restarts: dict[int, list[float]] = {}
         self._pending: dict[int, Any] = {}
@@ -307,7 +321,12 @@ class WorkerSupervisor(service.Service):
             return
         finally:
             theirs.close()
-        connect(self._reactor, ours, RelayServer(self.verifiers))
+        parent_end = (
+            RelayServer(self.verifiers)
+            if self.authority is None
+            else WorkerConnection(self.verifiers, self.authority)
+        )
+        connect(self._reactor, ours, parent_end)
         if protocol.ended.called:
             return  # it died (and was reaped) at once; worker_ended has rescheduled
         self.children[slot] = protocol

@@ -1,54 +1,77 @@
 # -*- test-case-name: tests.test_limits -*-
 """
-Abuse limits without I/O: the failed-login throttle (delays and lockouts),
-IP allow/deny rules, and connection counting.
+Abuse limits: the failed-login throttle (delays and lockouts), IP
+allow/deny rules, and connection counting.
 
-All counters live behind L{IAuthCounters}, so they can be kept elsewhere
-(e.g. in Redis, shared by several processes or hosts) by providing that
-interface; L{MemoryCounters} keeps them in this process.  Time is passed in
-by the caller, so tests need not sleep.
+The failure counts and blocks live behind L{IAuthCounters}, an
+asynchronous store, so they can be kept elsewhere (in Redis, shared by
+several hosts) by providing that interface; L{MemoryCounters} keeps them in
+this process.  Time is passed in by the caller, so tests need not sleep.
 """
 
 from __future__ import annotations
 
 import ipaddress
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
+from twisted.internet.defer import Deferred, FirstError, gatherResults, succeed
+from twisted.python.failure import Failure
 from zope.interface import Interface, implementer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+_T = TypeVar("_T")
+
 
 class IAuthCounters(Interface):
     """
-    Windowed event counters and timed blocks, keyed by strings.
+    Windowed event counters and timed blocks, keyed by strings, kept
+    wherever the implementation likes (this process, Redis).
 
     Keys are opaque to the store; the throttle uses C{addr:<ip>},
-    C{pair:<ip>:<user>} and C{user:<user>}.
+    C{pair:<ip>:<user>} and C{user:<user>}.  Every question takes several
+    keys at once, so a store across a network answers each in one round
+    trip.  Times are seconds since the epoch, as C{reactor.seconds()}.
+
+    Every method answers with a Deferred; one that fails means the store
+    could not answer (a server fault, never a decision).
     """
 
-    def add(key: str, now: float, window: float) -> int:
-        """Record an event for C{key}; return how many fell within C{window} seconds."""
+    def add(keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        """
+        Record one event at C{now} for each key.
 
-    def count(key: str, now: float, window: float) -> int:
-        """How many events for C{key} fell within C{window} seconds before C{now}."""
+        @return: fires with, per key, how many of its events fell within
+            C{window} seconds up to C{now} (this one included).
+        """
 
-    def clear(key: str) -> None:
-        """Forget the events and any block of C{key}."""
+    def count(keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        """
+        @return: fires with, per key, how many events fell within C{window}
+            seconds before C{now}.
+        """
 
-    def block(key: str, until: float) -> None:
+    def clear(keys: Sequence[str]) -> Deferred[None]:
+        """Forget the events and any block of each key."""
+
+    def block(key: str, until: float) -> Deferred[None]:
         """Block C{key} until the time C{until}."""
 
-    def blocked_until(key: str, now: float) -> float | None:
-        """When the block on C{key} ends, or C{None} if it is not blocked at C{now}."""
+    def blocked_until(keys: Sequence[str], now: float) -> Deferred[list[float | None]]:
+        """
+        @return: fires with, per key, when its block ends, or L{None} if it
+            is not blocked at C{now}.
+        """
 
 
 @implementer(IAuthCounters)
 class MemoryCounters:
     """
-    L{IAuthCounters} in this process's memory.
+    L{IAuthCounters} in this process's memory; every answer is ready at
+    once.
 
     Each key keeps at most C{max_events} timestamps and at most C{max_keys}
     keys are kept (the least recently used go first), so an attacker who
@@ -70,12 +93,7 @@ class MemoryCounters:
         self._events[key] = events
         return events
 
-    def add(self, key: str, now: float, window: float) -> int:
-        events = self._touch(key)
-        events.append(now)
-        return self.count(key, now, window)
-
-    def count(self, key: str, now: float, window: float) -> int:
+    def _count(self, key: str, now: float, window: float) -> int:
         events = self._events.get(key)
         if not events:
             return 0
@@ -83,16 +101,7 @@ class MemoryCounters:
             events.popleft()
         return len(events)
 
-    def clear(self, key: str) -> None:
-        self._events.pop(key, None)
-        self._blocks.pop(key, None)
-
-    def block(self, key: str, until: float) -> None:
-        while len(self._blocks) >= self._max_keys:
-            del self._blocks[next(iter(self._blocks))]
-        self._blocks[key] = until
-
-    def blocked_until(self, key: str, now: float) -> float | None:
+    def _blocked_until(self, key: str, now: float) -> float | None:
         until = self._blocks.get(key)
         if until is None:
             return None
@@ -101,6 +110,32 @@ class MemoryCounters:
             return None
         return until
 
+    def add(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        counts = []
+        for key in keys:
+            self._touch(key).append(now)
+            counts.append(self._count(key, now, window))
+        return succeed(counts)
+
+    def count(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        return succeed([self._count(key, now, window) for key in keys])
+
+    def clear(self, keys: Sequence[str]) -> Deferred[None]:
+        for key in keys:
+            self._events.pop(key, None)
+            self._blocks.pop(key, None)
+        return succeed(None)
+
+    def block(self, key: str, until: float) -> Deferred[None]:
+        self._blocks.pop(key, None)
+        while len(self._blocks) >= self._max_keys:
+            del self._blocks[next(iter(self._blocks))]
+        self._blocks[key] = until
+        return succeed(None)
+
+    def blocked_until(self, keys: Sequence[str], now: float) -> Deferred[list[float | None]]:
+        return succeed([self._blocked_until(key, now) for key in keys])
+
 
 @dataclass(frozen=True)
 class ThrottleSettings:
@@ -108,7 +143,9 @@ class ThrottleSettings:
     Limits on failed logins.
 
     @ivar failure_delay: seconds before a failed login is answered.
-    @ivar max_failure_delay: the cap on the growing delay.
+    @ivar max_failure_delay: the cap on the growing delay, and on the time
+        before any failed or refused login is answered (a client's
+        patience).
     @ivar address_limit: failures from one address within C{window} that
         block the address.
     @ivar pair_limit: failures for one username from one address within
@@ -119,7 +156,7 @@ class ThrottleSettings:
     """
 
     failure_delay: float = 2.0
-    max_failure_delay: float = 30.0
+    max_failure_delay: float = 15.0
     address_limit: int = 10
     pair_limit: int = 5
     window: float = 600.0
@@ -192,7 +229,8 @@ class Attempt:
     """
     A login attempt admitted by L{AuthThrottle.begin}: it holds a place
     among the attempts in flight until it ends in exactly one of
-    L{failed}, L{succeeded} or L{release}; later calls do nothing.
+    L{failed}, L{succeeded} or L{release}; later calls do nothing (but
+    L{failed} still counts the failure).
     """
 
     def __init__(
@@ -203,44 +241,56 @@ class Attempt:
         self._username = username
         self._keys: tuple[str, ...] | None = keys
 
-    def _end(self, verdict: Callable[[], object] | None = None) -> bool:
+    @property
+    def ended(self) -> bool:
+        """Whether the attempt has ended (its place is given back, or soon will be)."""
+        return self._keys is None
+
+    def _end(self, verdict: Callable[[], Deferred[_T]]) -> Deferred[_T] | None:
         """
-        Give the place back, after recording C{verdict}: attempts waiting
+        Give the place back once C{verdict} is recorded: attempts waiting
         for a place are woken by the leaving, and must see the verdict.
+
+        @return: the verdict's Deferred, or L{None} if the attempt had
+            already ended.
         """
         keys, self._keys = self._keys, None
         if keys is None:
-            return False
+            return None
         try:
-            if verdict is not None:
-                verdict()
-        finally:
+            recorded = verdict()
+        except BaseException:
             self._throttle._leave(keys)
-        return True
+            raise
 
-    def failed(self, now: float) -> FailureOutcome:
+        def leave(result: _T | Failure) -> _T | Failure:
+            self._throttle._leave(keys)
+            return result
+
+        return recorded.addBoth(leave)
+
+    def failed(self, now: float) -> Deferred[FailureOutcome]:
         """
         The credentials were wrong: count the failure (L{AuthThrottle.failed}).
 
-        @return: its delay and any block it starts.
+        @return: fires with its delay and any block it starts.
         """
-        outcomes: list[FailureOutcome] = []
-        if not self._end(
-            lambda: outcomes.append(self._throttle.failed(self._address, self._username, now))
-        ):
+        ended = self._end(lambda: self._throttle.failed(self._address, self._username, now))
+        if ended is None:
             return self._throttle.failed(self._address, self._username, now)
-        return outcomes[0]
+        return ended
 
-    def succeeded(self) -> None:
+    def succeeded(self) -> Deferred[None]:
         """The login succeeded (L{AuthThrottle.succeeded})."""
-        self._end(lambda: self._throttle.succeeded(self._address, self._username))
+        ended = self._end(lambda: self._throttle.succeeded(self._address, self._username))
+        return ended if ended is not None else succeed(None)
 
     def release(self) -> None:
         """
         The attempt ended with no verdict on the credentials (a server
         fault, a refusal for another reason): it counts for nothing.
         """
-        self._end()
+        self._end(lambda: succeed(None))
 
 
 class AuthThrottle:
@@ -255,8 +305,15 @@ class AuthThrottle:
     Attempts count from when they start (L{begin}): a check under way holds
     a place until it ends, so parallel guesses cannot run more checks than
     the limits allow before the first failure is recorded.  The places are
-    kept in this process (they last as long as a check), the failures in
-    L{IAuthCounters}.
+    kept by the throttle, in the process that holds it (they last as long
+    as a check; one throttle serves every process of a server, see
+    L{pop3srv.server.authority}); the failures and blocks are kept in
+    L{IAuthCounters}, asked once per decision with all the keys it needs.
+
+    A store that answers in order (this process, one Redis connection)
+    keeps places and counts consistent: an attempt gives its place back
+    only once its failure is recorded, so an answer to L{begin} never finds
+    a place gone without the failure that ended it.
     """
 
     def __init__(self, settings: ThrottleSettings, counters: IAuthCounters | None = None) -> None:
@@ -265,32 +322,64 @@ class AuthThrottle:
         self._in_flight: dict[str, int] = {}
         self._waiting: dict[str, list[Callable[[], None]]] = {}
 
-    def begin(self, address: str, username: str, now: float) -> Refusal | Busy | Attempt:
+    def begin(self, address: str, username: str, now: float) -> Deferred[Refusal | Busy | Attempt]:
         """
         Admit a login attempt, refuse it without a password check (the
         address or the pair is blocked, L{check}), or ask it to wait: the
         attempts in flight, were they all to fail, would block it.
 
-        @return: a L{Refusal}; a L{Busy} (call L{wait_for_place}, then
-            L{begin} again); or the L{Attempt} to end when the check ends.
+        @return: fires with a L{Refusal}; a L{Busy} (call L{wait_for_place},
+            then L{begin} again); or the L{Attempt} to end when the check
+            ends.
         """
-        refusal = self.check(address, username, now)
-        if refusal is not None:
-            return refusal
         if self._exempt(address):
-            return Attempt(self, address, username, ())
-        s = self.settings
+            return succeed(Attempt(self, address, username, ()))
         address_key, pair_key, _ = self._keys(address, username)
-        for scope, key, limit in (
-            ("address", address_key, s.address_limit),
-            ("address+user", pair_key, s.pair_limit),
-        ):
-            pending = self._in_flight.get(key, 0)
-            # With nothing in flight one attempt always goes, as before a
-            # block: only a failure sets a block, even past the limit.
-            if pending and self.counters.count(key, now, s.window) + pending >= limit:
-                return Busy(scope, key)
         keys = (address_key, pair_key)
+        asked: list[Deferred[Any]] = [self.counters.blocked_until(keys, now)]
+        # Every attempt in flight holds a place on both keys: with none
+        # from the address there is none for the pair, and the failure
+        # counts are not needed.
+        if self._in_flight.get(address_key):
+            asked.append(self.counters.count(keys, now, self.settings.window))
+        answers: Deferred[list[Any]] = gatherResults(asked, consumeErrors=True)
+        answers.addErrback(_first_error)
+        return answers.addCallback(
+            lambda found: self._decide(
+                address, username, now, keys, found[0], found[1] if len(found) > 1 else None
+            )
+        )
+
+    def _decide(
+        self,
+        address: str,
+        username: str,
+        now: float,
+        keys: tuple[str, str],
+        blocks: list[float | None],
+        counts: list[int] | None,
+    ) -> Refusal | Busy | Attempt | Deferred[Refusal | Busy | Attempt]:
+        s = self.settings
+        for scope, until in zip(("address", "address+user"), blocks, strict=True):
+            if until is not None:
+                return Refusal(scope, until)
+        if counts is None:
+            if self._in_flight.get(keys[0]):
+                # An attempt was admitted while the blocks were asked for
+                # (a store across the network): the counts are needed
+                # after all, and this time they are asked for.
+                return self.begin(address, username, now)
+            counts = [0, 0]
+        for scope, key, failures, limit in zip(
+            ("address", "address+user"), keys, counts, (s.address_limit, s.pair_limit), strict=True
+        ):
+            # The places are read now, when the counts have come: attempts
+            # admitted meanwhile hold places too.  With nothing in flight
+            # one attempt always goes, as before a block: only a failure
+            # sets a block, even past the limit.
+            pending = self._in_flight.get(key, 0)
+            if pending and failures + pending >= limit:
+                return Busy(scope, key)
         for key in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
         return Attempt(self, address, username, keys)
@@ -316,6 +405,15 @@ class AuthThrottle:
         """
         self._waiting.setdefault(busy.key if busy is not None else "", []).append(wake)
 
+    def stop_waiting(self, wake: Callable[[], None]) -> None:
+        """Forget C{wake}, given to L{wait_for_place} and not yet called."""
+        for key, waiters in list(self._waiting.items()):
+            if wake in waiters:
+                waiters.remove(wake)
+                if not waiters:
+                    del self._waiting[key]
+                return
+
     def _leave(self, keys: tuple[str, ...]) -> None:
         for key in keys:
             left = self._in_flight.get(key, 1) - 1
@@ -337,45 +435,74 @@ class AuthThrottle:
         address = normalise_address(address)
         return f"addr:{address}", f"pair:{address}:{username}", f"user:{username}"
 
-    def check(self, address: str, username: str, now: float) -> Refusal | None:
-        """Return a L{Refusal} if this login must not be tried, else C{None}."""
+    def check(self, address: str, username: str, now: float) -> Deferred[Refusal | None]:
+        """Fire with a L{Refusal} if this login must not be tried, else L{None}."""
         if self._exempt(address):
-            return None
+            return succeed(None)
         address_key, pair_key, _ = self._keys(address, username)
-        for scope, key in (("address", address_key), ("address+user", pair_key)):
-            until = self.counters.blocked_until(key, now)
-            if until is not None:
-                return Refusal(scope, until)
-        return None
 
-    def refused_delay(self, address: str, username: str, now: float) -> float:
-        """The delay before answering a refused attempt (it counts as a failure)."""
-        return self.failed(address, username, now).delay
+        def refusal(blocks: list[float | None]) -> Refusal | None:
+            for scope, until in zip(("address", "address+user"), blocks, strict=True):
+                if until is not None:
+                    return Refusal(scope, until)
+            return None
 
-    def failed(self, address: str, username: str, now: float) -> FailureOutcome:
-        """Record a failed login; return its delay and any block it starts."""
+        return self.counters.blocked_until((address_key, pair_key), now).addCallback(refusal)
+
+    def refused_delay(self, address: str, username: str, now: float) -> Deferred[float]:
+        """Fire with the delay before answering a refused attempt (it counts as a failure)."""
+        return self.failed(address, username, now).addCallback(lambda outcome: outcome.delay)
+
+    def failed(self, address: str, username: str, now: float) -> Deferred[FailureOutcome]:
+        """Record a failed login; fire with its delay and any block it starts."""
         s = self.settings
         if self._exempt(address):
-            return FailureOutcome(s.failure_delay)
+            return succeed(FailureOutcome(s.failure_delay))
         address_key, pair_key, user_key = self._keys(address, username)
-        by_address = self.counters.add(address_key, now, s.window)
-        by_pair = self.counters.add(pair_key, now, s.window)
-        by_user = self.counters.add(user_key, now, s.window)
-        repeats = max(by_address, by_user)
-        delay = min(s.max_failure_delay, s.failure_delay * 2 ** min(repeats - 1, 16))
-        lockout = None
-        if by_address >= s.address_limit and self.counters.blocked_until(address_key, now) is None:
-            lockout = Refusal("address", now + s.lockout)
-            self.counters.block(address_key, lockout.until)
-        elif by_pair >= s.pair_limit and self.counters.blocked_until(pair_key, now) is None:
-            lockout = Refusal("address+user", now + s.lockout)
-            self.counters.block(pair_key, lockout.until)
-        return FailureOutcome(max(delay, s.failure_delay), lockout)
 
-    def succeeded(self, address: str, username: str) -> None:
+        def decide(counts: list[int]) -> FailureOutcome | Deferred[FailureOutcome]:
+            by_address, by_pair, by_user = counts
+            repeats = max(by_address, by_user)
+            delay = max(
+                s.failure_delay,
+                min(s.max_failure_delay, s.failure_delay * 2 ** min(repeats - 1, 16)),
+            )
+            if by_address < s.address_limit and by_pair < s.pair_limit:
+                return FailureOutcome(delay)
+
+            def lock(blocks: list[float | None]) -> FailureOutcome | Deferred[FailureOutcome]:
+                address_until, pair_until = blocks
+                if by_address >= s.address_limit and address_until is None:
+                    lockout = Refusal("address", now + s.lockout)
+                    key = address_key
+                elif by_pair >= s.pair_limit and pair_until is None:
+                    lockout = Refusal("address+user", now + s.lockout)
+                    key = pair_key
+                else:
+                    return FailureOutcome(delay)
+                return self.counters.block(key, lockout.until).addCallback(
+                    lambda _: FailureOutcome(delay, lockout)
+                )
+
+            return self.counters.blocked_until((address_key, pair_key), now).addCallback(lock)
+
+        return self.counters.add((address_key, pair_key, user_key), now, s.window).addCallback(
+            decide
+        )
+
+    def succeeded(self, address: str, username: str) -> Deferred[None]:
         """A login succeeded: forget the failures of this address and username pair."""
         _, pair_key, _ = self._keys(address, username)
-        self.counters.clear(pair_key)
+        return self.counters.clear((pair_key,))
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first Deferred that failed in a L{gatherResults}."""
+    error = failure.value
+    if isinstance(error, FirstError):
+        first: Failure = error.subFailure
+        return first
+    return failure
 
 
 @dataclass(frozen=True)
@@ -433,6 +560,11 @@ class ConnectionCounter:
             self._by_address[address] = left
         else:
             self._by_address.pop(address, None)
+
+    @property
+    def sessions(self) -> int:
+        """How many sessions are counted, in all."""
+        return sum(self._sessions.values())
 
     def start_session(self, username: str, address: str) -> bool:
         """Count a logged-in session; False (not counted) if the user is at the limit."""

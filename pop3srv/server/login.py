@@ -3,9 +3,11 @@
 The login service: everything between "the client sent credentials" and
 "this session owns a maildrop", in one place.
 
-A L{LoginService} owns the failed-login throttle, the login gate (how many
-password checks may run at once), C{Portal.login}, the audit log and the
-per-user session count, and answers each attempt with one outcome:
+A L{LoginService} asks the policy authority (L{IPolicyAuthority}: the
+failed-login throttle and the per-user session count, for the whole
+service) and owns the login gate (how many password checks may run at once
+in this process), C{Portal.login} and the audit log, and answers each
+attempt with one outcome:
 
   - L{LoginSucceeded}: the maildrop is open and listed; its C{release}
     logs out and ends the session count, once;
@@ -27,11 +29,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from twisted.cred import credentials, error
 from twisted.cred.portal import Portal
 from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
@@ -51,13 +54,17 @@ from pop3srv.core.errors import InvalidUsername, Pop3Error
 from pop3srv.core.machine import AUTH_FAILED
 from pop3srv.core.scram import StoredScram
 from pop3srv.server.audit import audit
+from pop3srv.server.authority import (
+    AttemptTicket,
+    Blocked,
+    IPolicyAuthority,
+    LocalAuthority,
+    Verdict,
+)
 from pop3srv.server.limits import (
     AccessRules,
-    Attempt,
-    AuthThrottle,
-    Busy,
-    ConnectionCounter,
     ConnectionLimits,
+    FailureOutcome,
     LoginGate,
     ThrottleSettings,
 )
@@ -75,6 +82,15 @@ __all__ = [
 
 TEMPORARY_FAILURE = "Temporary failure, try again later."
 
+_T = TypeVar("_T")
+
+
+class _Late:
+    """What L{LoginService._by_deadline} fires with when the answer is late."""
+
+
+_LATE = _Late()
+
 
 def escape_for_log(text: str) -> str:
     """Make client-supplied text safe for a single log line."""
@@ -86,18 +102,33 @@ class ServerPolicy:
     """
     The abuse limits a factory enforces (see L{pop3srv.server.limits}).
 
+    @ivar authority: counts and decides the failed-login throttle,
+        connections and sessions for the whole service; L{None} for a
+        L{LocalAuthority} with the documented defaults, made by
+        L{authority_on} (which the L{LoginService} given this policy calls).
+    @ivar access: the IP rules checked before the greeting.
+    @ivar login_gate: how many password checks may run at once in this
+        process.
     @ivar auth_timeout: seconds a client may take to log in, from connect.
     @ivar max_bad_commands: consecutive bad commands before disconnecting.
     """
 
-    throttle: AuthThrottle = field(default_factory=lambda: AuthThrottle(ThrottleSettings()))
+    authority: IPolicyAuthority | None = None
     access: AccessRules = field(default_factory=AccessRules)
-    connections: ConnectionCounter = field(
-        default_factory=lambda: ConnectionCounter(ConnectionLimits())
-    )
     login_gate: LoginGate = field(default_factory=lambda: LoginGate(64))
     auth_timeout: float = 60.0
     max_bad_commands: int = 10
+
+    def authority_on(self, clock: IReactorTime) -> IPolicyAuthority:
+        """
+        The policy's authority; if it has none yet, a L{LocalAuthority}
+        with the documented defaults, timed by C{clock}, which it keeps.
+
+        @param clock: the clock of the reactor the policy is used on.
+        """
+        if self.authority is None:
+            self.authority = LocalAuthority(ThrottleSettings(), ConnectionLimits(), clock=clock)
+        return self.authority
 
 
 @dataclass(frozen=True)
@@ -203,6 +234,12 @@ class LoginService:
     slowest time is remembered that long so that a prober cannot wash it
     out with cheap failures first.  A success is answered as soon as it is
     known.
+
+    Nothing the authority does keeps a client waiting past its patience: a
+    refused or failed login is answered at the latest C{max_failure_delay}
+    after it began (once its password check, if any, has ended), and an
+    attempt still waiting for a place then is answered C{[SYS/TEMP]}
+    without a check, and not counted.
     """
 
     _log = Logger()
@@ -219,7 +256,8 @@ class LoginService:
     ) -> None:
         """
         @param portal: a portal whose realm gives L{IMailbox} avatars.
-        @param reactor: for the failure delay (L{IReactorTime}).
+        @param reactor: for the failure delay (L{IReactorTime}); also the
+            clock of the default authority (L{ServerPolicy.authority_on}).
         @param policy: abuse limits; the documented defaults if L{None}.
         @param scram_lookup: finds SCRAM keys; L{None} offers no SCRAM.
         @param authorizer: refuses authzids before any password is checked;
@@ -232,6 +270,7 @@ class LoginService:
         self.portal = portal
         self.reactor = reactor
         self.policy = policy if policy is not None else ServerPolicy()
+        self.authority: IPolicyAuthority = self.policy.authority_on(reactor)
         self.scram_lookup = scram_lookup
         self.authorizer = authorizer
         if scram_availability is None:
@@ -346,7 +385,7 @@ class LoginService:
         @return: a Deferred firing with the outcome, after the failure delay
             for a refusal that has one; it never fails.
         """
-        return self._login(creds, username, method, peer, self.reactor.seconds())
+        return _when_settled(self._login(creds, username, method, peer, self.reactor.seconds()))
 
     def _login(
         self,
@@ -357,36 +396,51 @@ class LoginService:
         started: float,
     ) -> defer.Deferred[LoginOutcome]:
         """
-        L{login}, for an attempt that began at C{started} (it may have
-        waited for a place since).
+        L{login}, for an attempt that began at C{started}.
+        """
+        authority = self.authority
+        deadline = started + authority.settings.max_failure_delay
+        asked = authority.begin_login(peer.host, username)
+        answer = self._by_deadline(asked, deadline, withdraw=True)
+
+        def admitted(
+            answer: AttemptTicket | Blocked | _Late,
+        ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+            if isinstance(answer, _Late):
+                # Other attempts from this address held every place until
+                # the client's patience ran out: no check, no count.
+                self._audit(peer, "login-refused", "attempts-in-flight", username)
+                return LoginRefused("SYS/TEMP", "Too many logins in progress, try again later.")
+            if isinstance(answer, Blocked):
+                # No password check at all, so a blocked guesser cannot tie
+                # up the hashing threads.
+                self._audit(peer, "login-refused", f"locked-out-{answer.scope}", username)
+                refused = LoginRefused("AUTH", AUTH_FAILED)
+                return self._answer_failure(started, answer.delay, refused)
+            return self._check(creds, username, method, peer, started, answer)
+
+        checked: defer.Deferred[LoginOutcome] = answer.addCallback(admitted)
+        return checked.addErrback(self._fault, username, peer)
+
+    def _check(
+        self,
+        creds: credentials.ICredentials,
+        username: str,
+        method: str,
+        peer: Peer,
+        started: float,
+        ticket: AttemptTicket,
+    ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+        """
+        Check C{creds} for an attempt the authority admitted (C{ticket}),
+        unless the gate has no place for it.
         """
         policy = self.policy
-        attempt = policy.throttle.begin(peer.host, username, self.reactor.seconds())
-        if isinstance(attempt, Busy):
-            # Parallel guesses cannot run more checks than the limits allow
-            # before the first of them fails: this one waits for a place,
-            # then is admitted, or refused if the others' failures blocked it.
-            waited: defer.Deferred[LoginOutcome] = defer.Deferred()
-
-            def retry() -> None:
-                d = defer.maybeDeferred(self._login, creds, username, method, peer, started)
-                d.addErrback(self._fault, username, peer)
-                d.chainDeferred(waited)
-
-            # Retried from the reactor, not from inside the check that gave
-            # the place back: no nesting, and nothing raised into its caller.
-            policy.throttle.wait_for_place(lambda: self.reactor.callLater(0, retry), attempt)
-            return waited
-        if not isinstance(attempt, Attempt):
-            # No password check at all, so a blocked guesser cannot tie up the
-            # hashing threads.
-            self._audit(peer, "login-refused", f"locked-out-{attempt.scope}", username)
-            delay = policy.throttle.refused_delay(peer.host, username, self.reactor.seconds())
-            return self._answer_failure(started, delay, LoginRefused("AUTH", AUTH_FAILED))
         if not policy.login_gate.try_enter():
-            attempt.release()
+            self._end_quietly(ticket, "released")
             self._audit(peer, "login-refused", "server-busy", username)
-            return defer.succeed(LoginRefused("SYS/TEMP", "Server busy, try again later."))
+            return LoginRefused("SYS/TEMP", "Server busy, try again later.")
+        checking = self.reactor.seconds()
         d: defer.Deferred[Any] = self.portal.login(creds, None, IMailbox)
 
         def leave_gate(result: object) -> object:
@@ -398,10 +452,54 @@ class LoginService:
         d.addCallbacks(
             self._logged_in,
             self._failed,
-            callbackArgs=(username, requested or username, method, peer, attempt),
-            errbackArgs=(username, peer, attempt, started),
+            callbackArgs=(username, requested or username, method, peer, ticket),
+            errbackArgs=(username, peer, ticket, started, checking),
         )
         return d
+
+    def _end_quietly(self, ticket: AttemptTicket, verdict: Verdict) -> None:
+        """End C{ticket} without waiting for the answer (a fault is logged)."""
+        ended = self.authority.end_login(ticket, verdict)
+        ended.addErrback(
+            lambda failure: self._log.failure("Ending a login attempt failed", failure)
+        )
+
+    def _by_deadline(
+        self, asked: defer.Deferred[_T], deadline: float, *, withdraw: bool = False
+    ) -> defer.Deferred[_T | _Late]:
+        """
+        Wait for the authority's answer C{asked}, but not past C{deadline}.
+
+        @param withdraw: cancel C{asked} at the deadline (a C{begin_login}
+            that is waiting for a place); a ticket it still brings is
+            ended, uncounted.
+        @return: fires with C{asked}'s result (or fails as it does), or with
+            C{_LATE} at the deadline if it has not come; a late answer is
+            dropped (a late failure logged).
+        """
+        raced: defer.Deferred[_T | _Late] = defer.Deferred()
+
+        def late() -> None:
+            raced.callback(_LATE)
+            if withdraw:
+                asked.cancel()
+
+        timer = self.reactor.callLater(max(0.0, deadline - self.reactor.seconds()), late)
+
+        def settled(result: _T | Failure) -> None:
+            if timer.active():
+                timer.cancel()
+                if isinstance(result, Failure):
+                    raced.errback(result)
+                else:
+                    raced.callback(result)
+            elif isinstance(result, AttemptTicket):
+                self._end_quietly(result, "released")
+            elif isinstance(result, Failure) and not result.check(defer.CancelledError):
+                self._log.failure("The policy authority answered late, and failed", result)
+
+        asked.addBoth(settled)
+        return raced
 
     def sasl_failed(self, step: sasl.Failure, *, peer: Peer) -> defer.Deferred[LoginOutcome]:
         """
@@ -418,11 +516,43 @@ class LoginService:
         now = self.reactor.seconds()
         username = step.username or ""
         self._audit(peer, "login-failed", step.reason or "bad-credentials", step.username)
-        outcome = self.policy.throttle.failed(peer.host, username, now)
-        if outcome.lockout is not None:
-            self._audit(peer, "lockout", outcome.lockout.scope, step.username)
+        counted = self.authority.login_failed(peer.host, username)
         refused = LoginRefused(step.code or "AUTH", step.text)
-        return self._answer_failure(now, outcome.delay, refused)
+        return _when_settled(self._answer_counted(counted, now, refused, username, peer))
+
+    def _answer_counted(
+        self,
+        counted: defer.Deferred[FailureOutcome],
+        started: float,
+        refused: LoginRefused,
+        username: str,
+        peer: Peer,
+    ) -> defer.Deferred[LoginOutcome]:
+        """
+        Answer C{refused} for a failure the authority is counting
+        (C{counted}), after its delay (L{_answer_failure}), and at the
+        latest C{max_failure_delay} after C{started}, however long the
+        count takes; a count that fails is a L{LoginFault}.
+        """
+
+        def audited(outcome: FailureOutcome) -> FailureOutcome:
+            # Audited when it is known, even after the client was answered.
+            if outcome.lockout is not None:
+                self._audit(peer, "lockout", outcome.lockout.scope, username or None)
+            return outcome
+
+        counted.addCallback(audited)
+        deadline = started + self.authority.settings.max_failure_delay
+
+        def answer(outcome: FailureOutcome | _Late) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+            if isinstance(outcome, _Late):
+                return refused
+            return self._answer_failure(started, outcome.delay, refused)
+
+        answered: defer.Deferred[LoginOutcome] = self._by_deadline(counted, deadline).addCallback(
+            answer
+        )
+        return answered.addErrback(self._fault, username, peer)
 
     def _logged_in(
         self,
@@ -431,10 +561,11 @@ class LoginService:
         owner: str,
         method: str,
         peer: Peer,
-        attempt: Attempt,
-    ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+        ticket: AttemptTicket,
+    ) -> defer.Deferred[LoginOutcome]:
         """
-        C{Portal.login} succeeded: count the session and list the maildrop.
+        C{Portal.login} succeeded: end the attempt, count the session and
+        list the maildrop.
 
         @param owner: whose maildrop was asked for, used only when the realm
             does not report the avatar ID (L{AvatarLogout}).
@@ -444,34 +575,65 @@ class LoginService:
         if isinstance(logout, AvatarLogout):
             owner = logout.avatar_id.decode("utf-8")
             label = logout.avatar_id.label
-        policy = self.policy
-        attempt.succeeded()
-        if not policy.connections.start_session(owner, peer.host):
-            logout()
-            self._audit(peer, "login-refused", "max-sessions-per-user", owner)
-            return LoginRefused("SYS/TEMP", "Too many sessions for this user.")
+        authority = self.authority
+        counted: list[bool] = []
 
-        def release() -> None:
-            policy.connections.end_session(owner, peer.host)
+        def note(started: bool) -> bool:
+            counted.append(started)
+            return started
+
+        # Both questions at once: with a remote authority each is a round
+        # trip.
+        ended = authority.end_login(ticket, "succeeded")
+        session = authority.start_session(owner, peer.host).addCallback(note)
+        both: defer.Deferred[list[Any]] = defer.gatherResults([ended, session], consumeErrors=True)
+
+        def log_out() -> None:
             try:
                 logout()
             except Exception:
                 self._log.failure("Releasing the mailbox of {peer} failed", peer=peer.label)
 
-        d: defer.Deferred[Sequence[int]] = defer.maybeDeferred(mailbox.listMessages)
+        def release() -> None:
+            authority.end_session(owner, peer.host)
+            log_out()
 
-        def listed(sizes: Sequence[int]) -> LoginOutcome:
-            self._audit(peer, "login-ok", f"{method}+app:{label}" if label else method, owner)
-            return LoginSucceeded(owner, label, mailbox, sizes, release)
+        def answered(_: object) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+            if not counted[0]:
+                log_out()
+                self._audit(peer, "login-refused", "max-sessions-per-user", owner)
+                return LoginRefused("SYS/TEMP", "Too many sessions for this user.")
+            d: defer.Deferred[Sequence[int]] = defer.maybeDeferred(mailbox.listMessages)
 
-        def unlisted(failure: Failure) -> LoginOutcome:
-            release()
-            return self._fault(failure, owner, peer)
+            def listed(sizes: Sequence[int]) -> LoginOutcome:
+                self._audit(peer, "login-ok", f"{method}+app:{label}" if label else method, owner)
+                return LoginSucceeded(owner, label, mailbox, sizes, release)
 
-        return d.addCallbacks(listed, unlisted)
+            def unlisted(failure: Failure) -> LoginOutcome:
+                release()
+                return self._fault(failure, owner, peer)
+
+            return d.addCallbacks(listed, unlisted)
+
+        def unanswered(failure: Failure) -> LoginOutcome:
+            # The authority failed: a server fault, whatever the password.
+            if counted and counted[0]:
+                release()
+            else:
+                log_out()
+            return self._fault(_first_error(failure), owner, peer)
+
+        outcome: defer.Deferred[LoginOutcome] = both.addCallbacks(answered, unanswered)
+        return outcome
 
     def _failed(
-        self, failure: Failure, username: str, peer: Peer, attempt: Attempt, started: float
+        self,
+        failure: Failure,
+        username: str,
+        peer: Peer,
+        ticket: AttemptTicket,
+        started: float,
+        checking: float,
     ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
         """
         C{Portal.login} failed: a wrong password (counted, answered after the
@@ -479,18 +641,29 @@ class LoginService:
         release the attempt uncounted).
 
         @param started: when the attempt began.
+        @param checking: when its check began (after any wait for a place,
+            which says nothing of what the check cost).
         """
         if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
             reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
             self._audit(peer, "login-failed", reason, username)
             now = self.reactor.seconds()
             self._rotate(now)
-            self._slowest = max(self._slowest, now - started)
-            outcome = attempt.failed(now)
-            if outcome.lockout is not None:
-                self._audit(peer, "lockout", outcome.lockout.scope, username)
-            return self._answer_failure(started, outcome.delay, LoginRefused("AUTH", AUTH_FAILED))
-        attempt.release()
+            self._slowest = max(self._slowest, now - checking)
+            authority = self.authority
+
+            def counted(outcome: FailureOutcome | None) -> Any:
+                # An authority that no longer knows the ticket (it ended
+                # already) still counts the failure.
+                if outcome is None:
+                    return authority.login_failed(peer.host, username)
+                return outcome
+
+            ended = authority.end_login(ticket, "failed").addCallback(counted)
+            return self._answer_counted(
+                ended, started, LoginRefused("AUTH", AUTH_FAILED), username, peer
+            )
+        self._end_quietly(ticket, "released")
         if failure.check(Pop3Error):
             exc = failure.value
             assert isinstance(exc, Pop3Error)
@@ -535,9 +708,10 @@ class LoginService:
         """
         now = self.reactor.seconds()
         self._rotate(now)
-        cap = self.policy.throttle.settings.max_failure_delay
-        floor = min(max(self._slowest, self._slowest_before), cap)
-        wait = started + max(delay, floor) - now
+        cap = self.authority.settings.max_failure_delay
+        floor = max(self._slowest, self._slowest_before)
+        # Never past the cap after the start, whatever the authority says.
+        wait = started + min(max(delay, floor), cap) - now
         return task.deferLater(self.reactor, max(0.0, wait), lambda: outcome)
 
     def _rotate(self, now: float) -> None:
@@ -548,7 +722,7 @@ class LoginService:
         """
         if self._window_start is None:
             self._window_start = now
-        window = self.policy.throttle.settings.window
+        window = self.authority.settings.window
         elapsed = now - self._window_start
         if elapsed < window:
             return
@@ -559,3 +733,23 @@ class LoginService:
     @staticmethod
     def _audit(peer: Peer, event: str, reason: str, user: str | None) -> None:
         audit(event, session=peer.session, peer=peer.host, reason=reason, user=user)
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first Deferred that failed in a C{gatherResults}."""
+    error = failure.value
+    if isinstance(error, defer.FirstError):
+        first: Failure = error.subFailure
+        return first
+    return failure
+
+
+def _when_settled(chain: defer.Deferred[_T]) -> defer.Deferred[_T]:
+    """
+    A Deferred that fires with C{chain}'s final result: one whose callbacks
+    wait on further Deferreds counts as C{called} already, which an answer
+    still to come is not.
+    """
+    settled: defer.Deferred[_T] = defer.Deferred()
+    chain.chainDeferred(settled)
+    return settled

@@ -287,6 +287,10 @@ class POP3Server(Protocol):
         self._host = "?"
         self._session_id = "-"
         self._counted = False
+        self._admitting = False
+        self._admission_abandoned = False
+        self._early_input: list[bytes] = []
+        self._early_size = 0
         self._login_peer: Peer | None = None
         self._apop_challenge: str | None = None
 
@@ -318,13 +322,55 @@ class POP3Server(Protocol):
             self.transport.write(b"-ERR [SYS/PERM] Access denied.\r\n")
             self._close(self.factory.close_grace)
             return
-        breach = policy.connections.open(self._host)
+        # The login deadline runs from the connect: it also ends a wait for
+        # an authority that does not answer.
+        self._auth_deadline = self.factory.reactor.callLater(
+            policy.auth_timeout, self._auth_timed_out
+        )
+        # The greeting waits for the authority's count (in another process
+        # with --workers); what the client sends meanwhile is kept.
+        self._admitting = True
+        asked = self.factory.login.authority.open_connection(self._host)
+        asked.addCallbacks(self._admitted, self._admission_failed)
+
+    def _admitted(self, breach: str | None) -> None:
+        """The authority answered the connection's count: greet, or refuse."""
+        self._admitting = False
+        if self._admission_abandoned:
+            # Closed already (it waited too long); a count that came late
+            # goes back.
+            if breach is None:
+                self.factory.login.authority.close_connection(self._host)
+            return
         if breach is not None:
             self._audit("limit-hit", breach)
-            self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
-            self._close(self.factory.close_grace)
+            if not self._lost:
+                self.transport.write(b"-ERR [SYS/TEMP] Too many connections, try again later.\r\n")
+                self._close(self.factory.close_grace)
+            return
+        if self._lost:
+            # Gone while it waited: the count it was just given goes back.
+            self.factory.login.authority.close_connection(self._host)
             return
         self._counted = True
+        self._greet()
+
+    def _admission_failed(self, failure: Failure) -> None:
+        """The authority could not count the connection: a server fault."""
+        self._admitting = False
+        if self._admission_abandoned:
+            self._log.failure(
+                "Counting the connection of {peer} failed late", failure, peer=self._peer
+            )
+            return
+        self._log.failure("Counting the connection of {peer} failed", failure, peer=self._peer)
+        self._audit("connection-refused", "error")
+        if not self._lost:
+            self.transport.write(b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n")
+            self._close(self.factory.close_grace)
+
+    def _greet(self) -> None:
+        """Start the session of an admitted connection, and take what it sent so far."""
         self._login_peer = Peer(self._host, self._session_id, self._peer)
         self._set_socket_options()
         self.transport.registerProducer(self, True)
@@ -336,9 +382,9 @@ class POP3Server(Protocol):
         self.machine = m.Pop3Machine(self._capabilities(), start_sasl=self._start_sasl)
         self.transport.write(self.machine.greeting())
         self._reset_idle_timer()
-        self._auth_deadline = self.factory.reactor.callLater(
-            policy.auth_timeout, self._auth_timed_out
-        )
+        early, self._early_input, self._early_size = self._early_input, [], 0
+        if early:
+            self.dataReceived(b"".join(early))
 
     def _audit(self, event: str, reason: str, user: str | None = None) -> None:
         audit(event, session=self._session_id, peer=self._host, reason=reason, user=user)
@@ -346,6 +392,13 @@ class POP3Server(Protocol):
     def _auth_timed_out(self) -> None:
         self._auth_deadline = None
         self._audit("limit-hit", "auth-timeout")
+        if self._admitting:
+            # Never greeted: the authority did not answer in time.
+            self._admitting = False
+            self._admission_abandoned = True
+            self.transport.write(b"-ERR [SYS/TEMP] Server busy, try again later.\r\n")
+            self._close(self.factory.close_grace)
+            return
         self._close_with(b"-ERR Login timeout; closing.\r\n", self.factory.close_grace)
 
     def _handshake_timed_out(self) -> None:
@@ -426,6 +479,15 @@ class POP3Server(Protocol):
                     pass
 
     def dataReceived(self, data: bytes) -> None:
+        if self._admitting:
+            # Pipelined before the greeting: kept for the machine, within
+            # the same bound as input the machine has not taken.
+            self._early_input.append(data)
+            self._early_size += len(data)
+            if self._early_size > MAX_PENDING_INPUT and not self._input_paused:
+                self._input_paused = True
+                self.transport.pauseProducing()
+            return
         if self.machine is None or self.machine.state is m.State.CLOSED:
             return
         self._reset_idle_timer()
@@ -451,7 +513,7 @@ class POP3Server(Protocol):
         self._stall_call = self._abort_call = None
         if self._counted:
             self._counted = False
-            self.factory.policy.connections.close(self._host)
+            self.factory.login.authority.close_connection(self._host)
         if self.machine is not None:
             self.machine.connection_lost()
         # A dropped connection commits nothing: the mailbox is released as is.
