@@ -878,6 +878,34 @@ def machine_info(dovecot_version: str | None) -> dict[str, str]:
 # --- main ----------------------------------------------------------------------------
 
 
+def authority_round_trip(calls: int = 5000) -> str:
+    """
+    What asking the parent's policy authority adds to a login with
+    C{--workers N} (tests/bench/authority_rtt.py), as a Markdown paragraph.
+    """
+    script = HERE / "authority_rtt.py"
+    try:
+        out = subprocess.run(
+            [sys.executable, str(script), "--json", "--calls", str(calls)],
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout
+        figures = json.loads(out)
+    except (subprocess.SubprocessError, ValueError) as e:
+        return f"\n\nPolicy authority round trip: not measured ({e}).\n"
+    local, amp = figures["local"], figures["amp"]
+    return (
+        f"\n\nPolicy authority (`--workers N`), {figures['calls']} logins, each a BeginLogin "
+        "and an EndLogin (two round trips): "
+        f"in-process median {local['median_us']:.0f} µs (p99 {local['p99_us']:.0f} µs); "
+        f"over AMP to the parent median {amp['median_us']:.0f} µs "
+        f"(p99 {amp['p99_us']:.0f} µs), so about {figures['added_median_us'] / 2:.0f} µs "
+        "added per round trip.\n"
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -1030,10 +1058,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         header.append("")
     raw = {k: v for k, v in sorted(results.items())}
+    rtt = authority_round_trip()
     text = (
         "\n".join(header)
         + "\n"
         + table
+        + rtt
         + "\n\nPer-round values:\n\n```\n"
         + "\n".join(
             f"{k}: " + "; ".join(f"{srv} " + ", ".join(fmt(x) for x in xs) for srv, xs in v.items())
