@@ -1,0 +1,564 @@
+"""
+Tests for L{pop3srv.admin.cli}, the C{pop3srv} admin command, run as the
+installed console script, and for the access rules of
+L{pop3srv.admin.checkconfig}.
+"""
+
+from __future__ import annotations
+
+import datetime
+import grp
+import os
+import platform
+import pwd
+import shutil
+import subprocess
+import sys
+import tempfile
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from certs import Authority
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+import pop3srv
+import twisted
+from pop3srv.admin.checkconfig import ServiceIdentity
+from pop3srv.app.config import SETTINGS
+
+ROOT = Path(__file__).resolve().parent.parent
+EXAMPLE = ROOT / "etc" / "pop3srv.toml"
+SCRIPT = str(Path(sys.executable).with_name("pop3srv"))
+PREFIX = "pop3srv check-config: "
+PASSWORD = "Correct-Horse-Battery-Staple-9"
+
+
+def run(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed C{pop3srv} script."""
+    return subprocess.run(
+        [SCRIPT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        input=stdin,
+        timeout=120,
+        check=False,
+    )
+
+
+def me() -> str:
+    """The name of the user running the tests."""
+    return pwd.getpwuid(os.geteuid()).pw_name
+
+
+@dataclass
+class Site:
+    """A configuration of the example file, every path in one directory."""
+
+    root: Path
+    config: Path
+    users: Path
+    cert: Path
+    key: Path
+    index: Path
+
+    def check(self, *extra: str | Path) -> subprocess.CompletedProcess[str]:
+        """C{pop3srv check-config --config ...} as the current user."""
+        return run("check-config", "--config", self.config, "--user", me(), *extra)
+
+    def replace(self, old: str, new: str) -> int:
+        """Replace the one line C{old} of the config; its line number."""
+        lines = self.config.read_text().split("\n")
+        number = lines.index(old)
+        lines[number] = new
+        self.config.write_text("\n".join(lines))
+        return number + 1
+
+
+def add_user(users: Path, name: str) -> None:
+    """Add a user through C{pop3srv passwd}, which must be C{pop3srv-passwd}."""
+    done = run("passwd", "--password-stdin", users, name, stdin=PASSWORD + "\n")
+    assert (done.returncode, done.stdout, done.stderr) == (0, f"Added user {name!r}.\n", "")
+
+
+def adjusted(root: Path, cert: Path, key: Path, users: Path, index: Path) -> str:
+    """
+    The example configuration with its paths in C{root}; fails if a line
+    it changes is no longer in the example (the test would then check a
+    configuration that is not the example's).
+    """
+    text = EXAMPLE.read_text()
+    changes = {
+        'mailbox = "/var/mail/{user}"': f'mailbox = "{root}/mail/{{user}}"',
+        'auth = ["passlib:/etc/pop3srv/users"]': f'auth = ["passlib:{users}"]',
+        '# listen_tls = ["tcp:995"]': 'listen_tls = ["tcp:995"]',
+        '# tls_cert = "/etc/pop3srv/tls/fullchain.pem"': f'tls_cert = "{cert}"',
+        '# tls_key = "/etc/pop3srv/tls/privkey.pem"': f'tls_key = "{key}"',
+        '# index_dir = "/var/lib/pop3srv/index"': f'index_dir = "{index}"',
+    }
+    for old, new in changes.items():
+        assert text.count(old) == 1, f"{old!r} is no longer in {EXAMPLE}"
+        text = text.replace(old, new)
+    return text
+
+
+def make_site(root: Path) -> Site:
+    """The example configuration, with real files, in C{root}."""
+    (root / "mail").mkdir()
+    index = root / "index"
+    index.mkdir()
+    cert, key = Authority.create().issue(root, "tls", serial=1)
+    users = root / "users"
+    add_user(users, "alice")
+    config = root / "pop3srv.toml"
+    config.write_text(adjusted(root, cert, key, users, index))
+    return Site(root, config, users, cert, key, index)
+
+
+@pytest.fixture
+def site(tmp_path: Path) -> Site:
+    return make_site(tmp_path)
+
+
+def settings_of(stdout: str) -> dict[str, str]:
+    """The C{key = value...} lines of a listing, by key."""
+    lines = [line for line in stdout.splitlines() if not line.startswith("#")]
+    found = {line.split(" = ", 1)[0]: line for line in lines}
+    assert len(found) == len(lines), "a setting printed twice"
+    return found
+
+
+def problems(stderr: str) -> list[str]:
+    lines = stderr.splitlines()
+    assert all(line.startswith(PREFIX) for line in lines), stderr
+    return [line.removeprefix(PREFIX) for line in lines]
+
+
+def dated_certificate(
+    directory: Path, not_before: datetime.datetime, not_after: datetime.datetime
+) -> tuple[Path, Path]:
+    """A self-signed certificate valid between two times, and its key."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_after)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "dated.crt", directory / "dated.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+# --- version and help
+
+
+def test_version() -> None:
+    """C{pop3srv version} and C{pop3srv --version}: one line per component."""
+    done = run("version")
+    assert (done.returncode, done.stderr) == (0, "")
+    lines = done.stdout.splitlines()
+    assert lines[0] == f"pop3srv {pop3srv.__version__}"
+    assert lines[1] == f"Twisted {twisted.__version__}"
+    assert lines[2].startswith(f"Python {platform.python_version()} ")
+    assert lines[3].startswith("OpenSSL ") and "serves TLS" in lines[3]
+    assert run("--version").stdout == done.stdout
+
+
+def test_help() -> None:
+    """The top-level help lists the commands; check-config's says how changes are marked."""
+    top = run("--help")
+    assert top.returncode == 0
+    for command in ("version", "check-config", "passwd"):
+        assert f"    {command}" in top.stdout
+    check = run("check-config", "--help")
+    assert check.returncode == 0
+    assert "'  # default: VALUE'" in check.stdout
+    assert "twistd pop3srv --help" in check.stdout
+
+
+def test_passwd_is_pop3srv_passwd(site: Site) -> None:
+    """C{pop3srv passwd} hands everything after it, C{--help} too, to pop3srv-passwd."""
+    done = run("passwd", "--help")
+    assert done.returncode == 0
+    assert done.stdout.startswith("usage: pop3srv-passwd ")
+    assert (
+        done.stdout
+        == subprocess.run(
+            [str(Path(SCRIPT).with_name("pop3srv-passwd")), "--help"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )
+    verify = run("passwd", "--verify", "--password-stdin", site.users, "alice", stdin=PASSWORD)
+    assert (verify.returncode, verify.stdout) == (0, "Password matches.\n")
+    wrong = run("passwd", "--verify", "--password-stdin", site.users, "alice", stdin="nope")
+    assert wrong.returncode == 1
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((), "pop3srv: a command is required (see pop3srv --help)"),
+        (("version", "extra"), "pop3srv: unrecognized arguments: extra (see pop3srv --help)"),
+        (("frobnicate",), "pop3srv: argument COMMAND: invalid choice: 'frobnicate'"),
+        (("check-config", "--user", "no-such-user-here"), "pop3srv: --user no-such-user-here:"),
+        (("check-config", "--group", "no-such-group-here"), "pop3srv: --group no-such-group-here:"),
+    ],
+)
+def test_usage_errors(args: tuple[str, ...], message: str) -> None:
+    """A usage error is one line and exit status 2."""
+    done = run(*args)
+    assert done.returncode == 2
+    assert done.stderr.count("\n") == 1
+    assert done.stderr.startswith(message)
+
+
+# --- check-config
+
+
+def test_check_config_example(site: Site) -> None:
+    """
+    The example file with its paths adjusted passes, and every setting is
+    printed once, in the order of the settings table, those that differ from
+    the default marked; the file's settings equal to the default are not.
+    Options after it win over the file, and --user-failure-limit is not
+    taken for check-config's own --user.
+    """
+    done = site.check("--idle-timeout", "900", "--user-failure-limit", "3")
+    assert (done.returncode, done.stderr) == (0, "")
+    found = settings_of(done.stdout)
+    assert list(found) == list(SETTINGS)
+    assert found["idle_timeout"] == "idle_timeout = 900  # default: 600"
+    assert found["user_failure_limit"] == "user_failure_limit = 3  # default: 5"
+    assert found["mailbox"] == (
+        f'mailbox = "{site.root}/mail/{{user}}"  # default: "/var/mail/{{user}}"'
+    )
+    assert found["auth"] == (
+        f'auth = ["passlib:{site.users}"]  # default: ["passlib:/etc/pop3srv/users"]'
+    )
+    assert found["listen_tls"] == 'listen_tls = ["tcp:995"]  # default: []'
+    assert found["tls_cert"] == f'tls_cert = "{site.cert}"  # default: not set'
+    assert found["index_dir"] == f'index_dir = "{site.index}"  # default: not set'
+    # Set in the example file, to the default.
+    assert found["listen"] == 'listen = ["tcp:110"]'
+    assert found["failure_delay"] == "failure_delay = 2.0"
+    assert found["plaintext_auth_networks"] == (
+        'plaintext_auth_networks = ["127.0.0.0/8", "::1/128"]'
+    )
+    assert f"# certificate {site.cert}: CN=localhost, expires " in done.stdout
+
+
+def test_listing_is_a_config(site: Site) -> None:
+    """The listing is TOML that check-config accepts, with the same values."""
+    first = site.check("--max-connections", "7")
+    assert first.returncode == 0
+    listing = site.root / "listing.toml"
+    listing.write_text(first.stdout)
+    again = run("check-config", "--config", listing, "--user", me())
+    assert (again.returncode, again.stderr) == (0, "")
+    assert tomllib.loads(again.stdout) == tomllib.loads(first.stdout)
+    assert tomllib.loads(first.stdout)["max_connections"] == 7
+
+
+def test_defaults_unset_shown_as_comments(site: Site) -> None:
+    """A setting with no value and no default is a comment line."""
+    site.replace(f'index_dir = "{site.index}"', "")
+    done = site.check()
+    assert done.returncode == 0, done.stderr
+    assert "# index_dir is not set" in done.stdout.splitlines()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the warning is about running as root")
+def test_root_without_user_warns(site: Site) -> None:
+    """Run as root without --user, access checks mean little: say so, but pass."""
+    done = run("check-config", "--config", site.config)
+    assert done.returncode == 0
+    (line,) = done.stderr.splitlines()
+    assert line.startswith(PREFIX + "warning: checked file access as root")
+
+
+def test_broken_toml(site: Site) -> None:
+    """A file that is not TOML: exit 1, one line naming the file and line; no listing."""
+    number = site.replace("idle_timeout = 600", "idle_timeout = = 600")
+    done = site.check()
+    assert done.returncode == 1
+    assert done.stdout == ""
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"{site.config}:{number}: ")
+
+
+def test_bad_value(site: Site) -> None:
+    """A value start-up refuses: its file:line and why."""
+    number = site.replace("idle_timeout = 600", "idle_timeout = 60")
+    done = site.check()
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"{site.config}:{number}: idle_timeout must be at least 600 (RFC 1939 section 3)"
+    ]
+
+
+def test_bad_option(site: Site) -> None:
+    """An option twistd pop3srv does not know is a problem, in twistd's words."""
+    done = site.check("--no-such-option")
+    assert done.returncode == 1
+    assert problems(done.stderr) == ["option --no-such-option not recognized"]
+
+
+@pytest.mark.parametrize("given", ["file", "command line"])
+def test_malformed_user_lines(site: Site, given: str) -> None:
+    """
+    Every line the server would skip is a problem, by number and never
+    quoted; the listing is still printed.  So for a file given with --auth.
+    """
+    users = site.users if given == "file" else site.root / "other-users"
+    if given == "command line":
+        add_user(users, "carol")
+    with users.open("a") as f:
+        f.write("# a comment\n\nno-colon-secret-text\nbob:{PLAIN}plain-secret\n")
+    first_user_lines = users.read_text().count("\n") - 4
+    extra = () if given == "file" else ("--auth", f"passlib:{users}")
+    done = site.check(*extra)
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"{users}:{first_user_lines + 3}: no ':' separator",
+        f"{users}:{first_user_lines + 4}: user 'bob': plaintext passwords are not accepted",
+    ]
+    assert "secret" not in done.stderr
+    assert f'auth = ["passlib:{users}"]' in done.stdout
+
+
+def test_missing_user_file(site: Site) -> None:
+    """A user file that cannot be read stops start-up: named with where it was set."""
+    site.users.unlink()
+    done = site.check()
+    assert done.returncode == 1
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"{site.config}:")
+    assert line.endswith(f"{site.users}: No such file or directory")
+
+
+def test_mismatched_key(site: Site) -> None:
+    """A key that is not the certificate's stops start-up."""
+    _, other_key = Authority.create().issue(site.root, "other", serial=2)
+    done = site.check("--tls-key", other_key)
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"{other_key}: the private key does not match the certificate in {site.cert}"
+    ]
+
+
+def test_expired_certificate(site: Site) -> None:
+    """An expired certificate is a problem (start-up itself would not notice)."""
+    now = datetime.datetime.now(datetime.UTC)
+    cert, key = dated_certificate(
+        site.root, now - datetime.timedelta(days=100), now - datetime.timedelta(days=3, hours=1)
+    )
+    done = site.check("--tls-cert", cert, "--tls-key", key)
+    assert done.returncode == 1
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"--tls-cert: {cert}: certificate expired on ")
+    assert line.endswith(" UTC (3 days ago)")
+
+
+def test_certificate_not_yet_valid(site: Site) -> None:
+    """So is one whose validity starts in the future."""
+    now = datetime.datetime.now(datetime.UTC)
+    cert, key = dated_certificate(
+        site.root, now + datetime.timedelta(days=1), now + datetime.timedelta(days=100)
+    )
+    done = site.check("--tls-cert", cert, "--tls-key", key)
+    assert done.returncode == 1
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"--tls-cert: {cert}: certificate is not valid before ")
+
+
+def test_certificate_expiring_soon(site: Site) -> None:
+    """Under 14 days left: a warning, and start-up would still succeed."""
+    now = datetime.datetime.now(datetime.UTC)
+    cert, key = dated_certificate(
+        site.root, now - datetime.timedelta(days=80), now + datetime.timedelta(days=5, hours=1)
+    )
+    done = site.check("--tls-cert", cert, "--tls-key", key)
+    assert done.returncode == 0
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"warning: --tls-cert: {cert}: certificate expires in 5 days, on ")
+    assert f"# certificate {cert}: CN=localhost, expires " in done.stdout
+    # 15 days: no warning.
+    cert, key = dated_certificate(
+        site.root, now - datetime.timedelta(days=80), now + datetime.timedelta(days=15, hours=1)
+    )
+    assert site.check("--tls-cert", cert, "--tls-key", key).stderr == ""
+
+
+# --- the service user's access
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """
+    A directory every user may search (pytest's own temporary directories
+    are private to the user running the tests).
+    """
+    root = Path(tempfile.mkdtemp(prefix="pop3srv-test-cli-"))
+    try:
+        root.chmod(0o755)
+        yield root
+    finally:
+        shutil.rmtree(root)
+
+
+@pytest.fixture
+def open_site(open_dir: Path) -> Site:
+    return make_site(open_dir)
+
+
+@pytest.mark.skipif(me() == "nobody", reason="needs a user other than the tests'")
+def test_service_user_access(open_site: Site) -> None:
+    """
+    --user and --group: the user file (mode 0640) and the index directory
+    (0755), both owned by the tests' user, are not for nobody; with the
+    file's group added (and the directory group-writable) they are.
+    """
+    site = open_site
+    site.index.chmod(0o755)
+    done = site.check("--user", "nobody")
+    assert done.returncode == 1
+    owner = f"owner {me()}:{grp.getgrgid(site.users.stat().st_gid).gr_name}"
+    assert problems(done.stderr) == [
+        f"{site.users}: user nobody cannot read it ({owner}, mode 0640)",
+        f"{site.config}:{index_line(site)}: {site.index}: user nobody cannot write in it "
+        f"({owner}, mode 0755)",
+    ]
+    group = grp.getgrgid(site.users.stat().st_gid).gr_name
+    site.index.chmod(0o775)
+    allowed = site.check("--user", "nobody", "--group", group)
+    assert (allowed.returncode, allowed.stderr) == (0, "")
+    assert "# file access checked for user nobody" in allowed.stdout.splitlines()
+
+
+def index_line(site: Site) -> int:
+    lines = site.config.read_text().split("\n")
+    return lines.index(f'index_dir = "{site.index}"') + 1
+
+
+def test_spool_without_index_dir(open_site: Site) -> None:
+    """Without index_dir the indexes go beside each mbox: the spool must be writable."""
+    site = open_site
+    site.replace(f'index_dir = "{site.index}"', "")
+    (site.root / "mail").chmod(0o755)
+    site.users.chmod(0o644)
+    done = site.check("--user", "nobody")
+    assert done.returncode == 1
+    (line,) = problems(done.stderr)
+    assert line.startswith(f"{site.config}:")
+    assert line.endswith(
+        f"{site.root}/mail: user nobody cannot write in it "
+        f"(owner {me()}:{grp.getgrgid(os.getegid()).gr_name}, mode 0755); "
+        "without index_dir the indexes go beside each mbox"
+    )
+
+
+# --- the access rules, in process
+
+
+def test_access_owner_bits_rule(open_dir: Path) -> None:
+    """
+    As the kernel does: the owner gets the owner's bits even when the
+    group's would allow more; a group member the group's; others theirs;
+    root everything.
+    """
+    path = open_dir / "f"
+    path.write_text("")
+    if os.geteuid() == 0:
+        # Root's own file would be root's, which may read anything.
+        os.chown(path, 54321, 54321)
+    st = path.stat()
+    owner = ServiceIdentity("owner", st.st_uid, frozenset())
+    member = ServiceIdentity("member", st.st_uid + 1, frozenset({st.st_gid}))
+    other = ServiceIdentity("other", st.st_uid + 1, frozenset({st.st_gid + 1}))
+    path.chmod(0o040)
+    assert owner.cannot(str(path), os.R_OK) == (
+        f"{path}: user owner cannot read it ({describe(path)})"
+    )
+    assert member.cannot(str(path), os.R_OK) is None
+    assert other.cannot(str(path), os.R_OK) is not None
+    path.chmod(0o004)
+    assert member.cannot(str(path), os.R_OK) is not None
+    assert other.cannot(str(path), os.R_OK) is None
+    assert ServiceIdentity("root", 0).cannot(str(path), os.R_OK | os.W_OK) is None
+
+
+def test_access_needs_search_on_every_directory(open_dir: Path) -> None:
+    """A readable file in a directory the user cannot search is out of its reach."""
+    closed = open_dir / "closed"
+    closed.mkdir()
+    path = closed / "f"
+    path.write_text("")
+    path.chmod(0o644)
+    closed.chmod(0o700)
+    st = path.stat()
+    stranger = ServiceIdentity("stranger", st.st_uid + 1, frozenset({st.st_gid + 1}))
+    assert stranger.cannot(str(path), os.R_OK) == (
+        f"{path}: user stranger cannot reach it: no search permission on {closed} "
+        f"({describe(closed)})"
+    )
+    closed.chmod(0o711)
+    assert stranger.cannot(str(path), os.R_OK) is None
+
+
+def describe(path: Path) -> str:
+    """How the messages describe a file's owner and mode."""
+    st = path.stat()
+    try:
+        owner = pwd.getpwuid(st.st_uid).pw_name
+    except KeyError:
+        owner = str(st.st_uid)
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    return f"owner {owner}:{group}, mode {st.st_mode & 0o7777:04o}"
+
+
+def test_listing_reader_gone(site: Site) -> None:
+    """
+    When the reader of the listing goes away (| head), the problems still
+    reach stderr and the exit status is still the verdict.
+    """
+    with site.users.open("a") as f:
+        f.write("no-colon\n")
+    process = subprocess.Popen(
+        [SCRIPT, "check-config", "--config", str(site.config), "--user", me()],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    process.stdout.close()
+    try:
+        stderr = process.stderr.read()
+        assert process.wait(timeout=120) == 1
+    finally:
+        process.kill()
+        process.wait()
+    assert problems(stderr) == [f"{site.users}:2: no ':' separator"]
