@@ -10,10 +10,12 @@ C{certs.py}.
 One async style per layer:
 
   - L0 pure code (C{pop3srv.core}, C{pop3srv.mbox} scanning, quoting,
-    indexes and commits, limits): plain functions and Hypothesis; no
-    Deferreds, no reactor.
-  - L1 Twisted objects in memory (protocol, abuse, STLS, SASL over iosim,
-    realm, TLS context, checker, tap): synchronous.  A fake clock
+    indexes and commits): plain functions and Hypothesis; no Deferreds, no
+    reactor.
+  - L1 Twisted objects in memory (limits and the policy authority, whose
+    in-memory answers are Deferreds that have already fired; protocol,
+    abuse, STLS, SASL over iosim, realm, TLS context, checker, tap):
+    synchronous.  A fake clock
     (L{clock}, C{MemoryReactorClock}), C{StringTransport} or C{iosim}, and
     L{helpers.run_now} instead of a thread pool, so each Deferred has fired
     when the call returns; its value is read with L{helpers.result_of} and
