@@ -290,6 +290,8 @@ class Pop3Machine:
         self.state = State.AUTHORIZATION
         self.username: str | None = None
         self.bad_commands = 0
+        #: DELE commands accepted (RSET does not undo the count).
+        self.deletions = 0
         self._lines = LineBuffer(max_line)
         self._user: str | None = None
         self._maildrop: _Maildrop | None = None
@@ -497,6 +499,7 @@ class Pop3Machine:
             return Reply(index)
         if isinstance(command, c.Dele):
             drop.deleted.add(index)
+            self.deletions += 1
             return Reply(format_ok(f"Message {command.msn} deleted."))
         if isinstance(command, c.Top):
             return SendMessage(index, command.lines, format_ok("Top of message follows."))

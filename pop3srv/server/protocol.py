@@ -11,14 +11,14 @@ from __future__ import annotations
 import ipaddress
 import os
 import socket
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 from typing import Protocol as TypingProtocol
 
 from twisted.cred import credentials
 from twisted.cred.portal import Portal
 from twisted.internet import defer, interfaces
-from twisted.internet.address import UNIXAddress
+from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
@@ -41,6 +41,14 @@ from pop3srv.server.login import (
     Peer,
     ServerPolicy,
     escape_for_log,
+)
+from pop3srv.server.sessions import (
+    SessionFigures,
+    SessionInfo,
+    SessionTable,
+    UidlHash,
+    log_summary,
+    tls_description,
 )
 from pop3srv.server.tls import bindings_from_tls_connection
 
@@ -90,6 +98,23 @@ def peer_in_networks(peer: object, networks: Iterable[IPNetwork]) -> bool:
     return isinstance(host, str) and in_networks(host, networks)
 
 
+def _client_label(peer: object, host: str) -> str:
+    """
+    A client's address for the session table and summary: C{host:port},
+    C{[host]:port} for IPv6, the host alone where there is no port.
+    """
+    port = getattr(peer, "port", None)
+    if not isinstance(port, int):
+        return host
+    if isinstance(peer, IPv6Address) and ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def _ignore_octets(octets: int) -> None:
+    """What a TOP response's octets count for: nothing."""
+
+
 def _socket_of(transport: Any) -> socket.socket | None:
     """
     The TCP socket under a transport, if there is one: C{tcp.Connection}
@@ -121,9 +146,11 @@ class _MessageStreamer:
         call_later: Callable[..., Any],
         on_progress: Callable[[], None] = lambda: None,
         on_pause: Callable[[], None] = lambda: None,
+        on_sent: Callable[[int], None] = lambda octets: None,
     ) -> None:
         self._on_progress = on_progress
         self._on_pause = on_pause
+        self._on_sent = on_sent
         self._transport = transport
         self._source = source
         self._top = TopFilter(top_lines) if top_lines is not None else None
@@ -183,12 +210,16 @@ class _MessageStreamer:
             finished = not data
         return self._encoder.feed(data), finished
 
+    def _write(self, out: bytes) -> None:
+        self._transport.write(out)
+        self._on_sent(len(out))
+
     def _write_last(self, out: bytes) -> None:
         # Two writes, not a concatenation: the transport joins its buffer
         # once anyway, so a whole message is not copied twice.
         if out:
-            self._transport.write(out)
-        self._transport.write(self._encoder.finish())
+            self._write(out)
+        self._write(self._encoder.finish())
 
     def start(self) -> defer.Deferred[None]:
         self._transport.registerProducer(self, True)
@@ -219,7 +250,7 @@ class _MessageStreamer:
                     self._finish(None)
                     return
                 if out:
-                    self._transport.write(out)
+                    self._write(out)
         except Exception:
             self._finish(Failure())
 
@@ -261,6 +292,22 @@ class POP3Server(Protocol):
     connection if the peer has not taken the last output after a grace
     period: a timeout must free the connection's slot even from a peer that
     never reads and never finishes a TLS handshake.
+
+    Once admitted (greeted), a connection is a session: it is in the
+    factory's L{SessionTable} until it ends, and then logs one summary line
+    (L{pop3srv.server.sessions}) whose C{end} says how it ended:
+      - C{quit}: the client said C{QUIT} (and the commit, if any, succeeded);
+      - C{quit-commit-failed}: it said C{QUIT} and the commit failed;
+      - C{dropped}: the client closed the connection, or it broke;
+      - C{idle-timeout}, C{auth-timeout}, C{tls-handshake-timeout},
+        C{write-stall}, C{bad-commands}: the server closed it for that
+        reason (the names of the audit log's C{limit-hit} reasons);
+      - C{error}: a server fault ended it (a message that could not be read
+        mid-response, an unexpected error);
+      - C{shutdown}: the server stopped listening (it is stopping) and the
+        connection ended without any of the above.
+    A session that is committing when the connection goes waits for the
+    commit before it is summarised (the client said C{QUIT}).
     """
 
     _log = Logger()
@@ -293,6 +340,20 @@ class POP3Server(Protocol):
         self._early_size = 0
         self._login_peer: Peer | None = None
         self._apop_challenge: str | None = None
+        # The session's summary: set once it is admitted.
+        self._figures: SessionFigures | None = None
+        self._listener = "pop3"
+        self._client = "?"
+        self._connected_at = 0.0
+        self._tls: tuple[str, str] | None = None
+        # The machine state the session table shows.
+        self._state_seen: m.State | None = None
+        # A login the outcome of which is in but that the machine has not
+        # finished (a SASL exchange's last step): user, method, sizes.
+        self._login_pending: tuple[str, str, Sequence[int]] | None = None
+        self._login_method = "-"
+        self._uidls: UidlHash | None = None
+        self._committing = False
 
     @property
     def mailbox(self) -> Any:
@@ -308,15 +369,18 @@ class POP3Server(Protocol):
         self._host = normalise_address(str(getattr(peer, "host", "local")))
         self._peer = f"{self._host}:{getattr(peer, 'port', '')}"
         self._session_id = self.factory.next_session_tag()
+        self._connected_at = self.factory.reactor.seconds()
+        self._client = _client_label(peer, self._host)
         policy = self.factory.policy
         if ISSLTransport.providedBy(self.transport):
+            self._listener = "pop3s"
             # Implicit TLS: our first line waits for a handshake that a
             # silent peer never starts.
             self._handshake_call = self.factory.reactor.callLater(
                 self.factory.tls_handshake_timeout, self._handshake_timed_out
             )
         if isinstance(peer, UNIXAddress):
-            self._host = "local"
+            self._host = self._client = "local"
         elif not policy.access.permits(self._host):
             self._audit("connection-refused", "ip-rules")
             self.transport.write(b"-ERR [SYS/PERM] Access denied.\r\n")
@@ -372,6 +436,26 @@ class POP3Server(Protocol):
     def _greet(self) -> None:
         """Start the session of an admitted connection, and take what it sent so far."""
         self._login_peer = Peer(self._host, self._session_id, self._peer)
+        self._figures = SessionFigures(
+            session=self._session_id,
+            client=self._client,
+            listener=self._listener,
+            started=self._connected_at,
+            tls=self._tls,
+        )
+        self._state_seen = m.State.AUTHORIZATION
+        self.factory.sessions.add(
+            SessionInfo(
+                id=self._session_id,
+                user=None,
+                client=self._client,
+                listener=self._listener,
+                tls=" ".join(self._tls) if self._tls is not None else None,
+                since=self._connected_at,
+                state="authorization",
+                pid=os.getpid(),
+            )
+        )
         self._set_socket_options()
         self.transport.registerProducer(self, True)
         self._producing = True
@@ -399,11 +483,13 @@ class POP3Server(Protocol):
             self.transport.write(b"-ERR [SYS/TEMP] Server busy, try again later.\r\n")
             self._close(self.factory.close_grace)
             return
+        self._ending("auth-timeout")
         self._close_with(b"-ERR Login timeout; closing.\r\n", self.factory.close_grace)
 
     def _handshake_timed_out(self) -> None:
         self._handshake_call = None
         self._audit("limit-hit", "tls-handshake-timeout")
+        self._ending("tls-handshake-timeout")
         self._close_with(b"", self.factory.close_grace)
 
     def handshakeCompleted(self) -> None:
@@ -411,6 +497,56 @@ class POP3Server(Protocol):
         if self._handshake_call is not None and self._handshake_call.active():
             self._handshake_call.cancel()
         self._handshake_call = None
+        handle = getattr(self.transport, "getHandle", None)
+        self._tls = tls_description(handle() if handle is not None else None)
+        if self._figures is not None and not self._lost:
+            self._figures.tls = self._tls
+            self.factory.sessions.update(self._session_id, tls=" ".join(self._tls))
+
+    # --- the session's table entry and summary
+
+    def _ending(self, reason: str) -> None:
+        """Say how the session ends, unless that is said already."""
+        if self._figures is not None and self._figures.end is None:
+            self._figures.end = reason
+
+    def _note_state(self) -> None:
+        """
+        Bring the session table up to the machine's state, and note a login
+        the moment the machine completes it (for SASL, that can be a step
+        after the login service's answer).
+        """
+        machine = self.machine
+        if machine is None or machine.state is self._state_seen or self._figures is None:
+            return
+        state = self._state_seen = machine.state
+        if state is m.State.TRANSACTION and self._login_pending is not None:
+            username, method, sizes = self._login_pending
+            self._login_pending = None
+            figures = self._figures
+            figures.user = username
+            figures.method = method
+            figures.messages = len(sizes)
+            figures.octets = sum(sizes)
+            self.factory.sessions.update(self._session_id, user=username, state="transaction")
+        elif state is m.State.UPDATE:
+            self.factory.sessions.update(self._session_id, state="update")
+
+    def _end_session(self) -> None:
+        """
+        Leave the session table and log the summary, once: when the
+        connection is gone and no commit is in progress.
+        """
+        figures = self._figures
+        if figures is None or self._committing:
+            return
+        self._figures = None
+        self.factory.sessions.remove(self._session_id)
+        if figures.user is not None and self.machine is not None:
+            figures.dele = self.machine.deletions
+        if figures.end is None:
+            figures.end = "shutdown" if self.factory.shutting_down else "dropped"
+        log_summary(figures, self.factory.reactor.seconds())
 
     def _close_with(self, line: bytes, grace: float) -> None:
         """
@@ -518,12 +654,26 @@ class POP3Server(Protocol):
             self.machine.connection_lost()
         # A dropped connection commits nothing: the mailbox is released as is.
         self._release_mailbox()
+        self._end_session()
 
     def _release_mailbox(self) -> None:
         """Log out and end the session count, if logged in."""
+        self._take_uidl_hash()
+        self._login_pending = None
         session, self._session = self._session, None
         if session is not None:
             session.release()
+
+    def _take_uidl_hash(self) -> None:
+        """
+        Finish the UIDL hash of a logged-in session, while the mailbox is
+        still as it was at login.
+        """
+        uidls, self._uidls = self._uidls, None
+        if uidls is None:
+            return
+        if self._figures is not None and self._figures.user is not None:
+            self._figures.uidl_hash = uidls.hexdigest()
 
     def _reset_idle_timer(self) -> None:
         if self._lost:
@@ -544,6 +694,7 @@ class POP3Server(Protocol):
             self._write_stalled()
             return
         self._log.info("Session of {peer} timed out", peer=self._peer)
+        self._ending("idle-timeout")
         if self._abort_call is None and self._producing:
             # Only between replies: while a message streams (the streamer
             # is the producer) a line would land inside the message.
@@ -570,6 +721,7 @@ class POP3Server(Protocol):
     def _write_stalled(self) -> None:
         self._stall_call = None
         self._audit("limit-hit", "write-stall")
+        self._ending("write-stall")
         # Nothing more is written: the peer is not taking what is there.
         self._close_with(b"", self.factory.close_grace)
 
@@ -584,6 +736,7 @@ class POP3Server(Protocol):
             while not self._busy and not self._output_paused:
                 if self.machine.bad_commands >= self.factory.policy.max_bad_commands:
                     self._audit("limit-hit", "bad-commands", self.machine.username)
+                    self._ending("bad-commands")
                     self._close_with(
                         b"-ERR Too many bad commands; closing.\r\n",
                         self.factory.write_stall_timeout,
@@ -627,6 +780,7 @@ class POP3Server(Protocol):
         self._busy = False
         if isinstance(result, Failure):
             self._log.failure("Unexpected error in session of {peer}", result, peer=self._peer)
+            self._ending("error")
             self.transport.write(b"-ERR [SYS/TEMP] Internal error.\r\n")
             self._disconnect()
             return
@@ -634,9 +788,15 @@ class POP3Server(Protocol):
             self._run()
 
     def _perform(self, action: m.Action) -> defer.Deferred[None] | None:
+        result = self._perform_action(action)
+        self._note_state()
+        return result
+
+    def _perform_action(self, action: m.Action) -> defer.Deferred[None] | None:
         if isinstance(action, m.Reply):
             self.transport.write(action.data)
         elif isinstance(action, m.Close):
+            self._ending("quit")
             self.transport.write(action.reply)
             self._disconnect()
         elif isinstance(action, m.Authenticate):
@@ -660,6 +820,8 @@ class POP3Server(Protocol):
             refused = self.factory.login.sasl_failed(action.failure, peer=self._login_peer)
             return refused.addCallback(self._render_login, False)
         elif isinstance(action, m.AbortLogin):
+            # Not logged in after all: no user, no UIDL hash.
+            self._uidls = None
             self._release_mailbox()
             self.transport.write(action.reply)
         elif isinstance(action, m.StartTLS):
@@ -704,6 +866,7 @@ class POP3Server(Protocol):
         after a SASL exchange (C{sasl_exchange}) the machine finishes it.
         """
         assert self._login_peer is not None
+        self._login_method = method
         d = self.factory.login.login(creds, username=username, method=method, peer=self._login_peer)
         return d.addCallback(self._render_login, sasl_exchange)
 
@@ -720,11 +883,14 @@ class POP3Server(Protocol):
         if self._auth_deadline is not None and self._auth_deadline.active():
             self._auth_deadline.cancel()
         self._auth_deadline = None
-        uidl_of = outcome.mailbox.getUidl
+        self._login_pending = (outcome.username, self._login_method, outcome.sizes)
+        self._uidls = UidlHash(outcome.mailbox.getUidl, len(outcome.sizes))
+        uidl_of = self._uidls.uidl
         if sasl_exchange:
             self._perform(machine.sasl_verified(outcome.username, outcome.sizes, uidl_of))
         else:
             self.transport.write(machine.login_succeeded(outcome.username, outcome.sizes, uidl_of))
+            self._note_state()
         self._reset_idle_timer()
 
     def _sasl_lookup(self, action: m.SaslLookup) -> defer.Deferred[None]:
@@ -765,6 +931,14 @@ class POP3Server(Protocol):
 
         def stream(source: _Readable) -> defer.Deferred[None] | None:
             self.transport.write(action.status)
+            figures = self._figures
+            on_sent: Callable[[int], None] = _ignore_octets
+            if figures is not None:
+                if action.top_lines is None:
+                    figures.retr += 1
+                    on_sent = figures.add_retr_octets
+                else:
+                    figures.top += 1
             streamer = _MessageStreamer(
                 self.transport,
                 source,
@@ -772,6 +946,7 @@ class POP3Server(Protocol):
                 self.factory.reactor.callLater,
                 self._stream_progress,
                 self._output_blocked,
+                on_sent,
             )
             try:
                 if streamer.send_if_small():
@@ -826,6 +1001,7 @@ class POP3Server(Protocol):
             index=index,
             peer=self._peer,
         )
+        self._ending("error")
         self._close_with(b"", self.factory.close_grace)
 
     def _commit(self, deleted: frozenset[int]) -> defer.Deferred[None]:
@@ -836,6 +1012,12 @@ class POP3Server(Protocol):
         failed commit.
         """
         mailbox = self.mailbox
+        # The figures are taken now: the mailbox changes from here on, and
+        # a connection lost meanwhile releases the session.
+        self._take_uidl_hash()
+        sizes = self._session.sizes if self._session is not None else ()
+        left = (len(sizes) - len(deleted), sum(sizes) - sum(sizes[i] for i in deleted))
+        self._committing = True
 
         def delete(_: object, index: int) -> defer.Deferred[object]:
             return defer.maybeDeferred(mailbox.deleteMessage, index)
@@ -847,10 +1029,14 @@ class POP3Server(Protocol):
 
         def committed(_: object) -> None:
             assert self.machine is not None
+            if self._figures is not None:
+                self._figures.after_messages, self._figures.after_octets = left
+            self._ending("quit")
             self.transport.write(self.machine.commit_succeeded())
 
         def failed(failure: Failure) -> None:
             assert self.machine is not None
+            self._ending("quit-commit-failed")
             if failure.check(Pop3Error):
                 exc = failure.value
                 assert isinstance(exc, Pop3Error)
@@ -878,6 +1064,9 @@ class POP3Server(Protocol):
 
         def finished(result: object) -> object:
             commits.discard(d)
+            self._committing = False
+            if self._lost:
+                self._end_session()
             return result
 
         d.addBoth(finished)
@@ -906,6 +1095,14 @@ class POP3ServerFactory(Factory):
         may take to go out.
     @param close_grace: seconds that what is buffered for a client gets to
         go out after a timeout, before the connection is aborted.
+    @param sessions: the table of this process's open sessions; a new one
+        if L{None}.
+
+    @ivar sessions: the L{SessionTable} its sessions enter and leave.
+    @ivar shutting_down: whether the server has stopped listening (set when
+        the last port using this factory stops, as a stopping server's
+        ports do first; cleared when one starts again): a session lost
+        after that without another reason ends as C{shutdown}.
     """
 
     protocol = POP3Server
@@ -923,6 +1120,7 @@ class POP3ServerFactory(Factory):
         tls_handshake_timeout: float = DEFAULT_TLS_HANDSHAKE_TIMEOUT,
         write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT,
         close_grace: float = CLOSE_GRACE,
+        sessions: SessionTable | None = None,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -943,11 +1141,22 @@ class POP3ServerFactory(Factory):
         self.policy = login.policy
         #: The commits in progress: a server that stops waits for them.
         self.commits: set[defer.Deferred[None]] = set()
+        self.sessions = sessions if sessions is not None else SessionTable()
+        self.shutting_down = False
         self._session_counter = 0
         self._tag_prefix = f"{os.getpid():x}"
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         return POP3Server(self)
+
+    def startFactory(self) -> None:
+        self.shutting_down = False
+
+    def stopFactory(self) -> None:
+        # Twisted calls this when the last port that uses the factory
+        # (directly or through a TLS or PROXY wrapper) stops listening:
+        # the first thing a stopping server does (pop3srv.app.tap).
+        self.shutting_down = True
 
     def next_session_id(self) -> int:
         """A number unique to this factory, for APOP timestamps."""
