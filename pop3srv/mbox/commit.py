@@ -52,6 +52,7 @@ from enum import Enum
 from twisted.logger import Logger
 
 from pop3srv.core.errors import MaildropChanged
+from pop3srv.core.metrics import COMMIT_FAILURES, JOURNALS_PENDING, JOURNALS_RECOVERED, PROCESS
 from pop3srv.mbox.index import MboxIndex, RecordTable, probes, trim_retired
 from pop3srv.mbox.paths import (
     StatePaths,
@@ -400,6 +401,23 @@ def commit_deletions(
     @raise OSError: the commit failed before its commit point; nothing was
         changed.
     """
+    try:
+        after = _commit_deletions(mbox_fd, paths, index, deleted, fault)
+    except MaildropChanged:
+        PROCESS.inc(COMMIT_FAILURES, reason="changed")
+        raise
+    except Exception:
+        PROCESS.inc(COMMIT_FAILURES, reason="error")
+        raise
+    if after is None:
+        PROCESS.inc(COMMIT_FAILURES, reason="deferred")
+    return after
+
+
+def _commit_deletions(
+    mbox_fd: int, paths: StatePaths, index: MboxIndex, deleted: Iterable[int], fault: FaultHook
+) -> MboxIndex | None:
+    """L{commit_deletions}, uncounted."""
     gone = sorted(set(deleted))
     if not gone:
         return index
@@ -442,6 +460,7 @@ def commit_deletions(
     except BaseException:
         writer.abandon()
         raise
+    PROCESS.inc(JOURNALS_PENDING)
     try:
         fault("journal_written")
         _apply(mbox_fd, paths.journal, jfd, header, fault)
@@ -455,6 +474,7 @@ def commit_deletions(
         return None
     finally:
         os.close(jfd)
+        PROCESS.dec(JOURNALS_PENDING)
     return _index_after(index, gone_set, mbox_fd)
 
 
@@ -630,12 +650,14 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
                 # Applying the journal now would duplicate or lose mail, so
                 # set it aside for the admin.
                 _set_aside(journal_path, mbox_path)
+                PROCESS.inc(JOURNALS_RECOVERED, outcome="set-aside")
                 return False
             _log.info("Recovering interrupted commit of {path}", path=display_path(mbox_path))
             if truncated:
                 # The payload is in place and the file cut: the commit is
                 # complete, and whatever follows new_size is new mail.
                 _finish(mbox_fd, journal_path)
+                PROCESS.inc(JOURNALS_RECOVERED, outcome="applied")
                 return True
             if size > header.old_size or phase is _Phase.LEGACY:
                 jfd, header = _rejournal(mbox_fd, journal_path, jfd, header, header.old_size, size)
@@ -650,6 +672,7 @@ def recover(mbox_path: str, journal_path: str, *, fault: FaultHook = no_fault) -
             )
         finally:
             os.close(jfd)
+        PROCESS.inc(JOURNALS_RECOVERED, outcome="applied")
         return True
     finally:
         os.close(mbox_fd)

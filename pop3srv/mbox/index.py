@@ -30,11 +30,13 @@ import sys
 import tempfile
 from collections import deque
 from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import overload
 
 from twisted.logger import Logger
 
+from pop3srv.core.metrics import INDEX_SCAN_SECONDS, INDEX_SCANS, PROCESS
 from pop3srv.mbox.paths import (
     UnsafeStateFile,
     display_path,
@@ -526,13 +528,23 @@ def load_index(fd: int, index_path: str) -> MboxIndex:
             and head == old.head_probe
             and boundaries_hold(fd, old.records, old.size)
         ):
-            grown = _grown(st, fd, old)
+            with _scanning("append"):
+                grown = _grown(st, fd, old)
             if grown is not None:
                 _save(index_path, grown)
                 return grown
-    index = _full(st, fd, old)
+    with _scanning("full"):
+        index = _full(st, fd, old)
     _save(index_path, index)
     return index
+
+
+@contextmanager
+def _scanning(kind: str) -> Iterator[None]:
+    """Count a scan of C{kind} (C{full} or C{append}) and its duration, if it ends."""
+    with PROCESS.timed(INDEX_SCAN_SECONDS, kind=kind):
+        yield
+    PROCESS.inc(INDEX_SCANS, kind=kind)
 
 
 def empty_index() -> MboxIndex:

@@ -40,7 +40,7 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.error import ConnectionClosed, ProcessExitedAlready
 from twisted.internet.protocol import ProcessProtocol, connectionDone
 from twisted.logger import Logger, LogLevel
@@ -48,6 +48,7 @@ from twisted.protocols.amp import MAX_VALUE_LENGTH
 from twisted.python.failure import Failure
 
 from pop3srv.auth.userfile import UserFile, VerifyResult
+from pop3srv.core.metrics import HASH_CHECK_SECONDS, HASH_QUEUE, PROCESS
 from pop3srv.processes.forking import ForkedProcess
 from pop3srv.processes.hashchild import serve
 from pop3srv.processes.rpc import CheckPassword, HashCheckFailed, HashProcessDied, Peer, connect
@@ -212,6 +213,7 @@ class ProcessVerifier:
         self._restarts: list[Any] = []
         self._deaths_in_a_row = 0
         self._running = False
+        self._unwatch: Callable[[], None] | None = None
 
     @property
     def pids(self) -> list[int]:
@@ -221,6 +223,8 @@ class ProcessVerifier:
     def start(self) -> None:
         """Start the hashing processes."""
         self._running = True
+        if self._unwatch is None:
+            self._unwatch = PROCESS.watch(HASH_QUEUE, self._queue_depth)
         # Each attempt once: one that fails schedules its own retry.
         for _ in range(self.processes - len(self._pool)):
             self._spawn()
@@ -271,6 +275,9 @@ class ProcessVerifier:
         calls waiting fail.
         """
         self._running = False
+        if self._unwatch is not None:
+            self._unwatch()
+            self._unwatch = None
         for call in self._restarts:
             if call.active():
                 call.cancel()
@@ -283,6 +290,11 @@ class ProcessVerifier:
         for child in pool:
             if child.connection.transport is not None:
                 child.connection.transport.loseConnection()
+
+    def _queue_depth(self) -> list[tuple[dict[str, str], float]]:
+        """For the metrics: the checks waiting for a hashing process."""
+        # Cancelled checks stay in the queue until their turn: not counted.
+        return [({}, sum(1 for _, _, d in self._waiting if not d.called))]
 
     def _idle(self, child: _HashProcess) -> None:
         """C{child} can take a call."""
@@ -324,10 +336,12 @@ class ProcessVerifier:
         if not self._running:
             d.errback(HashProcessDied("the password-hashing processes are not running"))
             return d
+        asked = time.perf_counter()
         if self._free:
             self._free.popleft().send(username, password, d)
         else:
             self._waiting.append((username, password, d))
+        d.addBoth(_timed, asked)
         return d.addCallback(self._replay)
 
     def _replay(self, outcome: tuple[VerifyResult, list[dict[str, Any]]]) -> VerifyResult:
@@ -360,6 +374,13 @@ class ProcessVerifier:
                 logger.observer(logged)
             except Exception:
                 self.log.failure("Cannot log an event of a password-hashing process")
+
+
+def _timed(result: Any, asked: float) -> Any:
+    """Observe how long a check took, from the time it was C{asked}, unless cancelled."""
+    if not (isinstance(result, Failure) and result.check(CancelledError)):
+        PROCESS.observe(HASH_CHECK_SECONDS, time.perf_counter() - asked)
+    return result
 
 
 def _too_long(value: str) -> bool:
