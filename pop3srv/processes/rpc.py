@@ -16,13 +16,21 @@ the child process starts:
     <pop3srv.server.authority.IPolicyAuthority>}, which the parent answers
     for every server process (L{pop3srv.processes.authorityrpc}):
     L{OpenConnection}, L{CloseConnection}, L{BeginLogin}, L{EndLogin},
-    L{LoginFailed}, L{StartSession}, L{EndSession}.
+    L{LoginFailed}, L{StartSession}, L{EndSession}; and the parent's own
+    questions to each child, for one view of the whole server
+    (L{pop3srv.app.control}): L{ListSessions}, L{GetMetrics}.
+
+A third is an admin's command (C{pop3srv who}, C{pop3srv stats}) and the
+parent server process, on the control socket (L{pop3srv.app.control}):
+L{Who}, L{Stats}.
 
 AMP matches each answer to its question and carries declared errors as
 their own types, so there is no request id or error-name table of ours.
 Nothing is unpickled: a L{VerifyResult} crosses as the JSON object of its
 dataclass fields, so a field added to it crosses as long as its value is
-plain JSON (text, numbers, booleans, null).
+plain JSON (text, numbers, booleans, null).  AMP caps one value at 64 KiB;
+the answers that grow with the server (a session list, a metrics snapshot,
+a report) cross in as many pieces as they need (L{LargeJSON}, L{LargeText}).
 """
 
 from __future__ import annotations
@@ -45,15 +53,22 @@ __all__ = [
     "CloseConnection",
     "EndLogin",
     "EndSession",
+    "GetMetrics",
     "HashCheckFailed",
     "HashProcessDied",
+    "LargeJSON",
+    "LargeText",
+    "ListSessions",
     "LogEvents",
     "LoginFailed",
     "OpenConnection",
     "Peer",
     "RelayCheck",
+    "ReportFailed",
     "Result",
     "StartSession",
+    "Stats",
+    "Who",
     "connect",
 ]
 
@@ -74,6 +89,13 @@ class AuthorityFailed(Exception):
     """
 
 
+class ReportFailed(Exception):
+    """
+    A server process could not report on itself (it logged why).  Declared,
+    so that the asker hears a reason rather than AMP's "unknown error".
+    """
+
+
 class _JSON(amp.Argument):
     """An argument that is a JSON document."""
 
@@ -82,6 +104,36 @@ class _JSON(amp.Argument):
 
     def fromString(self, inString: bytes) -> Any:
         return json.loads(inString)
+
+
+class _Large(amp.Argument):
+    """
+    An argument whose encoding may pass AMP's cap on one value
+    (C{amp.MAX_VALUE_LENGTH}): it crosses as the values of the keys C{NAME},
+    C{NAME.1}, C{NAME.2} and so on, in order, each within the cap.  A value
+    within the cap crosses as one key, as any other argument does.
+    """
+
+    def toBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        encoded = self.toStringProto(self.retrieve(objects, name.decode("ascii"), proto), proto)
+        step = amp.MAX_VALUE_LENGTH
+        strings[name] = encoded[:step]
+        for piece, start in enumerate(range(step, len(encoded), step), 1):
+            strings[b"%s.%d" % (name, piece)] = encoded[start : start + step]
+
+    def fromBox(self, name: bytes, strings: Any, objects: dict[str, Any], proto: Any) -> None:
+        pieces = [strings.pop(name)]
+        while (key := b"%s.%d" % (name, len(pieces))) in strings:
+            pieces.append(strings.pop(key))
+        objects[name.decode("ascii")] = self.fromStringProto(b"".join(pieces), proto)
+
+
+class LargeJSON(_Large, _JSON):
+    """A JSON document of any size."""
+
+
+class LargeText(_Large, amp.Unicode):
+    """Text of any size."""
 
 
 class Result(_JSON):
@@ -230,16 +282,82 @@ class EndSession(amp.Command):
     requiresAnswer = False
 
 
+# The parent's questions to each child server process, and the admin's to
+# the parent on the control socket.  None takes arguments: each asks for
+# everything there is.
+
+
+class ListSessions(amp.Command):
+    """
+    The parent asks a child server process for its open sessions: a list
+    of L{SessionInfo.as_dict() <pop3srv.server.sessions.SessionInfo.as_dict>}.
+    """
+
+    response = [(b"sessions", LargeJSON())]
+    errors = {ReportFailed: b"REPORT-FAILED"}
+
+
+class GetMetrics(amp.Command):
+    """
+    The parent asks a child server process for its metrics: a
+    L{ProcessMetrics.snapshot()
+    <pop3srv.server.metrics.ProcessMetrics.snapshot>}.
+    """
+
+    response = [(b"metrics", LargeJSON())]
+    errors = {ReportFailed: b"REPORT-FAILED"}
+
+
+class Who(amp.Command):
+    """
+    C{pop3srv who} asks the server for the sessions open in all its
+    processes, as L{ListSessions} answers for one.
+    """
+
+    response = [(b"sessions", LargeJSON())]
+    errors = {ReportFailed: b"REPORT-FAILED"}
+
+
+class Stats(amp.Command):
+    """
+    C{pop3srv stats} asks the server for the metrics of all its processes,
+    as the text an admin reads.
+    """
+
+    response = [(b"text", LargeText())]
+    errors = {ReportFailed: b"REPORT-FAILED"}
+
+
 class Peer(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
     """
     One end of an AMP connection: L{amp.AMP} without its log lines on every
     connection made and lost (the processes come and go with the server,
     and their sockets are not the admin's concern).
+
+    Besides its own responders it answers with those of the locators given
+    to L{answer_with}: what a process answers on a connection can then be
+    added by the part of it that knows the answers, without subclassing.
     """
 
     def __init__(self) -> None:
         amp.BoxDispatcher.__init__(self, self)
         amp.BinaryBoxProtocol.__init__(self, self)
+        self._locators: list[amp.CommandLocator] = []
+
+    def answer_with(self, locator: amp.CommandLocator) -> None:
+        """
+        Answer the commands C{locator} has responders for, too; this peer's
+        own responders and those of earlier locators come first.
+        """
+        self._locators.append(locator)
+
+    def locateResponder(self, name: bytes) -> Any:
+        found = super().locateResponder(name)
+        for locator in self._locators:
+            if found is not None:
+                break
+            found = locator.locateResponder(name)
+        return found
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         amp.BinaryBoxProtocol.connectionLost(self, reason)

@@ -52,6 +52,9 @@ The parent:
     worker stops when it closes, so workers never outlive a parent that
     was killed;
   - forwards SIGHUP, so every process re-reads the TLS certificate;
+  - asks the workers, over the same connections, what their sessions and
+    metrics are, for one view of the whole server
+    (L{pop3srv.app.control.ServerView}, through L{WorkerSupervisor.connections});
   - re-publishes the workers' log events (sent as JSON lines on their
     standard output) in its own log, so there is one log and one audit
     trail, with each worker's session ids carrying its pid;
@@ -71,7 +74,7 @@ import os
 import signal
 import socket
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import IO, Any
 
 from twisted.application import service
 from twisted.internet.defer import Deferred, DeferredList, succeed
@@ -84,7 +87,7 @@ from pop3srv.auth.userfile import VerifyResult
 from pop3srv.processes.authorityrpc import WorkerConnection
 from pop3srv.processes.forking import ForkedProcess, fresh_reactor, log_only_to, set_process_name
 from pop3srv.processes.hashrelay import RelayClient, RelayServer
-from pop3srv.processes.rpc import connect
+from pop3srv.processes.rpc import Peer, connect
 from pop3srv.server.authority import LocalAuthority
 
 __all__ = ["AdoptedPortService", "Build", "ListeningService", "WorkerSupervisor"]
@@ -211,11 +214,16 @@ class AdoptedPortService(service.Service):
 
 
 class _WorkerProtocol(ProcessProtocol):
-    """The parent's end of one worker: its log and its exit."""
+    """
+    The parent's end of one worker: its log and its exit.
+
+    @ivar connection: the parent's end of the worker's AMP connection.
+    """
 
     def __init__(self, supervisor: WorkerSupervisor, slot: int) -> None:
         self.supervisor = supervisor
         self.slot = slot
+        self.connection: Peer | None = None
         self.ended: Deferred[None] = Deferred()
         self.ready_timer: Any = None
         self.ready = False
@@ -257,6 +265,7 @@ class WorkerSupervisor(service.Service):
         build: Build,
         verifiers: Verifiers | None = None,
         authority: LocalAuthority | None = None,
+        log_observer: Callable[[IO[Any]], Any] = jsonFileLogObserver,
     ) -> None:
         """
         @param reactor: provides L{IReactorProcess}, L{IReactorSocket} and
@@ -272,6 +281,9 @@ class WorkerSupervisor(service.Service):
         @param authority: this process's policy authority, which answers
             the workers' questions too (L{pop3srv.processes.authorityrpc});
             none: they have none to ask, and each keeps its own limits.
+        @param log_observer: makes a worker's log observer on its standard
+            output (JSON events, which this process publishes again): the
+            level filter goes there, so dropped events never cross.
         """
         self._reactor = reactor
         self.count = count
@@ -279,6 +291,7 @@ class WorkerSupervisor(service.Service):
         self.build = build
         self.verifiers = dict(verifiers or {})
         self.authority = authority
+        self.log_observer = log_observer
         self.children: dict[int, _WorkerProtocol] = {}
         self._restarts: dict[int, list[float]] = {}
         self._pending: dict[int, Any] = {}
@@ -309,10 +322,13 @@ class WorkerSupervisor(service.Service):
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         child_fds[control] = theirs.fileno()
         protocol = _WorkerProtocol(self, slot)
-        build = self.build
+        build, log_observer = self.build, self.log_observer
         try:
             ForkedProcess(
-                self._reactor, lambda: _run_worker(inherited, control, build), protocol, child_fds
+                self._reactor,
+                lambda: _run_worker(inherited, control, build, log_observer),
+                protocol,
+                child_fds,
             )
         except OSError:
             ours.close()
@@ -327,6 +343,7 @@ class WorkerSupervisor(service.Service):
             else WorkerConnection(self.verifiers, self.authority)
         )
         connect(self._reactor, ours, parent_end)
+        protocol.connection = parent_end
         if protocol.ended.called:
             return  # it died (and was reaped) at once; worker_ended has rescheduled
         self.children[slot] = protocol
@@ -429,6 +446,18 @@ class WorkerSupervisor(service.Service):
         )
         self._pending[child.slot] = self._reactor.callLater(RESTART_DELAY, self._spawn, child.slot)
 
+    def connections(self) -> list[tuple[int | None, Peer]]:
+        """
+        @return: the parent's end of each running worker's AMP connection
+            that is still open, with the worker's pid, in slot order.
+        """
+        found = []
+        for _, child in sorted(self.children.items()):
+            peer = child.connection
+            if peer is not None and peer.transport is not None:
+                found.append((getattr(child.transport, "pid", None), peer))
+        return found
+
     def signal_all(self, name: str) -> None:
         """Send a signal (e.g. C{"HUP"}) to every worker."""
         for child in list(self.children.values()):
@@ -474,15 +503,24 @@ def _stop_running(reactor: Any) -> None:
         reactor.stop()
 
 
-def _run_worker(ports: list[tuple[int, str]], control: int, build: Build) -> None:
+def _run_worker(
+    ports: list[tuple[int, str]],
+    control: int,
+    build: Build,
+    log_observer: Callable[[IO[Any]], Any] = jsonFileLogObserver,
+) -> None:
     """Run a worker, in a fork of the parent: serve until stopped."""
     set_process_name("pop3srv-worker")
     # A fork starts ignoring SIGTERM (for the hashing processes); a worker
     # stops on it, by default until its reactor handles it.
     signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    # A reload (SIGHUP, passed on by the parent) must not kill a worker
+    # that has not yet installed its own handler; it starts with the
+    # reloaded settings anyway.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     reactor = fresh_reactor()
     out = os.fdopen(1, "w", encoding="utf-8", closefd=False)
-    log_only_to(jsonFileLogObserver(out))
+    log_only_to(log_observer(out))
     try:
         # Its own stop closes the connection to the parent too: not news.
         stopping: list[bool] = []
