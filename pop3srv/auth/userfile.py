@@ -401,6 +401,10 @@ class UserFile:
             reason=reason,
         )
 
+    def __len__(self) -> int:
+        """How many users the file holds now."""
+        return len(self._current().users)
+
     def _current(self) -> _Snapshot:
         """
         Return the current snapshot, re-reading the file if it changed.

@@ -44,6 +44,7 @@ class _Loaded:
     options: CertificateOptions
     context: SSL.Context
     serial: int
+    certificate: x509.Certificate
 
 
 def _read(path: str, what: str) -> bytes:
@@ -103,7 +104,7 @@ def load_tls(cert_path: str, key_path: str, minimum: TLSMinimum = TLSMinimum.TLS
         ) from None
     # Client-initiated renegotiation is a denial-of-service lever and has no use here.
     context.set_options(getattr(SSL, "OP_NO_RENEGOTIATION", 0))
-    return _Loaded(options, context, chain[0].serial_number)
+    return _Loaded(options, context, chain[0].serial_number, chain[0])
 
 
 @implementer(IOpenSSLContextFactory)
@@ -127,6 +128,11 @@ class TLSContextSource:
         self.key_path = key_path
         self.minimum = minimum
         self._current = load_tls(cert_path, key_path, minimum)
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The certificate new handshakes present."""
+        return self._current.certificate
 
     @property
     def serial(self) -> int:
