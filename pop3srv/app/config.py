@@ -168,8 +168,21 @@ SETTINGS: dict[str, Setting] = {
         Setting("hash_threads", "int", None, "Old name of --hash-workers.", 1),
         Setting("hash_queue", "int", 32,
                 "Logins that may wait for a hashing process, per server process.", 0),
+        Setting("log_level", "str", "info", "Lowest level logged: debug, info, warn or error.",
+                choices=("debug", "info", "warn", "error")),
+        Setting("log_format", "str", "text",
+                "text (twistd's lines) or json (one JSON object per line per event).",
+                choices=("text", "json")),
         Setting("workers", "int", _CPUS,
                 "Server processes sharing the listening sockets (1: no child processes).", 1),
+        Setting("metrics", "str", None,
+                "Endpoint serving Prometheus metrics of the whole server at /metrics, "
+                "e.g. tcp:9110:interface=127.0.0.1 [default: none]."),
+        Setting("control_socket", "str", "auto",
+                "UNIX socket that 'pop3srv who' and 'pop3srv stats' read the server "
+                "through, mode 0660 (root and the server's group); auto: "
+                "$RUNTIME_DIRECTORY/control under systemd, else /run/pop3srv/control "
+                "if that directory is writable, else none; none: no socket."),
     ]
 }  # fmt: skip
 

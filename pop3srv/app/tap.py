@@ -9,6 +9,7 @@ import contextlib
 import os
 import signal
 import socket
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -24,6 +25,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python import usage
 from twisted.python.threadpool import ThreadPool
 
+from pop3srv import __version__
 from pop3srv.app.config import (
     ENDPOINT_HINT,
     SETTINGS,
@@ -33,6 +35,23 @@ from pop3srv.app.config import (
     load_config,
     with_backlog,
 )
+from pop3srv.app.control import (
+    ControlSocket,
+    ControlSocketError,
+    ProcessReport,
+    ReportResponder,
+    ServerView,
+    control_path,
+)
+from pop3srv.app.logs import (
+    CertificateExpiryWarning,
+    LogControl,
+    LogSetupError,
+    TwistdLogging,
+    startup_summary,
+)
+from pop3srv.app.metricsweb import MetricsListenError, listen_metrics
+from pop3srv.app.reload import Reloader, ReloadOutcome
 from pop3srv.app.systemd import Notifier
 from pop3srv.auth.checker import PasslibChecker
 from pop3srv.auth.realm import MboxRealm, check_mailbox_template
@@ -56,12 +75,16 @@ from pop3srv.server.limits import (
     MemoryCounters,
     ThrottleSettings,
 )
+from pop3srv.server.metrics import PROCESS, merge, render_text, start_counting
 from pop3srv.server.protocol import POP3ServerFactory, ServerPolicy
 from pop3srv.server.proxy import ProxyHeaderFactory
 from pop3srv.server.rediscounters import CountersService, counters_for, parse_counters_url
 from pop3srv.server.tls import TLSConfigError, TLSContextSource, TLSMinimum
 
 DEFAULT_AUTH = SETTINGS["auth"].default[0]
+
+#: What L{Options.parseOptions} puts before a usage error.
+_USAGE_PREFIX = "twistd pop3srv: "
 
 #: Seconds a stopping server process gives the commits in progress (the
 #: UPDATE state after QUIT) to finish, once it has stopped accepting;
@@ -168,6 +191,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
 
     def __init__(self) -> None:
         self.given: dict[str, list[str]] = {}
+        #: The arguments parsed, kept for a reload to parse them again
+        #: (L{reparse}); L{None} until parsed.
+        self.argv: list[str] | None = None
+        #: The C{--auth} descriptions in effect (command line, file or default).
+        self.auth_descriptions: list[str] = []
         super().__init__()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -175,10 +203,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         Parse, and turn a usage error into one line on stderr and exit
         status 1, rather than twistd's full usage text around it.
         """
+        self.argv = list(options) if options is not None else sys.argv[1:]
         try:
             super().parseOptions(options)
         except usage.UsageError as e:
-            raise SystemExit(f"twistd pop3srv: {e}") from None
+            raise SystemExit(f"{_USAGE_PREFIX}{e}") from None
 
     opt_listen = _repeatable_option("listen")
     opt_listen_tls = _repeatable_option("listen_tls")
@@ -193,6 +222,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self._add_auth(description, "--auth")
 
     def _add_auth(self, description: str, where: str) -> None:
+        self.auth_descriptions.append(description)
         try:
             self.addChecker(_bytes_keyed(_make_checker(description)))
         except strcred.UnsupportedInterfaces:
@@ -232,13 +262,13 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 self[key] = None if default is None else convert(setting, default, setting.option)
                 origin[key] = setting.option
 
-        for key in ("listen", "listen_tls"):
-            for description in self[key]:
-                problem = _endpoint_problem(description)
-                if problem is not None:
-                    raise ConfigError(
-                        f"{origin[key]}: bad endpoint {description!r}: {problem}"
-                    ) from None
+        endpoints_given = [(k, d) for k in ("listen", "listen_tls") for d in self[k]]
+        if self["metrics"]:
+            endpoints_given.append(("metrics", self["metrics"]))
+        for key, description in endpoints_given:
+            problem = _endpoint_problem(description)
+            if problem is not None:
+                raise ConfigError(f"{origin[key]}: bad endpoint {description!r}: {problem}")
         try:
             check_mailbox_template(self["mailbox"])
         except ValueError as e:
@@ -263,6 +293,7 @@ class Options(usage.Options, strcred.AuthOptionMixin):
                 else max(1, cpus // self["workers"])
             )
         self["hash_threads"] = self["hash_workers"]
+        self["log_control"] = LogControl(self["log_level"], self["log_format"])
 
         if not self.get("credCheckers"):
             for description in found.get("auth", [DEFAULT_AUTH]):
@@ -303,7 +334,24 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         @param clock: the new L{LocalAuthority}'s time; the global reactor
             if L{None}.
         """
-        throttle = ThrottleSettings(
+        if authority is None:
+            authority = LocalAuthority(
+                self.throttle_settings(),
+                self.connection_limits(),
+                counters if counters is not None else MemoryCounters(),
+                clock=clock,
+            )
+        return ServerPolicy(
+            authority=authority,
+            access=self.access_rules(),
+            login_gate=LoginGate(self.login_gate_capacity()),
+            auth_timeout=self["auth_timeout"],
+            max_bad_commands=self["max_bad_commands"],
+        )
+
+    def throttle_settings(self) -> ThrottleSettings:
+        """The failed-login limits these options set."""
+        return ThrottleSettings(
             failure_delay=self["failure_delay"],
             max_failure_delay=self["max_failure_delay"],
             address_limit=self["address_failure_limit"],
@@ -312,31 +360,70 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             lockout=self["lockout"],
             trusted=tuple(self["trusted_networks"]),
         )
-        if authority is None:
-            limits = ConnectionLimits(
-                max_connections=self["max_connections"],
-                max_per_address=self["max_connections_per_address"],
-                max_sessions_per_user=self["max_sessions_per_user"],
-            )
-            authority = LocalAuthority(
-                throttle,
-                limits,
-                counters if counters is not None else MemoryCounters(),
-                clock=clock,
-            )
-        return ServerPolicy(
-            authority=authority,
-            access=AccessRules(allow=tuple(self["allow"]), deny=tuple(self["deny"])),
-            login_gate=LoginGate(max(1, self["hash_workers"]) + self["hash_queue"]),
-            auth_timeout=self["auth_timeout"],
-            max_bad_commands=self["max_bad_commands"],
+
+    def connection_limits(self) -> ConnectionLimits:
+        """The connection and session limits these options set."""
+        return ConnectionLimits(
+            max_connections=self["max_connections"],
+            max_per_address=self["max_connections_per_address"],
+            max_sessions_per_user=self["max_sessions_per_user"],
         )
+
+    def access_rules(self) -> AccessRules:
+        """The allow and deny rules these options set."""
+        return AccessRules(allow=tuple(self["allow"]), deny=tuple(self["deny"]))
+
+    def login_gate_capacity(self) -> int:
+        """How many logins of one server process may be checked or wait to be."""
+        return max(1, self["hash_workers"]) + self["hash_queue"]
+
+    def reparse(self) -> Options:
+        """
+        These options parsed again from the same command line, the
+        configuration file read again, for a reload (L{pop3srv.app.reload})
+        to compare with the running ones: the C{--auth} checkers are only
+        named (L{auth_descriptions}), not built, and a certificate and key
+        that do not load are left for the reload to judge (it keeps the
+        running pair, as L{TLSContextSource.reload} does).
+
+        @raise ConfigError: the file or a value is bad, in the one line
+            start-up would give (C{file:line: ...}).
+        """
+        if self.argv is None:
+            raise ConfigError("these options were not parsed from a command line")
+        fresh = _Reparsed()
+        try:
+            fresh.parseOptions(self.argv)
+        except SystemExit as e:
+            raise ConfigError(str(e.code).removeprefix(_USAGE_PREFIX)) from None
+        return fresh
+
+
+class _Reparsed(Options):
+    """L{Options} parsed again for a reload (L{Options.reparse})."""
+
+    def _add_auth(self, description: str, where: str) -> None:
+        self.auth_descriptions.append(description)
+        # Stands for the checker a restart would build, so that the file's
+        # are added only when the command line names none, as at start-up.
+        self.setdefault("credCheckers", []).append(description)
+
+    def _tls(self, origin: dict[str, str]) -> TLSContextSource | None:
+        try:
+            return super()._tls(origin)
+        except ConfigError:
+            if self["tls_cert"] is None or self["tls_key"] is None:
+                raise
+            # Both are named, and the pair does not load: the reload keeps
+            # the running pair and logs why.
+            return None
 
 
 class Pop3Service(service.MultiService):
     """
     The listening services.  A port that cannot be bound ends start-up in one
-    line; SIGHUP re-reads the TLS certificate.  A stop (SIGTERM, SIGINT)
+    line; SIGHUP re-reads the configuration file and the TLS certificate
+    (L{reload}).  A stop (SIGTERM, SIGINT)
     stops accepting, lets the commits in progress finish (at most
     L{DRAIN_TIMEOUT} seconds), then stops the rest; the process exits 0.
     """
@@ -354,6 +441,22 @@ class Pop3Service(service.MultiService):
         self.factory: POP3ServerFactory | None = None
         #: Tells systemd (Type=notify) when we are ready, reloading, stopping.
         self.notifier = Notifier(None)
+        #: Applies a reload of the configuration (set by L{makeService});
+        #: without one, SIGHUP re-reads only the certificate.
+        self.reloader: Reloader | None = None
+        #: The log level and format every process filters and writes with.
+        self.log_control: LogControl | None = None
+        #: twistd's log observer, chosen when twistd adopts this service.
+        self.logging: TwistdLogging | None = None
+        #: Called once every service has started (the start-up log line).
+        self.on_started: Callable[[], object] | None = None
+
+    def setServiceParent(self, parent: Any) -> None:
+        # twistd hands us its Application here, before it begins logging:
+        # the one moment to choose its log observer (pop3srv.app.logs).
+        if self.logging is not None:
+            self.logging.attach(parent)
+        super().setServiceParent(parent)
 
     def privilegedStartService(self) -> None:
         try:
@@ -374,6 +477,8 @@ class Pop3Service(service.MultiService):
             self._reactor.sigTerm = self._reactor.sigInt = self._on_stop_signal
         # Every listener is bound by now (in makeService, or adopted).
         self.notifier.ready()
+        if self.on_started is not None:
+            self.on_started()
 
     def _on_stop_signal(self, signum: int, frame: object = None) -> None:
         # Nothing but the hand-over here: logging inside a signal handler can
@@ -437,8 +542,24 @@ class Pop3Service(service.MultiService):
 
     def _reload(self) -> None:
         self.notifier.reloading()
-        self.reload_tls()
-        self.notifier.ready()
+        try:
+            self.reload()
+        finally:
+            self.notifier.ready()
+
+    def reload(self) -> ReloadOutcome | None:
+        """
+        Re-read the configuration file and the certificate, and apply what
+        can change without a restart (L{pop3srv.app.reload}); for SIGHUP
+        and embedders.
+
+        @return: what was applied and what was kept; L{None} without a
+            reloader (only the certificate was re-read).
+        """
+        if self.reloader is None:
+            self.reload_tls()
+            return None
+        return self.reloader.reload(self.log_control)
 
     def reload_tls(self) -> bool:
         """Re-read the certificate and key (for embedders and SIGHUP)."""
@@ -563,21 +684,39 @@ def _endpoints(reactor: Any, description: str) -> list[Any]:
     return [endpoint]
 
 
-def _worker_build(options: Options, settings: ThrottleSettings) -> Build:
+def _worker_build(options: Options, own: LocalAuthority) -> Build:
     """
     How a worker builds its service: as here, on the sockets it inherits,
-    asking the parent's policy authority.
+    asking the parent's policy authority.  A worker started after a reload
+    starts with what the reload applied (it updates C{options} and C{own}).
 
-    @param settings: the throttle settings of the parent's authority.
+    @param own: the parent's authority.
     """
 
     def build(reactor: Any, inherited: list[tuple[int, str]], parent: RelayClient) -> Pop3Service:
-        authority = RemoteAuthority(parent, settings)
+        authority = RemoteAuthority(parent, own.settings)
         return makeService(
             options, reactor, inherited=inherited, parent=parent, authority=authority
         )
 
     return build
+
+
+def _log_startup(options: Options) -> None:
+    """The start-up line: version, configuration, listeners, checkers, users, certificate."""
+    tls = options["tls"]
+    cert = tls.certificate if tls is not None else None
+    files = [c.users for c in options["credCheckers"] if isinstance(c, PasslibChecker)]
+    startup_summary(
+        version=__version__,
+        config=options["config"],
+        listen=options["listen"],
+        listen_tls=options["listen_tls"],
+        checkers=options.auth_descriptions,
+        users=sum(len(f) for f in files) if files else None,
+        cert_subject=cert.subject.rfc4514_string() if cert is not None else None,
+        cert_not_after=cert.not_valid_after_utc if cert is not None else None,
+    )
 
 
 def makeService(
@@ -611,6 +750,7 @@ def makeService(
     malloc.tune()
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
+    top.log_control = options["log_control"]
     threads = ThreadPoolService(max(1, options["hash_workers"]))
     threads.setServiceParent(top)
     relay = parent if options["hash_pool"] == "shared" else None
@@ -652,6 +792,13 @@ def makeService(
         write_stall_timeout=options["write_stall_timeout"],
     )
     top.factory = factory
+    if parent is not None:
+        # The parent asks each worker for its sessions and metrics
+        # (pop3srv.app.control), on the connection the worker has to it.
+        parent.answer_with(ReportResponder(ProcessReport.of(factory, PROCESS)))
+    # Each server process counts its own events, sessions and certificate;
+    # a worker first forgets the numbers it forked with.
+    start_counting(sessions=factory.sessions, tls=tls, forked=inherited is not None)
     factories: dict[str, Any] = {"plain": factory}
     listeners = [(d, "plain") for d in options["listen"]]
     if options["listen_tls"]:
@@ -670,6 +817,12 @@ def makeService(
             )
             for kind, wrapped in factories.items()
         }
+    top.reloader = Reloader(
+        options,
+        factory,
+        [f for f in factories.values() if isinstance(f, ProxyHeaderFactory)],
+        speaks_for_service=inherited is None,
+    )
     if inherited is not None:
         for fd, kind in inherited:
             AdoptedPortService(reactor, fd, factories[kind]).setServiceParent(top)
@@ -677,6 +830,15 @@ def makeService(
     # Only here, in the process systemd started: it takes NOTIFY_SOCKET out
     # of the environment, so no child can speak for the service.
     top.notifier = Notifier.from_environment()
+    try:
+        top.logging = TwistdLogging.for_twistd(options.parent, options["log_control"])
+    except LogSetupError as e:
+        raise SystemExit(f"twistd pop3srv: {e}") from None
+    top.on_started = lambda: _log_startup(options)
+    if tls is not None:
+        CertificateExpiryWarning(
+            lambda: tls.certificate.not_valid_after_utc, reactor
+        ).setServiceParent(top)
     servers = []
     backlog = listen_backlog()
     for description, kind in listeners:
@@ -710,11 +872,36 @@ def makeService(
             reactor,
             options["workers"] - 1,
             servers,
-            _worker_build(options, own.settings),
+            _worker_build(options, own),
+            log_observer=options["log_control"].worker_observer,
             verifiers=verifiers if options["hash_pool"] == "shared" else None,
             authority=own,
         )
         top.supervisor.setServiceParent(top)
+    # One view of every server process, for the metrics endpoint and the
+    # control socket, which this process alone serves.
+    supervisor = top.supervisor
+    view = ServerView(
+        ProcessReport.of(factory, PROCESS),
+        reactor,
+        merge,
+        children=supervisor.connections if supervisor is not None else lambda: [],
+    )
+    if options["metrics"]:
+        # Every worker's numbers are gathered per scrape.
+        try:
+            listen_metrics(reactor, options["metrics"], view.metrics).setServiceParent(top)
+        except MetricsListenError as e:
+            raise SystemExit(f"twistd pop3srv: {e}") from None
+    control = control_path(options["control_socket"])
+    if control is not None:
+        control_socket = ControlSocket(control, view, render_text, reactor)
+        try:
+            # Now, as the listeners: a problem is reported on the terminal.
+            control_socket.bind()
+        except ControlSocketError as e:
+            raise SystemExit(f"twistd pop3srv: {e}") from None
+        control_socket.setServiceParent(top)
     # Last, so that its thread starts after the hashing processes and the
     # workers are forked: a fork copies the locks other threads hold at that
     # moment.

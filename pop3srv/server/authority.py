@@ -205,6 +205,24 @@ class LocalAuthority:
         return self.throttle.settings
 
     @property
+    def limits(self) -> ConnectionLimits:
+        """The connection and session limits."""
+        return self.connections.limits
+
+    def reconfigure(self, settings: ThrottleSettings, limits: ConnectionLimits) -> None:
+        """
+        Take new limits (a reload of the configuration) for the questions
+        asked from now on.  Nothing counted is forgotten: the failures,
+        blocks, attempts in flight, connections and sessions already counted
+        stay, and a lower limit refuses new connections until enough of the
+        open ones have ended.  A block already set keeps the end it was
+        given; attempts waiting for a place are decided under the new
+        limits when they are next woken.
+        """
+        self.throttle.settings = settings
+        self.connections.limits = limits
+
+    @property
     def attempts_in_flight(self) -> int:
         """How many tickets are out (attempts admitted and not yet ended)."""
         return len(self._tickets)

@@ -314,6 +314,10 @@ class AuthThrottle:
     keeps places and counts consistent: an attempt gives its place back
     only once its failure is recorded, so an answer to L{begin} never finds
     a place gone without the failure that ended it.
+
+    @ivar settings: the limits, read at every decision: a reload replaces
+        them (L{pop3srv.server.authority.LocalAuthority.reconfigure})
+        without forgetting any count.
     """
 
     def __init__(self, settings: ThrottleSettings, counters: IAuthCounters | None = None) -> None:
@@ -532,7 +536,12 @@ class ConnectionLimits:
 
 
 class ConnectionCounter:
-    """Counts open connections in total and per address, and sessions per user and address."""
+    """
+    Counts open connections in total and per address, and sessions per user and address.
+
+    @ivar limits: the caps, read at every new connection and session: a
+        reload replaces them without forgetting any count.
+    """
 
     def __init__(self, limits: ConnectionLimits) -> None:
         self.limits = limits

@@ -102,6 +102,12 @@ class ServerPolicy:
     """
     The abuse limits a factory enforces (see L{pop3srv.server.limits}).
 
+    A reload of the configuration (L{pop3srv.app.reload}) replaces
+    C{access}, C{auth_timeout} and C{max_bad_commands} and sets the
+    C{login_gate}'s capacity in place: each is read when a connection needs
+    it (the rules and the login deadline at the connect), so the new values
+    hold for the connections that come after.
+
     @ivar authority: counts and decides the failed-login throttle,
         connections and sessions for the whole service; L{None} for a
         L{LocalAuthority} with the documented defaults, made by
