@@ -1,6 +1,7 @@
 """
 Tests for L{pop3srv.admin.cli}, the C{pop3srv} admin command, run as the
-installed console script, and for the access rules of
+installed console script (C{who} and C{stats} against a real C{twistd
+pop3srv --workers 2}), and for the access rules of
 L{pop3srv.admin.checkconfig}.
 """
 
@@ -8,15 +9,19 @@ from __future__ import annotations
 
 import datetime
 import grp
+import json
 import os
 import platform
+import poplib
 import pwd
+import re
 import shutil
 import subprocess
 import sys
 import tempfile
+import time
 import tomllib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,6 +31,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from livepop3 import PASSWORDS, Pop3Server
 
 import pop3srv
 import twisted
@@ -39,13 +45,16 @@ PREFIX = "pop3srv check-config: "
 PASSWORD = "Correct-Horse-Battery-Staple-9"
 
 
-def run(*args: str | Path, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    """Run the installed C{pop3srv} script."""
+def run(
+    *args: str | Path, stdin: str | None = None, env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run the installed C{pop3srv} script (with C{env} as its environment, if given)."""
     return subprocess.run(
         [SCRIPT, *map(str, args)],
         capture_output=True,
         text=True,
         input=stdin,
+        env=env,
         timeout=120,
         check=False,
     )
@@ -186,12 +195,20 @@ def test_help() -> None:
     """The top-level help lists the commands; check-config's says how changes are marked."""
     top = run("--help")
     assert top.returncode == 0
-    for command in ("version", "check-config", "passwd"):
+    for command in ("version", "check-config", "passwd", "who", "stats"):
         assert f"    {command}" in top.stdout
     check = run("check-config", "--help")
     assert check.returncode == 0
     assert "'  # default: VALUE'" in check.stdout
     assert "twistd pop3srv --help" in check.stdout
+    for command, usage in (
+        ("who", "usage: pop3srv who [-h] [--control-socket PATH] [-c FILE] [--json]"),
+        ("stats", "usage: pop3srv stats [-h] [--control-socket PATH] [-c FILE]"),
+    ):
+        done = run(command, "--help")
+        assert (done.returncode, done.stderr) == (0, "")
+        assert done.stdout.startswith(usage + "\n")
+        assert "/run/pop3srv/control" in done.stdout
 
 
 def test_passwd_is_pop3srv_passwd(site: Site) -> None:
@@ -223,6 +240,8 @@ def test_passwd_is_pop3srv_passwd(site: Site) -> None:
         (("frobnicate",), "pop3srv: argument COMMAND: invalid choice: 'frobnicate'"),
         (("check-config", "--user", "no-such-user-here"), "pop3srv: --user no-such-user-here:"),
         (("check-config", "--group", "no-such-group-here"), "pop3srv: --group no-such-group-here:"),
+        (("who", "extra"), "pop3srv: unrecognized arguments: extra (see pop3srv --help)"),
+        (("stats", "--json"), "pop3srv: unrecognized arguments: --json (see pop3srv --help)"),
     ],
 )
 def test_usage_errors(args: tuple[str, ...], message: str) -> None:
@@ -247,7 +266,15 @@ def test_check_config_example(site: Site) -> None:
     done = site.check("--idle-timeout", "900", "--user-failure-limit", "3")
     assert (done.returncode, done.stderr) == (0, "")
     found = settings_of(done.stdout)
-    assert list(found) == list(SETTINGS)
+    # A setting with no value (metrics) is listed as the comment '# key is not set'.
+    listed = [
+        line.removeprefix("# ").removesuffix(" is not set")
+        if line.startswith("#")
+        else line.split(" = ", 1)[0]
+        for line in done.stdout.splitlines()
+        if not line.startswith("#") or line.endswith(" is not set")
+    ]
+    assert listed == list(SETTINGS)
     assert found["idle_timeout"] == "idle_timeout = 900  # default: 600"
     assert found["user_failure_limit"] == "user_failure_limit = 3  # default: 5"
     assert found["mailbox"] == (
@@ -562,3 +589,147 @@ def test_listing_reader_gone(site: Site) -> None:
         process.kill()
         process.wait()
     assert problems(stderr) == [f"{site.users}:2: no ':' separator"]
+
+
+# --- who and stats
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short directory for a control socket: its path has about 100 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="pop3cli-", dir="/tmp"))
+    yield path
+    shutil.rmtree(path)
+
+
+def environment(runtime_directory: Path | None = None) -> dict[str, str]:
+    """
+    This environment, with systemd's C{RUNTIME_DIRECTORY} set to
+    C{runtime_directory}, or unset.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "RUNTIME_DIRECTORY"}
+    if runtime_directory is not None:
+        env["RUNTIME_DIRECTORY"] = str(runtime_directory)
+    return env
+
+
+def failed(done: subprocess.CompletedProcess[str]) -> str:
+    """The one line of a command that failed (exit status 1), without the prefix."""
+    assert (done.returncode, done.stdout) == (1, ""), done
+    assert done.stderr.count("\n") == 1 and done.stderr.startswith("pop3srv: "), done.stderr
+    return done.stderr.removeprefix("pop3srv: ").rstrip("\n")
+
+
+def login(port: int, user: str) -> poplib.POP3:
+    """A POP3 session on 127.0.0.1:C{port}, logged in as C{user}."""
+    client = poplib.POP3("127.0.0.1", port, timeout=20)
+    client.user(user)
+    client.pass_(PASSWORDS[user])
+    return client
+
+
+def logins(text: str, result: str) -> int:
+    """The logins with C{result} in a C{pop3srv stats} text, over every method."""
+    pattern = rf'^pop3srv_logins_total\{{result="{result}",method="[^"]*"\}} (\d+)$'
+    return sum(int(n) for n in re.findall(pattern, text, re.MULTILINE))
+
+
+def test_who_and_stats(socket_dir: Path, live_server: Callable[..., Pop3Server]) -> None:
+    """
+    Against C{twistd pop3srv --workers 2}: C{pop3srv who} lists the held
+    sessions as a table, or as JSON with C{--json}; C{pop3srv stats} counts
+    the logins; the socket is found by C{--control-socket}, by the
+    C{control_socket} of C{--config}, which the command line overrides, and
+    by C{auto} in systemd's C{RUNTIME_DIRECTORY}, as the server finds it.
+    """
+    path = socket_dir / "control"
+    srv = live_server("--workers", "2", "--control-socket", str(path))
+    sessions = {user: login(srv.port, user) for user in ("alice", "bob")}
+    try:
+        clients = {
+            user: "{}:{}".format(*client.sock.getsockname()[:2])
+            for user, client in sessions.items()
+        }
+        done = run("who", "--control-socket", path)
+        assert (done.returncode, done.stderr) == (0, ""), done.stderr
+        heading, *rows = done.stdout.splitlines()
+        assert heading.split() == "USER CLIENT LISTENER TLS SINCE AGE STATE PID".split()
+        assert sorted((row.split()[0], row.split()[1]) for row in rows) == sorted(clients.items())
+        assert all(row.split()[2:4] == ["pop3", "-"] for row in rows)
+
+        as_json = run("who", "--json", "--control-socket", path)
+        assert (as_json.returncode, as_json.stderr) == (0, "")
+        listed = json.loads(as_json.stdout)
+        assert {s["user"]: s["client"] for s in listed} == clients
+        assert all(s["state"] == "transaction" for s in listed)
+
+        config = socket_dir / "pop3srv.toml"
+        config.write_text(f'control_socket = "{path}"\n')
+        assert json.loads(run("who", "--json", "--config", config).stdout) == listed
+        config.write_text('control_socket = "none"\n')
+        overridden = run("who", "--json", "--config", config, "--control-socket", path)
+        assert json.loads(overridden.stdout) == listed
+        config.write_text('control_socket = "auto"\n')
+        found = run("who", "--json", "--config", config, env=environment(socket_dir))
+        assert json.loads(found.stdout) == listed
+        assert json.loads(run("who", "--json", env=environment(socket_dir)).stdout) == listed
+
+        # A worker's counts are its own: stats adds up both processes.
+        deadline = time.monotonic() + 10
+        while True:
+            done = run("stats", "--control-socket", path)
+            assert (done.returncode, done.stderr) == (0, ""), done.stderr
+            if logins(done.stdout, "ok") == 2:
+                break
+            assert time.monotonic() < deadline, done.stdout
+            time.sleep(0.1)
+        assert re.search(r"^pop3srv_processes 2$", done.stdout, re.MULTILINE), done.stdout
+        assert logins(done.stdout, "failed") == 0
+        assert run("stats", "--config", config, env=environment(socket_dir)).stdout.count(
+            "pop3srv_logins_total{"
+        ) == done.stdout.count("pop3srv_logins_total{")
+    finally:
+        for client in sessions.values():
+            client.quit()
+
+
+def test_no_control_socket(socket_dir: Path) -> None:
+    """
+    Without a control socket to read, each command fails in one line
+    saying why: none configured, nothing at the path, no such file.
+    """
+    for command in ("who", "stats"):
+        assert failed(run(command, "--control-socket", "none")) == (
+            "the server has no control socket (--control-socket none)"
+        )
+    config = socket_dir / "pop3srv.toml"
+    config.write_text('control_socket = "none"\n')
+    assert failed(run("who", "--config", config)) == (
+        f'the server has no control socket (control_socket = "none" in {config})'
+    )
+    missing = socket_dir / "control"
+    no_socket = f"{missing}: no such socket (is pop3srv running, with this --control-socket?)"
+    assert failed(run("stats", "--control-socket", missing)) == no_socket
+    # auto: where the server makes it under systemd.
+    assert failed(run("who", "--json", env=environment(socket_dir))) == no_socket
+    config.write_text(f'control_socket = "{missing}"\n')
+    assert failed(run("stats", "--config", config)) == no_socket
+    assert failed(run("who", "--config", socket_dir / "absent.toml")) == (
+        f"{socket_dir}/absent.toml: cannot read configuration: No such file or directory"
+    )
+    config.write_text('control_sockets = "none"\n')
+    assert failed(run("who", "--config", config)).startswith(
+        f"{config}:1: unknown setting 'control_sockets'"
+    )
+
+
+@pytest.mark.skipif(os.path.lexists("/run/pop3srv"), reason="a pop3srv is installed here")
+def test_auto_outside_systemd() -> None:
+    """
+    Outside systemd, C{auto} is /run/pop3srv/control for the admin even
+    where this user could not create it (the server's question, not the
+    admin's).
+    """
+    assert failed(run("who", env=environment())) == (
+        "/run/pop3srv/control: no such socket (is pop3srv running, with this --control-socket?)"
+    )

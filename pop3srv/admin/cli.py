@@ -5,13 +5,17 @@ C{pop3srv}: the admin command, one subcommand per job::
     pop3srv version                 # also: pop3srv --version
     pop3srv check-config --config /etc/pop3srv/pop3srv.toml --user pop3srv
     pop3srv passwd FILE USER        # the same as pop3srv-passwd FILE USER
+    pop3srv who [--json]            # the open sessions, over the control socket
+    pop3srv stats                   # the server's counters, over the control socket
 
-Usage errors are one line on stderr and exit status 2.
+Usage errors are one line on stderr and exit status 2; a command that
+fails says why in one line on stderr, with exit status 1.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import ssl
@@ -46,8 +50,18 @@ not, 2 for a usage error.
 """
 
 
+_CONTROL_SOCKET_HELP = (
+    "the server's control socket [default: control_socket of --config, else "
+    "auto: $RUNTIME_DIRECTORY/control if set, else /run/pop3srv/control]"
+)
+
+
 class _UsageError(Exception):
     """A one-line usage error."""
+
+
+class _Failed(Exception):
+    """A one-line reason the command could not do its job."""
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,8 +148,108 @@ def _build_parser() -> argparse.ArgumentParser:
         help="manage a user file: the same as pop3srv-passwd (see pop3srv passwd --help)",
         add_help=False,
     )
-    # 'who' and 'stats' join here once the server has a control socket.
+    who = commands.add_parser(
+        "who",
+        help="list the open POP3 sessions of a running server",
+        description="List the open POP3 sessions of a running server, in every "
+        "server process: user (- before login), client address, listener, TLS, "
+        "start, age, state and process id, oldest first. Read through the "
+        "server's control socket: run this as root or as a member of the "
+        "server's group.",
+    )
+    _add_control_options(who)
+    who.add_argument(
+        "--json",
+        action="store_true",
+        help="print the sessions as a JSON list of objects instead of a table",
+    )
+    stats = commands.add_parser(
+        "stats",
+        help="print the counters of a running server",
+        description="Print the metrics of a running server, summed over every "
+        "server process (logins by result, sessions, hashing, ...): one "
+        "'name{labels} value' line per series, with the names and labels of the "
+        "--metrics endpoint. Read through the server's control socket: run this "
+        "as root or as a member of the server's group.",
+    )
+    _add_control_options(stats)
     return parser
+
+
+def _add_control_options(parser: argparse.ArgumentParser) -> None:
+    """The options that say where the server's control socket is."""
+    parser.add_argument("--control-socket", metavar="PATH", help=_CONTROL_SOCKET_HELP)
+    parser.add_argument(
+        "-c",
+        "--config",
+        metavar="FILE",
+        help="the server's TOML configuration file, for its control_socket setting",
+    )
+
+
+def _control_socket(args: argparse.Namespace) -> str:
+    """
+    Where the server's control socket is: C{--control-socket}, else the
+    C{control_socket} setting of C{--config}, else the setting's default.
+
+    @return: the socket's path.
+    @raise _Failed: the configuration cannot be read, or says the server
+        has no control socket.
+    """
+    from pop3srv.app.config import SETTINGS, ConfigError, load_config
+    from pop3srv.app.control import control_path, default_client_path
+
+    value: str | None = args.control_socket
+    source = f"--control-socket {value}"
+    if value is None and args.config is not None:
+        try:
+            settings, _ = load_config(args.config)
+        except ConfigError as e:
+            raise _Failed(str(e)) from None
+        value = settings.get("control_socket")
+        source = f'control_socket = "{value}" in {args.config}'
+    if value is None:
+        value = str(SETTINGS["control_socket"].default)
+        source = "the default"
+    if value == "auto":
+        # Not control_path's answer: whether the server could create
+        # /run/pop3srv/control is the server's question, not this user's.
+        return default_client_path()
+    path = control_path(value)
+    if path is None:
+        raise _Failed(f"the server has no control socket ({source})")
+    return path
+
+
+def _who(args: argparse.Namespace) -> int:
+    """
+    @return: the exit status.
+    """
+    from pop3srv.app.control import ControlError, format_sessions, who
+
+    try:
+        sessions = who(_control_socket(args))
+    except ControlError as e:
+        raise _Failed(str(e)) from None
+    if args.json:
+        print(json.dumps(sessions, indent=2))
+    else:
+        sys.stdout.write(format_sessions(sessions))
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    """
+    @return: the exit status.
+    """
+    from pop3srv.app.control import ControlError, stats
+
+    try:
+        text = stats(_control_socket(args))
+    except ControlError as e:
+        raise _Failed(str(e)) from None
+    sys.stdout.write(text if text.endswith("\n") or not text else text + "\n")
+    return 0
 
 
 def _check_config(args: argparse.Namespace, rest: list[str]) -> int:
@@ -177,10 +291,17 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "check-config":
             return _check_config(args, rest)
+        if args.command == "who":
+            return _who(args)
+        if args.command == "stats":
+            return _stats(args)
         parser.error("a command is required")
     except _UsageError as e:
         print(f"{PROG}: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except _Failed as e:
+        print(f"{PROG}: {e}", file=sys.stderr)
+        return EXIT_FAILED
     except BrokenPipeError:
         # The reader went away (| head): nothing left to tell anyone, and
         # the flush at exit must not fail again on the closed pipe.
