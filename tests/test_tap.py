@@ -120,6 +120,23 @@ def test_bad_options(users: Path, argv: list[str], message: str) -> None:
     assert message in str(caught.value)
 
 
+def test_old_max_failure_delay_is_taken_as_15(tmp_path: Path, users: Path) -> None:
+    """
+    A configuration from before the 15 s cap (the default was 30) still
+    starts, with the cap and one warning naming where the value was set;
+    bad values are still refused.
+    """
+    config = tmp_path / "c.toml"
+    config.write_text(f'auth = "passlib:{users}"\nmax_failure_delay = 30\n')
+    options = parse("--config", str(config))
+    assert options["max_failure_delay"] == 15
+    assert options["tls"] is None and len(options.warnings) == 1
+    assert options.warnings[0].startswith(f"{config}:2: max_failure_delay 30 is above 15 s")
+    assert parse("--auth", f"passlib:{users}", "--max-failure-delay", "15").warnings == []
+    with pytest.raises(SystemExit, match="max_failure_delay must be at least 0"):
+        parse("--auth", f"passlib:{users}", "--max-failure-delay", "-1")
+
+
 def test_config_value_error_names_file_and_line(tmp_path: Path, users: Path) -> None:
     """A value that type-checks but is invalid still names the file and line."""
     config = tmp_path / "c.toml"

@@ -427,6 +427,7 @@ def check_config(
         findings.problems.append(" ".join(str(e).split()))
     if settled is not None:
         options = settled.options
+        findings.warnings += options.warnings
         if as_root_unasked:
             findings.warnings.append(
                 "checked file access as root, which may read and write anything; "

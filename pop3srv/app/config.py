@@ -127,8 +127,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("failure_delay", "float", 2.0, "Seconds before a failed login is answered.", 0),
         Setting("max_failure_delay", "float", 15.0,
                 "Cap of the growing failure delay: every failed or refused login is "
-                "answered within it.", 0, maximum=15.0,
-                why="clients stop waiting; 15 s is also Dovecot's longest auth penalty"),
+                "answered within it; more than 15 is taken as 15.", 0),
         Setting("failure_window", "float", 600.0, "Seconds over which failures count.", 1),
         Setting("address_failure_limit", "int", 10,
                 "Failures from one address that lock it out.", 1),
@@ -185,6 +184,11 @@ SETTINGS: dict[str, Setting] = {
                 "if that directory is writable, else none; none: no socket."),
     ]
 }  # fmt: skip
+
+
+#: The longest a failed or refused login waits for its answer: clients give
+#: up waiting (15 s is also Dovecot's longest auth penalty).
+MAX_ANSWER_DELAY = 15.0
 
 
 def parse_networks(items: list[str], where: str) -> list[IPNetwork]:

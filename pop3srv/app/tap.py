@@ -28,6 +28,7 @@ from twisted.python.threadpool import ThreadPool
 from pop3srv import __version__
 from pop3srv.app.config import (
     ENDPOINT_HINT,
+    MAX_ANSWER_DELAY,
     SETTINGS,
     ConfigError,
     convert,
@@ -196,6 +197,8 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         self.argv: list[str] | None = None
         #: The C{--auth} descriptions in effect (command line, file or default).
         self.auth_descriptions: list[str] = []
+        #: Settings accepted but changed, one line each, logged at start-up.
+        self.warnings: list[str] = []
         super().__init__()
 
     def parseOptions(self, options: list[str] | None = None) -> None:
@@ -294,6 +297,14 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             )
         self["hash_threads"] = self["hash_workers"]
         self["log_control"] = LogControl(self["log_level"], self["log_format"])
+        if self["max_failure_delay"] > MAX_ANSWER_DELAY:
+            # An old configuration (the default was 30) still starts.
+            self.warnings.append(
+                f"{origin['max_failure_delay']}: max_failure_delay "
+                f"{self['max_failure_delay']:g} is above {MAX_ANSWER_DELAY:g} s, which clients "
+                f"wait at most; using {MAX_ANSWER_DELAY:g}"
+            )
+            self["max_failure_delay"] = MAX_ANSWER_DELAY
 
         if not self.get("credCheckers"):
             for description in found.get("auth", [DEFAULT_AUTH]):
@@ -751,6 +762,8 @@ def makeService(
     tls = options["tls"]
     top = Pop3Service(tls, reactor)
     top.log_control = options["log_control"]
+    for warning in options.warnings:
+        _log.warn("{warning}", warning=warning)
     threads = ThreadPoolService(max(1, options["hash_workers"]))
     threads.setServiceParent(top)
     relay = parent if options["hash_pool"] == "shared" else None
