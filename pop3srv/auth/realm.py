@@ -28,12 +28,30 @@ from pop3srv.mbox.paths import template_prefix
 
 USER_FIELD = "{user}"
 
+#: The maildrop formats a mailbox template may name: C{maildir:/path}, or
+#: a plain path (or C{mbox:/path}) for an mbox file.
+MAILDROP_KINDS = ("mbox", "maildir")
+
+
+def split_mailbox_template(template: str) -> tuple[str, str]:
+    """
+    The maildrop format a mailbox template names and its path template:
+    C{maildir:/home/{user}/Maildir} is C{("maildir", "/home/{user}/Maildir")},
+    C{/var/mail/{user}} (or C{mbox:/var/mail/{user}}) is an mbox.
+    """
+    kind, sep, rest = template.partition(":")
+    if sep and kind in MAILDROP_KINDS:
+        return kind, rest
+    return "mbox", template
+
 
 def check_mailbox_template(template: str) -> None:
     """
-    Raise C{ValueError} unless C{template} is an absolute path that contains
-    C{{user}} exactly where the username goes (and no other braces).
+    Raise C{ValueError} unless C{template} is an absolute path, after an
+    optional C{maildir:} or C{mbox:}, that contains C{{user}} exactly where
+    the username goes (and no other braces).
     """
+    _, template = split_mailbox_template(template)
     if USER_FIELD not in template:
         raise ValueError(f"mailbox template {template!r} must contain {USER_FIELD}")
     if "{" in template.replace(USER_FIELD, "") or "}" in template.replace(USER_FIELD, ""):
