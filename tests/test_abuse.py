@@ -15,9 +15,9 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, formatEvent
+from twisted.logger import LogEvent, LogLevel, formatEvent
 
-from pop3srv.server.authority import LocalAuthority
+from pop3srv.server.authority import AuthorityUnavailable, LocalAuthority
 from pop3srv.server.limits import (
     AccessRules,
     ConnectionLimits,
@@ -235,11 +235,11 @@ class HeldAuthority(LocalAuthority):
         self.held.append((host, d))
         return d
 
-    def answer(self, fault: bool = False) -> None:
+    def answer(self, fault: bool = False, error: Exception | None = None) -> None:
         held, self.held = self.held, []
         for host, d in held:
             if fault:
-                d.errback(ConnectionError("the parent is gone"))
+                d.errback(error if error is not None else ConnectionError("the parent is gone"))
             else:
                 super().open_connection(host).chainDeferred(d)
 
@@ -308,6 +308,26 @@ def test_an_authority_that_fails_is_a_temporary_refusal(log_events: list[LogEven
     assert len(lines) == 1 and "event=connection-refused" in lines[0] and "reason=error" in lines[0]
     client.protocol.connectionLost()
     assert held.connections.total == 0
+
+
+def test_an_unreachable_authority_is_one_error_line(log_events: list[LogEvent]) -> None:
+    """
+    With the parent gone, each new connection is refused with one error
+    line that says why, not a traceback.
+    """
+    server, held = held_server()
+    client = server.connect("192.0.2.76")
+    error = AuthorityUnavailable(
+        "the parent server process did not answer OpenConnection: Connection was closed cleanly."
+    )
+    held.answer(fault=True, error=error)
+    assert client.transport.value() == b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n"
+    assert [e for e in log_events if "log_failure" in e] == []
+    (line,) = [formatEvent(e) for e in log_events if e.get("log_level") == LogLevel.error]
+    assert line == (
+        "Counting the connection of 192.0.2.76:40000 failed: the parent server process did "
+        "not answer OpenConnection: Connection was closed cleanly."
+    )
 
 
 def test_an_authority_that_does_not_answer_ends_at_the_login_timeout() -> None:

@@ -16,7 +16,7 @@ import pytest
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -170,9 +170,7 @@ def test_a_ticket_and_its_failure_cross(
     assert lockout.until == pytest.approx(reactor.seconds() + SETTINGS.lockout, abs=5)
     for remote in (one, two):
         blocked = run_until(remote.begin_login("192.0.2.7", "alice"))
-        assert isinstance(blocked, Blocked)
-        assert blocked.scope == "address+user"
-        assert blocked.delay >= SETTINGS.failure_delay
+        assert blocked == Blocked("address+user")
     # Another user from that address is not blocked.
     assert isinstance(run_until(two.begin_login("192.0.2.7", "bob")), AttemptTicket)
 
@@ -325,19 +323,19 @@ def test_a_login_waiting_in_the_parent_for_a_child_that_goes(
     assert failures(log_events) == []
 
 
-def test_a_withdrawn_login_gives_its_ticket_back(
+def test_a_withdrawn_login_holds_nothing(
     authority: LocalAuthority, child_of: Callable[..., Child]
 ) -> None:
     """
-    A begin_login the child cancels while it waits in the parent: the
-    ticket the parent grants later is given back as soon as it comes.
+    A begin_login the child cancels while it waits in the parent: when a
+    place frees, the parent has granted it nothing, or the child gives back
+    what the parent granted as the withdrawal crossed.
     """
     child = child_of(authority)
     own, asked = waiting_login(authority, child)
     asked.cancel()
     helpers.failure_of(asked, CancelledError)
     helpers.result_of(authority.end_login(own[0], "released"))
-    # The parent grants the waiting attempt a ticket; the child ends it.
     holdings = child.parent_end.authority.holdings
     assert settle(
         lambda: not holdings._pending and authority.attempts_in_flight == SETTINGS.pair_limit - 1
@@ -346,6 +344,76 @@ def test_a_withdrawn_login_gives_its_ticket_back(
     for ticket in own[1:]:
         helpers.result_of(authority.end_login(ticket, "released"))
     assert held(authority) == (0, 0, 0)
+
+
+def test_a_withdrawn_login_stops_waiting_in_the_parent(
+    authority: LocalAuthority, child_of: Callable[..., Child], log_events: list[Any]
+) -> None:
+    """
+    A begin_login the child cancels (its deadline) while it waits in the
+    parent for a place stops waiting there too: a block that starts
+    meanwhile wakes nothing, and no failure is counted for it; the
+    withdrawal is no error.
+    """
+    host, pair = "192.0.2.9", "pair:192.0.2.9:bob"
+    remote = child_of(authority).authority
+    for _ in range(SETTINGS.pair_limit - 1):
+        run_until(authority.login_failed(host, "bob"))
+    in_flight = run_until(authority.begin_login(host, "bob"))
+    asked = remote.begin_login(host, "bob")
+    assert settle(lambda: len(authority.throttle._waiting) == 1)
+    asked.cancel()
+    helpers.failure_of(asked, CancelledError)
+    assert settle(lambda: authority.throttle._waiting == {})
+    # The attempt in flight fails and blocks the pair: only its failure counts.
+    outcome = run_until(authority.end_login(in_flight, "failed"))
+    assert outcome.lockout is not None
+    settle(lambda: False, timeout=0.2)  # a woken waiter would count now
+    assert run_until(authority.throttle.counters.count([pair], reactor.seconds(), 600)) == [
+        SETTINGS.pair_limit
+    ]
+    assert held(authority) == (0, 0, 0)
+    assert failures(log_events) == []
+
+
+def test_a_withdrawal_that_crosses_the_grant_gives_the_ticket_back() -> None:
+    """
+    The parent grants the ticket just as the child withdraws: the
+    withdrawal finds nothing waiting, and the child gives the ticket back
+    as it comes.
+    """
+    clock = MemoryReactorClock()
+    authority = LocalAuthority(SETTINGS, LIMITS, clock=clock)
+    parent_end = WorkerConnection({}, authority)
+    client = RelayClient()
+    remote = RemoteAuthority(client, SETTINGS)
+    to_parent, to_child = StringTransport(), StringTransport()
+    client.makeConnection(to_parent)
+    parent_end.makeConnection(to_child)
+
+    def deliver() -> None:
+        while to_parent.value() or to_child.value():
+            for src, dst in ((to_parent, parent_end), (to_child, client)):
+                stream = src.value()
+                src.clear()
+                dst.dataReceived(stream)
+
+    own = [
+        helpers.result_of(authority.begin_login("192.0.2.9", "dave"))
+        for _ in range(SETTINGS.pair_limit)
+    ]
+    asked = remote.begin_login("192.0.2.9", "dave")
+    deliver()
+    assert len(authority.throttle._waiting) == 1
+    helpers.result_of(authority.end_login(own[0], "released"))
+    clock.advance(0)  # the parent grants the place: the answer is on its way
+    assert authority.attempts_in_flight == SETTINGS.pair_limit
+    asked.cancel()
+    helpers.failure_of(asked, CancelledError)
+    deliver()
+    assert authority.attempts_in_flight == SETTINGS.pair_limit - 1
+    assert parent_end.authority.holdings.held == (0, 0, 0)
+    assert authority.throttle._waiting == {}
 
 
 def test_a_lost_parent_fails_every_question(
@@ -469,7 +537,7 @@ def test_the_wire_carries_typed_fields() -> None:
     assert outcome is not None and outcome.lockout is not None
     assert isinstance(outcome.lockout.until, float)
     blocked = exchange(remote.begin_login("2001:db8::1", "üser"))
-    assert isinstance(blocked, Blocked) and isinstance(blocked.delay, float)
+    assert blocked == Blocked("address+user")
     assert exchange(remote.start_session("üser", "2001:db8::1")) is True
     parent_end.connectionLost(Failure(ConnectionDone()))
     assert held(authority) == (0, 0, 0)

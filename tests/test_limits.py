@@ -26,6 +26,7 @@ from pop3srv.server.limits import (
     MemoryCounters,
     Refusal,
     ThrottleSettings,
+    events_to_keep,
     in_networks,
 )
 
@@ -261,6 +262,49 @@ def test_memory_counters_are_bounded() -> None:
     for _ in range(10):
         counters.add(["k"], now=1, window=60)
     assert count(counters, "k", now=1, window=60) == 4
+
+
+def block_of_address(throttle: AuthThrottle, failures: int) -> int | None:
+    """
+    Count C{failures} failures from one address, each for another user (so
+    no pair is blocked first).
+
+    @return: which failure blocked the address, or L{None}.
+    """
+    for i in range(1, failures + 1):
+        outcome = failed(throttle, "192.0.2.70", f"user{i}", now=i)
+        if outcome.lockout is not None:
+            assert outcome.lockout.scope == "address"
+            return i
+    return None
+
+
+def test_limits_above_the_default_events_kept_still_block() -> None:
+    """
+    An address limit of 100, more events than a store keeps by default:
+    the throttle's own store keeps enough for the 100th failure to block
+    the address, and keeps more when a reload raises the limit.
+    """
+    settings = ThrottleSettings(address_limit=100, pair_limit=3)
+    assert events_to_keep(settings) == 100
+    assert events_to_keep(ThrottleSettings()) == 64
+    throttle = AuthThrottle(settings)
+    assert block_of_address(throttle, 150) == 100
+    raised = AuthThrottle(ThrottleSettings(address_limit=5))
+    raised.settings = ThrottleSettings(address_limit=120)
+    assert block_of_address(raised, 150) == 120
+
+
+def test_memory_counters_keep_more_events_once_told() -> None:
+    """A larger C{max_events} applies to a key's events from its next one."""
+    counters = MemoryCounters(max_events=3)
+    for t in range(5):
+        counters.add(["k"], now=t, window=60)
+    assert count(counters, "k", now=5) == 3
+    counters.max_events = 10
+    for t in range(5, 12):
+        counters.add(["k"], now=t, window=60)
+    assert count(counters, "k", now=12) == 10
 
 
 @given(st.lists(st.floats(0, 1000), min_size=1, max_size=30))

@@ -29,7 +29,7 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.testing import MemoryReactorClock, StringTransport
-from twisted.logger import LogEvent, formatEvent
+from twisted.logger import LogEvent, LogLevel, formatEvent
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
@@ -38,8 +38,15 @@ from pop3srv.auth.credentials import ISCRAMAvailability, ISCRAMLookup, PasswordC
 from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.core import sasl
 from pop3srv.core.scram import StoredScram
+from pop3srv.processes.authorityrpc import AuthorityUnavailable
 from pop3srv.server.authority import LocalAuthority
-from pop3srv.server.limits import AuthThrottle, ConnectionLimits, ThrottleSettings
+from pop3srv.server.limits import (
+    AuthThrottle,
+    ConnectionLimits,
+    IAuthCounters,
+    MemoryCounters,
+    ThrottleSettings,
+)
 from pop3srv.server.login import (
     LoginFault,
     LoginRefused,
@@ -231,16 +238,20 @@ class HeldVerifier:
 
 
 def held_service(
-    tmp_path: Path, clock: MemoryReactorClock, settings: ThrottleSettings | None = None
+    tmp_path: Path,
+    clock: MemoryReactorClock,
+    settings: ThrottleSettings | None = None,
+    counters: IAuthCounters | None = None,
 ) -> tuple[LoginService, HeldVerifier]:
     path = tmp_path / "users"
     path.write_text(f"alice:{cheap('pw')}\n")
     verifier = HeldVerifier()
     checker = PasslibChecker(str(path), reactor=RunNow(), verifier=verifier)  # type: ignore[arg-type]
     realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock))
-    policy = ServerPolicy(
-        authority=LocalAuthority(settings or ThrottleSettings(), ConnectionLimits(), clock=clock)
+    authority = LocalAuthority(
+        settings or ThrottleSettings(), ConnectionLimits(), counters, clock=clock
     )
+    policy = ServerPolicy(authority=authority)
     return LoginService(Portal(realm, [checker]), clock, policy), verifier
 
 
@@ -544,15 +555,22 @@ class StallingAuthority(LocalAuthority):
     the test to answer) or fail (C{broken}), as one in a lost parent may.
     """
 
-    def __init__(self, clock: MemoryReactorClock, stall: str = "", broken: str = "") -> None:
+    def __init__(
+        self,
+        clock: MemoryReactorClock,
+        stall: str = "",
+        broken: str = "",
+        error: Exception | None = None,
+    ) -> None:
         super().__init__(ThrottleSettings(), ConnectionLimits(), clock=clock)
         self.stall, self.broken = stall, broken
+        self.error = error if error is not None else ConnectionError("the parent is gone")
         self.stalled: list[tuple[defer.Deferred[Any], defer.Deferred[Any]]] = []
 
     def _asked(self, name: str, ask: Any, *args: Any) -> defer.Deferred[Any]:
         if name == self.broken:
             # Nothing done, nothing counted: the question never arrived.
-            return defer.fail(ConnectionError("the parent is gone"))
+            return defer.fail(self.error)
         answer: defer.Deferred[Any] = ask(*args)
         if name != self.stall:
             return answer
@@ -579,7 +597,7 @@ class StallingAuthority(LocalAuthority):
 
 
 def stalling_service(
-    tmp_path: Path, clock: MemoryReactorClock, **stall: str
+    tmp_path: Path, clock: MemoryReactorClock, **stall: Any
 ) -> tuple[LoginService, HeldVerifier, StallingAuthority]:
     service, verifier = held_service(tmp_path, clock)
     authority = StallingAuthority(clock, **stall)
@@ -592,16 +610,17 @@ def test_an_attempt_waiting_for_a_place_is_answered_within_the_patience(
 ) -> None:
     """
     Five checks for alice hold every place past the failure cap: the sixth
-    attempt is answered [SYS/TEMP] without a check at 15 s, counted for
-    nothing and no longer waiting; the five, failing later, are answered
-    at once.
+    attempt stops waiting when only the time of a check (at least a second)
+    is left, and is answered [SYS/TEMP] without a check at 14 s, counted
+    for nothing and no longer waiting; the five, failing later, are
+    answered by 15 s.
     """
     service, verifier = held_service(tmp_path, clock)
     throttle = throttle_of(service)
     held = [attempt(service, "alice") for _ in range(5)]
     waiting = attempt(service, "alice")
     assert len(verifier.calls) == 5
-    clock.advance(14.9)
+    clock.advance(13.9)
     assert not waiting.called
     clock.advance(0.1)
     assert result_of(waiting) == LoginRefused(
@@ -612,7 +631,7 @@ def test_an_attempt_waiting_for_a_place_is_answered_within_the_patience(
     assert failures(throttle, f"pair:{PEER.host}:alice", clock.seconds()) == 0
     for _, d in verifier.calls:
         d.callback(VerifyResult(ok=False))
-    clock.advance(0)
+    clock.advance(1)
     assert [result_of(d) for d in held] == [
         LoginRefused("AUTH", "Invalid username or password.")
     ] * 5
@@ -623,7 +642,7 @@ def test_a_locked_out_attempt_is_answered_within_the_patience(
     tmp_path: Path, clock: MemoryReactorClock
 ) -> None:
     """
-    An attempt that waits 14 s for a place, then finds the pair blocked by
+    An attempt that waits 13 s for a place, then finds the pair blocked by
     the failure it waited for, is answered 15 s after it began, not 15 s
     after the block.
     """
@@ -633,12 +652,12 @@ def test_a_locked_out_attempt_is_answered_within_the_patience(
     first = attempt(service, "alice")
     waiting = attempt(service, "alice")
     assert len(verifier.calls) == 1
-    clock.advance(14)
+    clock.advance(13)
     verifier.calls[0][1].callback(VerifyResult(ok=False))
     clock.advance(0)
     assert result_of(first) == LoginRefused("AUTH", "Invalid username or password.")
     assert not waiting.called
-    clock.advance(0.9)
+    clock.advance(1.9)
     assert not waiting.called
     clock.advance(0.1)
     assert result_of(waiting) == LoginRefused("AUTH", "Invalid username or password.")
@@ -718,3 +737,121 @@ def test_a_wait_for_a_place_does_not_raise_the_answer_time_of_later_failures(
     assert answers == []
     clock.advance(0.1)
     assert [type(a) for a in answers] == [LoginRefused]
+
+
+def test_the_wait_for_a_place_leaves_time_for_the_slowest_recent_check(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    A failed check took 5 s: an attempt that waits for a place stops
+    waiting 10 s after it began, so that a check as slow still ends within
+    the 15 s cap; it is answered [SYS/TEMP] then, uncounted.
+    """
+    service, verifier = held_service(tmp_path, clock)
+    slow = attempt(service, "alice")
+    clock.advance(5)
+    verifier.calls[0][1].callback(VerifyResult(ok=False))
+    clock.advance(60)
+    assert isinstance(result_of(slow), LoginRefused)
+    # One failure counted: four checks take the pair's places, the fifth waits.
+    for _ in range(4):
+        attempt(service, "alice")
+    waiting = attempt(service, "alice")
+    assert len(verifier.calls) == 5
+    clock.advance(9.9)
+    assert not waiting.called
+    clock.advance(0.1)
+    assert result_of(waiting) == LoginRefused(
+        "SYS/TEMP", "Too many logins in progress, try again later."
+    )
+    assert throttle_of(service)._waiting == {}
+    assert failures(throttle_of(service), f"pair:{PEER.host}:alice", clock.seconds()) == 1
+
+
+@implementer(IAuthCounters)
+class SlowAdds(MemoryCounters):
+    """Memory counters whose failures, once C{slow}, are recorded only at L{answer}."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.slow = False
+        self.held: list[tuple[defer.Deferred[list[int]], defer.Deferred[list[int]]]] = []
+
+    def add(self, keys: Any, now: float, window: float) -> defer.Deferred[list[int]]:
+        counted = super().add(keys, now, window)
+        if not self.slow:
+            return counted
+        later: defer.Deferred[list[int]] = defer.Deferred()
+        self.held.append((counted, later))
+        return later
+
+    def answer(self) -> None:
+        held, self.held = self.held, []
+        for counted, later in held:
+            counted.chainDeferred(later)
+
+
+def test_a_refusal_whose_count_is_late_is_answered_as_a_refusal(
+    tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent]
+) -> None:
+    """
+    A blocked pair's next attempt is refused without a check; its count
+    (a failure) is still running at the cap: the client is told [AUTH] at
+    15 s, as the refusal it is, not [SYS/TEMP]; the address block the
+    count starts later is audited.
+    """
+    counters = SlowAdds()
+    settings = ThrottleSettings(address_limit=3, pair_limit=2)
+    service, verifier = held_service(tmp_path, clock, settings, counters)
+    for _ in range(2):
+        result_of(service.authority.login_failed(PEER.host, "alice"))
+    counters.slow = True
+    refused = attempt(service, "alice")
+    clock.advance(14.9)
+    assert not refused.called
+    clock.advance(0.1)
+    assert result_of(refused) == LoginRefused("AUTH", "Invalid username or password.")
+    assert verifier.calls == []
+    counters.answer()
+    assert audit_lines(log_events) == [
+        'login-refused "alice" reason=locked-out-address+user',
+        'lockout "alice" reason=address',
+    ]
+
+
+def test_a_session_counted_while_the_end_failed_is_given_back(
+    tmp_path: Path, clock: MemoryReactorClock
+) -> None:
+    """
+    The right password; the attempt's end fails at once while the session
+    count is still on its way, and then counts it: the login is a server
+    fault, and the session is given back.
+    """
+    service, verifier, authority = stalling_service(
+        tmp_path, clock, stall="start_session", broken="end_login"
+    )
+    answer = attempt(service, "alice")
+    verifier.calls[0][1].callback(VerifyResult(ok=True))
+    authority.answer_stalled()
+    assert isinstance(result_of(answer), LoginFault)
+    assert authority.connections.sessions == 0
+
+
+def test_an_unreachable_authority_is_one_error_line(
+    tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent]
+) -> None:
+    """
+    A login whose authority cannot be reached (the parent is gone) is
+    logged as one error line with the reason, without a traceback.
+    """
+    error = AuthorityUnavailable(
+        "the parent server process did not answer BeginLogin: Connection was closed cleanly."
+    )
+    service, _, _ = stalling_service(tmp_path, clock, broken="begin_login", error=error)
+    assert isinstance(result_of(attempt(service, "alice")), LoginFault)
+    assert [e for e in log_events if "log_failure" in e] == []
+    (line,) = [formatEvent(e) for e in log_events if e.get("log_level") == LogLevel.error]
+    assert line == (
+        f"Login of alice from {PEER.label} failed: the parent server process did not "
+        "answer BeginLogin: Connection was closed cleanly."
+    )

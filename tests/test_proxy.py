@@ -26,7 +26,7 @@ from typing import Any, TypeVar
 import pytest
 from certs import Authority
 from helpers import MESSAGES, FakeMailbox, FakeRealm, Recorder, run_until
-from test_proxyheader import v1_header, v2_header
+from test_proxyheader import LOCAL, PROXY, UNIX_STREAM, UNSPEC, v1_header, v2_header
 from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -366,24 +366,55 @@ def test_local_header_is_a_health_check(
     listen: Callable[..., Listener], log_events: list[LogEvent]
 ) -> None:
     """
-    LOCAL (HAProxy's health check) and a v1 UNKNOWN line: the health reply,
-    then the close; no session is built, so nothing is counted or audited.
+    LOCAL (HAProxy's health check): the health reply, then the close; no
+    session is built, so nothing is counted or audited.
     """
     listener = listen()
     before = listener.pop3.next_session_id()
 
     def work(client: Client) -> bytes:
-        client.send(v2_header(command=0x20))
-        return client.rest_until_closed()
-
-    def unknown(client: Client) -> bytes:
-        client.send(b"PROXY UNKNOWN\r\n")
+        client.send(v2_header(command=LOCAL))
         return client.rest_until_closed()
 
     assert session(listener.port, PROXY_ADDRESS, work) == HEALTH_REPLY
-    assert session(listener.port, PROXY_ADDRESS, unknown) == HEALTH_REPLY
     assert listener.pop3.next_session_id() == before + 1
     assert audit_lines(log_events) == [] and proxy_lines(log_events) == []
+
+
+UNIX_PATHS = b"/run/client.sock".ljust(108, b"\0") + b"/run/pop3.sock".ljust(108, b"\0")
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        b"PROXY UNKNOWN\r\n",
+        b"PROXY UNKNOWN 198.51.100.7 192.0.2.1 40007 110\r\n",
+        v2_header(command=PROXY, family=UNSPEC),
+        v2_header(command=PROXY, family=UNIX_STREAM, body=UNIX_PATHS),
+    ],
+    ids=["v1-unknown", "v1-unknown-addresses", "v2-unspec", "v2-unix"],
+)
+def test_a_header_naming_no_client_is_closed_without_a_word(
+    listen: Callable[..., Listener], log_events: list[LogEvent], header: bytes
+) -> None:
+    """
+    A header that relays a connection but names no client address (v1
+    UNKNOWN, v2 UNSPEC or AF_UNIX) may be a real client's: it is not
+    greeted as a health check would be, but closed without a word, with
+    one line saying who and why; no session is built.
+    """
+    listener = listen()
+    before = listener.pop3.next_session_id()
+
+    def work(client: Client) -> bytes:
+        client.send(header + b"CAPA\r\n")
+        return client.rest_until_closed()
+
+    assert session(listener.port, PROXY_ADDRESS, work) == b""
+    assert listener.pop3.next_session_id() == before + 1
+    (line,) = proxy_lines(log_events)
+    assert "127.0.0.2:" in line and "header names no client to serve" in line
+    assert audit_lines(log_events) == []
 
 
 # --- TLS
@@ -418,7 +449,7 @@ def test_implicit_tls_local_health_check(listen: Callable[..., Listener]) -> Non
     listener = listen(implicit_tls=True)
 
     def work(client: Client) -> bytes:
-        client.send(v2_header(command=0x20))
+        client.send(v2_header(command=LOCAL))
         return client.rest_until_closed()
 
     assert session(listener.port, PROXY_ADDRESS, work) == b""

@@ -33,11 +33,15 @@ L{AuthorityUnavailable}: the login service answers that as a server fault
 (C{-ERR [SYS/TEMP]}), never as a wrong password.  The child stops soon
 after it loses its parent anyway.  A question the child withdraws
 (cancels) is still answered, since AMP cannot take one back: whatever
-that answer grants is given back at once.
+that answer grants is given back at once.  A login withdrawn while it
+waits for a place is also withdrawn in the parent (L{WithdrawLogin
+<pop3srv.processes.rpc.WithdrawLogin>}), so it stops waiting there and
+counts for nothing, whatever the parent decides later.
 """
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Mapping
 from typing import Any, TypeVar, cast
 
@@ -59,9 +63,11 @@ from pop3srv.processes.rpc import (
     LoginFailed,
     OpenConnection,
     StartSession,
+    WithdrawLogin,
 )
 from pop3srv.server.authority import (
     AttemptTicket,
+    AuthorityUnavailable,
     Blocked,
     Holdings,
     IPolicyAuthority,
@@ -74,10 +80,6 @@ __all__ = ["AuthorityResponder", "AuthorityUnavailable", "RemoteAuthority", "Wor
 
 _log = Logger()
 _T = TypeVar("_T")
-
-
-class AuthorityUnavailable(Exception):
-    """The parent server process could not answer a policy question."""
 
 
 def _outcome_fields(outcome: FailureOutcome) -> dict[str, Any]:
@@ -96,7 +98,11 @@ def _outcome(answer: Mapping[str, Any]) -> FailureOutcome:
     return FailureOutcome(answer["delay"], lockout)
 
 
-def _withdrawable(asked: Deferred[_T], give_back: Callable[[_T], object]) -> Deferred[_T]:
+def _withdrawable(
+    asked: Deferred[_T],
+    give_back: Callable[[_T], object],
+    withdraw: Callable[[], object] | None = None,
+) -> Deferred[_T]:
     """
     A new Deferred for C{asked}'s outcome, which can be cancelled
     (L{IPolicyAuthority.begin_login} allows it).  An AMP question cannot be
@@ -108,9 +114,17 @@ def _withdrawable(asked: Deferred[_T], give_back: Callable[[_T], object]) -> Def
     never sees one.
 
     @param give_back: called with the answer to a withdrawn question.
+    @param withdraw: called when the question is withdrawn, to tell the
+        parent.
     """
     withdrawn: list[bool] = []
-    result: Deferred[_T] = Deferred(lambda _: withdrawn.append(True))
+
+    def cancel(_: Deferred[_T]) -> None:
+        withdrawn.append(True)
+        if withdraw is not None:
+            withdraw()
+
+    result: Deferred[_T] = Deferred(cancel)
 
     def answered(value: _T) -> None:
         if not withdrawn:
@@ -148,6 +162,9 @@ class AuthorityResponder(amp.CommandLocator):
             sessions and every child.
         """
         self.holdings: Holdings = authority.holdings()
+        # The child's begin_login questions not yet answered, by request,
+        # for WithdrawLogin.
+        self._logins: dict[int, Deferred[AttemptTicket | Blocked]] = {}
 
     @OpenConnection.responder
     def open_connection(self, host: str) -> Deferred[dict[str, Any]]:
@@ -162,13 +179,35 @@ class AuthorityResponder(amp.CommandLocator):
         return _heed(CloseConnection, lambda: self.holdings.close_connection(host))
 
     @BeginLogin.responder
-    def begin_login(self, host: str, username: str) -> Deferred[dict[str, Any]]:
+    def begin_login(self, request: int, host: str, username: str) -> Deferred[dict[str, Any]]:
         def fields(admitted: AttemptTicket | Blocked) -> dict[str, Any]:
             if isinstance(admitted, Blocked):
-                return {"scope": admitted.scope, "delay": admitted.delay}
+                return {"scope": admitted.scope}
             return {"ticket": admitted.number}
 
-        return _answer(BeginLogin, lambda: self.holdings.begin_login(host, username), fields)
+        def ask() -> Deferred[AttemptTicket | Blocked]:
+            asked = self.holdings.begin_login(host, username)
+            if not asked.called:
+                self._logins[request] = asked
+
+                def answered(result: object) -> object:
+                    self._logins.pop(request, None)
+                    return result
+
+                asked.addBoth(answered)
+            return asked
+
+        return _answer(BeginLogin, ask, fields)
+
+    @WithdrawLogin.responder
+    def withdraw_login(self, request: int) -> dict[str, Any]:
+        def withdraw() -> None:
+            # Unknown once answered: the child gives back what it brings.
+            asked = self._logins.pop(request, None)
+            if asked is not None:
+                asked.cancel()
+
+        return _heed(WithdrawLogin, withdraw)
 
     @EndLogin.responder
     def end_login(self, ticket: int, verdict: str) -> Deferred[dict[str, Any]]:
@@ -307,6 +346,7 @@ class RemoteAuthority:
         """
         self._parent = parent
         self.settings = settings
+        self._requests = itertools.count(1)
 
     def _ask(
         self,
@@ -314,6 +354,7 @@ class RemoteAuthority:
         arguments: dict[str, Any],
         parse: Callable[[dict[str, Any]], _T],
         give_back: Callable[[_T], object] = lambda answer: None,
+        withdraw: Callable[[], object] | None = None,
     ) -> Deferred[_T]:
         """
         Ask the parent.
@@ -321,6 +362,7 @@ class RemoteAuthority:
         @param parse: turns the answer's fields into the value to fire with.
         @param give_back: called with the value of a question withdrawn
             before its answer came (L{_withdrawable}).
+        @param withdraw: called when the caller withdraws the question.
         @return: fires with the parsed answer, or fails with
             L{AuthorityUnavailable}.  It is not the Deferred AMP answers
             on, so that a failure in the caller's callbacks stays the
@@ -331,7 +373,7 @@ class RemoteAuthority:
         except Exception:
             d = fail()
         d.addCallback(parse).addErrback(self._unavailable, command)
-        return _withdrawable(d, give_back)
+        return _withdrawable(d, give_back, withdraw)
 
     @staticmethod
     def _unavailable(failure: Failure, command: type[amp.Command]) -> Failure:
@@ -367,20 +409,30 @@ class RemoteAuthority:
         self._tell(CloseConnection, host=host)
 
     def begin_login(self, host: str, username: str) -> Deferred[AttemptTicket | Blocked]:
+        request = next(self._requests)
+
         def admitted(answer: dict[str, Any]) -> AttemptTicket | Blocked:
             if answer.get("ticket") is not None:
                 return AttemptTicket(answer["ticket"])
-            if answer.get("scope") is None or answer.get("delay") is None:
+            if answer.get("scope") is None:
+                # Only a withdrawn question gets neither, and its answer is
+                # not read.
                 raise ValueError("an answer with neither ticket nor block")
-            return Blocked(answer["scope"], answer["delay"])
+            return Blocked(answer["scope"])
 
         def give_back(answer: AttemptTicket | Blocked) -> None:
+            # A block is not counted until the caller counts it: nothing
+            # to give back.
             if isinstance(answer, AttemptTicket):
                 released = self.end_login(answer, "released")
                 released.addErrback(lambda f: f.trap(AuthorityUnavailable))
 
-        arguments = {"host": host, "username": username}
-        return self._ask(BeginLogin, arguments, admitted, give_back)
+        def withdraw() -> None:
+            # Else it waits for a place in the parent until one frees.
+            self._tell(WithdrawLogin, request=request)
+
+        arguments = {"request": request, "host": host, "username": username}
+        return self._ask(BeginLogin, arguments, admitted, give_back, withdraw)
 
     def end_login(self, ticket: AttemptTicket, verdict: Verdict) -> Deferred[FailureOutcome | None]:
         return self._ask(

@@ -15,8 +15,9 @@ the child process starts:
     questions of L{IPolicyAuthority
     <pop3srv.server.authority.IPolicyAuthority>}, which the parent answers
     for every server process (L{pop3srv.processes.authorityrpc}):
-    L{OpenConnection}, L{CloseConnection}, L{BeginLogin}, L{EndLogin},
-    L{LoginFailed}, L{StartSession}, L{EndSession}; and the parent's own
+    L{OpenConnection}, L{CloseConnection}, L{BeginLogin},
+    L{WithdrawLogin}, L{EndLogin}, L{LoginFailed}, L{StartSession},
+    L{EndSession}; and the parent's own
     questions to each child, for one view of the whole server
     (L{pop3srv.app.control}): L{ListSessions}, L{GetMetrics}.
 
@@ -25,7 +26,8 @@ parent server process, on the control socket (L{pop3srv.app.control}):
 L{Who}, L{Stats}.
 
 AMP matches each answer to its question and carries declared errors as
-their own types, so there is no request id or error-name table of ours.
+their own types, so there is no error-name table of ours, and a request id
+only where a question must be named to take it back (L{BeginLogin}).
 Nothing is unpickled: a L{VerifyResult} crosses as the JSON object of its
 dataclass fields, so a field added to it crosses as long as its value is
 plain JSON (text, numbers, booleans, null).  AMP caps one value at 64 KiB;
@@ -69,6 +71,7 @@ __all__ = [
     "StartSession",
     "Stats",
     "Who",
+    "WithdrawLogin",
     "connect",
 ]
 
@@ -213,19 +216,35 @@ class CloseConnection(amp.Command):
 class BeginLogin(amp.Command):
     """
     L{IPolicyAuthority.begin_login
-    <pop3srv.server.authority.IPolicyAuthority.begin_login>}: the answer is
-    either C{ticket} (an L{AttemptTicket
-    <pop3srv.server.authority.AttemptTicket>}'s number) or C{scope} and
-    C{delay} (a L{Blocked <pop3srv.server.authority.Blocked>}).
+    <pop3srv.server.authority.IPolicyAuthority.begin_login>}: C{request}
+    names the question for a L{WithdrawLogin} (unique among the child's).
+    The answer is either C{ticket} (an L{AttemptTicket
+    <pop3srv.server.authority.AttemptTicket>}'s number) or C{scope} (a
+    L{Blocked <pop3srv.server.authority.Blocked>}); neither for a question
+    withdrawn before it was decided.
     """
 
-    arguments = [(b"host", amp.Unicode()), (b"username", amp.Unicode())]
+    arguments = [
+        (b"request", amp.Integer()),
+        (b"host", amp.Unicode()),
+        (b"username", amp.Unicode()),
+    ]
     response = [
         (b"ticket", amp.Integer(optional=True)),
         (b"scope", amp.Unicode(optional=True)),
-        (b"delay", amp.Float(optional=True)),
     ]
     errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
+class WithdrawLogin(amp.Command):
+    """
+    The child cancelled the L{BeginLogin} named C{request} (no answer): the
+    parent stops it waiting for a place, uncounted.  One already decided is
+    answered as usual, and the child gives back the ticket it brings.
+    """
+
+    arguments = [(b"request", amp.Integer())]
+    requiresAnswer = False
 
 
 class EndLogin(amp.Command):

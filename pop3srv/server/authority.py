@@ -49,11 +49,13 @@ from pop3srv.server.limits import (
 
 __all__ = [
     "AttemptTicket",
+    "AuthorityUnavailable",
     "Blocked",
     "Holdings",
     "IPolicyAuthority",
     "LocalAuthority",
     "Verdict",
+    "log_fault",
 ]
 
 #: How a login attempt ended: wrong credentials (counted), a success
@@ -78,14 +80,42 @@ class AttemptTicket:
 class Blocked:
     """
     A login refused without a password check: the address, or the address
-    and user, is blocked.  The refusal counted as a failure.
+    and user, is blocked.
+
+    The refusal is not counted yet: the caller counts it as a failed login
+    (L{IPolicyAuthority.login_failed}), so that a blocked guesser's tries
+    keep the block and the delay growing, and answers after that count's
+    delay.  So the refusal is known at once, however long the count takes,
+    and a block the count starts is the caller's to report.
 
     @ivar scope: C{address} or C{address+user}.
-    @ivar delay: seconds to wait before answering.
     """
 
     scope: str
-    delay: float
+
+
+class AuthorityUnavailable(Exception):
+    """
+    The authority could not be asked (the parent server process that keeps
+    it is gone, or failed to answer): a server fault.  Its message says in
+    one line which question went unanswered and why, so it is logged
+    without a traceback (L{log_fault}).
+    """
+
+
+def log_fault(log: Logger, failure: Failure, text: str, **fields: Any) -> None:
+    """
+    Log a question to the authority that failed: an L{AuthorityUnavailable}
+    as one error line ending with its message, anything else (a bug) with
+    its traceback.
+
+    @param text: the log format, without the cause.
+    @param fields: the format's fields.
+    """
+    if failure.check(AuthorityUnavailable):
+        log.error(text + ": {cause}", cause=failure.getErrorMessage(), **fields)
+    else:
+        log.failure(text, failure, **fields)
 
 
 class IPolicyAuthority(Interface):
@@ -94,7 +124,8 @@ class IPolicyAuthority(Interface):
     failed-login throttle, connection limits and sessions per user.
 
     Every method answers with a Deferred; none fails for a decision (a
-    refusal is a value).  A Deferred that fails is a server fault.
+    refusal is a value).  A Deferred that fails is a server fault (an
+    authority that cannot be reached fails with L{AuthorityUnavailable}).
     """
 
     settings: ThrottleSettings
@@ -119,11 +150,12 @@ class IPolicyAuthority(Interface):
         all to fail, the answer waits until one of them ends.
 
         Cancelling the Deferred withdraws the request: the attempt stops
-        waiting, and holds no place whenever the cancel lands (a ticket
-        the authority had already granted is ended as C{released}).
+        waiting, holds no place whenever the cancel lands (a ticket the
+        authority had already granted is ended as C{released}), and counts
+        for nothing.
 
         @return: fires with an L{AttemptTicket} (end it with L{end_login})
-            or a L{Blocked}.
+            or a L{Blocked} (count it with L{login_failed}).
         """
 
     def end_login(ticket: AttemptTicket, verdict: Verdict) -> Deferred[FailureOutcome | None]:
@@ -137,8 +169,9 @@ class IPolicyAuthority(Interface):
 
     def login_failed(host: str, username: str) -> Deferred[FailureOutcome]:
         """
-        Count a failed login that held no ticket (a SASL exchange that
-        failed on the client's credentials before any check).
+        Count a failed login that held no ticket: a refusal (L{Blocked}),
+        or a SASL exchange that failed on the client's credentials before
+        any check.
         """
 
     def start_session(username: str, host: str) -> Deferred[bool]:
@@ -302,17 +335,13 @@ class _Admission:
             if isinstance(answer, Attempt):
                 answer.release()
             return
-        throttle = self._authority.throttle
         if isinstance(answer, Busy):
             self._waiting = True
-            throttle.wait_for_place(self._wake, answer)
+            self._authority.throttle.wait_for_place(self._wake, answer)
         elif isinstance(answer, Refusal):
-            # A refusal counts as a failure: a blocked guesser's tries keep
-            # the block and the delay growing.
-            counted = throttle.failed(self._host, self._username, self._authority.clock.seconds())
-            counted.addCallbacks(
-                lambda outcome: self._settle(Blocked(answer.scope, outcome.delay)), self._failed
-            )
+            # Not counted here: the caller counts it (see Blocked), so the
+            # refusal is answered before the count, which may be slow.
+            self._settle(Blocked(answer.scope))
         else:
             self._settle(self._authority._ticket_for(answer))
 

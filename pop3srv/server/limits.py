@@ -23,6 +23,10 @@ from zope.interface import Interface, implementer
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
+#: The events a store keeps per key unless the limits need more
+#: (L{events_to_keep}): enough for the failure delay to reach its cap.
+DEFAULT_MAX_EVENTS = 64
+
 _T = TypeVar("_T")
 
 
@@ -75,21 +79,28 @@ class MemoryCounters:
 
     Each key keeps at most C{max_events} timestamps and at most C{max_keys}
     keys are kept (the least recently used go first), so an attacker who
-    tries many addresses or names cannot grow memory without bound.
+    tries many addresses or names cannot grow memory without bound.  A
+    count never goes past C{max_events}: the throttle's limits must not
+    either (L{events_to_keep}).
+
+    @ivar max_events: the timestamps kept per key; a new value applies to
+        each key as it next gets an event.
     """
 
-    def __init__(self, max_events: int = 64, max_keys: int = 100_000) -> None:
+    def __init__(self, max_events: int = DEFAULT_MAX_EVENTS, max_keys: int = 100_000) -> None:
         self._events: dict[str, deque[float]] = {}
         self._blocks: dict[str, float] = {}
-        self._max_events = max_events
+        self.max_events = max_events
         self._max_keys = max_keys
 
     def _touch(self, key: str) -> deque[float]:
         events = self._events.pop(key, None)
         if events is None:
-            events = deque(maxlen=self._max_events)
+            events = deque(maxlen=self.max_events)
             while len(self._events) >= self._max_keys:
                 del self._events[next(iter(self._events))]
+        elif events.maxlen != self.max_events:
+            events = deque(events, maxlen=self.max_events)
         self._events[key] = events
         return events
 
@@ -162,6 +173,18 @@ class ThrottleSettings:
     window: float = 600.0
     lockout: float = 600.0
     trusted: tuple[IPNetwork, ...] = ()
+
+
+def events_to_keep(settings: ThrottleSettings) -> int:
+    """
+    How many events per key an L{IAuthCounters} must keep (C{max_events} of
+    L{MemoryCounters} and of the Redis store) for the throttle to count up
+    to C{settings}' limits: a store that keeps fewer never reaches a larger
+    limit, so it would never block.
+
+    @return: the larger limit, and at least L{DEFAULT_MAX_EVENTS}.
+    """
+    return max(DEFAULT_MAX_EVENTS, settings.address_limit, settings.pair_limit)
 
 
 @dataclass(frozen=True)
@@ -315,16 +338,41 @@ class AuthThrottle:
     only once its failure is recorded, so an answer to L{begin} never finds
     a place gone without the failure that ended it.
 
+    The store must keep enough events per key to reach the limits
+    (L{events_to_keep}); the one the throttle makes when it is given none
+    does, and keeps more when a reload raises a limit.
+
     @ivar settings: the limits, read at every decision: a reload replaces
         them (L{pop3srv.server.authority.LocalAuthority.reconfigure})
         without forgetting any count.
     """
 
     def __init__(self, settings: ThrottleSettings, counters: IAuthCounters | None = None) -> None:
+        """
+        @param settings: the limits.
+        @param counters: where failures and blocks are kept, keeping at
+            least L{events_to_keep} events per key; if L{None}, a
+            L{MemoryCounters} of the throttle's own.
+        """
+        self._own: MemoryCounters | None = None
+        if counters is None:
+            counters = self._own = MemoryCounters(max_events=events_to_keep(settings))
+        self.counters: IAuthCounters = counters
         self.settings = settings
-        self.counters: IAuthCounters = counters if counters is not None else MemoryCounters()
         self._in_flight: dict[str, int] = {}
         self._waiting: dict[str, list[Callable[[], None]]] = {}
+
+    @property
+    def settings(self) -> ThrottleSettings:
+        """The limits (see the class docstring)."""
+        return self._settings
+
+    @settings.setter
+    def settings(self, settings: ThrottleSettings) -> None:
+        self._settings = settings
+        if self._own is not None:
+            # Never fewer than before: the events kept stay countable.
+            self._own.max_events = max(self._own.max_events, events_to_keep(settings))
 
     def begin(self, address: str, username: str, now: float) -> Deferred[Refusal | Busy | Attempt]:
         """

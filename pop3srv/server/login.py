@@ -60,6 +60,7 @@ from pop3srv.server.authority import (
     IPolicyAuthority,
     LocalAuthority,
     Verdict,
+    log_fault,
 )
 from pop3srv.server.limits import (
     AccessRules,
@@ -81,6 +82,11 @@ __all__ = [
 ]
 
 TEMPORARY_FAILURE = "Temporary failure, try again later."
+
+#: The least time (seconds) kept for a password check when an attempt
+#: waits for a place: the wait ends this long, or as long as the slowest
+#: recent failed check if that is longer, before C{max_failure_delay}.
+MIN_CHECK_TIME = 1.0
 
 _T = TypeVar("_T")
 
@@ -241,11 +247,16 @@ class LoginService:
     out with cheap failures first.  A success is answered as soon as it is
     known.
 
-    Nothing the authority does keeps a client waiting past its patience: a
-    refused or failed login is answered at the latest C{max_failure_delay}
-    after it began (once its password check, if any, has ended), and an
-    attempt still waiting for a place then is answered C{[SYS/TEMP]}
-    without a check, and not counted.
+    Nothing the authority does keeps a client waiting past its patience,
+    C{max_failure_delay} from the start of the attempt: a refused or failed
+    login is answered by then (once its password check, if any, has ended),
+    however long the count of its failure takes.  An attempt that waits for
+    a place stops waiting early enough for its check to fit in: when no
+    more than the time of a check is left, the slowest recent failed check
+    or L{MIN_CHECK_TIME} if that is longer (but at most half the cap, so
+    that a wait is always possible).  It is then answered C{[SYS/TEMP]}
+    without a check, and counts for nothing.  So an admitted check normally
+    ends, and is answered, within the cap.
     """
 
     _log = Logger()
@@ -405,24 +416,25 @@ class LoginService:
         L{login}, for an attempt that began at C{started}.
         """
         authority = self.authority
-        deadline = started + authority.settings.max_failure_delay
         asked = authority.begin_login(peer.host, username)
-        answer = self._by_deadline(asked, deadline, withdraw=True)
+        answer = self._by_deadline(asked, self._wait_deadline(started), withdraw=True)
 
         def admitted(
             answer: AttemptTicket | Blocked | _Late,
         ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
             if isinstance(answer, _Late):
                 # Other attempts from this address held every place until
-                # the client's patience ran out: no check, no count.
+                # there was no time left for a check: no check, no count.
                 self._audit(peer, "login-refused", "attempts-in-flight", username)
                 return LoginRefused("SYS/TEMP", "Too many logins in progress, try again later.")
             if isinstance(answer, Blocked):
                 # No password check at all, so a blocked guesser cannot tie
-                # up the hashing threads.
+                # up the hashing threads; the refusal counts as a failure,
+                # answered after its delay, at the latest at the cap.
                 self._audit(peer, "login-refused", f"locked-out-{answer.scope}", username)
+                counted = authority.login_failed(peer.host, username)
                 refused = LoginRefused("AUTH", AUTH_FAILED)
-                return self._answer_failure(started, answer.delay, refused)
+                return self._answer_counted(counted, started, refused, username, peer)
             return self._check(creds, username, method, peer, started, answer)
 
         checked: defer.Deferred[LoginOutcome] = answer.addCallback(admitted)
@@ -463,11 +475,24 @@ class LoginService:
         )
         return d
 
+    def _wait_deadline(self, started: float) -> float:
+        """
+        When an attempt that began at C{started} stops waiting for a place:
+        early enough for its check to end within C{max_failure_delay} (see
+        the class docstring).
+        """
+        if self._window_start is not None:
+            # Forget a slow check of windows gone by (none before a failure).
+            self._rotate(self.reactor.seconds())
+        cap = self.authority.settings.max_failure_delay
+        check = max(MIN_CHECK_TIME, self._slowest, self._slowest_before)
+        return started + cap - min(check, cap / 2)
+
     def _end_quietly(self, ticket: AttemptTicket, verdict: Verdict) -> None:
         """End C{ticket} without waiting for the answer (a fault is logged)."""
         ended = self.authority.end_login(ticket, verdict)
         ended.addErrback(
-            lambda failure: self._log.failure("Ending a login attempt failed", failure)
+            lambda failure: log_fault(self._log, failure, "Ending a login attempt failed")
         )
 
     def _by_deadline(
@@ -502,7 +527,7 @@ class LoginService:
             elif isinstance(result, AttemptTicket):
                 self._end_quietly(result, "released")
             elif isinstance(result, Failure) and not result.check(defer.CancelledError):
-                self._log.failure("The policy authority answered late, and failed", result)
+                log_fault(self._log, result, "The policy authority answered late, and failed")
 
         asked.addBoth(settled)
         return raced
@@ -582,17 +607,14 @@ class LoginService:
             owner = logout.avatar_id.decode("utf-8")
             label = logout.avatar_id.label
         authority = self.authority
-        counted: list[bool] = []
-
-        def note(started: bool) -> bool:
-            counted.append(started)
-            return started
-
         # Both questions at once: with a remote authority each is a round
-        # trip.
-        ended = authority.end_login(ticket, "succeeded")
-        session = authority.start_session(owner, peer.host).addCallback(note)
-        both: defer.Deferred[list[Any]] = defer.gatherResults([ended, session], consumeErrors=True)
+        # trip.  Both answers are awaited, so that a session counted while
+        # the other question failed is given back.
+        asked: list[defer.Deferred[Any]] = [
+            authority.end_login(ticket, "succeeded"),
+            authority.start_session(owner, peer.host),
+        ]
+        both: defer.Deferred[list[tuple[bool, Any]]] = defer.DeferredList(asked, consumeErrors=True)
 
         def log_out() -> None:
             try:
@@ -604,8 +626,20 @@ class LoginService:
             authority.end_session(owner, peer.host)
             log_out()
 
-        def answered(_: object) -> defer.Deferred[LoginOutcome] | LoginOutcome:
-            if not counted[0]:
+        def answered(
+            results: list[tuple[bool, Any]],
+        ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
+            (end_ok, end_result), (session_ok, session_result) = results
+            counted = session_ok and session_result is True
+            if not (end_ok and session_ok):
+                # The authority failed: a server fault, whatever the password.
+                if counted:
+                    release()
+                else:
+                    log_out()
+                failure = end_result if not end_ok else session_result
+                return self._fault(failure, owner, peer)
+            if not counted:
                 log_out()
                 self._audit(peer, "login-refused", "max-sessions-per-user", owner)
                 return LoginRefused("SYS/TEMP", "Too many sessions for this user.")
@@ -621,15 +655,7 @@ class LoginService:
 
             return d.addCallbacks(listed, unlisted)
 
-        def unanswered(failure: Failure) -> LoginOutcome:
-            # The authority failed: a server fault, whatever the password.
-            if counted and counted[0]:
-                release()
-            else:
-                log_out()
-            return self._fault(_first_error(failure), owner, peer)
-
-        outcome: defer.Deferred[LoginOutcome] = both.addCallbacks(answered, unanswered)
+        outcome: defer.Deferred[LoginOutcome] = both.addCallback(answered)
         return outcome
 
     def _failed(
@@ -693,9 +719,12 @@ class LoginService:
                 peer=peer.label,
             )
         else:
-            self._log.failure(
-                "Login of {user} from {peer} failed",
+            # An authority that cannot be reached is one line; a bug is
+            # logged with its traceback.
+            log_fault(
+                self._log,
                 failure,
+                "Login of {user} from {peer} failed",
                 user=escape_for_log(username),
                 peer=peer.label,
             )
@@ -739,15 +768,6 @@ class LoginService:
     @staticmethod
     def _audit(peer: Peer, event: str, reason: str, user: str | None) -> None:
         audit(event, session=peer.session, peer=peer.host, reason=reason, user=user)
-
-
-def _first_error(failure: Failure) -> Failure:
-    """The failure of the first Deferred that failed in a C{gatherResults}."""
-    error = failure.value
-    if isinstance(error, defer.FirstError):
-        first: Failure = error.subFailure
-        return first
-    return failure
 
 
 def _when_settled(chain: defer.Deferred[_T]) -> defer.Deferred[_T]:

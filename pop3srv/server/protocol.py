@@ -32,6 +32,7 @@ from pop3srv.core import sasl, scram
 from pop3srv.core.errors import Pop3Error
 from pop3srv.core.wire import DotStuffer, TopFilter
 from pop3srv.server.audit import audit
+from pop3srv.server.authority import log_fault
 from pop3srv.server.limits import IPNetwork, in_networks, normalise_address
 from pop3srv.server.login import (
     LoginFault,
@@ -423,11 +424,11 @@ class POP3Server(Protocol):
         """The authority could not count the connection: a server fault."""
         self._admitting = False
         if self._admission_abandoned:
-            self._log.failure(
-                "Counting the connection of {peer} failed late", failure, peer=self._peer
+            log_fault(
+                self._log, failure, "Counting the connection of {peer} failed late", peer=self._peer
             )
             return
-        self._log.failure("Counting the connection of {peer} failed", failure, peer=self._peer)
+        log_fault(self._log, failure, "Counting the connection of {peer} failed", peer=self._peer)
         self._audit("connection-refused", "error")
         if not self._lost:
             self.transport.write(b"-ERR [SYS/TEMP] Temporary failure, try again later.\r\n")

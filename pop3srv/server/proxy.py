@@ -158,8 +158,15 @@ class ProxyHeaderReader(Protocol):
             return
         header, rest = result
         self._cancel_header_timer()
-        if header.source is None or header.destination is None:
+        if header.local:
             self._health_check(header)
+            return
+        if header.source is None or header.destination is None:
+            # Not the proxy's own connection, so perhaps a real client's,
+            # relayed from where the proxy cannot say: a greeting would
+            # promise it a session it does not get.
+            kind = "UNKNOWN" if header.version == 1 else "UNSPEC or AF_UNIX"
+            self._refuse(f"a PROXY v{header.version} {kind} header names no client to serve")
             return
         self._hand_over(header.source, header.destination, rest)
 
@@ -176,15 +183,13 @@ class ProxyHeaderReader(Protocol):
 
     def _health_check(self, header: ProxyHeader) -> None:
         """
-        A header naming no client: the proxy's own connection (C{LOCAL}, a
-        health check), or one it cannot attribute.  Neither is served: a
-        session must not run under the proxy's address, which may well be
-        one our rules trust.
+        A C{LOCAL} header: the proxy's own connection, a health check.  It
+        gets the health reply and no session: a session must not run under
+        the proxy's address, which may well be one our rules trust.
         """
         self._log.debug(
-            "PROXY v{version} {kind} from {peer}: no client; answered as a health check",
+            "PROXY v{version} LOCAL from {peer}: answered as a health check",
             version=header.version,
-            kind="LOCAL" if header.local else "header without an address",
             peer=self._peer,
         )
         if self.factory.health_reply:
@@ -247,9 +252,11 @@ class ProxyHeaderFactory(Factory[Protocol]):
         untouched.  IPv4 clients of a dual-stack socket match as IPv4.
     @param reactor: the reactor for timers.
     @param header_timeout: seconds a trusted peer has to send its header.
-    @param health_reply: what a health check (a header naming no client:
-        C{LOCAL}, or a v1 C{UNKNOWN}) is sent before the connection is
-        closed.  The wrapped protocol is not built for it, so it is neither
+    @param health_reply: what a health check (a version 2 C{LOCAL} header)
+        is sent before the connection is closed.  Any other header that
+        names no client (a v1 C{UNKNOWN}, a v2 C{UNSPEC} or C{AF_UNIX}
+        address) may be a client's, so it is closed without a word and
+        logged.  The wrapped protocol is built for neither, so neither is
         counted nor audited.
     @param close_grace: seconds a closed connection gets to go before it is
         aborted.
