@@ -11,7 +11,8 @@ is unreachable.
     over a real C{redis-server} (L{neighbours.RedisServer}), then what only
     Redis does: sharing between clients, atomic adds, expiry, timeouts;
   - L{FallbackCounters} over a real Redis that is stopped, frozen and
-    started again mid-run.
+    started again mid-run, and over a peer that takes the connection and
+    never answers.
 
 Tests with a real Redis use the global reactor through L{run_until} and
 real time with windows of a fraction of a second; each is skipped, with
@@ -21,6 +22,7 @@ the reason, where C{redis-server} is not installed.
 from __future__ import annotations
 
 import re
+import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -28,12 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from helpers import result_of, run_until
+from helpers import failure_of, result_of, run_until
 from hypothesis import given
 from hypothesis import strategies as st
 from neighbours import RedisServer, free_port
 from twisted.internet import defer, task
 from twisted.internet.error import ConnectionRefusedError
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogEvent, LogLevel, formatEvent
 from zope.interface import implementer
@@ -41,13 +44,18 @@ from zope.interface.verify import verifyObject
 
 from pop3srv.server.limits import IAuthCounters, MemoryCounters
 from pop3srv.server.rediscounters import (
+    CountersCopy,
     CountersService,
     FallbackCounters,
     IConnectedCounters,
+    INamedEventCounters,
+    KeyEvents,
+    NamedMemoryCounters,
     RedisAddress,
     RedisCounters,
     RedisUnavailable,
     counters_for,
+    event_member,
     parse_counters_url,
 )
 
@@ -175,7 +183,7 @@ def test_counters_for() -> None:
     verifyObject(IConnectedCounters, counters)
     assert isinstance(counters.primary, RedisCounters)
     assert counters.primary.address == RedisAddress("::1", 7000, 3)
-    assert isinstance(counters.fallback, MemoryCounters)
+    assert isinstance(counters.fallback, NamedMemoryCounters)
     with pytest.raises(ValueError, match="expected memory or redis://"):
         counters_for("redis://host:99999", MemoryReactorClock())
 
@@ -183,18 +191,24 @@ def test_counters_for() -> None:
 # --- FallbackCounters on a fake clock --------------------------------------------
 
 
-@implementer(IAuthCounters)
+@implementer(INamedEventCounters)
 class Switchable:
     """
-    L{MemoryCounters} that answer, fail or never answer, as C{mode} says;
-    counts the questions that reach it and keeps the unanswered ones.
+    L{NamedMemoryCounters} that answer, fail or never answer, as C{mode}
+    says; counts the questions that reach it and keeps the unanswered ones
+    (C{hanging}), and what they asked, which L{thaw} does late, as a
+    frozen Redis does when it runs again.
+
+    @ivar refuse_merges: whether L{merge} fails whatever the mode.
     """
 
     def __init__(self) -> None:
-        self.store = MemoryCounters()
+        self.store = NamedMemoryCounters()
         self.mode = "answer"
+        self.refuse_merges = False
         self.asked = 0
         self.hanging: list[defer.Deferred[Any]] = []
+        self._held: list[Callable[[], defer.Deferred[Any]]] = []
 
     def _answer(self, call: Callable[[], defer.Deferred[Any]]) -> defer.Deferred[Any]:
         self.asked += 1
@@ -203,11 +217,29 @@ class Switchable:
         if self.mode == "hang":
             d: defer.Deferred[Any] = defer.Deferred()
             self.hanging.append(d)
+            self._held.append(call)
             return d
         return call()
 
+    def thaw(self) -> None:
+        """Do what the unanswered questions asked (their askers have given up)."""
+        held, self._held = self._held, []
+        for call in held:
+            call()
+
     def add(self, keys: Sequence[str], now: float, window: float) -> defer.Deferred[list[int]]:
         return self._answer(lambda: self.store.add(keys, now, window))
+
+    def add_named(
+        self, event: str, keys: Sequence[str], now: float, window: float
+    ) -> defer.Deferred[list[int]]:
+        return self._answer(lambda: self.store.add_named(event, keys, now, window))
+
+    def merge(self, copy: CountersCopy) -> defer.Deferred[None]:
+        if self.refuse_merges:
+            self.asked += 1
+            return defer.fail(ConnectionRefusedError("merge refused"))
+        return self._answer(lambda: self.store.merge(copy))
 
     def count(self, keys: Sequence[str], now: float, window: float) -> defer.Deferred[list[int]]:
         return self._answer(lambda: self.store.count(keys, now, window))
@@ -230,7 +262,7 @@ def switchable() -> Switchable:
 @pytest.fixture
 def fallback(switchable: Switchable, clock: MemoryReactorClock) -> FallbackCounters:
     return FallbackCounters(
-        switchable, MemoryCounters(), clock, name="Shared", timeout=0.5, probe_interval=1.0
+        switchable, NamedMemoryCounters(), clock, name="Shared", timeout=0.5, probe_interval=1.0
     )
 
 
@@ -241,6 +273,7 @@ BACK = r"^Shared is back; failed logins are counted there again$"
 def test_fallback_provides_the_interfaces(fallback: FallbackCounters) -> None:
     verifyObject(IAuthCounters, fallback)
     verifyObject(IConnectedCounters, fallback)
+    verifyObject(INamedEventCounters, fallback.fallback)
 
 
 def test_fallback_asks_the_primary_while_it_answers(
@@ -315,8 +348,9 @@ def test_fallback_probes_until_the_primary_answers(
 ) -> None:
     """
     While down, one probe at a time, each bounded by the timeout, every
-    probe interval; when one succeeds, one line, and questions go to the
-    primary again, with the failures counted meanwhile added to its counts.
+    probe interval; when one succeeds, one line, the failures and blocks
+    counted meanwhile are merged into the primary, and questions go to it
+    again.
     """
     switchable.mode = "fail"
     result_of(fallback.add(["a"], 10, 60))
@@ -336,13 +370,15 @@ def test_fallback_probes_until_the_primary_answers(
     assert switchable.asked == 3, "the next probe waits for the interval"
     switchable.mode = "answer"
     clock.advance(0.1)
-    assert switchable.asked == 4 and fallback.up
+    assert switchable.asked == 5 and fallback.up, "the probe, then the merge"
     assert len(lines(log_events, BACK)) == 1 and len(lines(log_events, OUTAGE)) == 1
-    assert result_of(fallback.add(["a"], 11, 60)) == [2], "1 in the primary, 1 from the outage"
-    assert result_of(switchable.store.count(["a"], 11, 60)) == [1]
+    assert result_of(switchable.store.count(["a"], 11, 60)) == [1], "merged"
+    assert result_of(switchable.store.blocked_until(["b"], 20)) == [100], "merged"
+    assert result_of(fallback.fallback.count(["a"], 11, 60)) == [0], "not counted here again"
+    assert result_of(fallback.add(["a"], 11, 60)) == [2], "1 from the outage, 1 now"
     assert result_of(fallback.blocked_until(["b", "c"], 20)) == [100, None]
     clock.advance(10)
-    assert switchable.asked == 6, "no probes while up"
+    assert switchable.asked == 7, "no probes while up"
     assert not clock.getDelayedCalls()
 
 
@@ -356,6 +392,160 @@ def test_fallback_clear_forgets_both(fallback: FallbackCounters, switchable: Swi
     assert result_of(fallback.count(["a"], 11, 60)) == [2]
     result_of(fallback.clear(["a"]))
     assert result_of(fallback.count(["a"], 11, 60)) == [0]
+
+
+def test_a_block_holds_here_through_an_outage(
+    fallback: FallbackCounters, switchable: Switchable
+) -> None:
+    """
+    A block set while the primary answers is kept here too: this server
+    still refuses the key while the primary is down.
+    """
+    assert result_of(fallback.block("a", 100)) is None
+    switchable.mode = "fail"
+    assert result_of(fallback.blocked_until(["a", "b"], 20)) == [100, None]
+    assert not fallback.up
+    assert result_of(fallback.blocked_until(["a"], 100)) == [None]
+
+
+def test_an_event_recorded_late_counts_once(
+    fallback: FallbackCounters, switchable: Switchable, clock: MemoryReactorClock
+) -> None:
+    """
+    A failure the primary answers too late for is counted here, and by the
+    primary too when it runs again; once the primary is back, it counts
+    there once, and here no more.
+    """
+    switchable.mode = "hang"
+    failed = fallback.add(["a", "b"], 10, 60)
+    clock.advance(0.5)
+    assert result_of(failed) == [1, 1]
+    switchable.thaw()
+    assert result_of(switchable.store.count(["a", "b"], 10, 60)) == [1, 1], "recorded late"
+    switchable.mode = "answer"
+    clock.advance(1.0)
+    assert fallback.up
+    assert result_of(fallback.count(["a", "b"], 10, 60)) == [1, 1]
+    assert result_of(switchable.store.count(["a", "b"], 10, 60)) == [1, 1]
+    assert result_of(fallback.fallback.count(["a", "b"], 10, 60)) == [0, 0]
+
+
+def test_a_part_not_merged_stays_here(
+    fallback: FallbackCounters,
+    switchable: Switchable,
+    clock: MemoryReactorClock,
+    log_events: list[LogEvent],
+) -> None:
+    """
+    A merge the primary fails takes it down again, and what it held is
+    counted here until the primary is back again and takes it.
+    """
+    switchable.mode = "fail"
+    result_of(fallback.add(["a"], 10, 60))
+    switchable.mode = "answer"
+    switchable.refuse_merges = True
+    clock.advance(1.0)
+    assert not fallback.up, "down again: the merge failed"
+    assert result_of(fallback.count(["a"], 10, 60)) == [1]
+    assert result_of(switchable.store.count(["a"], 10, 60)) == [0]
+    switchable.refuse_merges = False
+    clock.advance(1.0)
+    assert fallback.up
+    assert result_of(switchable.store.count(["a"], 10, 60)) == [1]
+    assert result_of(fallback.count(["a"], 10, 60)) == [1]
+    result_of(fallback.stop())
+    assert not clock.getDelayedCalls()
+
+
+def test_flapping_is_told_once_a_period(
+    fallback: FallbackCounters,
+    switchable: Switchable,
+    clock: MemoryReactorClock,
+    log_events: list[LogEvent],
+) -> None:
+    """
+    A primary that goes down and comes back again and again: the first
+    outage and its end are told as usual, the swings that follow within a
+    minute of that outage line only at debug level, and one line at the
+    end of that minute says how many there were and that the primary is
+    up (or down, as it may be); a new outage after a quiet minute is told
+    at once again.
+    """
+
+    def told() -> list[str]:
+        return [formatEvent(e) for e in log_events if e["log_level"] > LogLevel.debug]
+
+    for _ in range(10):
+        switchable.mode = "fail"
+        result_of(fallback.count(["a"], 0, 60))
+        assert not fallback.up
+        switchable.mode = "answer"
+        clock.advance(1.0)
+        assert fallback.up
+        clock.advance(2.0)
+    assert len(told()) == 2
+    assert re.search(OUTAGE, told()[0]) and re.search(BACK, told()[1])
+    assert len(lines(log_events, r"\(again\)$")) == 18
+    clock.advance(60 - clock.seconds())
+    assert told()[2:] == [
+        "Shared is back; failed logins are counted there again (9 outages in the last 60 s)"
+    ]
+
+    switchable.mode = "fail"
+    result_of(fallback.count(["a"], 0, 60))
+    clock.advance(60 - 1.0)
+    assert len(told()) == 3, "down again within the minute"
+    clock.advance(1.0)
+    assert len(told()) == 4
+    assert re.fullmatch(
+        r"Shared unreachable \(.*no one there.*\); counting failed logins in this server"
+        r" until it is back \(1 outage in the last 60 s\)",
+        told()[3],
+    )
+    switchable.mode = "answer"
+    clock.advance(1.0)
+    assert fallback.up and re.search(BACK, told()[4])
+
+    clock.advance(120 + 60 - clock.seconds())
+    switchable.mode = "fail"
+    result_of(fallback.count(["a"], 0, 60))
+    assert len(told()) == 6 and re.search(OUTAGE, told()[5]), "a quiet minute: told at once"
+    result_of(fallback.stop())
+    assert not clock.getDelayedCalls()
+
+
+def test_take_events(clock: MemoryReactorClock) -> None:
+    """
+    The memory standing in for Redis hands over its events still in their
+    window, with their names, and forgets them; it keeps its blocks.
+    """
+    memory = NamedMemoryCounters()
+    result_of(memory.add_named("e1", ["a", "b"], 10, 60))
+    result_of(memory.add_named("e2", ["a"], 20, 5))
+    result_of(memory.add_named("e3", ["c"], 0, 5))
+    result_of(memory.block("a", 100))
+    result_of(memory.block("b", 20))
+    copy = memory.take_events(21)
+    assert sorted(copy.events, key=lambda k: k.key) == [
+        KeyEvents("a", 5, ((20, event_member("e2", 1)),)),
+        KeyEvents("b", 60, ((10, event_member("e1", 2)),)),
+    ]
+    assert copy.blocks == (("a", 100),)
+    assert result_of(memory.count(["a", "b", "c"], 21, 60)) == [0, 0, 0]
+    assert result_of(memory.blocked_until(["a"], 21)) == [100]
+    assert not memory.take_events(21).events
+
+
+def test_copy_parts() -> None:
+    """A copy comes in parts of about the size asked, a key's events never split."""
+    events = tuple(KeyEvents(f"k{i}", 60, tuple((t, f"e{t}") for t in range(3))) for i in range(5))
+    blocks = tuple((f"b{i}", 100.0) for i in range(4))
+    copy = CountersCopy(events, blocks)
+    parts = list(copy.parts(4))
+    assert [sum(len(k.events) for k in p.events) + len(p.blocks) for p in parts] == [6, 6, 4, 3]
+    assert sum((p.events for p in parts), ()) == events
+    assert sum((p.blocks for p in parts), ()) == blocks
+    assert list(CountersCopy().parts(4)) == [] and not CountersCopy()
 
 
 def test_fallback_start_and_stop(
@@ -427,11 +617,26 @@ def make_redis(redis_server: RedisServer) -> Iterator[RedisMaker]:
     maker.stop_all()
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "named", "redis"])
 def counters(request: pytest.FixtureRequest) -> IAuthCounters:
-    """The same questions asked of this process's memory and of Redis."""
+    """
+    The same questions asked of this process's memory (as counters for one
+    server, and as those standing in for Redis) and of Redis.
+    """
     if request.param == "memory":
         return MemoryCounters(max_events=5)
+    if request.param == "named":
+        return NamedMemoryCounters(max_events=5)
+    make = request.getfixturevalue("make_redis")
+    redis: RedisCounters = make(max_events=5)
+    return redis
+
+
+@pytest.fixture(params=["named", "redis"])
+def named(request: pytest.FixtureRequest) -> INamedEventCounters:
+    """Counters whose events have names, in memory and in Redis."""
+    if request.param == "named":
+        return NamedMemoryCounters(max_events=5)
     make = request.getfixturevalue("make_redis")
     redis: RedisCounters = make(max_events=5)
     return redis
@@ -518,6 +723,43 @@ def test_any_text_is_a_key(counters: IAuthCounters, now: float) -> None:
     assert ask(counters.count(keys, now, 10)) == [2, 1, 1, 1, 1]
     ask(counters.block(keys[2], now + 5))
     assert ask(counters.blocked_until(keys, now)) == [None, None, now + 5, None, None]
+
+
+def test_an_event_named_twice_counts_once(named: INamedEventCounters, now: float) -> None:
+    """The same event recorded again changes nothing; a key given twice counts twice."""
+    assert ask(named.add_named("e1", ["a", "b"], now, 10)) == [1, 1]
+    assert ask(named.add_named("e1", ["a", "b"], now, 10)) == [1, 1]
+    assert ask(named.add_named("e2", ["a", "a"], now + 1, 10)) == [2, 3]
+    assert ask(named.add(["a"], now + 1, 10)) == [4]
+    assert ask(named.count(["a", "b"], now + 1, 10)) == [4, 1]
+
+
+def test_merge_adds_what_is_not_there(named: INamedEventCounters, now: float) -> None:
+    """
+    A merge adds the events not there already, up to the cap per key, and
+    the blocks that end later; merging again changes nothing.
+    """
+    ask(named.add_named("e1", ["a"], now, 10))
+    ask(named.block("x", now + 30))
+    ask(named.block("y", now + 30))
+    copy = CountersCopy(
+        (
+            KeyEvents("a", 10, ((now, event_member("e1", 1)), (now + 1, event_member("e2", 1)))),
+            KeyEvents("b", 10, tuple((now + t, event_member(f"b{t}", 1)) for t in range(8))),
+            KeyEvents("c", 10, ((now - 20, event_member("old", 1)),)),
+        ),
+        (("x", now + 20), ("y", now + 40), ("z", now + 50), ("w", now - 1)),
+    )
+    for _ in range(2):
+        assert ask(named.merge(copy)) is None
+        assert ask(named.count(["a", "b", "c"], now + 8, 10)) == [2, 5, 0]
+        assert ask(named.blocked_until(["x", "y", "z", "w"], now + 1)) == [
+            now + 30,
+            now + 40,
+            now + 50,
+            None,
+        ]
+    assert ask(named.merge(CountersCopy())) is None
 
 
 # --- what only Redis does ----------------------------------------------------------
@@ -636,6 +878,28 @@ def test_stop_while_connecting(redis_server: RedisServer, now: float) -> None:
         ask(asked)
 
 
+def test_merged_keys_expire(make_redis: RedisMaker, redis_server: RedisServer, now: float) -> None:
+    """Merged events live a window after the last, a merged block until it ends."""
+    counters = make_redis()
+    copy = CountersCopy(
+        (KeyEvents("a", 10, ((now - 5, "e1:1"), (now - 2, "e2:1"))),), (("a", now + 20),)
+    )
+    ask(counters.merge(copy))
+    prefix = make_redis.prefix
+    assert 7000 < redis_server.command("PTTL", prefix + "events:a") <= 8000
+    assert 19000 < redis_server.command("PTTL", prefix + "block:a") <= 20000
+
+
+def test_keepalive_is_on(make_redis: RedisMaker, now: float) -> None:
+    """The connection has TCP keepalive, checking within a minute where the system lets us say."""
+    counters = make_redis()
+    ask(counters.count(["a"], now, 10))
+    handle = counters._protocol.transport.getHandle()
+    assert handle.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) != 0
+    if hasattr(socket, "TCP_KEEPIDLE"):
+        assert handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) <= 60
+
+
 @pytest.fixture
 def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     """A Redis of the test's own, to stop, freeze and start again."""
@@ -682,7 +946,7 @@ def shared(make_redis: RedisMaker, own_redis: RedisServer) -> Iterator[FallbackC
     redis = make_redis(own_redis)
     counters = FallbackCounters(
         redis,
-        MemoryCounters(),
+        NamedMemoryCounters(),
         reactor(),
         name=f"Redis at 127.0.0.1:{own_redis.port}",
         probe=redis.probe,
@@ -709,8 +973,10 @@ def test_redis_stopped_and_started_again(
     """
     Redis stopped mid-run: questions are answered from memory, at once
     after the first, and the outage is logged once.  Redis started again:
-    its return is logged once and the counts go to Redis again, with the
-    failures counted meanwhile still counting.
+    its return is logged once, the failures and the block counted
+    meanwhile are merged into it (empty, as a restarted Redis without
+    persistence is), where every node sees them, and the counts go to
+    Redis again.
     """
     prefix = make_redis.prefix
     key = prefix + "events:pair:192.0.2.1:alice"
@@ -738,8 +1004,12 @@ def test_redis_stopped_and_started_again(
     wait_for_line(log_events, back)
     assert shared.up
     assert ask(shared.add(["pair:192.0.2.1:alice"], now + 6, 60)) == [6]
-    assert own_redis.command("ZCARD", key) == 1
+    assert own_redis.command("ZCARD", key) == 6, "the outage's five, merged, and one"
+    assert float(own_redis.command("GET", prefix + "block:addr:192.0.2.1")) == now + 60
     assert ask(shared.blocked_until(["addr:192.0.2.1"], now + 6)) == [now + 60]
+    other_node = make_redis(own_redis)
+    assert ask(other_node.count(["pair:192.0.2.1:alice"], now + 6, 60)) == [6]
+    assert ask(other_node.blocked_until(["addr:192.0.2.1"], now + 6)) == [now + 60]
     sleep(0.5)
     assert len(lines(log_events, outage)) == 1
     assert len(lines(log_events, back)) == 1
@@ -770,6 +1040,136 @@ def test_redis_frozen_and_thawed(
     assert len(lines(log_events, "unreachable")) == 1
 
 
+class SilentPeer(Protocol):
+    """Takes a connection, reads what comes and never answers."""
+
+    factory: SilentPeers
+
+    def connectionMade(self) -> None:
+        self.factory.accepted += 1
+        self.factory.open.append(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.factory.received += len(data)
+
+    def connectionLost(self, reason: object = None) -> None:
+        self.factory.open.remove(self)
+
+
+class SilentPeers(Factory):
+    """
+    Makes L{SilentPeer}s on L{port}: a Redis host that holds connections
+    and answers nothing (frozen, or gone without a reset on a network that
+    drops packets).
+
+    @ivar accepted: connections taken.
+    @ivar open: those still open.
+    @ivar received: bytes read on all of them.
+    """
+
+    protocol = SilentPeer
+
+    def __init__(self) -> None:
+        self.accepted = 0
+        self.open: list[SilentPeer] = []
+        self.received = 0
+        self.port = reactor().listenTCP(0, self, interface="127.0.0.1")
+        self.number: int = self.port.getHost().port
+
+
+@pytest.fixture
+def silent_peers() -> Iterator[SilentPeers]:
+    peers = SilentPeers()
+    yield peers
+    ask(defer.maybeDeferred(peers.port.stopListening))
+    for peer in list(peers.open):
+        peer.transport.abortConnection()
+    wait_for(lambda: not peers.open)
+
+
+def wait_for(condition: Callable[[], object]) -> None:
+    """Run the reactor until C{condition} holds (at most L{WAIT} s)."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, "waited too long"
+        sleep(0.02)
+
+
+def test_a_question_given_up_on_drops_the_connection(silent_peers: SilentPeers, now: float) -> None:
+    """
+    A question cancelled while Redis has not answered drops its
+    connection: the next one goes out on a new connection, not behind it.
+    """
+    counters = RedisCounters(RedisAddress("127.0.0.1", silent_peers.number), reactor())
+    try:
+        asked = counters.count(["a"], now, 10)
+        wait_for(lambda: silent_peers.received)
+        assert silent_peers.accepted == 1
+        asked.cancel()
+        failure_of(asked, defer.CancelledError)
+        wait_for(lambda: not silent_peers.open)
+        again = counters.count(["a"], now, 10)
+        wait_for(lambda: silent_peers.accepted == 2)
+        again.cancel()
+        failure_of(again, defer.CancelledError)
+    finally:
+        ask(counters.stop())
+
+
+def test_a_silent_redis_is_left_for_a_new_one(
+    silent_peers: SilentPeers, tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    """
+    Over a peer that takes connections and never answers, each probe
+    given up on drops its connection and the next makes a new one; so once
+    a real Redis serves that port (the silent connection left as it is),
+    the counters are back on it.
+    """
+    redis = RedisCounters(RedisAddress("127.0.0.1", silent_peers.number), reactor())
+    counters = FallbackCounters(
+        redis, NamedMemoryCounters(), reactor(), probe=redis.probe, timeout=0.2, probe_interval=0.1
+    )
+    counters.start()
+    try:
+        sleep(1.5)
+        assert not counters.up
+        assert silent_peers.accepted >= 3, "a new connection for each probe"
+        assert len(silent_peers.open) <= 1, "each one given up on was dropped"
+        ask(defer.maybeDeferred(silent_peers.port.stopListening))
+        with RedisServer(tmp_path / "redis", port=silent_peers.number):
+            wait_for_line(log_events, "is back;")
+            assert ask(counters.add(["a"], reactor().seconds(), 60)) == [1]
+    finally:
+        ask(counters.stop())
+
+
+def test_a_failure_during_a_freeze_counts_once(
+    shared: FallbackCounters,
+    own_redis: RedisServer,
+    make_redis: RedisMaker,
+    log_events: list[LogEvent],
+) -> None:
+    """
+    A failure asked of a frozen Redis is counted here, and by Redis if it
+    runs the script once it thaws; once Redis is back the failure counts
+    once, there, and no more here.
+    """
+    key = "pair:192.0.2.1:alice"
+    now = reactor().seconds()
+    assert ask(shared.count([key], now, 600)) == [0]
+    own_redis.pause()
+    try:
+        assert ask(shared.add([key], now + 1, 600)) == [1]
+        assert not shared.up
+        sleep(0.5)
+    finally:
+        own_redis.resume()
+    wait_for_line(log_events, "is back;")
+    assert ask(shared.count([key], now + 2, 600)) == [1]
+    assert own_redis.command("ZCARD", make_redis.prefix + "events:" + key) == 1
+    assert ask(shared.fallback.count([key], now + 2, 600)) == [0]
+
+
 def test_redis_down_at_start(
     make_redis: RedisMaker, tmp_path: Path, log_events: list[LogEvent]
 ) -> None:
@@ -780,7 +1180,7 @@ def test_redis_down_at_start(
     server = RedisServer(tmp_path / "later")
     redis = make_redis(server, timeout=0.5)
     counters = FallbackCounters(
-        redis, MemoryCounters(), reactor(), probe=redis.probe, timeout=0.5, probe_interval=0.2
+        redis, NamedMemoryCounters(), reactor(), probe=redis.probe, timeout=0.5, probe_interval=0.2
     )
     service = CountersService(counters)
     service.startService()

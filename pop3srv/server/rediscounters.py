@@ -8,9 +8,13 @@ server's memory standing in while Redis is unreachable.
   - L{counters_for} makes the L{IAuthCounters} it names;
   - L{RedisCounters} keeps the counts in Redis, each question in one round
     trip;
+  - L{NamedMemoryCounters} keeps them in memory while Redis is down, each
+    event under the name Redis was (or would have been) given;
   - L{FallbackCounters} asks Redis and, when it fails or is slow, answers
-    from memory instead, logs the outage once and its end once, and goes
-    back to Redis when it answers again;
+    from memory instead, logs the outage once and its end once (once a
+    minute at most for a Redis that comes and goes), and when Redis
+    answers again merges into it what memory counted meanwhile, each
+    event once however late Redis heard of it, and goes back to it;
   - L{CountersService} opens and closes the connection with the service.
 
 A login never waits on a dead Redis for longer than
@@ -20,12 +24,15 @@ lockouts still apply: they are counted here.
 
 from __future__ import annotations
 
+import bisect
+import contextlib
 import ipaddress
 import itertools
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import socket
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -44,17 +51,22 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from pop3srv.server.limits import IAuthCounters, MemoryCounters
+from pop3srv.server.limits import DEFAULT_MAX_EVENTS, IAuthCounters, MemoryCounters
 
 __all__ = [
     "COUNTERS_FORM",
+    "CountersCopy",
     "CountersService",
     "FallbackCounters",
     "IConnectedCounters",
+    "INamedEventCounters",
+    "KeyEvents",
+    "NamedMemoryCounters",
     "RedisAddress",
     "RedisCounters",
     "RedisUnavailable",
     "counters_for",
+    "event_member",
     "parse_counters_url",
 ]
 
@@ -175,14 +187,104 @@ class IConnectedCounters(IAuthCounters):
         """Close the connection; later questions fail.  Fires once closed."""
 
 
+@dataclass(frozen=True)
+class KeyEvents:
+    """
+    The events of one key, copied out of a store.
+
+    @ivar key: the key, as given to L{IAuthCounters.add}.
+    @ivar window: the window of the key's latest C{add}: how long its
+        events count.
+    @ivar events: the time and member name (L{event_member}) of each
+        event, oldest first.
+    """
+
+    key: str
+    window: float
+    events: tuple[tuple[float, str], ...]
+
+
+@dataclass(frozen=True)
+class CountersCopy:
+    """
+    Events and blocks copied out of one store, to be merged into another
+    (L{INamedEventCounters.merge}).
+
+    @ivar events: each key's events.
+    @ivar blocks: each blocked key and when its block ends.
+    """
+
+    events: tuple[KeyEvents, ...] = ()
+    blocks: tuple[tuple[str, float], ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.blocks)
+
+    def parts(self, size: int) -> Iterator[CountersCopy]:
+        """
+        This copy in parts of about C{size} events and blocks each (a key's
+        events are never split), so that no one merge holds Redis long.
+        """
+        events: list[KeyEvents] = []
+        blocks: list[tuple[str, float]] = []
+        held = 0
+        for item in self.events:
+            events.append(item)
+            held += len(item.events)
+            if held >= size:
+                yield CountersCopy(tuple(events))
+                events, held = [], 0
+        for block in self.blocks:
+            blocks.append(block)
+            held += 1
+            if held >= size:
+                yield CountersCopy(tuple(events), tuple(blocks))
+                events, blocks, held = [], [], 0
+        if events or blocks:
+            yield CountersCopy(tuple(events), tuple(blocks))
+
+
+def event_member(event: str, index: int) -> str:
+    """
+    The name under which key number C{index} (from 1) of an
+    L{INamedEventCounters.add_named} holds the event C{event}: its own
+    suffix keeps a key given twice counting twice.
+    """
+    return f"{event}:{index}"
+
+
+class INamedEventCounters(IAuthCounters):
+    """
+    Counters whose events have names, chosen by whoever records them, so
+    that one event recorded in two stores (asked of Redis, which answered
+    too late, and counted in memory meanwhile) is counted once when the
+    two are brought together.
+    """
+
+    def add_named(
+        event: str, keys: Sequence[str], now: float, window: float
+    ) -> Deferred[list[int]]:
+        """
+        L{IAuthCounters.add} of the event named C{event} (unique among every
+        node's events); a key that already holds it does not count it again.
+        """
+
+    def merge(copy: CountersCopy) -> Deferred[None]:
+        """
+        Add the events of C{copy} that are not here already, and each block
+        of it that ends later than the one here, if any.  Events already out
+        of their window and blocks already over may be left out.
+        """
+
+
 # Records one event per key (KEYS); ARGV: the event's time, the window's
 # start (events at or before it no longer count), events kept per key,
-# milliseconds the key lives after its last event, the event's name (unique;
-# each key's own suffix keeps a key repeated in KEYS counting twice).
+# milliseconds the key lives after its last event, then each key's member
+# for the event (event_member: one already there is not added again).
 _ADD = """
 local counts = {}
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, ARGV[1], ARGV[5] .. ':' .. i)
+  redis.call('ZADD', key, ARGV[1], ARGV[4 + i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', ARGV[2])
   redis.call('ZREMRANGEBYRANK', key, 0, -1 - tonumber(ARGV[3]))
   redis.call('PEXPIRE', key, ARGV[4])
@@ -199,6 +301,46 @@ for i, key in ipairs(KEYS) do
 end
 return counts
 """
+
+# Merges a CountersCopy.  KEYS: the event keys, then the block keys.  ARGV:
+# how many event keys there are, events kept per key; then for each event
+# key its window's start, the milliseconds it lives at least, its number of
+# events and each one's time and member; then for each block key the
+# block's end and the milliseconds it lives.  A member already there stays
+# as it is; a block is kept if it ends as late or later.
+_MERGE = """
+local event_keys = tonumber(ARGV[1])
+local keep = tonumber(ARGV[2])
+local a = 3
+for i = 1, event_keys do
+  local key = KEYS[i]
+  local start, lives, n = ARGV[a], tonumber(ARGV[a + 1]), tonumber(ARGV[a + 2])
+  a = a + 3
+  for _ = 1, n do
+    redis.call('ZADD', key, ARGV[a], ARGV[a + 1])
+    a = a + 2
+  end
+  redis.call('ZREMRANGEBYSCORE', key, '-inf', start)
+  redis.call('ZREMRANGEBYRANK', key, 0, -1 - keep)
+  if redis.call('PTTL', key) < lives then
+    redis.call('PEXPIRE', key, lives)
+  end
+end
+for i = event_keys + 1, #KEYS do
+  local ends = redis.call('GET', KEYS[i])
+  if not ends or tonumber(ends) < tonumber(ARGV[a]) then
+    redis.call('SET', KEYS[i], ARGV[a], 'PX', ARGV[a + 1])
+  end
+  a = a + 2
+end
+return 0
+"""
+
+#: Seconds a connection to Redis sits idle before the kernel checks that
+#: the other end is still there, seconds between checks, and the checks
+#: that may go unanswered before the connection is dropped (on systems
+#: that name these options; others keep their own).
+_KEEPALIVE = (("TCP_KEEPIDLE", 30), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 3))
 
 
 class _ClientFactory(Factory):
@@ -238,20 +380,20 @@ class _ClientFactory(Factory):
         self.error = why
 
 
-@implementer(IConnectedCounters)
+@implementer(IConnectedCounters, INamedEventCounters)
 class RedisCounters:
     """
     L{IAuthCounters} in one Redis server (or a primary with replicas; not
     Redis Cluster, as each question touches several keys at once), so
     several pop3srv nodes share their counts.
 
-    Each question is one round trip, atomic in Redis: a script for L{add}
-    and L{count}, C{SET}, C{MGET} and C{DEL} for the rest.  A key's events
-    are a sorted set scored by time, trimmed to the window and to
-    C{max_events} as L{MemoryCounters} does, and it expires a window after
-    its last event; a block is a key holding the absolute time it ends,
-    expiring then.  All live under C{prefix}, so one Redis can serve other
-    things too.
+    Each question is one round trip, atomic in Redis: a script for L{add},
+    L{count} and L{merge}, C{SET}, C{MGET} and C{DEL} for the rest.  A
+    key's events are a sorted set of their names (L{event_member}) scored
+    by time, trimmed to the window and to C{max_events} as
+    L{MemoryCounters} does, and it expires a window after its last event;
+    a block is a key holding the absolute time it ends, expiring then.  All
+    live under C{prefix}, so one Redis can serve other things too.
 
     Times are the callers' C{now}, from each node's clock: the nodes must
     keep their clocks in sync (NTP), or a node that runs behind counts
@@ -262,10 +404,14 @@ class RedisCounters:
     There is one connection, opened on the first question (or by
     L{start}) and again on the first question after it is lost; a question
     asked while there is none waits for that attempt, which lasts at most
-    C{timeout} seconds, as does each answer (then the connection is
-    dropped).  A question Redis cannot answer fails with
-    L{RedisUnavailable} or txredisapi's errors: callers that must not fail
-    use L{FallbackCounters}.
+    C{timeout} seconds, as does each answer.  A question that fails other
+    than by an error reply from Redis (no answer in time, a lost
+    connection, or given up by the caller: cancelled) drops the
+    connection, so the next question makes a new one rather than queue
+    behind a stalled one; TCP keepalive finds a Redis host that vanishes
+    while the connection is idle.  A question Redis cannot answer fails
+    with L{RedisUnavailable} or txredisapi's errors: callers that must not
+    fail use L{FallbackCounters}.
     """
 
     def __init__(
@@ -288,9 +434,7 @@ class RedisCounters:
         self._prefix = prefix
         self._max_events = max_events
         self._timeout = timeout
-        # Names each event uniquely among every node's.
-        self._events = itertools.count()
-        self._client = os.urandom(8).hex()
+        self._names = _EventNames()
         self._protocol: Any = None
         #: Those waiting for the connection being made, if one is.
         self._waiting: list[Deferred[Any]] | None = None
@@ -304,10 +448,15 @@ class RedisCounters:
     # -- the questions -----------------------------------------------------
 
     def add(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        return self.add_named(self._names.next(), keys, now, window)
+
+    def add_named(
+        self, event: str, keys: Sequence[str], now: float, window: float
+    ) -> Deferred[list[int]]:
         if not keys:
             return succeed([])
-        event = f"{now!r}:{self._client}:{next(self._events)}"
-        args = [repr(now), repr(now - window), str(self._max_events), _ms(window), event]
+        members = [event_member(event, i) for i in range(1, len(keys) + 1)]
+        args = [repr(now), repr(now - window), str(self._max_events), _ms(window), *members]
         keys_ = [self._key("events", k) for k in keys]
         return self._ask(lambda redis: redis.eval(_ADD, keys_, args)).addCallback(_ints)
 
@@ -346,6 +495,33 @@ class RedisCounters:
             return [end if end is not None and end > now else None for end in ends]
 
         return self._ask(lambda redis: redis.execute_command("MGET", *names)).addCallback(still)
+
+    def merge(self, copy: CountersCopy) -> Deferred[None]:
+        # Our clock, as for a block's expiry: what has left its window by
+        # now is left out, and a key lives a window after its last event.
+        now = self._reactor.seconds()
+        event_keys: list[bytes] = []
+        event_args: list[str] = []
+        for item in copy.events:
+            live = [(t, m) for t, m in item.events if t > now - item.window]
+            if not live:
+                continue
+            last = max(t for t, _ in live)
+            event_keys.append(self._key("events", item.key))
+            event_args += [repr(now - item.window), _ms(last + item.window - now), str(len(live))]
+            for time, member in live:
+                event_args += [repr(time), member]
+        block_keys: list[bytes] = []
+        block_args: list[str] = []
+        for key, until in copy.blocks:
+            if until > now:
+                block_keys.append(self._key("block", key))
+                block_args += [repr(until), _ms(until - now)]
+        if not event_keys and not block_keys:
+            return succeed(None)
+        keys = event_keys + block_keys
+        args = [str(len(event_keys)), str(self._max_events), *event_args, *block_args]
+        return self._ask(lambda redis: redis.eval(_MERGE, keys, args)).addCallback(lambda _: None)
 
     def probe(self) -> Deferred[None]:
         """
@@ -394,10 +570,12 @@ class RedisCounters:
         from txredisapi import ResponseError
 
         def failed(failure: Failure) -> Failure:
-            # Anything but an error reply (a timeout, a lost or garbled
-            # connection) leaves the connection unfit: the next question
-            # makes a new one rather than wait for this one to close.
-            if not failure.check(ResponseError, CancelledError):
+            # Only an error reply leaves the connection as good as it was.
+            # A question given up on (cancelled) is no longer watched by
+            # txredisapi's reply timeout: kept, a stalled connection would
+            # never be dropped and every later question would queue on it.
+            # A timeout, or a lost or garbled connection, is no better.
+            if not failure.check(ResponseError):
                 self._lost(protocol)
                 protocol.transport.abortConnection()
             return failure
@@ -441,6 +619,7 @@ class RedisCounters:
             for waiter in waiting:
                 waiter.errback(result)
             return
+        _keep_alive(result.transport)
         self._protocol = result
         result.whenDisconnected().addCallback(self._lost)
         for waiter in waiting:
@@ -449,6 +628,23 @@ class RedisCounters:
     def _lost(self, protocol: Any) -> None:
         if self._protocol is protocol:
             self._protocol = None
+
+
+def _keep_alive(transport: Any) -> None:
+    """
+    Turn on TCP keepalive for C{transport}, checking sooner than the
+    system's default, so a Redis host that vanishes (powered off, cut off
+    without a reset) while no login asks anything is found out then, not
+    by the next login.
+    """
+    transport.setTcpKeepAlive(True)
+    handle = transport.getHandle()
+    for name, value in _KEEPALIVE:
+        option = getattr(socket, name, None)
+        # Finer tuning only: the connection is as usable without it.
+        with contextlib.suppress(OSError):
+            if option is not None:
+                handle.setsockopt(socket.IPPROTO_TCP, option, value)
 
 
 def _when_ready(protocol: Any, factory: _ClientFactory) -> Deferred[Any]:
@@ -490,6 +686,142 @@ def _ints(values: list[Any]) -> list[int]:
     return [int(v) for v in values]
 
 
+class _EventNames:
+    """Names for events, unique among every node's: this process's own prefix, then a count."""
+
+    def __init__(self) -> None:
+        self._prefix = os.urandom(8).hex()
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}:{next(self._count)}"
+
+
+@dataclass
+class _KeyEventsHere:
+    """One key's events in L{NamedMemoryCounters}."""
+
+    window: float
+    #: Time and member of each, oldest first.
+    events: list[tuple[float, str]]
+
+
+@implementer(INamedEventCounters)
+class NamedMemoryCounters:
+    """
+    L{INamedEventCounters} in this process's memory, every answer ready at
+    once: what L{FallbackCounters} counts while Redis is down.
+
+    As L{MemoryCounters}, each key keeps at most C{max_events} events and
+    at most C{max_keys} keys, and as many blocks, are kept (the least
+    recently used go first), so an attacker who tries many addresses or
+    names cannot grow memory without bound.  Unlike it, each event keeps
+    its name, and L{take_events} hands the events over to be merged into
+    another store.
+    """
+
+    def __init__(self, max_events: int = 64, max_keys: int = 100_000) -> None:
+        self._events: dict[str, _KeyEventsHere] = {}
+        self._blocks: dict[str, float] = {}
+        self._max_events = max_events
+        self._max_keys = max_keys
+        self._names = _EventNames()
+
+    def _record(self, key: str, time: float, member: str, window: float) -> _KeyEventsHere:
+        here = self._events.pop(key, None)
+        if here is None:
+            here = _KeyEventsHere(window, [])
+            while len(self._events) >= self._max_keys:
+                del self._events[next(iter(self._events))]
+        self._events[key] = here
+        here.window = window
+        if all(m != member for _, m in here.events):
+            bisect.insort(here.events, (time, member))
+            # As Redis does: the latest events stay.
+            del here.events[: -self._max_events]
+        return here
+
+    def _count(self, key: str, now: float, window: float) -> int:
+        here = self._events.get(key)
+        if here is None:
+            return 0
+        return sum(1 for t, _ in here.events if t > now - window)
+
+    def _blocked_until(self, key: str, now: float) -> float | None:
+        until = self._blocks.get(key)
+        if until is None:
+            return None
+        if until <= now:
+            del self._blocks[key]
+            return None
+        return until
+
+    def _block(self, key: str, until: float) -> None:
+        self._blocks.pop(key, None)
+        while len(self._blocks) >= self._max_keys:
+            del self._blocks[next(iter(self._blocks))]
+        self._blocks[key] = until
+
+    def add(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        return self.add_named(self._names.next(), keys, now, window)
+
+    def add_named(
+        self, event: str, keys: Sequence[str], now: float, window: float
+    ) -> Deferred[list[int]]:
+        counts = []
+        for i, key in enumerate(keys, 1):
+            here = self._record(key, now, event_member(event, i), window)
+            here.events[:] = [(t, m) for t, m in here.events if t > now - window]
+            counts.append(self._count(key, now, window))
+        return succeed(counts)
+
+    def count(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
+        return succeed([self._count(key, now, window) for key in keys])
+
+    def clear(self, keys: Sequence[str]) -> Deferred[None]:
+        for key in keys:
+            self._events.pop(key, None)
+            self._blocks.pop(key, None)
+        return succeed(None)
+
+    def block(self, key: str, until: float) -> Deferred[None]:
+        self._block(key, until)
+        return succeed(None)
+
+    def blocked_until(self, keys: Sequence[str], now: float) -> Deferred[list[float | None]]:
+        return succeed([self._blocked_until(key, now) for key in keys])
+
+    def merge(self, copy: CountersCopy) -> Deferred[None]:
+        for item in copy.events:
+            for time, member in item.events:
+                self._record(item.key, time, member, item.window)
+        for key, until in copy.blocks:
+            if until > self._blocks.get(key, until - 1):
+                self._block(key, until)
+        return succeed(None)
+
+    def take_events(self, now: float) -> CountersCopy:
+        """
+        Hand over the events (forgetting them here) and a copy of the blocks
+        (kept here) still in force at C{now}.
+        """
+        events = tuple(
+            KeyEvents(key, here.window, live)
+            for key, here in self._events.items()
+            if (live := tuple((t, m) for t, m in here.events if t > now - here.window))
+        )
+        self._events.clear()
+        blocks = tuple((key, until) for key, until in self._blocks.items() if until > now)
+        return CountersCopy(events, blocks)
+
+
+#: Events and blocks merged into Redis by one script run when it is back.
+_MERGE_PART = 512
+
+_DOWN = "{name} unreachable ({reason}); counting failed logins in this server until it is back"
+_BACK = "{name} is back; failed logins are counted there again"
+
+
 @implementer(IConnectedCounters)
 class FallbackCounters:
     """
@@ -498,28 +830,44 @@ class FallbackCounters:
 
     A question C{primary} fails, or does not answer within C{timeout}
     seconds, is answered from C{fallback}, and C{primary} is taken to be
-    down: one line says so, later questions go to C{fallback} at once, and
-    C{probe} asks C{primary} every C{probe_interval} seconds (one probe at
-    a time, each allowed C{timeout} seconds) until it answers; one line
-    says so and C{primary} answers again.
+    down: later questions go to C{fallback} at once, and C{probe} asks
+    C{primary} every C{probe_interval} seconds (one probe at a time, each
+    allowed C{timeout} seconds) until it answers; then C{primary} answers
+    again.
 
-    The counts made in C{fallback} during an outage still count after it,
-    until they leave their window: L{add} and L{count} add them to
-    C{primary}'s, L{blocked_until} takes the later of the two blocks.
+    Each event is named here, and C{fallback} records it under the name
+    C{primary} was given: C{primary} may still record an event it did not
+    answer for in time (Redis runs the script once it reads it), and the
+    two must not count it twice.  When C{primary} is back, the events
+    C{fallback} counted meanwhile are merged into it (those it already has
+    count once) and C{fallback} forgets them: C{primary}'s counts are the
+    only ones again.  A part not merged goes back to C{fallback}, and
+    C{primary} is taken to be down again.
+
+    Blocks are kept in C{fallback} as well, so a lockout this server set
+    holds here through an outage; L{blocked_until} takes the later of the
+    two, and C{primary} gets C{fallback}'s blocks when it is back.
+
+    One line says C{primary} is down and one that it is back.  Should it go
+    down again within C{quiet_period} seconds of the last line saying it
+    was down (or summing up), the swing is logged at debug level only, and
+    one line at the end of that period says how many there were and
+    whether C{primary} is up.
     """
 
     _log = Logger()
 
     def __init__(
         self,
-        primary: IAuthCounters,
-        fallback: IAuthCounters,
+        primary: INamedEventCounters,
+        fallback: NamedMemoryCounters,
         reactor: IReactorTime,
         *,
         name: str = "the shared counters",
         probe: Callable[[], Deferred[Any]] | None = None,
         timeout: float = 0.5,
         probe_interval: float = 1.0,
+        quiet_period: float = 60.0,
     ) -> None:
         """
         @param name: what the log lines call C{primary} (C{Redis at HOST:PORT}).
@@ -533,10 +881,20 @@ class FallbackCounters:
         self._probe = probe or (lambda: primary.count(["probe"], reactor.seconds(), 1.0))
         self._timeout = timeout
         self._probe_interval = probe_interval
+        self._quiet_period = quiet_period
+        self._names = _EventNames()
         self._up = True
         self._next_probe: IDelayedCall | None = None
         self._probing: Deferred[Any] | None = None
         self._stopped = False
+        # Outage lines: until when another outage is logged at debug level
+        # only, how many were, when the line saying so is due, why
+        # primary last went down and whether that was logged above debug.
+        self._quiet_until = -math.inf
+        self._swings = 0
+        self._summary: IDelayedCall | None = None
+        self._reason_now = ""
+        self._outage_told = False
 
     @property
     def up(self) -> bool:
@@ -546,25 +904,17 @@ class FallbackCounters:
     # -- the questions -----------------------------------------------------
 
     def add(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
-        return self._ask(
-            lambda c: c.add(keys, now, window),
-            lambda counts: self.fallback.count(keys, now, window).addCallback(_sums, counts),
-        )
+        event = self._names.next()
+        return self._ask(lambda c: c.add_named(event, keys, now, window))
 
     def count(self, keys: Sequence[str], now: float, window: float) -> Deferred[list[int]]:
-        return self._ask(
-            lambda c: c.count(keys, now, window),
-            lambda counts: self.fallback.count(keys, now, window).addCallback(_sums, counts),
-        )
+        return self._ask(lambda c: c.count(keys, now, window))
 
     def clear(self, keys: Sequence[str]) -> Deferred[None]:
-        return self._ask(
-            lambda c: c.clear(keys),
-            lambda _: self.fallback.clear(keys),
-        )
+        return self._ask(lambda c: c.clear(keys), lambda _: self.fallback.clear(keys))
 
     def block(self, key: str, until: float) -> Deferred[None]:
-        return self._ask(lambda c: c.block(key, until), succeed)
+        return self._ask(lambda c: c.block(key, until), lambda _: self.fallback.block(key, until))
 
     def blocked_until(self, keys: Sequence[str], now: float) -> Deferred[list[float | None]]:
         return self._ask(
@@ -574,13 +924,13 @@ class FallbackCounters:
 
     def _ask(
         self,
-        question: Callable[[IAuthCounters], Deferred[_T]],
-        also_here: Callable[[_T], Deferred[_T]],
+        question: Callable[[INamedEventCounters], Deferred[_T]],
+        also_here: Callable[[_T], Deferred[_T]] = succeed,
     ) -> Deferred[_T]:
         """
         Ask C{primary}, then put its answer through C{also_here} (which
-        adds what C{fallback} knows); or ask C{fallback}, if C{primary} is
-        down, fails or is late.
+        brings C{fallback} in); or ask C{fallback}, if C{primary} is down,
+        fails or is late.
         """
         if not self._up:
             return question(self.fallback)
@@ -619,18 +969,62 @@ class FallbackCounters:
         if not self._up or self._stopped:
             return
         self._up = False
-        self._log.warn(
-            "{name} unreachable ({reason}); counting failed logins in this server until it is back",
-            name=self._name,
-            reason=reason,
-        )
+        self._reason_now = reason
+        if self._reactor.seconds() < self._quiet_until:
+            self._swings += 1
+            self._outage_told = False
+            self._log.debug(_DOWN + " (again)", name=self._name, reason=reason)
+            if self._summary is None:
+                self._summary = self._reactor.callLater(
+                    self._quiet_until - self._reactor.seconds(), self._summarise
+                )
+        else:
+            self._tell_down("")
         self._schedule_probe()
+
+    def _tell_down(self, swings: str) -> None:
+        self._outage_told = True
+        self._quiet_until = self._reactor.seconds() + self._quiet_period
+        self._log.warn(_DOWN + "{swings}", name=self._name, reason=self._reason_now, swings=swings)
 
     def _back(self) -> None:
         if self._up or self._stopped:
             return
         self._up = True
-        self._log.info("{name} is back; failed logins are counted there again", name=self._name)
+        if self._outage_told:
+            self._log.info(_BACK, name=self._name)
+        else:
+            self._log.debug(_BACK + " (again)", name=self._name)
+        self._hand_over()
+
+    def _summarise(self) -> None:
+        """Say how many outages were logged at debug level only, and how things stand."""
+        self._summary = None
+        swings, self._swings = self._swings, 0
+        if self._stopped or not swings:
+            return
+        outages = "outage" if swings == 1 else "outages"
+        count = f" ({swings} {outages} in the last {self._quiet_period:g} s)"
+        if self._up:
+            self._quiet_until = self._reactor.seconds() + self._quiet_period
+            self._log.info(_BACK + "{swings}", name=self._name, swings=count)
+        else:
+            self._tell_down(count)
+
+    def _hand_over(self) -> None:
+        """
+        Merge into C{primary}, now back, what C{fallback} counted while it
+        was down.  The parts are sent at once, ahead of any later question
+        on the same connection, so Redis counts them before it answers one.
+        """
+        for part in self.fallback.take_events(self._reactor.seconds()).parts(_MERGE_PART):
+            maybeDeferred(self.primary.merge, part).addErrback(self._not_merged, part)
+
+    def _not_merged(self, failure: Failure, part: CountersCopy) -> None:
+        # Whatever of it did reach primary is counted once when it is
+        # merged again, next time primary is back.
+        self.fallback.merge(part)
+        self._down(self._reason(failure))
 
     def _schedule_probe(self) -> None:
         if self._stopped or self._next_probe is not None or self._probing is not None:
@@ -672,9 +1066,10 @@ class FallbackCounters:
 
     def stop(self) -> Deferred[None]:
         self._stopped = True
-        if self._next_probe is not None and self._next_probe.active():
-            self._next_probe.cancel()
-        self._next_probe = None
+        for call in (self._next_probe, self._summary):
+            if call is not None and call.active():
+                call.cancel()
+        self._next_probe = self._summary = None
         if self._probing is not None:
             self._probing.cancel()
         connected = IConnectedCounters(self.primary, None)
@@ -683,34 +1078,35 @@ class FallbackCounters:
         return succeed(None)
 
 
-def _sums(here: list[int], there: list[int]) -> list[int]:
-    return [a + b for a, b in zip(here, there, strict=True)]
-
-
 def _latest(here: list[float | None], there: list[float | None]) -> list[float | None]:
     return [
         a if b is None else b if a is None else max(a, b) for a, b in zip(here, there, strict=True)
     ]
 
 
-def counters_for(setting: str, reactor: Any) -> IAuthCounters:
+def counters_for(
+    setting: str, reactor: Any, max_events: int = DEFAULT_MAX_EVENTS
+) -> IAuthCounters:
     """
     The counters the C{counters} setting names.
 
     @param setting: as L{parse_counters_url} reads it.
     @param reactor: the global reactor, in a server.
+    @param max_events: events kept per key, at least the largest failure
+        limit (L{pop3srv.server.limits.events_to_keep}).
     @return: a L{MemoryCounters} for C{memory}; for a Redis URL, a
-        L{FallbackCounters} over L{RedisCounters}, with a L{MemoryCounters}
-        for the outages.  Give it to a L{CountersService}.
+        L{FallbackCounters} over L{RedisCounters}, with a
+        L{NamedMemoryCounters} for the outages.  Give it to a
+        L{CountersService}.
     @raise ValueError: for a setting L{parse_counters_url} refuses.
     """
     address = parse_counters_url(setting)
     if address is None:
-        return MemoryCounters()
-    redis = RedisCounters(address, reactor)
+        return MemoryCounters(max_events=max_events)
+    redis = RedisCounters(address, reactor, max_events=max_events)
     return FallbackCounters(
         redis,
-        MemoryCounters(),
+        NamedMemoryCounters(max_events=max_events),
         reactor,
         name=f"Redis at {address.hostport}",
         probe=redis.probe,
