@@ -55,7 +55,7 @@ from pop3srv.app.metricsweb import MetricsListenError, listen_metrics
 from pop3srv.app.reload import Reloader, ReloadOutcome
 from pop3srv.app.systemd import Notifier
 from pop3srv.auth.checker import PasslibChecker
-from pop3srv.auth.realm import MboxRealm, check_mailbox_template
+from pop3srv.auth.realm import MboxRealm, check_mailbox_template, split_mailbox_template
 from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.processes import malloc
 from pop3srv.processes.authorityrpc import RemoteAuthority
@@ -75,6 +75,7 @@ from pop3srv.server.limits import (
     LoginGate,
     MemoryCounters,
     ThrottleSettings,
+    events_to_keep,
 )
 from pop3srv.server.metrics import PROCESS, merge, render_text, start_counting
 from pop3srv.server.protocol import POP3ServerFactory, ServerPolicy
@@ -791,7 +792,11 @@ def makeService(
     if authority is None:
         # This process keeps the counts (a single process, or the parent of
         # workers, which ask it): only it talks to Redis.
-        counters = counters_for(options["counters"], reactor)
+        counters = counters_for(
+            options["counters"],
+            reactor,
+            max_events=events_to_keep(options.throttle_settings()),
+        )
         CountersService(counters).setServiceParent(top)
     policy = options.policy(counters=counters, authority=authority, clock=reactor)
     factory = POP3ServerFactory(
@@ -918,7 +923,9 @@ def makeService(
     # Last, so that its thread starts after the hashing processes and the
     # workers are forked: a fork copies the locks other threads hold at that
     # moment.
-    SpoolSweepService(
-        options["mailbox"], options["index_dir"], reactor, threads.pool
-    ).setServiceParent(top)
+    if split_mailbox_template(options["mailbox"])[0] == "mbox":
+        # A Maildir leaves no commit debris: its deletions are unlinks.
+        SpoolSweepService(
+            options["mailbox"], options["index_dir"], reactor, threads.pool
+        ).setServiceParent(top)
     return top

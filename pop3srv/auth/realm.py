@@ -1,6 +1,7 @@
 # -*- test-case-name: tests.test_realm -*-
 """
-The cred realm: maps an authenticated avatar ID to its mbox maildrop.
+The cred realm: maps an authenticated avatar ID to its maildrop, an mbox
+file or a Maildir.
 
 The avatar ID comes from a checker, already normalised (an
 L{pop3srv.auth.credentials.AvatarId} names the maildrop owner in NFC); the
@@ -23,6 +24,7 @@ from zope.interface import implementer
 from pop3srv.auth.credentials import AvatarId, AvatarLogout
 from pop3srv.auth.identity import validate_username
 from pop3srv.core.errors import InvalidUsername
+from pop3srv.maildir import open_maildir
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.paths import template_prefix
 
@@ -63,15 +65,19 @@ def check_mailbox_template(template: str) -> None:
 @implementer(IRealm)
 class MboxRealm:
     """
-    Gives each user the mbox file named by a path template.
+    Gives each user the maildrop named by a path template: an mbox file,
+    or a Maildir (L{pop3srv.maildir}) if the template says C{maildir:}.
 
     @param template: the mbox path with C{{user}} for the username, such as
-        C{/var/mail/{user}}.  The directory before the first C{{user}} is the
-        admin's and may hold symlinks; below it the maildrop is reached
-        without following any, so a user cannot point a directory of theirs
-        at another user's mail.
+        C{/var/mail/{user}}, or C{maildir:} and the Maildir's path, such as
+        C{maildir:/home/{user}/Maildir}.  The directory before the first
+        C{{user}} is the admin's and may hold symlinks; below it the
+        maildrop is reached without following any, so a user cannot point a
+        directory of theirs at another user's mail.
     @param index_dir: where UIDL indexes live; beside each mbox if C{None}.
     @param defer_to_thread: runs blocking work off the reactor thread.
+    @ivar kind: C{"mbox"} or C{"maildir"} (L{split_mailbox_template}).
+    @ivar path_template: the template without its C{maildir:} prefix.
     """
 
     def __init__(
@@ -86,7 +92,8 @@ class MboxRealm:
 
             defer_to_thread = deferToThread
         self.template = template
-        self.trusted_root = template_prefix(template, USER_FIELD)
+        self.kind, self.path_template = split_mailbox_template(template)
+        self.trusted_root = template_prefix(self.path_template, USER_FIELD)
         self.index_dir = index_dir
         self._defer_to_thread = defer_to_thread
 
@@ -99,7 +106,7 @@ class MboxRealm:
             validate_username(username)
         except ValueError as e:
             raise InvalidUsername(str(e)) from None
-        return self.template.replace(USER_FIELD, username)
+        return self.path_template.replace(USER_FIELD, username)
 
     def requestAvatar(
         self, avatarId: bytes | tuple[()], mind: object, *interfaces: Any
@@ -114,6 +121,18 @@ class MboxRealm:
             path = self.mailbox_path(username)
         except (UnicodeDecodeError, InvalidUsername) as e:
             return defer.fail(InvalidUsername(str(e)))
+        if self.kind == "maildir":
+            opened: defer.Deferred[Any] = self._defer_to_thread(
+                open_maildir,
+                path,
+                index_dir=self.index_dir,
+                defer_to_thread=self._defer_to_thread,
+                trusted_root=self.trusted_root,
+            )
+            opened.addCallback(
+                lambda mailbox: (IMailbox, mailbox, AvatarLogout(avatar_id, mailbox.close))
+            )
+            return opened
         d: defer.Deferred[Any] = self._defer_to_thread(
             open_maildrop,
             path,
