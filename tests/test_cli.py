@@ -16,6 +16,7 @@ import poplib
 import pwd
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -503,6 +504,97 @@ def test_spool_without_index_dir(open_site: Site) -> None:
         f"(owner {me()}:{grp.getgrgid(os.getegid()).gr_name}, mode 0755); "
         "without index_dir the indexes go beside each mbox"
     )
+
+
+@pytest.mark.skipif(me() == "nobody", reason="needs a user other than the tests'")
+def test_check_config_as_the_service_user(open_site: Site) -> None:
+    """
+    The service user must read --config (the server reads it at start-up
+    and on every SIGHUP) and create files where its control socket goes.
+    """
+    site = open_site
+    # Everything else is for nobody to use.
+    for path in (site.users, site.cert, site.key):
+        path.chmod(0o644)
+    site.index.chmod(0o777)
+    run_dir = site.root / "run"
+    run_dir.mkdir()
+    run_dir.chmod(0o755)
+    site.config.chmod(0o600)
+    control = run_dir / "control"
+    done = site.check("--user", "nobody", "--control-socket", control)
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"--config: {site.config}: user nobody cannot read it ({describe(site.config)}); "
+        "the server reads it at start-up and on SIGHUP",
+        f"--control-socket: control socket {control}: {run_dir}: user nobody cannot write "
+        f"in it ({describe(run_dir)})",
+    ]
+    site.config.chmod(0o644)
+    run_dir.chmod(0o777)
+    allowed = site.check("--user", "nobody", "--control-socket", control)
+    assert (allowed.returncode, allowed.stderr) == (0, "")
+    assert f"# control socket {control}" in allowed.stdout.splitlines()
+
+
+def test_check_config_control_socket_place(site: Site, socket_dir: Path) -> None:
+    """
+    Start-up fails where the control socket cannot be made: in a directory
+    that does not exist (from the file or the command line), at a path too
+    long for a UNIX socket, over a file that is not a socket.  A socket an
+    earlier server left, a directory to write in and none pass; auto is
+    resolved as the server resolves it, in systemd's RUNTIME_DIRECTORY.
+    """
+    number = site.replace('control_socket = "auto"', 'control_socket = "/nonexistent/dir/control"')
+    done = site.check()
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"{site.config}:{number}: control socket /nonexistent/dir/control: "
+        "/nonexistent/dir does not exist"
+    ]
+    too_long = socket_dir / ("x" * 100)
+    done = site.check("--control-socket", too_long)
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"--control-socket: control socket {too_long}: the path has "
+        f"{len(str(too_long))} bytes, more than a UNIX socket's 107"
+    ]
+    control = socket_dir / "control"
+    control.write_text("")
+    done = site.check("--control-socket", control)
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"--control-socket: control socket {control}: exists and is not a socket"
+    ]
+    control.unlink()
+    for left_by_a_server in (False, True):
+        if left_by_a_server:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+                stale.bind(str(control))
+        done = site.check("--control-socket", control)
+        assert (done.returncode, done.stderr) == (0, "")
+        assert f"# control socket {control}" in done.stdout.splitlines()
+    done = site.check("--control-socket", "none")
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "# control socket: none" in done.stdout.splitlines()
+    site.replace('control_socket = "/nonexistent/dir/control"', 'control_socket = "auto"')
+    args = ("check-config", "--config", site.config, "--user", me())
+    done = run(*args, env=environment(socket_dir / "absent"))
+    assert done.returncode == 1
+    assert problems(done.stderr) == [
+        f"{site.config}:{number}: control socket {socket_dir}/absent/control: "
+        f"{socket_dir}/absent does not exist"
+    ]
+    done = run(*args, env=environment(socket_dir))
+    assert (done.returncode, done.stderr) == (0, "")
+    assert f"# control socket {control}" in done.stdout.splitlines()
+    if not os.path.lexists("/run/pop3srv"):
+        done = run(*args, env=environment())
+        assert (done.returncode, done.stderr) == (0, "")
+        assert (
+            "# control socket: none outside systemd (/run/pop3srv does not exist); "
+            "under systemd, $RUNTIME_DIRECTORY/control"
+        ) in done.stdout.splitlines()
 
 
 # --- the access rules, in process

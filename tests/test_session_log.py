@@ -16,6 +16,7 @@ import json
 import re
 import socket
 import ssl
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -33,16 +34,21 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet import ssl as twisted_ssl
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.protocol import Factory
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import LogEvent, formatEvent
 from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
 from twisted.test import iosim
+from zope.interface import implementer
 
 from pop3srv.core.errors import CommitFailed
 from pop3srv.server.authority import LocalAuthority
 from pop3srv.server.limits import AccessRules, ConnectionLimits, ThrottleSettings
-from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy
+from pop3srv.server.protocol import POP3Server, POP3ServerFactory, ServerPolicy, reactor_threads
 from pop3srv.server.sessions import (
     FORMAT,
     SessionFigures,
@@ -571,6 +577,204 @@ def test_uidl_hash_of_an_unreadable_mailbox() -> None:
     assert hasher.uidl(0) == "u0"
 
 
+def _call(f: Callable[[], Any], results: list[Any]) -> None:
+    results.append(f())
+
+
+class HeldThreads:
+    """
+    A C{defer_to_thread} that runs each function in a real thread of its
+    own, but only when the test says, and notes which threads looked UIDLs
+    up.
+    """
+
+    def __init__(self) -> None:
+        self.held: list[tuple[Callable[[], Any], defer.Deferred[Any]]] = []
+
+    def __call__(self, f: Callable[[], Any]) -> defer.Deferred[Any]:
+        d: defer.Deferred[Any] = defer.Deferred()
+        self.held.append((f, d))
+        return d
+
+    def run(self) -> None:
+        held, self.held = self.held, []
+        for f, d in held:
+            results: list[Any] = []
+            thread = threading.Thread(target=_call, args=(f, results))
+            thread.start()
+            thread.join(10)
+            assert not thread.is_alive()
+            d.callback(results[0])
+
+
+class ThreadNotingMailbox(UidlMailbox):
+    """A L{UidlMailbox} that notes the thread of each UIDL lookup."""
+
+    def __init__(self, uidls: list[str], clock: MemoryReactorClock) -> None:
+        super().__init__(uidls, clock)
+        self.threads: set[int] = set()
+
+    def getUidl(self, index: int) -> str:
+        self.threads.add(threading.get_ident())
+        return super().getUidl(index)
+
+
+def large_maildrops(server: Server) -> tuple[ThreadNotingMailbox, HeldThreads]:
+    """Make the server's maildrop count as large: its UIDL hash is finished in a thread."""
+    mailbox = ThreadNotingMailbox(["a", "b", "c"], server.clock)
+    server.realm.mailbox = mailbox
+    threads = HeldThreads()
+    server.factory.defer_to_thread = threads
+    server.factory.uidl_hash_inline_max = 2
+    return mailbox, threads
+
+
+def test_a_large_maildrops_uidl_hash_is_finished_off_the_reactor_thread(
+    log_events: list[LogEvent],
+) -> None:
+    """
+    A session that never listed UIDLs and goes: the UIDLs are looked up in
+    another thread, not on the reactor's; the maildrop is released and the
+    summary logged, once, after that, with the hash of every UIDL.
+    """
+    server = Server()
+    mailbox, threads = large_maildrops(server)
+    client = server.connect()
+    client.login()
+    client.send(b"STAT\r\n")
+    client.lost()
+    assert (mailbox.lookups, server.realm.logouts, summaries(log_events)) == (0, 0, [])
+    assert len(threads.held) == 1
+    # A server stopping meanwhile waits for it.
+    assert len(server.factory.commits) == 1
+    threads.run()
+    assert server.factory.commits == set()
+    assert mailbox.lookups == 3
+    assert threading.get_ident() not in mailbox.threads
+    assert server.realm.logouts == 1
+    [event] = summaries(log_events)
+    assert (event["end"], event["uidl_hash"]) == ("dropped", uidl_hash(["a", "b", "c"]))
+    client.lost()
+    assert len(summaries(log_events)) == 1 and threads.held == []
+    assert len(server.factory.sessions) == 0
+
+
+@pytest.mark.parametrize("goes", ["after the commit", "during the hash"])
+def test_a_commit_waits_for_the_uidl_hash(log_events: list[LogEvent], goes: str) -> None:
+    """
+    QUIT: the deletions wait for the hash (a deleted message has no UIDL
+    to hash), then commit, also when the client went meanwhile; one
+    summary, C{quit}, with the hash of the maildrop as it was at login.
+    """
+    server = Server()
+    mailbox, threads = large_maildrops(server)
+    client = server.connect()
+    client.login()
+    client.send(b"DELE 1\r\n")
+    assert client.send(b"QUIT\r\n") == b""
+    assert (mailbox.deleted, mailbox.synced) == (set(), None)
+    if goes == "during the hash":
+        client.lost()
+        assert server.realm.logouts == 0
+    assert len(server.factory.commits) == 2
+    threads.run()
+    assert server.factory.commits == set()
+    assert mailbox.synced == {0}
+    assert server.realm.logouts == 1
+    if goes == "after the commit":
+        assert client.transport.value() == b"+OK Bye, 1 messages deleted.\r\n"
+        assert summaries(log_events) == []
+        client.lost()
+    [event] = summaries(log_events)
+    assert (event["end"], event["dele"], event["after_messages"]) == ("quit", 1, 2)
+    assert event["uidl_hash"] == uidl_hash(["a", "b", "c"])
+    assert threading.get_ident() not in mailbox.threads
+
+
+def test_small_maildrops_and_a_stopping_server_hash_at_once(log_events: list[LogEvent]) -> None:
+    """
+    Up to C{uidl_hash_inline_max} messages, and in a server that is
+    stopping (its thread pool stops with it), the hash is finished at once:
+    the summary comes with the connection's end.
+    """
+    server = Server()
+    mailbox, threads = large_maildrops(server)
+    server.factory.uidl_hash_inline_max = 3
+    small = server.connect()
+    small.login()
+    small.lost()
+    server.factory.uidl_hash_inline_max = 2
+    server.factory.doStart()
+    server.factory.doStop()
+    stopping = server.connect()
+    stopping.login()
+    stopping.lost()
+    assert threads.held == []
+    assert [(e["end"], e["uidl_hash"]) for e in summaries(log_events)] == [
+        ("dropped", uidl_hash(["a", "b", "c"])),
+        ("shutdown", uidl_hash(["a", "b", "c"])),
+    ]
+    assert mailbox.threads == {threading.get_ident()}
+
+
+@implementer(IReactorThreads)
+class ThreadedClock(MemoryReactorClock):
+    """A fake clock with a real thread pool, handed out when first asked for."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.pool: ThreadPool | None = None
+        self.from_threads: list[Callable[[], object]] = []
+        self.lock = threading.Lock()
+
+    def getThreadPool(self) -> ThreadPool:
+        if self.pool is None:
+            self.pool = ThreadPool(minthreads=0, maxthreads=1, name="test-uidl-hash")
+            self.pool.start()
+        return self.pool
+
+    def callInThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        self.getThreadPool().callInThread(callable, *args, **kwargs)
+
+    def suggestThreadPoolSize(self, size: int) -> None:
+        pass
+
+    def callFromThread(self, callable: Callable[..., Any], *args: object, **kwargs: object) -> None:
+        with self.lock:
+            self.from_threads.append(lambda: callable(*args, **kwargs))
+
+    def run_from_threads(self) -> None:
+        with self.lock:
+            calls, self.from_threads = self.from_threads, []
+        for call in calls:
+            call()
+
+
+def test_the_reactors_thread_pool_by_default() -> None:
+    """
+    By default the work goes to the reactor's thread pool, taken only when
+    first needed (a server forks its workers after making its factory);
+    a reactor without threads (a fake clock) runs it at once.
+    """
+    clock = ThreadedClock()
+    factory = POP3ServerFactory(Portal(FakeRealm(FakeMailbox([], "plain", clock))), reactor=clock)
+    assert clock.pool is None
+    results: list[int] = []
+    factory.defer_to_thread(threading.get_ident).addCallback(results.append)
+    assert clock.pool is not None
+    try:
+        deadline = time.monotonic() + 10
+        while not results:
+            assert time.monotonic() < deadline, "the thread pool did not answer"
+            clock.run_from_threads()
+            time.sleep(0.001)
+    finally:
+        clock.pool.stop()
+    assert results != [threading.get_ident()]
+    ran = reactor_threads(MemoryReactorClock())(threading.get_ident)
+    assert ran.result == threading.get_ident()
+
+
 # --- the table and the line on their own
 
 
@@ -680,6 +884,43 @@ def test_implicit_tls_in_memory(tmp_path: Path, log_events: list[LogEvent]) -> N
     )
     assert version.startswith("TLSv1.")
     assert len(server.factory.sessions) == 0
+
+
+def test_a_handshake_timeout_while_the_authority_counts(
+    tmp_path: Path, log_events: list[LogEvent]
+) -> None:
+    """
+    Implicit TLS with an authority that answers late: a client that never
+    finishes its handshake times out before the count comes.  The
+    connection ends unadmitted, as one whose count comes after the login
+    timeout: never greeted, never in the table, no summary, the late count
+    given back; the audit line says C{tls-handshake-timeout}.
+    """
+    authority = Authority.create()
+    cert, key = authority.issue(tmp_path, "localhost", serial=9)
+    source = TLSContextSource(str(cert), str(key))
+    server = Server(tls=source, auth_timeout=600)
+    held = HeldAuthority(server.clock)
+    server.factory.login.authority = held
+    peer = IPv4Address("TCP", "192.0.2.9", 40000)
+    tls = TLSMemoryBIOFactory(source, False, server.factory, clock=server.clock).buildProtocol(peer)
+    transport = StringTransport(peerAddress=peer)
+    tls.makeConnection(transport)
+    pop3 = tls.wrappedProtocol
+    assert isinstance(pop3, POP3Server)
+    server.clock.advance(server.factory.tls_handshake_timeout)
+    held.answer()
+    assert pop3.machine is None
+    assert len(server.factory.sessions) == 0
+    tls.connectionLost(Failure(ConnectionDone()))
+    assert summaries(log_events) == []
+    assert held.connections.total == 0
+    audited = [
+        (e["audit_event"], e["reason"])
+        for e in log_events
+        if e.get("log_namespace") == "pop3srv.audit" and e["session"] == pop3._session_id
+    ]
+    assert audited == [("limit-hit", "tls-handshake-timeout")]
 
 
 # --- the real server over real sockets

@@ -2,10 +2,11 @@
 """
 C{pop3srv check-config}: everything C{twistd pop3srv} validates at start-up
 (by running its own option parser, L{pop3srv.app.tap.Options}, without
-starting anything), then what start-up cannot see until a client comes:
-certificate expiry, malformed user-file lines, whether the service user
-can read the files and write the index directory.  Prints the effective
-settings as TOML.
+starting anything), what start-up checks only when it makes its services
+(the control socket's place), then what start-up cannot see until a client
+comes or a SIGHUP: certificate expiry, malformed user-file lines, whether
+the service user can read the files and write the index directory.  Prints
+the effective settings as TOML.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import json
 import os
 import pwd
 import stat
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -25,8 +26,9 @@ from cryptography import x509
 from pop3srv import __version__
 from pop3srv.app import tap
 from pop3srv.app.config import SETTINGS, Setting, convert, load_config
+from pop3srv.app.control import control_path, default_client_path
 from pop3srv.auth.checker import PasslibChecker
-from pop3srv.auth.realm import USER_FIELD
+from pop3srv.auth.realm import USER_FIELD, split_mailbox_template
 from pop3srv.auth.userfile import UserFile, UserFileError
 
 __all__ = ["EXPIRY_WARNING_DAYS", "Findings", "ServiceIdentity", "check_config"]
@@ -36,6 +38,10 @@ EXPIRY_WARNING_DAYS = 14
 
 #: What L{tap.Options} puts before its one-line errors.
 _TAP_PREFIX = "twistd pop3srv: "
+
+#: The longest path a UNIX socket can have on Linux: C{sun_path} holds
+#: this many bytes and a NUL.
+MAX_SOCKET_PATH = 107
 
 
 @dataclass
@@ -338,7 +344,11 @@ def check_index_location(settled: _Settled, who: ServiceIdentity) -> Findings:
         if reason is not None:
             findings.problems.append(f"{settled.where('index_dir')}: {reason}")
         return findings
-    spool = os.path.dirname(options["mailbox"])
+    kind, template = split_mailbox_template(options["mailbox"])
+    if kind == "maildir":
+        # Its lock and size cache live inside each user's Maildir.
+        return findings
+    spool = os.path.dirname(template)
     if USER_FIELD in spool:
         # One directory per user: nothing fixed to look at.
         return findings
@@ -354,6 +364,89 @@ def check_index_location(settled: _Settled, who: ServiceIdentity) -> Findings:
             "go beside each mbox"
         )
     return findings
+
+
+def check_config_file(settled: _Settled, who: ServiceIdentity) -> Findings:
+    """
+    Whether the service user can read C{--config}: the server reads it at
+    start-up and again on every SIGHUP, as that user.
+    """
+    findings = Findings()
+    path = settled.options["config"]
+    if path:
+        reason = who.cannot(path, os.R_OK)
+        if reason is not None:
+            findings.problems.append(
+                f"--config: {reason}; the server reads it at start-up and on SIGHUP"
+            )
+    return findings
+
+
+def check_control_socket(
+    settled: _Settled, who: ServiceIdentity, environ: Mapping[str, str] = os.environ
+) -> Findings:
+    """
+    Whether the server can make its control socket where C{control_socket}
+    puts it (L{control_path}): start-up fails if it cannot.
+
+    C{auto} is resolved as the server resolves it, with C{environ} for
+    systemd's C{RUNTIME_DIRECTORY}: there, if set; if not, in the default
+    runtime directory only if it exists and the service user may create
+    files in it, and else there is none (which start-up accepts).
+    """
+    findings = Findings()
+    value = settled.options["control_socket"]
+    where = settled.where("control_socket")
+    path = control_path(value, environ)
+    if value == "auto" and not environ.get("RUNTIME_DIRECTORY", "").split(":")[0]:
+        # control_path asked whether this process may create it; the
+        # server's question is whether the service user may.
+        path = default_client_path(environ)
+        directory = os.path.dirname(path)
+        reason = (
+            f"{directory} does not exist"
+            if not os.path.isdir(directory)
+            else who.cannot(directory, os.W_OK | os.X_OK)
+        )
+        if reason is not None:
+            findings.notes.append(
+                f"control socket: none outside systemd ({reason}); "
+                "under systemd, $RUNTIME_DIRECTORY/control"
+            )
+            return findings
+    if path is None:
+        findings.notes.append("control socket: none")
+        return findings
+    problem = _control_socket_problem(path, who)
+    if problem is not None:
+        findings.problems.append(f"{where}: control socket {path}: {problem}")
+    findings.notes.append(f"control socket {path}")
+    return findings
+
+
+def _control_socket_problem(path: str, who: ServiceIdentity) -> str | None:
+    """Why the server, as C{who}, cannot listen on a UNIX socket at C{path}, or L{None}."""
+    size = len(os.fsencode(path))
+    if size > MAX_SOCKET_PATH:
+        return f"the path has {size} bytes, more than a UNIX socket's {MAX_SOCKET_PATH}"
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        there = "is not a directory" if os.path.lexists(directory) else "does not exist"
+        return f"{directory} {there}"
+    reason = who.cannot(directory, os.W_OK | os.X_OK)
+    if reason is not None:
+        # It makes the socket there, and removes it when it stops.
+        return reason
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        return e.strerror or str(e)
+    if not stat.S_ISSOCK(mode):
+        # The server replaces only a stale socket.
+        return "exists and is not a socket"
+    return None
 
 
 def _toml(value: Any) -> str:
@@ -433,7 +526,7 @@ def check_config(
                 "checked file access as root, which may read and write anything; "
                 "give --user (and --group) of the service to check its access"
             )
-        parts: list[Findings] = []
+        parts: list[Findings] = [check_config_file(settled, who)]
         if options["tls_cert"] is not None:
             for key in ("tls_cert", "tls_key"):
                 reason = who.cannot(options[key], os.R_OK)
@@ -445,6 +538,7 @@ def check_config(
             if isinstance(checker, PasslibChecker):
                 parts.append(check_user_file(checker.users.path, who))
         parts.append(check_index_location(settled, who))
+        parts.append(check_control_socket(settled, who))
         for part in parts:
             findings.problems += part.problems
             findings.warnings += part.warnings

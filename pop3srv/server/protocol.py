@@ -20,8 +20,9 @@ from twisted.cred.portal import Portal
 from twisted.internet import defer, interfaces
 from twisted.internet.address import IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import ISSLTransport
+from twisted.internet.interfaces import IReactorThreads, ISSLTransport
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -81,6 +82,11 @@ DEFAULT_WRITE_STALL_TIMEOUT = float(MIN_IDLE_TIMEOUT)
 # entry dropped): first probe after 60 s of silence, then every 10 s, and the
 # kernel drops the connection after 6 unanswered probes.
 KEEPALIVE_OPTIONS = (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 10), ("TCP_KEEPCNT", 6))
+# The UIDL hash of a session's end looks up what no listing asked for, at
+# about a microsecond and a half a message for an mbox: up to this many
+# messages that is a millisecond or two, less than a thread hand-over's
+# bother; beyond it, a thread does it (see POP3Server._finish_uidl_hash).
+UIDL_HASH_INLINE_MAX = 1000
 
 LOOPBACK_NETWORKS: tuple[IPNetwork, ...] = (
     ipaddress.ip_network("127.0.0.0/8"),
@@ -130,6 +136,26 @@ def _socket_of(transport: Any) -> socket.socket | None:
 
 class _Readable(TypingProtocol):
     def read(self, size: int = -1, /) -> bytes: ...
+
+
+#: Runs a function in a thread: fires with its result.
+DeferToThread = Callable[[Callable[[], Any]], defer.Deferred[Any]]
+
+
+def reactor_threads(reactor: Any) -> DeferToThread:
+    """
+    Run functions in C{reactor}'s thread pool (taken when first needed:
+    a server forks its workers after building its factory), or at once in
+    this thread for a reactor without threads (the fake clocks of unit
+    tests).
+    """
+    if not IReactorThreads.providedBy(reactor):
+        return defer.maybeDeferred
+
+    def run(f: Callable[[], Any]) -> defer.Deferred[Any]:
+        return deferToThreadPool(reactor, reactor.getThreadPool(), f)
+
+    return run
 
 
 @implementer(interfaces.IPushProducer)
@@ -308,7 +334,10 @@ class POP3Server(Protocol):
       - C{shutdown}: the server stopped listening (it is stopping) and the
         connection ended without any of the above.
     A session that is committing when the connection goes waits for the
-    commit before it is summarised (the client said C{QUIT}).
+    commit before it is summarised (the client said C{QUIT}); one whose
+    UIDL hash is being finished in a thread (a large maildrop) waits for
+    that.  A connection the authority has not admitted yet when a timeout
+    ends it is not a session: it is audited, and logs no summary.
     """
 
     _log = Logger()
@@ -354,6 +383,11 @@ class POP3Server(Protocol):
         self._login_pending: tuple[str, str, Sequence[int]] | None = None
         self._login_method = "-"
         self._uidls: UidlHash | None = None
+        # How many messages the maildrop had at login: what the UIDL hash
+        # may still have to look up.
+        self._uidl_messages = 0
+        # The UIDL hash is being finished off the reactor thread.
+        self._hashing = False
         self._committing = False
 
     @property
@@ -474,13 +508,25 @@ class POP3Server(Protocol):
     def _audit(self, event: str, reason: str, user: str | None = None) -> None:
         audit(event, session=self._session_id, peer=self._host, reason=reason, user=user)
 
+    def _abandon_admission(self) -> bool:
+        """
+        A timeout ends a connection the authority has not counted yet: it
+        is never greeted, never a session, and the count the authority
+        gives it later goes back (see L{_admitted}).
+
+        @return: whether the admission was pending (and is now abandoned).
+        """
+        if not self._admitting:
+            return False
+        self._admitting = False
+        self._admission_abandoned = True
+        return True
+
     def _auth_timed_out(self) -> None:
         self._auth_deadline = None
         self._audit("limit-hit", "auth-timeout")
-        if self._admitting:
+        if self._abandon_admission():
             # Never greeted: the authority did not answer in time.
-            self._admitting = False
-            self._admission_abandoned = True
             self.transport.write(b"-ERR [SYS/TEMP] Server busy, try again later.\r\n")
             self._close(self.factory.close_grace)
             return
@@ -490,6 +536,10 @@ class POP3Server(Protocol):
     def _handshake_timed_out(self) -> None:
         self._handshake_call = None
         self._audit("limit-hit", "tls-handshake-timeout")
+        # The handshake of implicit TLS runs while the authority counts the
+        # connection: if that count is still to come, the connection ends
+        # unadmitted (audited above) rather than greeted on its way out.
+        self._abandon_admission()
         self._ending("tls-handshake-timeout")
         self._close_with(b"", self.factory.close_grace)
 
@@ -536,10 +586,11 @@ class POP3Server(Protocol):
     def _end_session(self) -> None:
         """
         Leave the session table and log the summary, once: when the
-        connection is gone and no commit is in progress.
+        connection is gone and neither a commit nor the UIDL hash is in
+        progress.
         """
         figures = self._figures
-        if figures is None or self._committing:
+        if figures is None or self._committing or self._hashing:
             return
         self._figures = None
         self.factory.sessions.remove(self._session_id)
@@ -653,28 +704,88 @@ class POP3Server(Protocol):
             self.factory.login.authority.close_connection(self._host)
         if self.machine is not None:
             self.machine.connection_lost()
+        if self._committing:
+            # The commit releases the mailbox and ends the session when it
+            # is done: until its deletions are in, the mailbox stays open.
+            return
         # A dropped connection commits nothing: the mailbox is released as is.
-        self._release_mailbox()
-        self._end_session()
+        self._release_mailbox().addCallback(lambda _: self._end_session())
 
-    def _release_mailbox(self) -> None:
-        """Log out and end the session count, if logged in."""
-        self._take_uidl_hash()
+    def _release_mailbox(self) -> defer.Deferred[None]:
+        """
+        Log out and end the session count, if logged in: once the UIDL hash
+        is finished (L{_finish_uidl_hash}), which needs the mailbox.
+
+        @return: fires when that is done; never fails.
+        """
         self._login_pending = None
         session, self._session = self._session, None
-        if session is not None:
+        hashed = self._finish_uidl_hash()
+        if session is None:
+            return hashed
+
+        def release(_: object) -> None:
             session.release()
 
-    def _take_uidl_hash(self) -> None:
+        def failed(failure: Failure) -> None:
+            self._log.failure("Releasing the maildrop of {peer} failed", failure, peer=self._peer)
+
+        return hashed.addCallback(release).addErrback(failed)
+
+    def _finish_uidl_hash(self) -> defer.Deferred[None]:
         """
         Finish the UIDL hash of a logged-in session, while the mailbox is
-        still as it was at login.
+        still as it was at login, and put it in the session's figures.
+
+        What no UIDL listing asked for is looked up now, one C{getUidl} a
+        message.  For a large maildrop that is too long to keep the reactor
+        from every other session, so it runs in a thread (the lookups read
+        the mailbox's index in memory, and nothing changes the mailbox
+        until the returned L{Deferred} fires: a commit's deletions and the
+        release wait for it, and L{_end_session} waits through
+        C{_hashing}).  A server that is stopping does it at once instead:
+        its thread pool stops with the reactor, and the summary must not be
+        lost.
+
+        @return: fires when the hash is in the figures; never fails.
         """
         uidls, self._uidls = self._uidls, None
         if uidls is None:
-            return
+            return defer.succeed(None)
+        factory = self.factory
+        if self._uidl_messages <= factory.uidl_hash_inline_max or factory.shutting_down:
+            self._note_uidl_hash(uidls.hexdigest())
+            return defer.succeed(None)
+        self._hashing = True
+
+        def hashed(digest: str) -> None:
+            self._hashing = False
+            self._note_uidl_hash(digest)
+
+        def failed(failure: Failure) -> None:
+            # hexdigest answers "?" for a lookup that fails; this is the
+            # thread hand-over itself failing.
+            self._hashing = False
+            self._log.failure("Hashing the UIDLs of {peer} failed", failure, peer=self._peer)
+            self._note_uidl_hash("?")
+
+        d: defer.Deferred[None] = factory.defer_to_thread(uidls.hexdigest).addCallbacks(
+            hashed, failed
+        )
+        # A server that stops meanwhile waits for it, as for a commit: the
+        # summary and the release come after it.
+        factory.commits.add(d)
+
+        def finished(result: None) -> None:
+            factory.commits.discard(d)
+
+        d.addBoth(finished)
+        return d
+
+    def _note_uidl_hash(self, digest: str) -> None:
+        """Put the UIDL hash in the figures of a session that logged in."""
         if self._figures is not None and self._figures.user is not None:
-            self._figures.uidl_hash = uidls.hexdigest()
+            self._figures.uidl_hash = digest
 
     def _reset_idle_timer(self) -> None:
         if self._lost:
@@ -886,6 +997,7 @@ class POP3Server(Protocol):
         self._auth_deadline = None
         self._login_pending = (outcome.username, self._login_method, outcome.sizes)
         self._uidls = UidlHash(outcome.mailbox.getUidl, len(outcome.sizes))
+        self._uidl_messages = len(outcome.sizes)
         uidl_of = self._uidls.uidl
         if sasl_exchange:
             self._perform(machine.sasl_verified(outcome.username, outcome.sizes, uidl_of))
@@ -1013,9 +1125,6 @@ class POP3Server(Protocol):
         failed commit.
         """
         mailbox = self.mailbox
-        # The figures are taken now: the mailbox changes from here on, and
-        # a connection lost meanwhile releases the session.
-        self._take_uidl_hash()
         sizes = self._session.sizes if self._session is not None else ()
         left = (len(sizes) - len(deleted), sum(sizes) - sum(sizes[i] for i in deleted))
         self._committing = True
@@ -1023,7 +1132,11 @@ class POP3Server(Protocol):
         def delete(_: object, index: int) -> defer.Deferred[object]:
             return defer.maybeDeferred(mailbox.deleteMessage, index)
 
+        # The UIDL hash first: it needs the mailbox as it was at login, and
+        # the deletions change it.  (Chained, not extended: the hash's own
+        # Deferred leaves the commits when it fires.)
         d: defer.Deferred[Any] = defer.succeed(None)
+        d.addCallback(lambda _: self._finish_uidl_hash())
         for index in sorted(deleted):
             d.addCallback(delete, index)
         d.addCallback(lambda _: defer.maybeDeferred(mailbox.sync))
@@ -1098,8 +1211,14 @@ class POP3ServerFactory(Factory):
         go out after a timeout, before the connection is aborted.
     @param sessions: the table of this process's open sessions; a new one
         if L{None}.
+    @param defer_to_thread: runs the end of a large maildrop's UIDL hash
+        off the reactor thread; if L{None}, L{reactor_threads}.
+    @param uidl_hash_inline_max: up to this many messages at login, the
+        UIDL hash is finished on the reactor thread.
 
     @ivar sessions: the L{SessionTable} its sessions enter and leave.
+    @ivar defer_to_thread: as given.
+    @ivar uidl_hash_inline_max: as given.
     @ivar shutting_down: whether the server has stopped listening (set when
         the last port using this factory stops, as a stopping server's
         ports do first; cleared when one starts again): a session lost
@@ -1122,6 +1241,8 @@ class POP3ServerFactory(Factory):
         write_stall_timeout: float = DEFAULT_WRITE_STALL_TIMEOUT,
         close_grace: float = CLOSE_GRACE,
         sessions: SessionTable | None = None,
+        defer_to_thread: DeferToThread | None = None,
+        uidl_hash_inline_max: int = UIDL_HASH_INLINE_MAX,
     ) -> None:
         if reactor is None:
             from twisted.internet import reactor as global_reactor
@@ -1140,9 +1261,14 @@ class POP3ServerFactory(Factory):
             login = LoginService.for_portal(portal, reactor, policy)
         self.login = login
         self.policy = login.policy
-        #: The commits in progress: a server that stops waits for them.
+        #: The commits in progress, and the UIDL hashes finishing in a
+        #: thread: a server that stops waits for them.
         self.commits: set[defer.Deferred[None]] = set()
         self.sessions = sessions if sessions is not None else SessionTable()
+        self.defer_to_thread = (
+            defer_to_thread if defer_to_thread is not None else reactor_threads(reactor)
+        )
+        self.uidl_hash_inline_max = uidl_hash_inline_max
         self.shutting_down = False
         self._session_counter = 0
         self._tag_prefix = f"{os.getpid():x}"
