@@ -7,6 +7,7 @@ and C{pop3srv stats} against a real C{twistd pop3srv --workers 2}.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import poplib
@@ -41,13 +42,23 @@ from pop3srv.app.control import (
     ReportResponder,
     ServerView,
 )
+from pop3srv.core.metrics import (
+    HASH_CHECK_SECONDS,
+    LOGINS,
+    PROCESSES,
+    SESSIONS_OPEN,
+    ProcessMetrics,
+    merge,
+)
 from pop3srv.processes.authorityrpc import WorkerConnection
 from pop3srv.processes.hashrelay import RelayClient
 from pop3srv.processes.rpc import (
+    GetMetrics,
     LargeJSON,
     LargeText,
     ListSessions,
     Peer,
+    Who,
     connect,
 )
 from pop3srv.server.authority import LocalAuthority
@@ -266,6 +277,122 @@ def test_own_report_failing_is_left_out(log_events: list[LogEvent]) -> None:
     view = ServerView(ProcessReport(lambda: [], broken), reactor, merge=add_counts)
     assert run_until(view.metrics(), 10) == {"logins": 0, "pids": []}
     assert any("This server process cannot report its metrics" in t for t in texts(log_events))
+
+
+class Counting(amp.CommandLocator):
+    """
+    A worker's metrics report, over its real connection, that can be made
+    to hold its answers (as a stopped or busy worker does): then each
+    question waits in L{held} until the test answers it.
+    """
+
+    def __init__(self, metrics: ProcessMetrics) -> None:
+        self.metrics = metrics
+        self.holding = False
+        self.held: list[Deferred[dict[str, Any]]] = []
+
+    @GetMetrics.responder
+    def get_metrics(self) -> dict[str, Any] | Deferred[dict[str, Any]]:
+        if not self.holding:
+            return {"metrics": self.metrics.snapshot()}
+        self.held.append(Deferred())
+        return self.held[-1]
+
+
+def process_with(logins: int, sessions_open: int = 0) -> ProcessMetrics:
+    """A process's metrics after C{logins} logins, with C{sessions_open} sessions open."""
+    numbers = ProcessMetrics()
+    if logins:
+        numbers.inc(LOGINS, logins, result="ok", method="password")
+    numbers.observe(HASH_CHECK_SECONDS, 0.01)
+    if sessions_open:
+        numbers.set(SESSIONS_OPEN, sessions_open, listener="pop3", tls="no")
+    return numbers
+
+
+def figures(view: ServerView) -> tuple[float, float, float, float]:
+    """The view's logins, password checks, sessions open and processes, merged."""
+    merged = run_until(view.metrics(), 10)["metrics"]
+
+    def total(name: str, field: str | None = None) -> float:
+        samples = merged[name]["samples"] if name in merged else []
+        return sum(value[field] if field else value for _, value in samples)
+
+    return (
+        total(LOGINS.name),
+        total(HASH_CHECK_SECONDS.name, "count"),
+        total(SESSIONS_OPEN.name),
+        total(PROCESSES.name),
+    )
+
+
+def test_counters_never_go_down_when_a_worker_is_late_or_ends(
+    workers: Callable[..., Worker], log_events: list[LogEvent]
+) -> None:
+    """
+    A worker late to answer counts with its last snapshot; a worker that
+    ended keeps its counters and histograms in every later sum, but not
+    its gauges; a worker that takes its place adds its own.
+    """
+    parent = process_with(1)
+    slow, ending = Counting(process_with(3, sessions_open=2)), Counting(process_with(4, 1))
+    one, two = workers(201, slow), workers(202, ending)
+    running = [one, two]
+    view = ServerView(
+        ProcessReport(lambda: [], parent.snapshot),
+        reactor,
+        merge=merge,
+        children=lambda: [(w.pid, w.parent_end) for w in running],
+        timeout=0.3,
+    )
+    assert figures(view) == (8, 3, 3, 3)
+    slow.holding = True
+    assert figures(view) == (8, 3, 3, 3)
+    assert any(
+        "Server process 201 did not answer GetMetrics within 0.3 s; using its last numbers" in t
+        for t in texts(log_events)
+    )
+    # The supervisor no longer lists a worker that ended.
+    running.remove(two)
+    two.close()
+    assert figures(view) == (8, 3, 2, 2)
+    assert figures(view) == (8, 3, 2, 2)
+    replacement = workers(203, Counting(process_with(0)))
+    running.append(replacement)
+    assert figures(view) == (8, 4, 2, 3)
+    ending.metrics.inc(LOGINS, 10, result="ok", method="password")
+    assert figures(view) == (8, 4, 2, 3)
+
+
+def test_a_worker_asked_while_it_ends_counts_once(workers: Callable[..., Worker]) -> None:
+    """
+    A worker that ends while a question to it is still open is kept as
+    it is until the answer is in (its fresher numbers then), and only then
+    retired: counted once, and never less than before.
+    """
+    parent = process_with(1)
+    worker = Counting(process_with(2))
+    one = workers(201, worker)
+    running = [one]
+    view = ServerView(
+        ProcessReport(lambda: [], parent.snapshot),
+        reactor,
+        merge=merge,
+        children=lambda: [(w.pid, w.parent_end) for w in running],
+        timeout=5,
+    )
+    assert figures(view)[0] == 3
+    worker.holding = True
+    asked = view.metrics()
+    settle(lambda: bool(worker.held))
+    running.clear()
+    assert figures(view)[0] == 3
+    worker.metrics.inc(LOGINS, 5, result="ok", method="password")
+    worker.held[0].callback({"metrics": worker.metrics.snapshot()})
+    merged = run_until(asked, 10)["metrics"]
+    assert sum(v for _, v in merged[LOGINS.name]["samples"]) == 8
+    assert figures(view)[0] == 8
+    assert figures(view)[0] == 8
 
 
 @given(
@@ -605,7 +732,11 @@ def test_server_failure_is_said(short_dir: Path, log_events: list[LogEvent]) -> 
 
 
 def test_idle_connection_closed() -> None:
-    """A control connection that says nothing is closed after the idle timeout."""
+    """
+    A control connection that says nothing is closed after the idle
+    timeout, and aborted if closing has not ended it after a grace (its
+    client does not read what is left to send, say).
+    """
     clock = MemoryReactorClock()
     view = ServerView(report_of(100, [], 0), clock, merge=add_counts)
     server = ControlServer(view, render, clock)
@@ -617,6 +748,96 @@ def test_idle_connection_closed() -> None:
     assert not transport.disconnecting
     clock.advance(1)
     assert transport.disconnecting
+    assert transport.producer is None, "a paused producer would hold the close"
+    clock.advance(control.ABORT_GRACE - 0.1)
+    assert not transport.disconnected
+    clock.advance(0.1)
+    assert transport.disconnected, "not aborted"
+
+
+def test_a_closed_connection_is_not_aborted() -> None:
+    """A connection that closed within the grace is left alone."""
+    clock = MemoryReactorClock()
+    server = ControlServer(ServerView(report_of(100, [], 0), clock, add_counts), render, clock)
+    transport = StringTransport()
+    server.makeConnection(transport)
+    clock.advance(control.IDLE_TIMEOUT)
+    server.connectionLost()
+    assert clock.getDelayedCalls() == []
+
+
+def questions(command: type[amp.Command], count: int) -> bytes:
+    """C{count} AMP boxes asking C{command}, as a client would send them."""
+    boxes = []
+    for n in range(count):
+        box = command.makeArguments({}, None)
+        box[amp.COMMAND] = command.commandName
+        box[amp.ASK] = str(n + 1).encode()
+        boxes.append(box.serialize())
+    return b"".join(boxes)
+
+
+def read_to_the_end(client: socket.socket) -> int:
+    """Read C{client} until the server ends the connection; the bytes read."""
+    received = 0
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := client.recv(1 << 16):
+            received += len(chunk)
+    return received
+
+
+def test_a_client_that_does_not_read_is_cut_off(
+    short_dir: Path, log_events: list[LogEvent]
+) -> None:
+    """
+    A client that asks and asks and never reads: once its answers fill
+    the connection, the server stops reading it and holds at most
+    L{control.MAX_UNREAD} bytes more, then cuts it off.
+    """
+    big = [dict(session(n), client="2001:db8::" + "f" * 200) for n in range(500)]
+    view = ServerView(report_of(100, big, 0), reactor, merge=add_counts)
+    sock = ControlSocket(str(short_dir / "control"), view, render, reactor)
+    sock.startService()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        client.connect(sock.path)
+        asked = questions(Who, 40)
+        assert len(asked) < 4096
+        client.sendall(asked)
+        settle(lambda: any("does not read its answers" in t for t in texts(log_events)))
+        # What reached the client before the cut, then the end.
+        client.settimeout(10)
+        one_answer = len(json.dumps(big))
+        assert blocking(read_to_the_end, client) < 40 * one_answer / 2
+    finally:
+        client.close()
+        stop(sock)
+
+
+def test_a_client_that_asks_too_much_at_once_is_cut_off(
+    workers: Callable[..., Worker], short_dir: Path, log_events: list[LogEvent]
+) -> None:
+    """More than L{control.MAX_QUESTIONS} questions open at once: cut off."""
+    stuck = workers(666, Stuck())
+    view = view_of(report_of(100, [], 0), stuck, timeout=30)
+    sock = ControlSocket(str(short_dir / "control"), view, render, reactor)
+    sock.startService()
+    client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        client.connect(sock.path)
+        client.sendall(questions(Who, control.MAX_QUESTIONS + 1))
+        settle(
+            lambda: any(
+                f"asked more than {control.MAX_QUESTIONS} questions at once" in t
+                for t in texts(log_events)
+            )
+        )
+        client.settimeout(10)
+        assert blocking(read_to_the_end, client) == 0
+    finally:
+        client.close()
+        stop(sock)
 
 
 # Where the socket is.

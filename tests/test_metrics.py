@@ -12,6 +12,7 @@ import io
 import os
 import poplib
 import re
+import signal
 import socket
 import time
 import urllib.error
@@ -22,17 +23,22 @@ from typing import Any
 
 import pytest
 from certs import Authority
-from helpers import run_until
+from helpers import MESSAGES, FakeMailbox, FakeRealm, RunNow, result_of, run_until
 from livepop3 import PASSWORDS, Pop3Server, free_port, write_mbox
+from passlib.hash import sha512_crypt
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.parser import text_string_to_metric_families
+from twisted.cred.portal import Portal
 from twisted.internet import reactor, task
 from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import (
+    LogEvent,
     Logger,
     LogPublisher,
     eventFromJSON,
+    formatEvent,
     globalLogPublisher,
     jsonFileLogObserver,
 )
@@ -41,8 +47,11 @@ from twisted.web.iweb import IAgentEndpointFactory
 from zope.interface import implementer
 
 from pop3srv.app.metricsweb import MetricsListenError, listen_metrics
-from pop3srv.auth.userfile import UserFile
+from pop3srv.auth.checker import PasslibChecker
+from pop3srv.auth.credentials import PasswordCredentials
+from pop3srv.auth.userfile import UserFile, VerifyResult
 from pop3srv.core import metrics as core
+from pop3srv.core import sasl
 from pop3srv.core.errors import MaildropChanged
 from pop3srv.core.metrics import (
     CERT_EXPIRY,
@@ -62,6 +71,16 @@ from pop3srv.mbox.paths import state_paths
 from pop3srv.processes.hashpool import ProcessVerifier
 from pop3srv.server import metrics
 from pop3srv.server.audit import audit
+from pop3srv.server.authority import LocalAuthority
+from pop3srv.server.limits import ConnectionLimits, ThrottleSettings
+from pop3srv.server.login import (
+    LoginFault,
+    LoginRefused,
+    LoginService,
+    LoginSucceeded,
+    ServerPolicy,
+)
+from pop3srv.server.login import Peer as LoginPeer
 from pop3srv.server.metrics import PROCESS, EventCounter, render_prometheus, start_counting
 from pop3srv.server.sessions import SessionFigures, SessionInfo, SessionTable, log_summary
 from pop3srv.server.tls import TLSContextSource
@@ -174,6 +193,69 @@ def test_session_summaries_are_counted(counted: ProcessMetrics) -> None:
     assert total(snap, "pop3srv_metric_errors_total") == 0
 
 
+def test_logins_are_counted_by_method(
+    tmp_path: Path, counted: ProcessMetrics, log_events: list[LogEvent]
+) -> None:
+    """
+    The login service's audit events name the method as a field of the
+    event, so that failed, refused and faulted logins count under it, not
+    C{unknown}; the audit line (fail2ban's) does not change.
+    """
+    clock = MemoryReactorClock()
+    users = tmp_path / "users"
+    users.write_text(f"alice:{sha512_crypt.using(rounds=1000).hash('pw')}\n")
+    broken = [False]
+
+    def verify(username: str, password: str) -> Deferred[VerifyResult]:
+        if broken[0]:
+            return fail(OSError("the hashing process died"))
+        return succeed(VerifyResult(ok=password == "pw"))
+
+    checker = PasslibChecker(str(users), reactor=RunNow(), verifier=verify)  # type: ignore[arg-type]
+    realm = FakeRealm(FakeMailbox(list(MESSAGES), "plain", clock))
+    authority = LocalAuthority(ThrottleSettings(), ConnectionLimits(), clock=clock)
+    service = LoginService(Portal(realm, [checker]), clock, ServerPolicy(authority=authority))
+    peer = LoginPeer("192.0.2.9", "t-1", "192.0.2.9:40000")
+
+    def login(password: bytes, method: str) -> object:
+        d = service.login(
+            PasswordCredentials(b"alice", password), username="alice", method=method, peer=peer
+        )
+        clock.advance(60)
+        return result_of(d)
+
+    assert isinstance(login(b"pw", "apop"), LoginSucceeded)
+    assert login(b"wrong", "apop") == LoginRefused("AUTH", "Invalid username or password.")
+    broken[0] = True
+    assert isinstance(login(b"pw", "sasl-plain"), LoginFault)
+    broken[0] = False
+    failure = sasl.Failure(
+        "AUTH", "Authentication failed.", reason="empty-password", username="alice"
+    )
+    service.sasl_failed(failure, peer=peer, method="sasl-plain")
+    clock.advance(60)
+    # The fifth failure of the pair locks it out.
+    for _ in range(3):
+        login(b"wrong", "password")
+    # Locked out: refused without a check.
+    assert login(b"pw", "password") == LoginRefused("AUTH", "Invalid username or password.")
+    snap = counted.snapshot()
+    logins = "pop3srv_logins_total"
+    assert value(snap, logins, result="ok", method="apop") == 1
+    assert value(snap, logins, result="failed", method="apop") == 1
+    assert value(snap, logins, result="error", method="sasl-plain") == 1
+    assert value(snap, logins, result="failed", method="sasl-plain") == 1
+    assert value(snap, logins, result="failed", method="password") == 3
+    assert value(snap, logins, result="refused", method="password") == 1
+    assert value(snap, logins, result="failed", method="unknown") == 0
+    lines = [formatEvent(e) for e in log_events if e.get("log_namespace") == "pop3srv.audit"]
+    assert lines[1] == (
+        'pop3srv-audit event=login-failed session=t-1 peer=192.0.2.9 user="alice" '
+        "reason=bad-credentials"
+    )
+    assert not any("method" in line or "apop" in line for line in lines[1:])
+
+
 def test_events_a_worker_logged_are_not_counted_again(counted: ProcessMetrics) -> None:
     """
     The parent publishes its workers' events again (read back from their
@@ -235,6 +317,53 @@ def test_start_counting_in_a_fork_forgets_the_parents_numbers() -> None:
     )
     assert value(PROCESS.snapshot(), "pop3srv_logins_total", result="ok", method="apop") == 1
     PROCESS.reset()
+
+
+def test_sessions_open_reads_zero_rather_than_nothing(tmp_path: Path) -> None:
+    """
+    With no session open, C{pop3srv_sessions_open} has its series at 0
+    for each listener and TLS combination the process can have (a plain
+    session only, without TLS), rather than none.
+    """
+    globalLogPublisher.removeObserver(metrics._counter)
+    table = SessionTable()
+    try:
+        start_counting(sessions=table, forked=True, publisher=LogPublisher())
+        samples = PROCESS.snapshot()["metrics"][SESSIONS_OPEN.name]["samples"]
+        assert samples == [[["pop3", "no"], 0]]
+        cert, key = Authority.create().issue(tmp_path, "server", 1)
+        tls = TLSContextSource(str(cert), str(key))
+        start_counting(sessions=table, tls=tls, forked=True, publisher=LogPublisher())
+        table.add(SessionInfo("a-1", "al", "192.0.2.1:2", "pop3", "TLSv1.3 X", 0.0, "update", 1))
+        samples = PROCESS.snapshot()["metrics"][SESSIONS_OPEN.name]["samples"]
+        assert samples == [[["pop3", "no"], 0], [["pop3", "yes"], 1], [["pop3s", "yes"], 0]]
+        table.remove("a-1")
+        text = render_prometheus(merge([PROCESS.snapshot(), PROCESS.snapshot()])).decode()
+        assert 'pop3srv_sessions_open{listener="pop3s",tls="yes"} 0.0' in text
+    finally:
+        PROCESS.reset()
+
+
+def test_a_connection_limit_is_a_limit_hit_not_a_refused_connection(
+    counted: ProcessMetrics,
+) -> None:
+    """
+    A connection refused by a connection limit (audited as C{limit-hit})
+    counts in C{pop3srv_limit_hits_total} only; C{connection-refused} (the
+    rules, a fault) in C{pop3srv_connections_refused_total} only; each
+    help text says so.
+    """
+    peer = {"session": "1a2b-7", "peer": "192.0.2.7"}
+    audit("limit-hit", reason="max-connections-per-address", **peer)
+    audit("connection-refused", reason="error", **peer)
+    snap = counted.snapshot()
+    assert total(snap, "pop3srv_limit_hits_total") == 1
+    assert value(snap, "pop3srv_limit_hits_total", reason="max-connections-per-address") == 1
+    assert total(snap, "pop3srv_connections_refused_total") == 1
+    hits = snap["metrics"]["pop3srv_limit_hits_total"]["help"]
+    refused = snap["metrics"]["pop3srv_connections_refused_total"]["help"]
+    assert "max-connections-per-address" in hits and "limit-hit" in hits
+    assert "pop3srv_limit_hits_total" in refused and "connection-refused" in refused
 
 
 def test_certificate_expiry_follows_a_reload(tmp_path: Path) -> None:
@@ -679,7 +808,7 @@ def test_scrape_a_real_server(tmp_path: Path, workers: int) -> None:
             time.sleep(0.1)
         assert scraped[("pop3srv_processes", ())] == workers
         assert _sum(scraped, "pop3srv_logins_total", result="ok", method="password") == ok
-        assert _sum(scraped, "pop3srv_logins_total", result="failed") == failed
+        assert _sum(scraped, "pop3srv_logins_total", result="failed", method="password") == failed
         assert _sum(scraped, "pop3srv_sessions_total", listener="pop3", tls="no") == sessions
         assert _sum(scraped, "pop3srv_sessions_total", ended="quit") == ok + failed
         assert _sum(scraped, "pop3srv_message_commands_total", command="RETR") == ok
@@ -691,5 +820,85 @@ def test_scrape_a_real_server(tmp_path: Path, workers: int) -> None:
         with pytest.raises(urllib.error.HTTPError) as caught:
             urllib.request.urlopen(f"http://127.0.0.1:{mport}/", timeout=10)
         assert caught.value.code == 404
+    finally:
+        srv.stop()
+
+
+def _counts(port: int) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """One scrape's counter and histogram samples (what must never go down)."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=20) as response:
+        text = response.read().decode()
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        if family.type in ("counter", "histogram")
+        for s in family.samples
+        if not s.name.endswith("_created")
+    }
+
+
+def _never_lower(before: Mapping[Any, float], after: Mapping[Any, float]) -> list[str]:
+    """The series of C{before} that are lower (or gone) in C{after}."""
+    return [
+        f"{name}{dict(labels)}: {value} -> {after.get((name, labels))}"
+        for (name, labels), value in before.items()
+        if after.get((name, labels), -1) < value
+    ]
+
+
+def test_counters_never_go_down_when_a_worker_stops_or_dies(tmp_path: Path) -> None:
+    """
+    The real C{twistd pop3srv --workers 2 --metrics ...}: with the worker
+    stopped (SIGSTOP) a scrape shows its last numbers; once it is killed
+    (SIGKILL) and replaced, its counters stay in the sums.  No counter or
+    histogram sample goes down at any scrape.
+    """
+    mport = free_port()
+    srv = Pop3Server(tmp_path, "--workers", "2", "--metrics", f"tcp:{mport}:interface=127.0.0.1")
+    write_mbox(srv.mail / "alice", [b"Subject: one\n\nhello\n"])
+    srv.start()
+    try:
+        assert srv.process is not None
+        parent = f"{srv.process.pid:x}"
+        ok = 0
+        served: dict[str, int] = {}
+        # Which process accepts a connection is the kernel's choice.
+        for _ in range(60):
+            ok += _login(srv.port, "alice", PASSWORDS["alice"])
+            tags = re.findall(r"event=login-ok session=([0-9a-f]+)-", srv.log_text())
+            served = {pid: tags.count(pid) for pid in set(tags)}
+            if len(served) == 2 and min(served.values()) >= 3:
+                break
+        (worker,) = [int(pid, 16) for pid in served if pid != parent]
+        # Every session counted (and the probe connection of start()).
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            first = _counts(mport)
+            if _sum(first, "pop3srv_logins_total", result="ok") == ok:
+                break
+            time.sleep(0.1)
+        assert _sum(first, "pop3srv_logins_total", result="ok") == ok
+        os.kill(worker, signal.SIGSTOP)
+        try:
+            stopped = _counts(mport)
+        finally:
+            os.kill(worker, signal.SIGCONT)
+        assert _never_lower(first, stopped) == []
+        os.kill(worker, signal.SIGKILL)
+        # Scrapes while it dies and is replaced, and after.
+        deadline = time.monotonic() + 10
+        last = stopped
+        while time.monotonic() < deadline:
+            now = _counts(mport)
+            assert _never_lower(last, now) == []
+            last = now
+            if "restarting it" in srv.log_text():
+                break
+            time.sleep(0.1)
+        ok += _login(srv.port, "alice", PASSWORDS["alice"])
+        time.sleep(1.5)
+        after = _counts(mport)
+        assert _never_lower(last, after) == []
+        assert _sum(after, "pop3srv_logins_total", result="ok") == ok
     finally:
         srv.stop()

@@ -464,6 +464,29 @@ def test_a_worker_reloads_its_own_settings_and_leaves_limits_to_its_parent(
     assert any("Configuration reloaded" in t for t in texts(log_events, LogLevel.debug))
 
 
+def test_a_worker_logs_a_bad_file_at_debug(config: Config, log_events: list[LogEvent]) -> None:
+    """
+    A bad edit is one error line for the whole server: the parent's.  A
+    worker, which reads the same file, says it at debug only, a file that
+    does not parse and a bad value alike.
+    """
+    options = Options()
+    options.parseOptions(["--config", str(config.path), "--workers", "1", "--hash-workers", "0"])
+    remote = RemoteAuthority(RelayClient(), options.throttle_settings())
+    top = makeService(options, MemoryReactorClock(), inherited=[], authority=remote)
+    config.path.write_text(toml(config.values) + "max_connections = [\n")
+    outcome = top.reload()
+    assert outcome is not None and outcome.error is not None
+    config.set(max_connections_per_address=0)
+    outcome = top.reload()
+    assert outcome is not None and outcome.error is not None
+    said = [t for t in texts(log_events) if "Configuration not reloaded" in t]
+    assert len(said) == 2
+    assert said == [t for t in texts(log_events, LogLevel.debug) if "not reloaded" in t]
+    assert texts(log_events, LogLevel.error) == []
+    assert texts(log_events, LogLevel.critical) == []
+
+
 def test_a_worker_started_after_a_reload_starts_with_it(config: Config) -> None:
     """
     The parent hands a worker it starts later (one that died is replaced)

@@ -9,6 +9,7 @@ import os
 import poplib
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,9 +17,11 @@ from typing import Any
 
 import pytest
 from livepop3 import PASSWORDS, Pop3Server, write_mbox
+from twisted.application import service
 from twisted.internet import reactor
 from twisted.logger import LogEvent, formatEvent, globalLogPublisher
 
+from pop3srv.app.logs import LogControl
 from pop3srv.processes import supervisor as workers
 
 
@@ -311,3 +314,102 @@ def reap(*children: Any) -> None:
     for child in children:
         if child.transport is not None and child.transport.pid is not None:
             child.transport.reapProcess()
+
+
+@pytest.mark.parametrize("level", ["warn", "error"])
+def test_a_worker_that_logs_only_warnings_still_says_it_serves(
+    monkeypatch: pytest.MonkeyPatch, level: str
+) -> None:
+    """
+    A worker whose log level drops info events (C{--log-level warn}, or
+    error) still tells the parent it serves: it is not killed at the
+    start-up deadline, nor its successor after it.
+    """
+    monkeypatch.setattr(workers, "READY_TIMEOUT", 0.5)
+    monkeypatch.setattr(workers, "RESTART_DELAY", 0.1)
+    events: list[LogEvent] = []
+    globalLogPublisher.addObserver(events.append)
+    supervisor = workers.WorkerSupervisor(
+        reactor,
+        1,
+        [],
+        lambda *args: service.MultiService(),
+        log_observer=LogControl(level).worker_observer,
+    )
+    try:
+        supervisor.startService()
+        first = supervisor.children[1]
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline and not first.ready:
+            reactor.iterate(0.02)  # type: ignore[attr-defined]
+        assert first.ready, "the worker did not say it serves"
+        # Past the deadline: still the same worker.
+        deadline = time.monotonic() + 1.5
+        while time.monotonic() < deadline:
+            reactor.iterate(0.02)  # type: ignore[attr-defined]
+            reap(first)
+        assert supervisor.children.get(1) is first and not first.ended.called
+        text = "\n".join(formatEvent(e) for e in events)
+        assert "did not start serving" not in text
+        # The parent's log gets the line, for its own filter to judge.
+        assert f"Server process {first.transport.pid} is serving" in text  # type: ignore[union-attr]
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+        stopped = supervisor.stopService()
+        done: list[object] = []
+        stopped.addBoth(done.append)
+        deadline = time.monotonic() + 20
+        while not done and time.monotonic() < deadline:
+            reactor.iterate(0.02)  # type: ignore[attr-defined]
+            reap(*supervisor.children.values())
+    assert done, "the child did not stop"
+
+
+#: Runs C{twistd} with the workers' start-up deadline shortened to the
+#: seconds in argv[1], so that a test can outlive it.
+SHORT_DEADLINE_TWISTD = """\
+import sys
+from pop3srv.processes import supervisor
+supervisor.READY_TIMEOUT = float(sys.argv.pop(1))
+from twisted.scripts.twistd import run
+sys.argv[0] = "twistd"
+run()
+"""
+
+
+class ShortDeadlineServer(Pop3Server):
+    """The real C{twistd pop3srv}, whose workers have C{deadline} seconds to serve."""
+
+    def __init__(self, root: Path, deadline: float, *extra: str) -> None:
+        super().__init__(root, *extra)
+        self.deadline = deadline
+
+    def argv(self) -> list[str]:
+        _, *rest = super().argv()
+        return [sys.executable, "-c", SHORT_DEADLINE_TWISTD, str(self.deadline), *rest]
+
+
+def test_workers_at_a_quiet_log_level_are_not_killed(tmp_path: Path) -> None:
+    """
+    C{twistd pop3srv --workers 2 --log-level warn} keeps its
+    worker past the start-up deadline (shortened here to 2 s from 30): the
+    worker's word that it serves does not depend on its log level.
+    """
+    srv = ShortDeadlineServer(tmp_path, 2.0, "--workers", "2", "--log-level", "warn")
+    write_mbox(srv.mail / "bob", [b"Subject: hello\n\nmessage for bob\n"])
+    srv.start()
+    try:
+        assert srv.process is not None
+        parent = srv.process.pid
+        assert wait_for(lambda: len(children(parent)) == 1)
+        (child,) = children(parent)
+        time.sleep(3.5)
+        assert children(parent) == [child]
+        log = srv.log_text()
+        assert "did not start serving" not in log
+        assert "restarting it" not in log
+        # Nothing at info passed, the worker's word included.
+        assert "is serving" not in log
+        login(srv, "bob").quit()
+    finally:
+        srv.stop()

@@ -44,11 +44,14 @@ from typing import TYPE_CHECKING, Any
 from twisted.application import service
 from twisted.internet import defer, error
 from twisted.internet.defer import Deferred, DeferredList, maybeDeferred
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Factory, connectionDone
 from twisted.logger import Logger
 from twisted.protocols import amp, policies
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
+from pop3srv.core.metrics import lasting as lasting_counts
 from pop3srv.processes.rpc import (
     GetMetrics,
     ListSessions,
@@ -85,6 +88,15 @@ _log = Logger()
 CHILD_TIMEOUT = 2.0
 #: Seconds a control connection may sit idle before it is closed.
 IDLE_TIMEOUT = 30.0
+#: Seconds a control connection being closed has to send what it holds
+#: before it is aborted.
+ABORT_GRACE = 2.0
+#: Bytes of answers a client that has stopped reading may have waiting,
+#: beyond the transport's own buffer; more, and it is cut off.
+MAX_UNREAD = 1 << 20
+#: Questions one control connection may have open at once (the C{pop3srv}
+#: command asks one per connection).
+MAX_QUESTIONS = 8
 #: Seconds C{pop3srv who} and C{stats} wait for the server's answer:
 #: more than L{CHILD_TIMEOUT}, which bounds the server's own wait.
 CLIENT_TIMEOUT = 10.0
@@ -166,6 +178,15 @@ class ServerView:
     """
     The whole server as the parent server process sees it: its own
     report and each worker's, gathered when asked.
+
+    The metrics must look like one process's to a monitor: a counter never
+    goes down.  So the view keeps each worker's last snapshot and uses it
+    for a worker that is late to answer (stopped, busy); and once a worker
+    has ended (it is no longer among the supervisor's running workers), its
+    last counters and histograms are added to a total of the workers gone
+    (L{lasting <pop3srv.core.metrics.lasting>}), which every later sum
+    includes.  A worker gone has no gauges: it holds no sessions.  What a
+    worker counted after its last snapshot was taken dies with it.
     """
 
     def __init__(
@@ -175,6 +196,7 @@ class ServerView:
         merge: Callable[[list[Metrics]], Metrics],
         children: Children = lambda: [],
         timeout: float = CHILD_TIMEOUT,
+        lasting: Callable[[Metrics], Metrics] = lasting_counts,
     ) -> None:
         """
         @param report: this process's own.
@@ -185,12 +207,25 @@ class ServerView:
             <pop3srv.processes.supervisor.WorkerSupervisor.connections>});
             none by default, for a single process.
         @param timeout: seconds each worker has to answer.
+        @param lasting: what of a snapshot is kept once its worker has
+            ended (L{pop3srv.core.metrics.lasting}).
         """
         self.report = report
         self._reactor = reactor
         self._merge = merge
         self._children = children
         self.timeout = timeout
+        self._lasting = lasting
+        # Each worker's last snapshot (None before its first), by the
+        # parent's end of its connection, which is the worker's identity:
+        # a restarted worker has a new one.
+        self._last: dict[amp.BoxDispatcher, Metrics | None] = {}
+        # Questions each of them has not answered yet: a worker is retired
+        # only once none are left, so that no late answer can count it in
+        # the retired total and again as itself.
+        self._asking: dict[amp.BoxDispatcher, int] = {}
+        self._retired: Metrics | None = None
+        self._own_last: Metrics | None = None
 
     def sessions(self) -> Deferred[Sessions]:
         """
@@ -203,66 +238,125 @@ class ServerView:
             found.sort(key=lambda info: (info.get("since") or 0, str(info.get("id"))))
             return found
 
-        gathering = self._gather(self.report.sessions, ListSessions, "sessions", list)
-        return gathering.addCallback(together)
+        gathering = self._gather(
+            self._children(), self.report.sessions, ListSessions, "sessions", list
+        )
+        return gathering.addCallback(lambda results: together(_answers(results)))
 
     def metrics(self) -> Deferred[Metrics]:
         """
-        @return: fires with the merged metrics of every process (a worker
-            that does not answer in time left out).
+        @return: fires with the merged metrics of every process: a worker
+            that does not answer in time with its last snapshot (if it has
+            answered before), those that have ended with their last counters.
         """
-        return self._gather(self.report.metrics, GetMetrics, "metrics", dict).addCallback(
-            self._merge
-        )
+        children = list(self._children())
+        self._retire_gone({peer for _, peer in children})
+        for _, peer in children:
+            self._last.setdefault(peer, None)
+            self._asking[peer] = self._asking.get(peer, 0) + 1
+        gathering = self._gather(children, self.report.metrics, GetMetrics, "metrics", dict)
+
+        def together(results: list[tuple[bool, Any]]) -> Metrics:
+            (own_ok, own), *answers = results
+            for (_, peer), (ok, answer) in zip(children, answers, strict=True):
+                self._asking[peer] -= 1
+                if ok and answer is not None and peer in self._last:
+                    self._last[peer] = answer
+            if own_ok and own is not None:
+                self._own_last = own
+            # This process's own report failing is a bug (logged); its
+            # counters must not drop for it either.
+            found = [self._own_last] if self._own_last is not None else []
+            found += [snapshot for snapshot in self._last.values() if snapshot is not None]
+            if self._retired is not None:
+                found.append(self._retired)
+            return self._merge(found)
+
+        return gathering.addCallback(together)
+
+    def _retire_gone(self, running: set[amp.BoxDispatcher]) -> None:
+        """
+        Add the last counters of each worker that is no longer running,
+        and not waited for, to the retired total; forget the rest of it.
+        """
+        for peer in [p for p in self._last if p not in running and not self._asking.get(p)]:
+            last = self._last.pop(peer)
+            self._asking.pop(peer, None)
+            if last is None:
+                continue
+            try:
+                kept = self._lasting(last)
+                self._retired = (
+                    kept if self._retired is None else self._merge([self._retired, kept])
+                )
+            except Exception:
+                _log.failure("Cannot keep the counts of a server process that ended")
 
     def _gather(
         self,
+        children: Sequence[tuple[int | None, amp.BoxDispatcher]],
         own: Callable[[], Any],
         command: type[amp.Command],
         key: str,
         kind: type,
-    ) -> Deferred[list[Any]]:
+    ) -> Deferred[list[tuple[bool, Any]]]:
         """
         This process's answer and the workers', asked all at once.
 
+        @param children: the workers to ask, with their pids.
+        @param command: what to ask.
         @param key: the field of C{command}'s answer that holds it.
         @param kind: what type a worker's answer must have.
-        @return: fires with the answers there are, this process's first;
-            never fails.
+        @return: fires with C{(True, answer)}, or C{(True, None)} for a
+            process that did not answer, this process's first and then the
+            workers' in the order of C{children}; never fails.
         """
         asked: list[Deferred[Any]] = [maybeDeferred(own).addErrback(self._own_failed, key)]
-        for pid, peer in self._children():
+        for pid, peer in children:
             d = maybeDeferred(peer.callRemote, command)
             d.addTimeout(self.timeout, self._reactor)
             d.addCallback(_field, key, kind)
-            d.addErrback(self._child_failed, pid, command)
+            d.addErrback(self._child_failed, pid, peer, command)
             asked.append(d)
-
-        def answers(results: list[tuple[bool, Any]]) -> list[Any]:
-            return [value for ok, value in results if ok and value is not None]
-
-        return DeferredList(asked, consumeErrors=True).addCallback(answers)
+        return DeferredList(asked, consumeErrors=True)
 
     @staticmethod
     def _own_failed(failure: Failure, what: str) -> None:
         _log.failure("This server process cannot report its {what}", failure, what=what)
 
-    def _child_failed(self, failure: Failure, pid: int | None, command: type[amp.Command]) -> None:
+    def _child_failed(
+        self,
+        failure: Failure,
+        pid: int | None,
+        peer: amp.BoxDispatcher,
+        command: type[amp.Command],
+    ) -> None:
+        instead = (
+            "using its last numbers"
+            if command is GetMetrics and self._last.get(peer) is not None
+            else "leaving it out"
+        )
         if failure.check(defer.TimeoutError):
             _log.warn(
-                "Server process {pid} did not answer {command} within {timeout:g} s; "
-                "leaving it out",
+                "Server process {pid} did not answer {command} within {timeout:g} s; {instead}",
                 pid=pid,
                 command=command.__name__,
                 timeout=self.timeout,
+                instead=instead,
             )
         else:
             _log.warn(
-                "Server process {pid} could not answer {command}: {reason}; leaving it out",
+                "Server process {pid} could not answer {command}: {reason}; {instead}",
                 pid=pid,
                 command=command.__name__,
                 reason=failure.getErrorMessage() or repr(failure.value),
+                instead=instead,
             )
+
+
+def _answers(results: list[tuple[bool, Any]]) -> list[Any]:
+    """The answers there are, of a gathering's results."""
+    return [value for ok, value in results if ok and value is not None]
 
 
 def _field(answer: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -273,12 +367,28 @@ def _field(answer: Mapping[str, Any], key: str, kind: type) -> Any:
     return value
 
 
+@implementer(IPushProducer)
 class ControlServer(Peer, policies.TimeoutMixin):
     """
     The parent's end of one connection to the control socket: answers
-    L{Who} and L{Stats} from a L{ServerView}.  A connection idle for
-    L{IDLE_TIMEOUT} seconds is closed.
+    L{Who} and L{Stats} from a L{ServerView}.
+
+    Whatever the client does, the connection costs a bounded amount and
+    ends:
+      - one idle for L{IDLE_TIMEOUT} seconds is closed, and aborted if
+        closing has not ended it L{ABORT_GRACE} seconds later (a client
+        that does not read would keep unsent answers, and so the
+        connection, for ever);
+      - it is the transport's producer: once the client stops reading
+        and the answers waiting fill the transport's buffer, the questions
+        are no longer read, until the client has read them; answers still
+        to come meanwhile may add L{MAX_UNREAD} bytes, and a client that
+        asks more than L{MAX_QUESTIONS} at once is cut off.
     """
+
+    # A UNIX socket's connection: ITransport plus the producer and consumer
+    # methods and abortConnection (None once lost, as Peer leaves it).
+    transport: Any
 
     def __init__(
         self, view: ServerView, render_text: Callable[[Metrics], str], reactor: Any
@@ -292,6 +402,11 @@ class ControlServer(Peer, policies.TimeoutMixin):
         self.view = view
         self.render_text = render_text
         self._reactor = reactor
+        self._paused = False
+        self._unread = 0
+        self._questions = 0
+        self._abort_call: Any = None
+        self._cut = False
 
     def callLater(self, period: float, func: Callable[[], object]) -> Any:
         # TimeoutMixin's clock, which would be the global reactor.
@@ -299,25 +414,103 @@ class ControlServer(Peer, policies.TimeoutMixin):
 
     def connectionMade(self) -> None:
         super().connectionMade()
+        self.transport.registerProducer(self, True)
         self.setTimeout(IDLE_TIMEOUT)
 
     def dataReceived(self, data: bytes) -> None:
         self.resetTimeout()
         super().dataReceived(data)
 
+    def timeoutConnection(self) -> None:
+        transport = self.transport
+        if transport is None:
+            return
+        # A paused producer would hold the close until the client reads.
+        transport.unregisterProducer()
+        transport.loseConnection()
+        self._abort_call = self._reactor.callLater(ABORT_GRACE, self._abort)
+
+    def _abort(self) -> None:
+        self._abort_call = None
+        if self.transport is not None:
+            self.transport.abortConnection()
+
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self.setTimeout(None)
+        if self._abort_call is not None and self._abort_call.active():
+            self._abort_call.cancel()
+        self._abort_call = None
         super().connectionLost(reason)
+
+    # IPushProducer: the transport says whether the client reads its answers.
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._unread = 0
+        if self.transport is not None:
+            self.transport.resumeProducing()
+
+    def stopProducing(self) -> None:
+        pass
+
+    def sendBox(self, box: amp.AmpBox) -> None:
+        if self._cut:
+            return
+        if self._paused and self.transport is not None:
+            # What serialize() will write: each key and value, each after
+            # its 16-bit length, then an empty key.
+            self._unread += 2 + sum(4 + len(k) + len(v) for k, v in box.items())
+            if self._unread > MAX_UNREAD:
+                self._cut_off("does not read its answers")
+                return
+        super().sendBox(box)
+
+    def _cut_off(self, why: str) -> None:
+        """Abort the connection (once), saying C{why}."""
+        if self._cut:
+            return
+        self._cut = True
+        _log.warn("A control socket client {why}; cutting it off", why=why)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def _answering(
+        self, answer: Callable[[], Deferred[dict[str, Any]]]
+    ) -> Deferred[dict[str, Any]]:
+        """
+        C{answer()}, if the client has fewer than L{MAX_QUESTIONS} questions
+        open; else the connection is cut off.
+        """
+        if self._cut or self._questions >= MAX_QUESTIONS:
+            self._cut_off(f"asked more than {MAX_QUESTIONS} questions at once")
+            return defer.fail(ReportFailed("too many questions at once"))
+        self._questions += 1
+
+        def answered(result: object) -> object:
+            self._questions -= 1
+            return result
+
+        return answer().addBoth(answered)
 
     @Who.responder
     def who(self) -> Deferred[dict[str, Any]]:
-        d = self.view.sessions().addCallback(lambda sessions: {"sessions": sessions})
-        return d.addErrback(_failed_answer, "the sessions")
+        def answer() -> Deferred[dict[str, Any]]:
+            d = self.view.sessions().addCallback(lambda sessions: {"sessions": sessions})
+            return d.addErrback(_failed_answer, "the sessions")
+
+        return self._answering(answer)
 
     @Stats.responder
     def stats(self) -> Deferred[dict[str, Any]]:
-        d = self.view.metrics().addCallback(lambda merged: {"text": self.render_text(merged)})
-        return d.addErrback(_failed_answer, "the metrics")
+        def answer() -> Deferred[dict[str, Any]]:
+            d = self.view.metrics().addCallback(lambda merged: {"text": self.render_text(merged)})
+            return d.addErrback(_failed_answer, "the metrics")
+
+        return self._answering(answer)
 
 
 def _failed_answer(failure: Failure, what: str) -> Failure:

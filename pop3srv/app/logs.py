@@ -56,7 +56,10 @@ Workers send their events to the parent as Twisted's JSON
 where they are filtered and formatted like its own, once.  A worker drops
 the events below the level before it encodes them
 (L{LogControl.worker_observer}), with the same L{LogControl} as its parent
-(a fork's copy): a debug event costs a worker no JSON and no pipe.
+(a fork's copy): a debug event costs a worker no JSON and no pipe.  A
+worker's word to its parent that it serves is not the log's to drop: the
+supervisor writes it past this filter (L{pop3srv.processes.supervisor}),
+and the parent's own filter decides whether its line is shown.
 L{LevelFilter} passes events that carry no level, as twistd's text
 observer prints them; Twisted's L{LogLevelFilterPredicate} would drop them,
 and looks the level up by namespace for every event.

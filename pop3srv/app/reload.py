@@ -34,8 +34,10 @@ workers): each reads the file, as each read it at start-up.  The limits
 counted for the whole service live in the parent's L{LocalAuthority}, so
 the parent's reload changes them for every process; a worker takes the
 failed-login settings only to bound its own answers.  Only the parent (or
-a single process) logs what needs a restart and the summary at info; a
-worker logs them at debug, and logs its own error if its reading fails.
+a single process) speaks for the server: it logs a bad file at error, what
+needs a restart at warn and the summary at info; a worker, which reads the
+same file, logs all three at debug, so that one edit is one line whatever
+C{--workers} is.
 """
 
 from __future__ import annotations
@@ -250,6 +252,10 @@ class Reloader:
     def _warn(self) -> LogLevel:
         return LogLevel.warn if self.speaks_for_service else LogLevel.debug
 
+    @property
+    def _error(self) -> LogLevel:
+        return LogLevel.error if self.speaks_for_service else LogLevel.debug
+
     def reload(self, log_control: LogLevelControl | None = None) -> ReloadOutcome:
         """
         Read the configuration again and apply what can change live; the
@@ -268,7 +274,7 @@ class Reloader:
         except ConfigError as e:
             return self._not_reloaded(str(e))
         except Exception as e:
-            self._log.failure("Reading the configuration again failed")
+            self._log.failure("Reading the configuration again failed", level=self._error)
             return self._not_reloaded(str(e) or type(e).__name__)
 
         outcome = ReloadOutcome()
@@ -315,7 +321,8 @@ class Reloader:
         return outcome
 
     def _not_reloaded(self, reason: str) -> ReloadOutcome:
-        self._log.error(
+        self._log.emit(
+            self._error,
             "Configuration not reloaded: {reason}; keeping the running configuration",
             reason=reason,
         )

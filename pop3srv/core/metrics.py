@@ -95,12 +95,14 @@ BUILD_INFO = Metric(
 PROCESSES = Metric(
     "pop3srv_processes",
     "gauge",
-    "Server processes whose numbers these are (the parent and the workers that answered).",
+    "Server processes whose numbers these are: the parent and its running workers (one "
+    "late to answer counted with its last numbers).",
 )
 SESSIONS_OPEN = Metric(
     "pop3srv_sessions_open",
     "gauge",
-    "Sessions open now, by listener (pop3, pop3s) and whether TLS is on.",
+    "Sessions open now, by listener (pop3, pop3s) and whether TLS is on (0 for the "
+    "combinations the server can have).",
     ("listener", "tls"),
 )
 SESSIONS = Metric(
@@ -137,13 +139,17 @@ LOCKOUTS = Metric(
 LIMIT_HITS = Metric(
     "pop3srv_limit_hits_total",
     "counter",
-    "Sessions ended by a limit (timeouts, bad commands, stalled writes), by reason.",
+    "Limits hit (the audit log's limit-hit events), by reason: connections refused by a "
+    "connection limit (max-connections, max-connections-per-address) and sessions ended by "
+    "a limit (auth-timeout, tls-handshake-timeout, write-stall, bad-commands).",
     ("reason",),
 )
 CONNECTIONS_REFUSED = Metric(
     "pop3srv_connections_refused_total",
     "counter",
-    "Connections refused before the greeting (rules, connection limits), by reason.",
+    "Connections refused before the greeting other than by a connection limit (the audit "
+    "log's connection-refused events), by reason: ip-rules (allow, deny) or error (the "
+    "connection could not be counted). Connection limits count in pop3srv_limit_hits_total.",
     ("reason",),
 )
 OCTETS_SENT = Metric(
@@ -489,6 +495,28 @@ def merge(snapshots: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     for name, entry in merged.items():
         entry["samples"] = [[list(key), value] for key, value in sorted(values[name].items())]
     return {"format": SNAPSHOT_FORMAT, "metrics": merged}
+
+
+def lasting(snapshot: Mapping[str, Any]) -> dict[str, Any]:
+    """
+    What of a process's snapshot outlives the process: its counters and
+    histograms (what it did), not its gauges (what it has now, which is
+    nothing once it has ended).  The parent adds this much of each worker
+    that ended to every later sum (L{pop3srv.app.control.ServerView}), so
+    that no counter goes down when a worker dies.
+
+    @raise ValueError: a snapshot of another format.
+    """
+    if snapshot.get("format") != SNAPSHOT_FORMAT:
+        raise ValueError(f"not a metrics snapshot of format {SNAPSHOT_FORMAT}")
+    return {
+        "format": SNAPSHOT_FORMAT,
+        "metrics": {
+            name: entry
+            for name, entry in snapshot["metrics"].items()
+            if entry.get("type") in ("counter", "histogram")
+        },
+    }
 
 
 def format_value(value: float) -> str:

@@ -54,7 +54,9 @@ The parent:
   - forwards SIGHUP, so every process re-reads the TLS certificate;
   - asks the workers, over the same connections, what their sessions and
     metrics are, for one view of the whole server
-    (L{pop3srv.app.control.ServerView}, through L{WorkerSupervisor.connections});
+    (L{pop3srv.app.control.ServerView}, through L{WorkerSupervisor.connections},
+    which no longer lists a worker that ended: the view then keeps its
+    last counts);
   - re-publishes the workers' log events (sent as JSON lines on their
     standard output) in its own log, so there is one log and one audit
     trail, with each worker's session ids carrying its pid;
@@ -99,7 +101,9 @@ RESTART_WINDOW = 60.0
 #: Seconds a worker has, from its start, to say it serves (see L{READY_KEY}).
 READY_TIMEOUT = 30.0
 
-#: The key of the log event by which a worker says it serves.
+#: The key of the log event by which a worker says it serves: written
+#: whatever the worker's log level, as Twisted's JSON, the format of every
+#: worker event on its standard output.
 READY_KEY = "pop3srv_worker_ready"
 
 _log = Logger()
@@ -531,8 +535,12 @@ def _run_worker(
         top.privilegedStartService()
         top.startService()
         reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
+        # Whether it serves is the parent's business, not the log's: said
+        # past the level filter, whatever --log-level drops (the parent's
+        # own filter decides whether the line is shown).
+        ready = Logger(namespace=__name__, observer=jsonFileLogObserver(out))
         reactor.callWhenRunning(
-            _log.info, "Server process {pid} is serving", pid=os.getpid(), **{READY_KEY: True}
+            ready.info, "Server process {pid} is serving", pid=os.getpid(), **{READY_KEY: True}
         )
         reactor.run()
     finally:

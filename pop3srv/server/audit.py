@@ -7,6 +7,11 @@ in a stable format that fail2ban (etc/fail2ban/) and log tools can parse::
 
 Fields always come in this order; C{user} is JSON-quoted (so no client text
 can forge another field), and passwords never appear.
+
+The event carries more than the line shows, for the metrics
+(L{pop3srv.server.metrics}): C{audit_event}, the event's kind, and for a
+login the C{method} (C{password}, C{apop}, C{sasl-plain}, ...), which the
+line leaves out so that its format stays the one fail2ban reads.
 """
 
 from __future__ import annotations
@@ -27,8 +32,20 @@ def quote_user(username: str | None) -> str:
     return json.dumps(username[:255], ensure_ascii=True)
 
 
-def audit(event: str, *, session: str, peer: str, reason: str, user: str | None = None) -> None:
-    """Log one audit event."""
+def audit(
+    event: str,
+    *,
+    session: str,
+    peer: str,
+    reason: str,
+    user: str | None = None,
+    method: str | None = None,
+) -> None:
+    """
+    Log one audit event.
+
+    @param method: for a login, how the client logged in (not in the line).
+    """
     _log.info(
         FORMAT,
         event=event,
@@ -37,4 +54,5 @@ def audit(event: str, *, session: str, peer: str, reason: str, user: str | None 
         user=quote_user(user),
         reason=reason,
         audit_event=event,
+        method=method,
     )

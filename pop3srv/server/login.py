@@ -425,20 +425,20 @@ class LoginService:
             if isinstance(answer, _Late):
                 # Other attempts from this address held every place until
                 # there was no time left for a check: no check, no count.
-                self._audit(peer, "login-refused", "attempts-in-flight", username)
+                self._audit(peer, "login-refused", "attempts-in-flight", username, method)
                 return LoginRefused("SYS/TEMP", "Too many logins in progress, try again later.")
             if isinstance(answer, Blocked):
                 # No password check at all, so a blocked guesser cannot tie
                 # up the hashing threads; the refusal counts as a failure,
                 # answered after its delay, at the latest at the cap.
-                self._audit(peer, "login-refused", f"locked-out-{answer.scope}", username)
+                self._audit(peer, "login-refused", f"locked-out-{answer.scope}", username, method)
                 counted = authority.login_failed(peer.host, username)
                 refused = LoginRefused("AUTH", AUTH_FAILED)
-                return self._answer_counted(counted, started, refused, username, peer)
+                return self._answer_counted(counted, started, refused, username, peer, method)
             return self._check(creds, username, method, peer, started, answer)
 
         checked: defer.Deferred[LoginOutcome] = answer.addCallback(admitted)
-        return checked.addErrback(self._fault, username, peer)
+        return checked.addErrback(self._fault, username, peer, method)
 
     def _check(
         self,
@@ -456,7 +456,7 @@ class LoginService:
         policy = self.policy
         if not policy.login_gate.try_enter():
             self._end_quietly(ticket, "released")
-            self._audit(peer, "login-refused", "server-busy", username)
+            self._audit(peer, "login-refused", "server-busy", username, method)
             return LoginRefused("SYS/TEMP", "Server busy, try again later.")
         checking = self.reactor.seconds()
         d: defer.Deferred[Any] = self.portal.login(creds, None, IMailbox)
@@ -471,7 +471,7 @@ class LoginService:
             self._logged_in,
             self._failed,
             callbackArgs=(username, requested or username, method, peer, ticket),
-            errbackArgs=(username, peer, ticket, started, checking),
+            errbackArgs=(username, method, peer, ticket, started, checking),
         )
         return d
 
@@ -532,7 +532,9 @@ class LoginService:
         asked.addBoth(settled)
         return raced
 
-    def sasl_failed(self, step: sasl.Failure, *, peer: Peer) -> defer.Deferred[LoginOutcome]:
+    def sasl_failed(
+        self, step: sasl.Failure, *, peer: Peer, method: str | None = None
+    ) -> defer.Deferred[LoginOutcome]:
         """
         A SASL exchange failed on the client's credentials before any
         password check (a L{sasl.Failure} with a C{reason}: an authzid
@@ -542,14 +544,17 @@ class LoginService:
 
         @param step: the failure; its C{username} is the authcid.
         @param peer: who is asking.
+        @param method: the login kind for the audit event (C{sasl-plain},
+            ...), as for L{login}.
         @return: a Deferred firing with a L{LoginRefused}, after the delay.
         """
         now = self.reactor.seconds()
         username = step.username or ""
-        self._audit(peer, "login-failed", step.reason or "bad-credentials", step.username)
+        reason = step.reason or "bad-credentials"
+        self._audit(peer, "login-failed", reason, step.username, method)
         counted = self.authority.login_failed(peer.host, username)
         refused = LoginRefused(step.code or "AUTH", step.text)
-        return _when_settled(self._answer_counted(counted, now, refused, username, peer))
+        return _when_settled(self._answer_counted(counted, now, refused, username, peer, method))
 
     def _answer_counted(
         self,
@@ -558,6 +563,7 @@ class LoginService:
         refused: LoginRefused,
         username: str,
         peer: Peer,
+        method: str | None,
     ) -> defer.Deferred[LoginOutcome]:
         """
         Answer C{refused} for a failure the authority is counting
@@ -583,7 +589,7 @@ class LoginService:
         answered: defer.Deferred[LoginOutcome] = self._by_deadline(counted, deadline).addCallback(
             answer
         )
-        return answered.addErrback(self._fault, username, peer)
+        return answered.addErrback(self._fault, username, peer, method)
 
     def _logged_in(
         self,
@@ -638,20 +644,21 @@ class LoginService:
                 else:
                     log_out()
                 failure = end_result if not end_ok else session_result
-                return self._fault(failure, owner, peer)
+                return self._fault(failure, owner, peer, method)
             if not counted:
                 log_out()
-                self._audit(peer, "login-refused", "max-sessions-per-user", owner)
+                self._audit(peer, "login-refused", "max-sessions-per-user", owner, method)
                 return LoginRefused("SYS/TEMP", "Too many sessions for this user.")
             d: defer.Deferred[Sequence[int]] = defer.maybeDeferred(mailbox.listMessages)
 
             def listed(sizes: Sequence[int]) -> LoginOutcome:
-                self._audit(peer, "login-ok", f"{method}+app:{label}" if label else method, owner)
+                reason = f"{method}+app:{label}" if label else method
+                self._audit(peer, "login-ok", reason, owner, method)
                 return LoginSucceeded(owner, label, mailbox, sizes, release)
 
             def unlisted(failure: Failure) -> LoginOutcome:
                 release()
-                return self._fault(failure, owner, peer)
+                return self._fault(failure, owner, peer, method)
 
             return d.addCallbacks(listed, unlisted)
 
@@ -662,6 +669,7 @@ class LoginService:
         self,
         failure: Failure,
         username: str,
+        method: str,
         peer: Peer,
         ticket: AttemptTicket,
         started: float,
@@ -678,7 +686,7 @@ class LoginService:
         """
         if failure.check(error.UnauthorizedLogin, error.UnhandledCredentials, InvalidUsername):
             reason = "invalid-username" if failure.check(InvalidUsername) else "bad-credentials"
-            self._audit(peer, "login-failed", reason, username)
+            self._audit(peer, "login-failed", reason, username, method)
             now = self.reactor.seconds()
             self._rotate(now)
             self._slowest = max(self._slowest, now - checking)
@@ -693,13 +701,14 @@ class LoginService:
 
             ended = authority.end_login(ticket, "failed").addCallback(counted)
             return self._answer_counted(
-                ended, started, LoginRefused("AUTH", AUTH_FAILED), username, peer
+                ended, started, LoginRefused("AUTH", AUTH_FAILED), username, peer, method
             )
         self._end_quietly(ticket, "released")
         if failure.check(Pop3Error):
             exc = failure.value
             assert isinstance(exc, Pop3Error)
-            self._audit(peer, "login-refused", (exc.code or "SYS/TEMP").lower(), username)
+            code = (exc.code or "SYS/TEMP").lower()
+            self._audit(peer, "login-refused", code, username, method)
             self._log.info(
                 "Login of {user} from {peer} refused: {detail}",
                 user=escape_for_log(username),
@@ -707,10 +716,12 @@ class LoginService:
                 detail=exc.detail or exc.text,
             )
             return LoginRefused(exc.code or "SYS/TEMP", exc.text)
-        return self._fault(failure, username, peer)
+        return self._fault(failure, username, peer, method)
 
-    def _fault(self, failure: Failure, username: str, peer: Peer) -> LoginFault:
-        self._audit(peer, "login-refused", "error", username)
+    def _fault(
+        self, failure: Failure, username: str, peer: Peer, method: str | None = None
+    ) -> LoginFault:
+        self._audit(peer, "login-refused", "error", username, method)
         if failure.check(CheckerFault):
             # The checker logged the cause with its traceback already.
             self._log.error(
@@ -766,8 +777,10 @@ class LoginService:
         self._window_start = now
 
     @staticmethod
-    def _audit(peer: Peer, event: str, reason: str, user: str | None) -> None:
-        audit(event, session=peer.session, peer=peer.host, reason=reason, user=user)
+    def _audit(
+        peer: Peer, event: str, reason: str, user: str | None, method: str | None = None
+    ) -> None:
+        audit(event, session=peer.session, peer=peer.host, reason=reason, user=user, method=method)
 
 
 def _when_settled(chain: defer.Deferred[_T]) -> defer.Deferred[_T]:

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import platform
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any, Protocol
 
 from prometheus_client.core import (
@@ -146,17 +146,21 @@ class EventCounter:
         kind = event["audit_event"]
         reason = str(event.get("reason", ""))
         count = self.metrics.inc
+        # The login method is a field of the event, not of the line.
+        method = str(event.get("method") or UNKNOWN)
         if kind == "login-ok":
-            # "password", or "password+app:LABEL" for an app password: the
-            # label is the user's, so not a label of ours.
-            count(LOGINS, result="ok", method=reason.split("+", 1)[0] or UNKNOWN)
+            if method == UNKNOWN:
+                # The reason: "password", or "password+app:LABEL" for an app
+                # password (the label is the user's, so not a label of ours).
+                method = reason.split("+", 1)[0] or UNKNOWN
+            count(LOGINS, result="ok", method=method)
         elif kind == "login-failed":
-            count(LOGINS, result="failed", method=str(event.get("method") or UNKNOWN))
+            count(LOGINS, result="failed", method=method)
             count(LOGIN_FAILURES, reason=reason)
         elif kind == "login-refused":
             # A server fault is never a wrong password, nor a refusal.
             result = "error" if reason == "error" else "refused"
-            count(LOGINS, result=result, method=str(event.get("method") or UNKNOWN))
+            count(LOGINS, result=result, method=method)
             count(LOGIN_REFUSALS, reason=reason)
         elif kind == "lockout":
             count(LOCKOUTS, scope=reason)
@@ -189,9 +193,23 @@ class _Sessions(Protocol):
     def list(self) -> list[Any]: ...
 
 
-def sessions_open(sessions: _Sessions) -> Readings:
-    """The sessions open in C{sessions}, per listener and TLS yes/no."""
-    counted = Counter((s.listener, _tls_label(s.tls)) for s in sessions.list())
+#: The listener and TLS label sets of the sessions a process without TLS
+#: can have, and those it can have with TLS (STLS, implicit TLS).
+PLAIN_SESSIONS: tuple[tuple[str, str], ...] = (("pop3", "no"),)
+TLS_SESSIONS: tuple[tuple[str, str], ...] = (("pop3", "no"), ("pop3", "yes"), ("pop3s", "yes"))
+
+
+def sessions_open(
+    sessions: _Sessions, known: Iterable[tuple[str, str]] = PLAIN_SESSIONS
+) -> Readings:
+    """
+    The sessions open in C{sessions}, per listener and TLS yes/no.
+
+    @param known: the C{(listener, tls)} label sets read as 0 when no
+        session has them, so that a monitor sees 0 rather than no series.
+    """
+    counted = Counter(dict.fromkeys(known, 0))
+    counted.update((s.listener, _tls_label(s.tls)) for s in sessions.list())
     return [({"listener": listener, "tls": tls}, n) for (listener, tls), n in counted.items()]
 
 
@@ -244,7 +262,8 @@ def start_counting(
     )
     if sessions is not None:
         table = sessions
-        _unwatch.append(PROCESS.watch(SESSIONS_OPEN, lambda: sessions_open(table)))
+        known = PLAIN_SESSIONS if tls is None else TLS_SESSIONS
+        _unwatch.append(PROCESS.watch(SESSIONS_OPEN, lambda: sessions_open(table, known)))
     if tls is not None:
         source = tls
         _unwatch.append(PROCESS.watch(CERT_EXPIRY, lambda: certificate_expiry(source)))

@@ -929,7 +929,11 @@ class POP3Server(Protocol):
             )
         elif isinstance(action, m.SaslRefused):
             assert self._login_peer is not None
-            refused = self.factory.login.sasl_failed(action.failure, peer=self._login_peer)
+            refused = self.factory.login.sasl_failed(
+                action.failure,
+                peer=self._login_peer,
+                method=f"sasl-{self.machine.sasl_mechanism.lower()}",
+            )
             return refused.addCallback(self._render_login, False)
         elif isinstance(action, m.AbortLogin):
             # Not logged in after all: no user, no UIDL hash.
