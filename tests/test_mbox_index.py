@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import pytest
 from hypothesis import given
@@ -123,9 +123,11 @@ def test_append_scans_only_new_part(mbox: Path, monkeypatch: pytest.MonkeyPatch)
         f.write(_message("d"))
     starts: list[int] = []
 
-    def spy(fileobj: BinaryIO, start: int = 0, limit: int | None = None) -> Iterator[MessageRecord]:
+    def spy(
+        fileobj: BinaryIO, start: int = 0, limit: int | None = None, **kwargs: Any
+    ) -> Iterator[MessageRecord]:
         starts.append(start)
-        return real_scan(fileobj, start, limit)
+        return real_scan(fileobj, start, limit, **kwargs)
 
     monkeypatch.setattr(index_module, "scan_mbox", spy)
     after = _uidls(mbox)
@@ -276,6 +278,11 @@ _RECORDS = st.lists(
         st.integers(0, 2**63 - 1),
         st.binary(min_size=12, max_size=12),
         st.integers(0, 2**32 - 1),
+        st.lists(st.tuples(st.integers(0, 2**32 - 1), st.integers(0, 2**32 - 1)), max_size=3).map(
+            tuple
+        ),
+        st.none() | st.binary(min_size=1, max_size=70),
+        st.booleans(),
     ),
     max_size=20,
 )
@@ -283,10 +290,20 @@ _RECORDS = st.lists(
 
 @given(_RECORDS, st.integers(-25, 25), st.integers(-25, 25))
 def test_record_table_behaves_like_the_list(records: list[IndexRecord], i: int, j: int) -> None:
-    """Packed records read back as the list they came from, however indexed."""
+    """
+    Packed records read back as the list they came from, however indexed,
+    with their hidden ranges, pinned UIDLs and whether those are decided;
+    so does an index file that holds them.
+    """
     table = RecordTable.pack(records)
     assert len(table) == len(records) and list(table) == records
-    assert table == records and table == RecordTable(table.data)
+    assert table == records and table == RecordTable(table.data, table.extras)
+    assert table.undecided == any(not r.decided for r in records)
+    assert table.pinned_uidls() == {r.pinned for r in records if r.pinned is not None and r.decided}
+    decoded = decode_index(encode_index(MboxIndex(1, 2, 3, 4, table, uidvalidity=5, next_uid=6)))
+    assert decoded is not None and list(decoded.records) == records
+    assert (decoded.uidvalidity, decoded.next_uid, decoded.prev_uid) == (5, 6, 0)
+    assert RecordTable.pack(decoded.records).undecided == table.undecided
     assert table.sizes() == [r.size for r in records]
     assert table[i:j] == records[i:j]
     if -len(records) <= i < len(records):

@@ -112,6 +112,10 @@ SETTINGS: dict[str, Setting] = {
         Setting("mailbox", "str", "/var/mail/{user}", "Path template of each user's mbox."),
         Setting("auth", "list", ["passlib:/etc/pop3srv/users"], "Credential checker."),
         Setting("index_dir", "str", None, "Directory for UIDL indexes [default: beside mbox]."),
+        Setting("uidl_format", "str", None,
+                "Dovecot pop3_uidl_format for the UIDLs of mbox messages indexed from now "
+                "on, e.g. %08Xu%08Xv to keep Dovecot's; a UIDL once served never changes "
+                "[default: pop3srv's own]."),
         Setting("idle_timeout", "int", 600, "Seconds of silence before autologout.", 600,
                 why="RFC 1939 section 3"),
         Setting("auth_timeout", "float", 60.0, "Seconds a client has to log in.", 1),

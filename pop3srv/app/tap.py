@@ -57,6 +57,7 @@ from pop3srv.app.systemd import Notifier
 from pop3srv.auth.checker import PasslibChecker
 from pop3srv.auth.realm import MboxRealm, check_mailbox_template, split_mailbox_template
 from pop3srv.mbox.sweep import sweep_spool
+from pop3srv.mbox.uidlformat import UidlFormat
 from pop3srv.processes import malloc
 from pop3srv.processes.authorityrpc import RemoteAuthority
 from pop3srv.processes.hashpool import ProcessVerifier
@@ -279,6 +280,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
             raise ConfigError(f"{origin['mailbox']}: {e}") from None
         if self["index_dir"] is not None and not os.path.isdir(self["index_dir"]):
             raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
+        if self["uidl_format"] is not None:
+            try:
+                UidlFormat.parse(self["uidl_format"])
+            except ValueError as e:
+                raise ConfigError(f"{origin['uidl_format']}: uidl_format: {e}") from None
         self["tls"] = self._tls(origin)
         try:
             parse_counters_url(self["counters"])
@@ -787,7 +793,9 @@ def makeService(
                 checker.users, reactor=reactor, threadpool=threads.pool, verifier=verify
             )
         checkers.append(checker)
-    realm = MboxRealm(options["mailbox"], index_dir=options["index_dir"])
+    realm = MboxRealm(
+        options["mailbox"], index_dir=options["index_dir"], uidl_format=options["uidl_format"]
+    )
     counters = None
     if authority is None:
         # This process keeps the counts (a single process, or the parent of

@@ -27,6 +27,7 @@ from pop3srv.core.errors import InvalidUsername
 from pop3srv.maildir import open_maildir
 from pop3srv.mbox import open_maildrop
 from pop3srv.mbox.paths import template_prefix
+from pop3srv.mbox.uidlformat import UidlFormat
 
 USER_FIELD = "{user}"
 
@@ -76,6 +77,10 @@ class MboxRealm:
         directory of theirs at another user's mail.
     @param index_dir: where UIDL indexes live; beside each mbox if C{None}.
     @param defer_to_thread: runs blocking work off the reactor thread.
+    @param uidl_format: Dovecot's C{pop3_uidl_format} for the UIDLs of
+        messages first indexed from now on (L{pop3srv.mbox.pins}); C{None}
+        for our own.  C{ValueError} if it is not one.
+    @ivar uidl_format: the parsed format, or C{None}.
     @ivar kind: C{"mbox"} or C{"maildir"} (L{split_mailbox_template}).
     @ivar path_template: the template without its C{maildir:} prefix.
     """
@@ -85,8 +90,10 @@ class MboxRealm:
         template: str = "/var/mail/{user}",
         index_dir: str | None = None,
         defer_to_thread: Callable[..., defer.Deferred[Any]] | None = None,
+        uidl_format: str | None = None,
     ) -> None:
         check_mailbox_template(template)
+        self.uidl_format = UidlFormat.parse(uidl_format) if uidl_format is not None else None
         if defer_to_thread is None:
             from twisted.internet.threads import deferToThread
 
@@ -139,6 +146,7 @@ class MboxRealm:
             index_dir=self.index_dir,
             defer_to_thread=self._defer_to_thread,
             trusted_root=self.trusted_root,
+            uidl_format=self.uidl_format,
         )
         d.addCallback(lambda mailbox: (IMailbox, mailbox, AvatarLogout(avatar_id, mailbox.close)))
         return d

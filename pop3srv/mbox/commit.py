@@ -481,6 +481,9 @@ def _commit_deletions(
 def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
     """
     The snapshot index with C{gone} removed and later records shifted.
+    Kept records keep their UIDLs; those of the records removed are
+    forgotten (an ordinal is retired instead, so our own is never given
+    again).
     """
     st = os.fstat(fd)
     records = []
@@ -506,6 +509,9 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
         trim_retired(retired),
         None,
         *probes(fd, size),
+        uidvalidity=index.uidvalidity,
+        next_uid=index.next_uid,
+        prev_uid=index.prev_uid,
     )
 
 

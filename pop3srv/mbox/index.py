@@ -2,16 +2,25 @@
 """
 The persisted per-mbox index that keeps UIDLs stable and reopening cheap.
 
-A message's UIDL is the hex of its digest; when several messages share a
-digest (identical deliveries) each carries a persisted ordinal, and every
-ordinal but 0 is appended as C{.N}.  Ordinals that left the file are
+Our own UIDL of a message is the hex of its digest; when several messages
+share a digest (identical deliveries) each carries a persisted ordinal, and
+every ordinal but 0 is appended as C{.N}.  Ordinals that left the file are
 remembered (the I{retired} table), so a later identical arrival never gets
-a UIDL a client has already seen.
+a UIDL a client has already seen.  A message may instead have a UIDL kept
+as a string (I{pinned}): one another server gave it, chosen when it was
+first indexed (L{pop3srv.mbox.pins}), or one an import pinned.  Either way
+a record's UIDL is decided once and kept; only an index written by a tool
+(L{load_index} with C{provisional}) holds undecided ones, which the
+server's next load decides.
 
-File layout (little endian): a header (magic, version, st_dev, st_ino,
-size, mtime_ns, hashes of the first and last 4 KiB, record count, retired
-count), fixed-size records, retired
-entries, then a blake2b checksum of everything before it.
+File layout (little endian): a header (magic, version, flags, st_dev,
+st_ino, size, mtime_ns, hashes of the first and last 4 KiB, record count,
+retired count, the file's UIDVALIDITY and UID sequence, length of the
+extras), fixed-size records, the extras (each record's hidden header
+ranges and pinned UIDL, for the records that have any), retired entries,
+then a blake2b checksum of everything before it.  An index of the first
+version (no extras: sizes that count hidden headers) is read only to carry
+its UIDLs into a full rescan.
 
 A stored index is trusted as it is only if inode, size and mtime match and
 the file still looks as it did where we look: both ends (the probes) and a
@@ -44,7 +53,9 @@ from pop3srv.mbox.paths import (
     open_state_file,
     read_bounded,
 )
+from pop3srv.mbox.pins import UidlChooser, UidSequence, looks_own, own_uidl
 from pop3srv.mbox.scan import DIGEST_SIZE, MessageRecord, scan_mbox
+from pop3srv.mbox.uidlformat import UidlFormat, header_md5
 
 _log = Logger()
 
@@ -54,11 +65,30 @@ _PROBE_SIZE = 16
 PROBE_SPAN = 4096
 
 MAGIC = b"P3MBXIDX"
-VERSION = 1
-_HEADER = struct.Struct(f"<8sIIQQQq{_PROBE_SIZE}s{_PROBE_SIZE}sQQ")
-_RECORD = struct.Struct(f"<QQQQ{DIGEST_SIZE}sI")
+#: The format written.
+VERSION = 2
+#: The format of earlier releases, read to carry its UIDLs over.
+LEGACY_VERSION = 1
+_HEADER = struct.Struct(f"<8sIIQQQq{_PROBE_SIZE}s{_PROBE_SIZE}sQQIIIQ")
+_HEADER_V1 = struct.Struct(f"<8sIIQQQq{_PROBE_SIZE}s{_PROBE_SIZE}sQQ")
+# The last field is where the record's extras start in the extras, plus
+# one; 0 if it has none.
+_RECORD = struct.Struct(f"<QQQQ{DIGEST_SIZE}sIQ")
+_RECORD_V1 = struct.Struct(f"<QQQQ{DIGEST_SIZE}sI")
 _RETIRED = struct.Struct(f"<{DIGEST_SIZE}sI")
 _CHECKSUM_SIZE = 16
+
+# A record's extras: flags, the number of hidden ranges; the ranges
+# (offset from body_start, length); then, if pinned, the UIDL's length and
+# the UIDL.
+_EXTRA = struct.Struct("<BH")
+_RANGE = struct.Struct("<II")
+_PINNED = 1
+_UNDECIDED = 2
+#: Header flag: some record's UIDL is not decided yet.
+_HAS_UNDECIDED = 1
+#: Header flag: some pinned UIDL has the shape of our own (an import's).
+_HAS_OWN_SHAPED_PINS = 2
 
 #: Most retired digests remembered; the oldest are forgotten first.
 MAX_RETIRED = 100_000
@@ -78,9 +108,14 @@ _random = random.SystemRandom()
 @dataclass(frozen=True, slots=True)
 class IndexRecord:
     """
-    A scanned message plus its persisted UIDL ordinal.
+    A scanned message plus its persisted UIDL.
 
     @ivar ordinal: 0 for the first message with this digest, then 1, 2, ...
+    @ivar hidden: header ranges RETR leaves out, as
+        L{MessageRecord.hidden}.
+    @ivar pinned: its UIDL, if not our own (L{own_uidl}).
+    @ivar decided: whether its UIDL is decided for good; only an index a
+        tool wrote has undecided ones (see L{load_index}).
     """
 
     start: int
@@ -89,16 +124,19 @@ class IndexRecord:
     size: int
     digest: bytes
     ordinal: int
+    hidden: tuple[tuple[int, int], ...] = ()
+    pinned: bytes | None = None
+    decided: bool = True
 
     @property
     def uidl(self) -> bytes:
         """
-        The POP3 unique-id: hex digest, plus C{.N} for ordinal N > 0.
+        The POP3 unique-id: the pinned one, or the hex digest plus C{.N}
+        for ordinal N > 0.
         """
-        uid = self.digest.hex().encode("ascii")
-        if self.ordinal:
-            uid += b".%d" % (self.ordinal,)
-        return uid
+        if self.pinned is not None:
+            return self.pinned
+        return own_uidl(self.digest, self.ordinal)
 
     def shifted(self, delta: int) -> IndexRecord:
         """
@@ -112,44 +150,135 @@ class IndexRecord:
         )
 
 
+def _pack_extra(rec: IndexRecord) -> bytes | None:
+    """A record's extras, or L{None} if it needs none."""
+    flags = (_PINNED if rec.pinned is not None else 0) | (0 if rec.decided else _UNDECIDED)
+    if not flags and not rec.hidden:
+        return None
+    parts = [_EXTRA.pack(flags, len(rec.hidden))]
+    parts.extend(_RANGE.pack(offset, length) for offset, length in rec.hidden)
+    if rec.pinned is not None:
+        parts.append(bytes([len(rec.pinned)]) + rec.pinned)
+    return b"".join(parts)
+
+
+def _unpack_extra(extras: bytes, at: int) -> tuple[tuple[tuple[int, int], ...], bytes | None, bool]:
+    """C{(hidden, pinned, decided)} from the extras at C{at}."""
+    flags, count = _EXTRA.unpack_from(extras, at)
+    at += _EXTRA.size
+    hidden = tuple(_RANGE.iter_unpack(extras[at : at + count * _RANGE.size]))
+    at += count * _RANGE.size
+    pinned = None
+    if flags & _PINNED:
+        pinned = extras[at + 1 : at + 1 + extras[at]]
+    return hidden, pinned, not flags & _UNDECIDED
+
+
 class RecordTable(Sequence[IndexRecord]):
     """
     The records of an index, packed as they are stored in its file.
 
     A mailbox of tens of thousands of messages as that many Python objects
     costs several MiB per open session, and the allocator keeps much of it
-    after the session ends; packed, it is one buffer of 48 bytes a message.
-    Records are unpacked when asked for.
+    after the session ends; packed, it is one buffer of 56 bytes a message,
+    and a second one with the extras of the messages that have any
+    (hidden headers, a pinned UIDL).  Records are unpacked when asked for.
     """
 
-    __slots__ = ("_count", "_data")
+    __slots__ = ("_count", "_data", "_extras", "own_shaped_pins", "undecided")
 
-    def __init__(self, data: bytes) -> None:
+    def __init__(
+        self,
+        data: bytes,
+        extras: bytes = b"",
+        undecided: bool = False,
+        own_shaped_pins: bool = False,
+    ) -> None:
         """
         @param data: packed records, L{_RECORD} each.
+        @param extras: the extras they refer to.
+        @param undecided: whether some record's UIDL is undecided.
+        @param own_shaped_pins: whether some pinned UIDL has the shape of
+            our own (L{looks_own}), which our own UIDL of a new message must
+            then be checked against.
         """
         if len(data) % _RECORD.size:
             raise ValueError("not a whole number of records")
         self._data = data
+        self._extras = extras
         self._count = len(data) // _RECORD.size
+        self.undecided = undecided
+        self.own_shaped_pins = own_shaped_pins
 
     @classmethod
-    def pack(cls, records: Iterable[IndexRecord]) -> RecordTable:
-        """Pack records (or return a table as it is)."""
-        if isinstance(records, RecordTable):
+    def pack(cls, records: Iterable[IndexRecord], prefix: RecordTable | None = None) -> RecordTable:
+        """
+        Pack records (or return a table as it is).
+
+        @param prefix: packed records to put before them.
+        """
+        if isinstance(records, RecordTable) and prefix is None:
             return records
         # Packed one by one into one buffer: a record is garbage as soon as
         # it is packed, so a streamed scan never holds them all as objects.
         pack = _RECORD.pack
-        data = bytearray()
+        data = bytearray(prefix._data if prefix is not None else b"")
+        extras = bytearray(prefix._extras if prefix is not None else b"")
+        undecided = prefix.undecided if prefix is not None else False
+        own_shaped = prefix.own_shaped_pins if prefix is not None else False
         for r in records:
-            data += pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal)
-        return cls(bytes(data))
+            extra = _pack_extra(r)
+            ref = 0
+            if extra is not None:
+                ref = len(extras) + 1
+                extras += extra
+                undecided = undecided or not r.decided
+                own_shaped = own_shaped or (r.pinned is not None and looks_own(r.pinned))
+            data += pack(r.start, r.body_start, r.end, r.size, r.digest, r.ordinal, ref)
+        return cls(bytes(data), bytes(extras), undecided, own_shaped)
 
     @property
     def data(self) -> bytes:
         """The packed records, as written to the index file."""
         return self._data
+
+    @property
+    def extras(self) -> bytes:
+        """The packed extras, as written to the index file."""
+        return self._extras
+
+    def _record(self, fields: tuple[int, int, int, int, bytes, int, int]) -> IndexRecord:
+        start, body_start, end, size, digest, ordinal, ref = fields
+        if not ref:
+            return IndexRecord(start, body_start, end, size, digest, ordinal)
+        hidden, pinned, decided = _unpack_extra(self._extras, ref - 1)
+        return IndexRecord(start, body_start, end, size, digest, ordinal, hidden, pinned, decided)
+
+    def choices(self) -> dict[tuple[bytes, int], tuple[bytes | None, bool]]:
+        """
+        The UIDLs that are not simply our own and decided: C{(digest,
+        ordinal)} to C{(pinned, decided)}.
+        """
+        if not self._extras:
+            return {}
+        found = {}
+        for fields in _RECORD.iter_unpack(self._data):
+            if fields[6]:
+                _, pinned, decided = _unpack_extra(self._extras, fields[6] - 1)
+                if pinned is not None or not decided:
+                    found[fields[4], fields[5]] = (pinned, decided)
+        return found
+
+    def pinned_uidls(self) -> set[bytes]:
+        """The decided pinned UIDLs of all records."""
+        found = set()
+        if self._extras:
+            for fields in _RECORD.iter_unpack(self._data):
+                if fields[6]:
+                    _, pinned, decided = _unpack_extra(self._extras, fields[6] - 1)
+                    if pinned is not None and decided:
+                        found.add(pinned)
+        return found
 
     def __len__(self) -> int:
         return self._count
@@ -167,15 +296,15 @@ class RecordTable(Sequence[IndexRecord]):
             i += self._count
         if not 0 <= i < self._count:
             raise IndexError("record index out of range")
-        return IndexRecord(*_RECORD.unpack_from(self._data, i * _RECORD.size))
+        return self._record(_RECORD.unpack_from(self._data, i * _RECORD.size))
 
     def __iter__(self) -> Iterator[IndexRecord]:
         for fields in _RECORD.iter_unpack(self._data):
-            yield IndexRecord(*fields)
+            yield self._record(fields)
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, RecordTable):
-            return self._data == other._data
+            return self._data == other._data and self._extras == other._extras
         if isinstance(other, Sequence):
             return list(self) == list(other)
         return NotImplemented
@@ -185,7 +314,7 @@ class RecordTable(Sequence[IndexRecord]):
     def sizes(self) -> list[int]:
         """Every record's C{size}, without unpacking whole records."""
         if sys.byteorder == "little":
-            # Each record is six little-endian 64-bit words; size is the 4th.
+            # Each record is seven little-endian 64-bit words; size is the 4th.
             return memoryview(self._data).cast("Q")[3 :: _RECORD.size // 8].tolist()
         return [r.size for r in self]
 
@@ -206,6 +335,11 @@ class MboxIndex:
         digests whose messages left the file.
     @ivar scanned_from: where this load started reading the mbox: L{None}
         if the stored index was used as is, else the scan's start offset.
+    @ivar uidvalidity: the file's UIDVALIDITY as the last scan read it
+        (L{UidSequence}); 0 if unknown.
+    @ivar next_uid: the next free IMAP UID after its last message.
+    @ivar prev_uid: the IMAP UID of its last message.
+    @ivar legacy: read from an index of L{LEGACY_VERSION}, to be rescanned.
     """
 
     dev: int
@@ -217,6 +351,14 @@ class MboxIndex:
     scanned_from: int | None = None
     head_probe: bytes = bytes(_PROBE_SIZE)
     tail_probe: bytes = bytes(_PROBE_SIZE)
+    uidvalidity: int = 0
+    next_uid: int = 1
+    prev_uid: int = 0
+    legacy: bool = False
+
+    def sequence(self) -> UidSequence:
+        """Where the file's IMAP UIDs stood after its last indexed message."""
+        return UidSequence(self.uidvalidity, self.next_uid, self.prev_uid)
 
 
 class _OrdinalAllocator:
@@ -242,16 +384,19 @@ class _OrdinalAllocator:
         if self._next.get(digest, 0) <= ordinal:
             self._next[digest] = ordinal + 1
 
-    def allocate(self, digest: bytes) -> int:
+    def allocate(self, digest: bytes) -> tuple[int, bool]:
         """
         The ordinal for the next message with C{digest}, in file order.
+
+        @return: the ordinal, and whether an earlier index gave it to a
+            message with this digest.
         """
         queue = self._reuse.get(digest)
         if queue:
-            return queue.popleft()
+            return queue.popleft(), True
         ordinal = self._next.get(digest, 0)
         self._next[digest] = ordinal + 1
-        return ordinal
+        return ordinal, False
 
     def retired(self, old: dict[bytes, int]) -> dict[bytes, int]:
         """
@@ -280,22 +425,29 @@ def encode_index(index: MboxIndex) -> bytes:
     """
     Serialise C{index} with its checksum.
     """
+    table = RecordTable.pack(index.records)
     parts = [
         _HEADER.pack(
             MAGIC,
             VERSION,
-            0,
+            (_HAS_UNDECIDED if table.undecided else 0)
+            | (_HAS_OWN_SHAPED_PINS if table.own_shaped_pins else 0),
             index.dev,
             index.ino,
             index.size,
             index.mtime_ns,
             index.head_probe,
             index.tail_probe,
-            len(index.records),
+            len(table),
             len(index.retired),
+            index.uidvalidity,
+            index.next_uid,
+            index.prev_uid,
+            len(table.extras),
         )
     ]
-    parts.append(RecordTable.pack(index.records).data)
+    parts.append(table.data)
+    parts.append(table.extras)
     parts.extend(_RETIRED.pack(d, n) for d, n in index.retired.items())
     body = b"".join(parts)
     return body + hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest()
@@ -310,17 +462,59 @@ def decode_index(data: bytes) -> MboxIndex | None:
     body, checksum = data[:-_CHECKSUM_SIZE], data[-_CHECKSUM_SIZE:]
     if hashlib.blake2b(body, digest_size=_CHECKSUM_SIZE).digest() != checksum:
         return None
-    magic, version, _flags, dev, ino, size, mtime_ns, head, tail, n_rec, n_ret = (
-        _HEADER.unpack_from(body)
-    )
-    if magic != MAGIC or version != VERSION:
+    magic, version = struct.unpack_from("<8sI", body)
+    if magic != MAGIC:
         return None
+    if version == LEGACY_VERSION:
+        return _decode_legacy(body)
+    if version != VERSION or len(body) < _HEADER.size:
+        return None
+    (_, _, flags, dev, ino, size, mtime_ns, head, tail, n_rec, n_ret, validity, next_uid,
+     prev_uid, n_extras) = _HEADER.unpack_from(body)  # fmt: skip
     rec_end = _HEADER.size + n_rec * _RECORD.size
+    extras_end = rec_end + n_extras
+    if len(body) != extras_end + n_ret * _RETIRED.size:
+        return None
+    records = RecordTable(
+        body[_HEADER.size : rec_end],
+        body[rec_end:extras_end],
+        bool(flags & _HAS_UNDECIDED),
+        bool(flags & _HAS_OWN_SHAPED_PINS),
+    )
+    retired = dict(_RETIRED.iter_unpack(body[extras_end:]))
+    return MboxIndex(
+        dev,
+        ino,
+        size,
+        mtime_ns,
+        records,
+        retired,
+        head_probe=head,
+        tail_probe=tail,
+        uidvalidity=validity,
+        next_uid=next_uid,
+        prev_uid=prev_uid,
+    )
+
+
+def _decode_legacy(body: bytes) -> MboxIndex | None:
+    """
+    An index of L{LEGACY_VERSION}: its records' UIDLs (all our own, all
+    served) for a full rescan to carry over.
+    """
+    if len(body) < _HEADER_V1.size:
+        return None
+    _, _, _, dev, ino, size, mtime_ns, head, tail, n_rec, n_ret = _HEADER_V1.unpack_from(body)
+    rec_end = _HEADER_V1.size + n_rec * _RECORD_V1.size
     if len(body) != rec_end + n_ret * _RETIRED.size:
         return None
-    records = RecordTable(body[_HEADER.size : rec_end])
+    records = RecordTable.pack(
+        IndexRecord(*fields) for fields in _RECORD_V1.iter_unpack(body[_HEADER_V1.size : rec_end])
+    )
     retired = dict(_RETIRED.iter_unpack(body[rec_end:]))
-    return MboxIndex(dev, ino, size, mtime_ns, records, retired, head_probe=head, tail_probe=tail)
+    return MboxIndex(
+        dev, ino, size, mtime_ns, records, retired, head_probe=head, tail_probe=tail, legacy=True
+    )
 
 
 def index_size_limit(mbox_size: int) -> int:
@@ -332,12 +526,21 @@ def index_size_limit(mbox_size: int) -> int:
     L{MAX_RETIRED} for messages that have left it since (an index of a
     file that shrank still holds them, and no more of them than the
     retired table can keep are of use); retired entries: L{MAX_RETIRED}.
+    Extras: a pinned UIDL per record, and a hidden range per header line
+    (a line is longer than a range takes).
 
     @param mbox_size: the mbox's size now.
     @return: octets.
     """
     records = mbox_size // _MIN_MESSAGE + 1 + MAX_RETIRED
-    return _HEADER.size + records * _RECORD.size + MAX_RETIRED * _RETIRED.size + _CHECKSUM_SIZE
+    extras = records * (_EXTRA.size + 1 + 255) + mbox_size * _RANGE.size
+    return (
+        _HEADER.size
+        + records * _RECORD.size
+        + extras
+        + MAX_RETIRED * _RETIRED.size
+        + _CHECKSUM_SIZE
+    )
 
 
 def read_index(index_path: str, mbox_size: int | None = None) -> MboxIndex | None:
@@ -442,22 +645,96 @@ def boundaries_hold(fd: int, records: Sequence[IndexRecord], size: int) -> bool:
     return True
 
 
-def _scan(fd: int, start: int, limit: int) -> Iterator[MessageRecord]:
+def _scan(fd: int, start: int, limit: int, chooser: UidlChooser) -> Iterator[MessageRecord]:
     # closefd=False: the caller's fd (and its lock) must outlive the scan.
     with open(fd, "rb", buffering=0, closefd=False) as f:
-        yield from scan_mbox(f, start, limit)
+        yield from scan_mbox(f, start, limit, header_md5=header_md5 if chooser.wants_md5 else None)
 
 
-def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
-    # Streamed, not listed: see RecordTable.pack.
-    scanned = _scan(fd, 0, st.st_size)
-    old_records: Sequence[IndexRecord] = old.records if old else ()
+def _records(
+    scanned: Iterable[MessageRecord],
+    alloc: _OrdinalAllocator,
+    chooser: UidlChooser,
+    provisional: bool,
+    *,
+    from_file_start: bool,
+    own_shaped_pins: bool,
+    kept: dict[tuple[bytes, int], tuple[bytes | None, bool]] | None = None,
+) -> Iterator[IndexRecord]:
+    """
+    Index records for scanned messages, with their UIDLs.
+
+    A message an earlier index had (same digest, a reused ordinal) keeps
+    the UIDL it had if that was decided; any other gets one from
+    C{chooser}, or our own.  The pseudo-message is left out.
+
+    @param from_file_start: the first scanned message is the file's first.
+    @param own_shaped_pins: some pinned UIDL may be the same as our own of
+        a new message (L{RecordTable.own_shaped_pins}).
+    @param kept: for the earlier index's records whose UIDL is pinned or
+        undecided, C{(digest, ordinal)} to C{(pinned, decided)}; L{None} if
+        there was no earlier index.
+    @param provisional: leave the UIDLs chosen here undecided.
+    """
+    for m in scanned:
+        if from_file_start:
+            chooser.sequence.file_starts(m.meta)
+            from_file_start = False
+        if m.meta is not None and m.meta.pseudo:
+            continue
+        candidates = chooser.candidates(m.meta)
+        ordinal, reused = alloc.allocate(m.digest)
+        if reused and kept is not None:
+            pinned, decided = kept.get((m.digest, ordinal), (None, True))
+            if decided:
+                yield IndexRecord(
+                    m.start, m.body_start, m.end, m.size, m.digest, ordinal, m.hidden, pinned
+                )
+                continue
+        pinned = chooser.claim(candidates)
+        if pinned is None and own_shaped_pins:
+            # Our own, unless an imported UIDL happens to be just that.
+            while chooser.taken(own_uidl(m.digest, ordinal)):
+                ordinal = alloc.allocate(m.digest)[0]
+        yield IndexRecord(
+            m.start, m.body_start, m.end, m.size, m.digest, ordinal, m.hidden, pinned,
+            not provisional,
+        )  # fmt: skip
+
+
+def _full(
+    st: os.stat_result,
+    fd: int,
+    old: MboxIndex | None,
+    fmt: UidlFormat | None,
+    provisional: bool,
+) -> MboxIndex:
+    old_records = RecordTable.pack(old.records) if old else RecordTable(b"")
     old_retired = old.retired if old else {}
-    alloc = _OrdinalAllocator(old_records, (), old_retired)
-    records = RecordTable.pack(
-        IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
-        for m in scanned
+    kept = old_records.choices() if old else None
+    # Decided pinned UIDLs of the earlier index are off limits to new
+    # messages even if their own messages are gone: a client may still
+    # hold them.
+    chooser = UidlChooser(
+        fmt,
+        old.sequence() if old else UidSequence(),
+        lambda: {p for p, decided in (kept or {}).values() if p is not None and decided},
     )
+    alloc = _OrdinalAllocator(old_records, (), old_retired)
+    # Streamed, not listed: see RecordTable.pack.
+    scanned = _scan(fd, 0, st.st_size, chooser)
+    records = RecordTable.pack(
+        _records(
+            scanned,
+            alloc,
+            chooser,
+            provisional,
+            from_file_start=True,
+            own_shaped_pins=old_records.own_shaped_pins,
+            kept=kept,
+        )
+    )
+    uidvalidity, next_uid, prev_uid = chooser.sequence.state()
     return MboxIndex(
         st.st_dev,
         st.st_ino,
@@ -467,25 +744,42 @@ def _full(st: os.stat_result, fd: int, old: MboxIndex | None) -> MboxIndex:
         alloc.retired(old_retired),
         0,
         *probes(fd, st.st_size),
+        uidvalidity=uidvalidity,
+        next_uid=next_uid,
+        prev_uid=prev_uid,
     )
 
 
-def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
-    last = old.records[-1]
-    scanned = list(_scan(fd, last.start, st.st_size))
+def _grown(
+    st: os.stat_result,
+    fd: int,
+    old: MboxIndex,
+    fmt: UidlFormat | None,
+    provisional: bool,
+) -> MboxIndex | None:
+    table = RecordTable.pack(old.records)
+    last = table[-1]
+    chooser = UidlChooser(fmt, old.sequence(), table.pinned_uidls)
+    scanned = list(_scan(fd, last.start, st.st_size, chooser))
     if not scanned or scanned[0].start != last.start:
         return None
     if scanned[0].digest != last.digest:
         return None
-    kept = RecordTable.pack(old.records).data[: -_RECORD.size]
-    alloc = _OrdinalAllocator((), old.records, old.retired)
-    m = scanned[0]
-    appended = [IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, last.ordinal)]
-    appended.extend(
-        IndexRecord(m.start, m.body_start, m.end, m.size, m.digest, alloc.allocate(m.digest))
-        for m in scanned[1:]
+    # The bytes of the last message are the same up to where the next one
+    # starts, so its record is too; only what follows is new.
+    alloc = _OrdinalAllocator((), table, old.retired)
+    records = RecordTable.pack(
+        _records(
+            scanned[1:],
+            alloc,
+            chooser,
+            provisional,
+            from_file_start=False,
+            own_shaped_pins=table.own_shaped_pins,
+        ),
+        prefix=table,
     )
-    records = RecordTable(kept + RecordTable.pack(appended).data)
+    uidvalidity, next_uid, prev_uid = chooser.sequence.state()
     return MboxIndex(
         st.st_dev,
         st.st_ino,
@@ -495,26 +789,48 @@ def _grown(st: os.stat_result, fd: int, old: MboxIndex) -> MboxIndex | None:
         dict(old.retired),
         last.start,
         *probes(fd, st.st_size),
+        uidvalidity=uidvalidity,
+        next_uid=next_uid,
+        prev_uid=prev_uid,
     )
 
 
-def load_index(fd: int, index_path: str) -> MboxIndex:
+def load_index(
+    fd: int,
+    index_path: str,
+    *,
+    uidl_format: UidlFormat | None = None,
+    provisional: bool = False,
+) -> MboxIndex:
     """
     Bring the index of the open mbox C{fd} up to date.
 
     The caller holds the mbox lock.  A stored index that matches the file is
     used as is; if the same file only grew, only the last indexed message
     and what follows it are read; otherwise the whole file is scanned and
-    the old ordinals are reused by digest, in file order.  A changed index
-    is written back; failing to write it is logged, not fatal.
+    the old ordinals and UIDLs are reused by digest, in file order.  A
+    changed index is written back; failing to write it is logged, not
+    fatal.
 
     @param fd: an open descriptor of the mbox.
     @param index_path: where the index lives.
+    @param uidl_format: the format of new messages' UIDLs (L{pop3srv.mbox.pins});
+        L{None} for our own.
+    @param provisional: for a tool that reads the maildrop without serving
+        it: the UIDLs of messages no earlier index had are chosen (and
+        shown) but stay undecided, so the server's next load decides them
+        with its own format.  A stored index with undecided UIDLs is used
+        as it is only by such a load; the server's rescans the file.
     @return: the current index.
     """
     st = os.fstat(fd)
     old = read_index(index_path, st.st_size)
-    if old is not None and (old.dev, old.ino) == (st.st_dev, st.st_ino):
+    if (
+        old is not None
+        and (old.dev, old.ino) == (st.st_dev, st.st_ino)
+        and not old.legacy
+        and (provisional or not RecordTable.pack(old.records).undecided)
+    ):
         head, tail = probes(fd, old.size)
         if (
             (old.size, old.mtime_ns, old.tail_probe) == (st.st_size, st.st_mtime_ns, tail)
@@ -529,12 +845,12 @@ def load_index(fd: int, index_path: str) -> MboxIndex:
             and boundaries_hold(fd, old.records, old.size)
         ):
             with _scanning("append"):
-                grown = _grown(st, fd, old)
+                grown = _grown(st, fd, old, uidl_format, provisional)
             if grown is not None:
                 _save(index_path, grown)
                 return grown
     with _scanning("full"):
-        index = _full(st, fd, old)
+        index = _full(st, fd, old, uidl_format, provisional)
     _save(index_path, index)
     return index
 

@@ -5,7 +5,8 @@ L{MboxMailbox}: an mbox maildrop as a Twisted POP3 C{IMailbox}.
 L{open_maildrop} does the blocking work of opening a session (locks,
 crash recovery, index); the mailbox then answers LIST/UIDL from memory,
 streams RETR from one descriptor it keeps open, and commits deletions in
-a worker thread.
+a worker thread.  L{pin_uidls} gives messages the UIDLs another server
+gave them, for an import.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import errno
 import os
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from dataclasses import replace
 from typing import Any, overload
 
-from twisted.internet.defer import Deferred, fail, succeed
+from twisted.internet.defer import Deferred, fail, maybeDeferred, succeed
 from twisted.logger import Logger
 from twisted.mail.pop3 import IMailbox
 from twisted.python.failure import Failure
@@ -44,7 +46,9 @@ from pop3srv.mbox.paths import (
     remove_stale_temps,
     state_paths,
 )
+from pop3srv.mbox.pins import check_uidl
 from pop3srv.mbox.quoting import MboxUnquoter
+from pop3srv.mbox.uidlformat import UidlFormat
 from pop3srv.processes import malloc
 
 #: Raw bytes read per pread when streaming a message.
@@ -173,12 +177,29 @@ class MessageReader:
 
     Bytes are read lazily with C{pread} and un-quoted on the way, so a
     large message never sits in memory whole.  Line ends are as stored.
+    Hidden header fields (L{pop3srv.mbox.scan.HIDDEN_HEADERS}) are skipped:
+    they are whole lines, so what is left un-quotes as it would alone.
     """
 
-    def __init__(self, descriptor: _Descriptor, start: int, end: int) -> None:
+    def __init__(
+        self,
+        descriptor: _Descriptor,
+        start: int,
+        end: int,
+        hidden: tuple[tuple[int, int], ...] = (),
+    ) -> None:
+        """
+        @param start: where the content starts in the mbox.
+        @param end: where it ends.
+        @param hidden: ranges to skip, C{(offset, length)} from C{start},
+            ascending.
+        """
         self._descriptor = descriptor
         self._pos = start
         self._end = end
+        # Absolute (start, stop) of the ranges still ahead, the next first.
+        self._skips = [(start + offset, start + offset + length) for offset, length in hidden]
+        self._skips.reverse()
         self._unquoter = MboxUnquoter()
         self._pending = b""
         # Bytes of _pending already returned: a large block is handed out in
@@ -193,12 +214,20 @@ class MessageReader:
         """
         while self._offset >= len(self._pending) and not self._done:
             fd = self._descriptor.get()
-            want = min(READ_CHUNK, self._end - self._pos)
-            raw = os.pread(fd, want, self._pos)
-            if not raw:
-                raise OSError(errno.EIO, "mbox ended inside a message")
-            self._pos += len(raw)
-            out = self._unquoter.feed(raw)
+            limit = self._end
+            skips = self._skips
+            while skips and skips[-1][0] <= self._pos:
+                self._pos = max(self._pos, skips.pop()[1])
+            if skips:
+                # Read up to the next hidden range, never into it.
+                limit = min(limit, skips[-1][0])
+            out = b""
+            if self._pos < limit:
+                raw = os.pread(fd, min(READ_CHUNK, limit - self._pos), self._pos)
+                if not raw:
+                    raise OSError(errno.EIO, "mbox ended inside a message")
+                self._pos += len(raw)
+                out = self._unquoter.feed(raw)
             if self._pos >= self._end:
                 out += self._unquoter.finish()
                 self._done = True
@@ -339,7 +368,7 @@ class MboxMailbox:
         (un-quoted, line ends as stored).
         """
         rec = self._record(index)
-        return MessageReader(self._descriptor, rec.body_start, rec.end)
+        return MessageReader(self._descriptor, rec.body_start, rec.end, rec.hidden)
 
     def getUidl(self, index: int) -> bytes:
         """
@@ -359,6 +388,45 @@ class MboxMailbox:
         Forget all deletion marks.
         """
         self._deleted.clear()
+
+    def pin_uidls(self, uidls: Mapping[int, bytes]) -> None:
+        """
+        Give messages these UIDLs from now on, and keep that in the index.
+        This blocks; it is for tools (an import), not for a session's
+        reactor thread.
+
+        Other messages keep theirs.  Nothing is pinned unless all can be.
+
+        @param uidls: message index (as L{listMessages} counts) to UIDL.
+        @raise IndexError: an index is out of range.
+        @raise ValueError: a message is marked deleted, a UIDL is not a
+            valid one, or two messages would have the same UIDL.
+        @raise MaildropUnavailable: the index cannot be written now.
+        """
+        if self._descriptor.fd is None or self._committing:
+            raise ValueError("maildrop is closed or busy")
+        for number, uidl in uidls.items():
+            self._record(number)
+            check_uidl(uidl)
+        records = [
+            replace(rec, pinned=uidls[i], decided=True) if i in uidls else rec
+            for i, rec in enumerate(self._index.records)
+        ]
+        holder: dict[bytes, int] = {}
+        for i, rec in enumerate(records):
+            other = holder.setdefault(rec.uidl, i)
+            if other != i:
+                raise ValueError(
+                    f"messages {other + 1} and {i + 1} would both have the UIDL "
+                    f"{rec.uidl.decode('ascii', 'replace')}"
+                )
+        pinned = replace(self._index, records=RecordTable.pack(records))
+        try:
+            with MboxFileLock(self._paths.mbox, timeout=self._lock_timeout):
+                write_index(self._paths.index, pinned)
+        except OSError as e:
+            raise MaildropUnavailable(f"cannot write the index of {self.path}: {e}") from e
+        self._index = pinned
 
     def sync(self) -> Deferred[None]:
         """
@@ -466,6 +534,8 @@ def open_maildrop(
     defer_to_thread: DeferToThread | None = None,
     lock_timeout: float = LOCK_TIMEOUT,
     trusted_root: str | None = None,
+    uidl_format: UidlFormat | None = None,
+    provisional: bool = False,
 ) -> MboxMailbox:
     """
     Open a maildrop for one POP3 session.  This blocks; run it in a thread.
@@ -486,6 +556,12 @@ def open_maildrop(
         L{pop3srv.mbox.paths.template_prefix}): symlinks in it are followed,
         none below it.  L{None} trusts the mbox's directory as named, so
         only the mbox and its state files themselves must be no symlinks.
+    @param uidl_format: the UIDLs of messages indexed for the first time
+        (L{pop3srv.mbox.pins}); L{None} for our own.  Messages indexed
+        before keep theirs.
+    @param provisional: for a tool that reads the maildrop and serves no
+        client: the UIDLs this open would decide are shown but left for the
+        server's next open to decide (see L{load_index}).
     @raise MaildropInUse: another session has this maildrop.
     @raise UnsafeStateFile: a symlink below C{trusted_root}, or an mbox or
         state file that is not a regular file of the expected owner (also
@@ -494,7 +570,9 @@ def open_maildrop(
     """
     shown = state_paths(path, index_dir)
     try:
-        return _open_maildrop(shown, index_dir, defer_to_thread, lock_timeout, trusted_root)
+        return _open_maildrop(
+            shown, index_dir, defer_to_thread, lock_timeout, trusted_root, uidl_format, provisional
+        )
     except UnsafeStateFile as e:
         _log.warn("Refusing maildrop {path}: {error}", path=shown.mbox, error=e)
         raise
@@ -506,6 +584,8 @@ def _open_maildrop(
     defer_to_thread: DeferToThread | None,
     lock_timeout: float,
     trusted_root: str | None,
+    uidl_format: UidlFormat | None,
+    provisional: bool,
 ) -> MboxMailbox:
     defer_to_thread = defer_to_thread or _default_defer_to_thread()
     where = os.path.dirname(shown.mbox)
@@ -541,7 +621,9 @@ def _open_maildrop(
                 # A dup shares the locked open file description.
                 fd = os.dup(lock.fd)
                 os.set_inheritable(fd, False)
-                index = load_index(fd, paths.index)
+                index = load_index(
+                    fd, paths.index, uidl_format=uidl_format, provisional=provisional
+                )
     except MaildropUnavailable:
         _cleanup(fd, session, directory)
         raise
@@ -572,3 +654,47 @@ def _cleanup(fd: int | None, session: SessionLock, directory: MaildropDirectory)
         os.close(fd)
     session.release()
     directory.close()
+
+
+def pin_uidls(
+    path: str,
+    uidls: Mapping[int, bytes],
+    *,
+    index_dir: str | None = None,
+    trusted_root: str | None = None,
+    lock_timeout: float = LOCK_TIMEOUT,
+) -> None:
+    """
+    Give messages of a maildrop these UIDLs from now on, under the
+    server's locks.  This blocks.
+
+    The maildrop is opened as a session would open it (so not while a
+    client has it), without deciding the UIDLs of messages the server has
+    not indexed yet: those not pinned here get theirs at the server's next
+    open, from its C{--uidl-format}.  Matching the messages to the UIDLs
+    is the caller's work; to read the messages and pin in one session, use
+    L{open_maildrop} with C{provisional=True} and L{MboxMailbox.pin_uidls}.
+
+    @param path: the mbox file.
+    @param uidls: message index (0-based, as L{MboxMailbox.listMessages}
+        counts; the pseudo-message is no message) to UIDL.
+    @param index_dir: as for L{open_maildrop}.
+    @param trusted_root: as for L{open_maildrop}.
+    @param lock_timeout: seconds to wait for the mbox lock.
+    @raise MaildropInUse: a session has the maildrop.
+    @raise IndexError: an index is out of range.
+    @raise ValueError: a UIDL is not valid, or two messages would have the
+        same one.
+    """
+    box = open_maildrop(
+        path,
+        index_dir=index_dir,
+        defer_to_thread=maybeDeferred,
+        lock_timeout=lock_timeout,
+        trusted_root=trusted_root,
+        provisional=True,
+    )
+    try:
+        box.pin_uidls(uidls)
+    finally:
+        box.close()

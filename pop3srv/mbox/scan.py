@@ -19,6 +19,16 @@ next chunk is searched: hashing is the largest cost and releases the GIL,
 so a cold scan of a large mbox takes about a third less time.  A single
 long line or a huge message costs no more memory than a chunk plus a short
 carry (see L{_undecided_from}).
+
+Each message's header block (up to its first empty line) is also read for
+the metadata other mail servers keep in it (L{HIDDEN_HEADERS}, which
+Dovecot and UW-IMAP hide from their clients, and C{X-UIDL}): the record
+names the byte ranges to hide, counts its size without them, and carries
+the values a UIDL may be made of (L{MessageMeta}).  Only the header is
+searched, with one C-speed regex pass, so a message without such headers
+costs one short search.  The first message of a file that carries
+C{X-IMAP} is the internal-data pseudo-message of UW-IMAP and Dovecot
+(L{MessageMeta.pseudo}), which is no mail.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import re
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from pop3srv.mbox.quoting import MAX_QUOTES
 
@@ -58,6 +68,202 @@ _MAX_PARTIAL = MAX_QUOTES + len(b"From")
 # Raw bytes before a message end that decide its separator.
 _HISTORY = 4
 
+#: The header fields that carry a mail store's own metadata (flags, IMAP
+#: UIDs, a length); Dovecot and UW-IMAP hide them from clients, and so do
+#: we.  Lower case.
+HIDDEN_HEADERS = frozenset(
+    [b"x-imapbase", b"x-imap", b"x-uid", b"status", b"x-status", b"x-keywords", b"content-length"]
+)
+
+#: Header octets read for metadata per message: lines that start beyond
+#: them are sent as they are.  A header this long is very rare, and mail
+#: stores add their fields at its end, so the bound is generous.
+MAX_HEADER = 1 << 20
+
+# The end of a header block: the LF ending its last line (or the From_
+# line), then an empty line.
+_END_OF_HEADER = re.compile(rb"\n\r?\n")
+# Whichever comes first: the end of the header block, or a line that may
+# start a field of interest (names that begin like one).  Most headers have
+# none, and this one search tells.
+_FIRST_OF_INTEREST = re.compile(
+    rb"\n(?:\r?\n|(?=[XxSsCc])(?i:x-imap|x-uid|status|x-status|x-keywords|content-length))"
+)
+# Runs of adjacent hidden fields, each after the LF before it.  A field
+# runs to the LF that ends its last continuation line (one that starts with
+# a blank), or to the end of the block.  Names match in any case and may be
+# followed by blanks before the colon, as Dovecot's parser allows.  The
+# literal LF prefix keeps the search at C speed, the lookahead rules out
+# most lines at their first letter, and the fields mail stores add are
+# usually together, so a header takes one or two matches.
+_HIDDEN_RUN = re.compile(
+    rb"\n(?=[XxSsCc])(?:(?:x-imapbase|x-imap|x-uid|status|x-status|x-keywords|content-length)"
+    rb"[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*(?:\n|\Z))+",
+    re.IGNORECASE,
+)
+# The fields whose values a UIDL may be made of, in header order.
+_VALUE_FIELD = re.compile(
+    rb"\n(?=[Xx])(x-uidl|x-uid|x-imapbase|x-imap)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)",
+    re.IGNORECASE,
+)
+_LWSP = b" \t\r\n"
+_DIGITS = re.compile(rb"[0-9]*")
+
+
+class MessageMeta(NamedTuple):
+    """
+    What a message's header says that a UIDL may be made of.
+
+    @ivar uids: the values of its well-formed C{X-UID} fields, in order
+        (the first that fits the file's sequence is its IMAP UID; see
+        L{pop3srv.mbox.pins}).  In the first message of a file, only those
+        after its C{X-IMAPbase}, as Dovecot reads them.
+    @ivar uidl: the value of its first C{X-UIDL} field, without blanks
+        around it (not checked).
+    @ivar uidvalidity: the UIDVALIDITY of C{X-IMAPbase} (or C{X-IMAP}) in
+        the first message of the file; 0 if none.
+    @ivar uid_last: the last UID that field says was given.
+    @ivar pseudo: whether this is the internal-data pseudo-message of
+        UW-IMAP and Dovecot: the first message of the file, with a valid
+        C{X-IMAP} field.
+    @ivar header_md5: Dovecot's header MD5 (C{%m}), if the scan was asked
+        for it.
+    """
+
+    # A named tuple rather than a frozen dataclass: it is built for every
+    # message of a mailbox that another server has written to, and is
+    # several times cheaper to make.
+
+    uids: tuple[int, ...] = ()
+    uidl: bytes | None = None
+    uidvalidity: int = 0
+    uid_last: int = 0
+    pseudo: bool = False
+    header_md5: str | None = None
+
+
+class _Header(NamedTuple):
+    """
+    The result of reading one header block.
+
+    @ivar hidden: ranges to hide, C{(offset, length)} from the start of the
+        content, ascending, adjacent ones merged.
+    @ivar length: octets hidden.
+    @ivar lf: LFs in them.
+    @ivar crlf: CR LF pairs in them.
+    @ivar end: where the last range ends, from the start of the content.
+    @ivar meta: the values found, or L{None} if none.
+    """
+
+    hidden: tuple[tuple[int, int], ...]
+    length: int
+    lf: int
+    crlf: int
+    end: int
+    meta: MessageMeta | None
+
+
+def _imap_base(value: bytes) -> tuple[int, int] | None:
+    """
+    C{(uidvalidity, uid_last)} from an C{X-IMAPbase} or C{X-IMAP} value, or
+    L{None} if Dovecot would find it broken.  Numbers wrap at 32 bits, as
+    Dovecot's do.
+    """
+    value = value.strip(_LWSP)
+    first = _DIGITS.match(value)
+    assert first is not None
+    i = first.end()
+    if i == 0 or (i < len(value) and value[i] != 0x20):
+        return None
+    uidvalidity = int(value[:i]) & 0xFFFFFFFF
+    if not uidvalidity:
+        return None
+    while i < len(value) and value[i] in _LWSP:
+        i += 1
+    last = _DIGITS.match(value, i)
+    assert last is not None
+    j = last.end()
+    if j < len(value) and value[j] not in _LWSP:
+        return None
+    uid_last = int(value[i:j]) if j > i else 0
+    return uidvalidity, uid_last & 0xFFFFFFFF
+
+
+def _x_uid(value: bytes) -> int | None:
+    """
+    An C{X-UID} value, or L{None} unless it is digits between blanks.
+    It wraps at 32 bits, as Dovecot's does.
+    """
+    value = value.strip(_LWSP)
+    if not value.isdigit():
+        return None
+    return int(value) & 0xFFFFFFFF or None
+
+
+def _read_header(
+    buf: bytes | bytearray,
+    lo: int,
+    hi: int,
+    first: bool,
+    md5: Callable[[bytes], str] | None = None,
+) -> _Header | None:
+    """
+    Find the metadata fields of one header block.
+
+    @param buf: holds the block.
+    @param lo: index of the LF before the block's first line (the From_
+        line's).
+    @param hi: index just past the block: past the LF of its last line, or
+        the end of the message.
+    @param first: whether this is the first message of the file, the only
+        one whose C{X-IMAPbase} or C{X-IMAP} counts.
+    @param md5: computes Dovecot's header MD5 of the block, if wanted.
+    @return: what to hide and what was found, or L{None} if nothing.
+    """
+    run = _HIDDEN_RUN.search(buf, lo, hi)
+    if run is None and md5 is None and _VALUE_FIELD.search(buf, lo, hi) is None:
+        return None
+    origin = lo + 1
+    hidden: list[tuple[int, int]] = []
+    while run is not None:
+        hidden.append((run.start() + 1, run.end()))
+        run = _HIDDEN_RUN.search(buf, run.end() - 1, hi) if run.end() < hi else None
+    uids: list[int] = []
+    uidl: bytes | None = None
+    base: tuple[int, int] | None = None
+    pseudo = False
+    for field in _VALUE_FIELD.finditer(buf, lo, hi):
+        name = field.group(1).lower()
+        if name == b"x-uidl":
+            if uidl is None:
+                uidl = field.group(2).strip(_LWSP)
+        elif name == b"x-uid":
+            uid = _x_uid(field.group(2))
+            if uid is not None and (base is not None or not first):
+                uids.append(uid)
+        elif first and base is None:
+            base = _imap_base(field.group(2))
+            pseudo = base is not None and name == b"x-imap"
+    length = lf = crlf = 0
+    for start, stop in hidden:
+        length += stop - start
+        lf += buf.count(b"\n", start, stop)
+        crlf += buf.count(b"\r\n", start, stop)
+    digest = md5(bytes(buf[origin:hi])) if md5 is not None else None
+    meta = None
+    if uids or uidl is not None or base is not None or digest is not None:
+        meta = MessageMeta(
+            tuple(uids),
+            uidl,
+            base[0] if base else 0,
+            base[1] if base else 0,
+            pseudo,
+            digest,
+        )
+    ranges = tuple((start - origin, stop - start) for start, stop in hidden)
+    end = hidden[-1][1] - origin if hidden else 0
+    return _Header(ranges, length, lf, crlf, end, meta)
+
 
 @dataclass(frozen=True, slots=True)
 class MessageRecord:
@@ -72,6 +278,10 @@ class MessageRecord:
         non-empty and lacks a final LF.  Dot-stuffing is not counted.
     @ivar digest: blake2b of the raw bytes from C{start} to the next message
         (or EOF), separator included.
+    @ivar hidden: header fields RETR leaves out (L{HIDDEN_HEADERS}), as
+        C{(offset, length)} from C{body_start}, ascending; C{size} does not
+        count them.
+    @ivar meta: the header's metadata for UIDLs, or L{None} if it has none.
     """
 
     start: int
@@ -79,6 +289,8 @@ class MessageRecord:
     end: int
     size: int
     digest: bytes
+    hidden: tuple[tuple[int, int], ...] = ()
+    meta: MessageMeta | None = None
 
 
 class _Message:
@@ -88,18 +300,39 @@ class _Message:
     @ivar lf: LFs after the C{From } line.
     @ivar crlf: CR LF pairs after the C{From } line.
     @ivar quoted: lines after the C{From } line that lose a C{>}.
+    @ivar first: whether this is the first message of the file.
+    @ivar header: its header block as read so far (after the LF of the
+        From_ line, which it starts with) while the block's end is not in
+        sight; L{None} before the From_ line ends and once it is read.
+    @ivar found: what its header block holds, once read.
     """
 
-    __slots__ = ("body_start", "crlf", "hasher", "lf", "offloaded", "quoted", "start")
+    __slots__ = (
+        "body_start",
+        "crlf",
+        "first",
+        "found",
+        "hasher",
+        "header",
+        "lf",
+        "md5",
+        "offloaded",
+        "quoted",
+        "start",
+    )
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, first: bool, md5: Callable[[bytes], str] | None) -> None:
         self.start = start
+        self.first = first
+        self.md5 = md5
         self.body_start = -1
         self.hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
         self.lf = 0
         self.crlf = 0
         self.quoted = 0
         self.offloaded = False
+        self.header: bytearray | None = None
+        self.found: _Header | None = None
 
     def absorb(self, buf: bytes, lo: int, hi: int, base: int, has_cr: bool, batch: _Batch) -> None:
         """
@@ -130,9 +363,50 @@ class _Message:
                 return
             self.body_start = base + nl + 1
             lo = nl + 1
+            self._header_starts(buf, nl, hi)
+        elif self.header is not None:
+            self._header_continues(buf, lo, hi)
         self.lf += buf.count(b"\n", lo, hi)
         if has_cr:
             self.crlf += buf.count(b"\r\n", lo, hi + 1)
+
+    def _header_starts(self, buf: bytes, nl: int, hi: int) -> None:
+        """
+        Read the header block from the From_ line's LF at C{buf[nl]}, or
+        keep what there is of it until more arrives.
+        """
+        bound = min(hi, nl + MAX_HEADER + 2)
+        if self.md5 is None:
+            first = _FIRST_OF_INTEREST.search(buf, nl, bound)
+            if first is not None and buf[first.start() + 1] in b"\r\n":
+                return
+        eoh = _END_OF_HEADER.search(buf, nl, bound)
+        if eoh is not None:
+            self.found = _read_header(buf, nl, eoh.start() + 1, self.first, self.md5)
+        elif hi - nl > MAX_HEADER:
+            self.found = _read_header(
+                buf, nl, buf.rfind(b"\n", nl, nl + MAX_HEADER) + 1, self.first, self.md5
+            )
+        else:
+            self.header = bytearray(buf[nl:hi])
+
+    def _header_continues(self, buf: bytes, lo: int, hi: int) -> None:
+        """Add C{buf[lo:hi]} to a header block whose end was not seen yet."""
+        header = self.header
+        assert header is not None
+        seen = len(header)
+        header += memoryview(buf)[lo : min(hi, lo + MAX_HEADER + 2 - seen)]
+        eoh = _END_OF_HEADER.search(header, max(0, seen - 2))
+        if eoh is not None:
+            self._header_read(eoh.start() + 1)
+        elif len(header) > MAX_HEADER:
+            self._header_read(header.rfind(b"\n", 0, MAX_HEADER) + 1)
+
+    def _header_read(self, end: int) -> None:
+        header = self.header
+        assert header is not None
+        self.header = None
+        self.found = _read_header(header, 0, end, self.first, self.md5)
 
     def finish(self, next_start: int, tail: bytes) -> _Finished:
         """
@@ -144,6 +418,10 @@ class _Message:
         if self.body_start < 0:
             # A From_ line with no LF at EOF: no content at all.
             self.body_start = next_start
+        if self.header is not None:
+            # No empty line: the whole message is its header.
+            self._header_read(len(self.header))
+        found = self.found
         span_len = next_start - self.body_start
         drop_len = drop_lf = drop_crlf = 0
         if tail.endswith(b"\n\n"):
@@ -151,20 +429,47 @@ class _Message:
         elif tail == b"\r\n\r\n":
             drop_len, drop_lf, drop_crlf = 2, 1, 1
         content_len = span_len - drop_len
+        # A hidden field is whole lines of the header, which always end
+        # before the separator, so its LFs and CR LFs are simply not sent;
+        # none loses a ">".  What is sent ends with an LF if the content
+        # does or if the last thing hidden is its end (every field starts
+        # a line).
+        hidden_len = hidden_lf = hidden_crlf = 0
+        ends_hidden = False
+        if found is not None:
+            hidden_len, hidden_lf, hidden_crlf = found.length, found.lf, found.crlf
+            ends_hidden = found.end == content_len
         if content_len <= 0:
             size = 0
             content_len = 0
+        elif content_len <= hidden_len:
+            size = 0
         else:
-            size = content_len - self.quoted + (self.lf - drop_lf) - (self.crlf - drop_crlf)
-            if not drop_len and not tail.endswith(b"\n"):
+            size = (
+                content_len
+                - hidden_len
+                - self.quoted
+                + (self.lf - drop_lf - hidden_lf)
+                - (self.crlf - drop_crlf - hidden_crlf)
+            )
+            if not drop_len and not tail.endswith(b"\n") and not ends_hidden:
                 size += 2
-        return (self.start, self.body_start, self.body_start + content_len, size, self.hasher)
+        return (
+            self.start,
+            self.body_start,
+            self.body_start + content_len,
+            size,
+            self.hasher,
+            found.hidden if found is not None else (),
+            found.meta if found is not None else None,
+        )
 
 
 #: Digest work queued while a chunk is scanned: (hasher, buffer, lo, hi).
 _Batch = list[tuple[Any, bytes, int, int]]
-#: A finished message: start, body_start, end, size, and its hasher.
-_Finished = tuple[int, int, int, int, Any]
+#: A finished message: start, body_start, end, size, its hasher, the
+#: hidden ranges and the metadata.
+_Finished = tuple[int, int, int, int, Any, tuple[tuple[int, int], ...], MessageMeta | None]
 
 
 def _digest(batch: _Batch) -> None:
@@ -173,8 +478,8 @@ def _digest(batch: _Batch) -> None:
 
 
 def _records(finished: list[_Finished]) -> Iterator[MessageRecord]:
-    for start, body_start, end, size, hasher in finished:
-        yield MessageRecord(start, body_start, end, size, hasher.digest())
+    for start, body_start, end, size, hasher, hidden, meta in finished:
+        yield MessageRecord(start, body_start, end, size, hasher.digest(), hidden, meta)
 
 
 def _undecided_from(buf: bytes, lo: int) -> int:
@@ -202,16 +507,22 @@ def scan_mbox(
     start: int = 0,
     limit: int | None = None,
     chunk_size: int = CHUNK_SIZE,
+    *,
+    header_md5: Callable[[bytes], str] | None = None,
 ) -> Iterator[MessageRecord]:
     """
     Yield a record for each message from C{start} on.
 
-    Bytes before the first C{From } line are skipped silently.
+    Bytes before the first C{From } line are skipped silently.  The
+    pseudo-message (L{MessageMeta.pseudo}) is yielded too.
 
     @param fileobj: a binary file positioned anywhere; it is seeked.
-    @param start: a line start to begin at (0, or a message's C{start}).
+    @param start: a line start to begin at (0, or a message's C{start});
+        from 0, the first message is the file's first.
     @param limit: stop reading at this offset, as if it were EOF.
     @param chunk_size: bytes per read.
+    @param header_md5: computes Dovecot's header MD5 of a header block,
+        for L{MessageMeta.header_md5}; L{None} if it is not wanted.
     @return: records in file order.
     """
     fileobj.seek(start)
@@ -239,6 +550,7 @@ def scan_mbox(
         lo = 0
         pos = start
         msg: _Message | None = None
+        at_file_start = start == 0
         eof = False
         while not eof:
             want = chunk_size if limit is None else min(chunk_size, limit - pos)
@@ -271,7 +583,8 @@ def scan_mbox(
                     msg.absorb(buf, i, nxt, base, has_cr, batch)
                     first = max(msg.start - base, nxt - _HISTORY)
                     finished.append(msg.finish(base + nxt, buf[first:nxt]))
-                msg = _Message(base + nxt)
+                msg = _Message(base + nxt, at_file_start, header_md5)
+                at_file_start = False
                 i = nxt
             if msg is not None:
                 msg.absorb(buf, i, hi, base, has_cr, batch)
