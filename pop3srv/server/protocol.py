@@ -928,7 +928,7 @@ class POP3Server(Protocol):
                 sasl_exchange=True,
             )
         elif isinstance(action, m.SaslRefused):
-            assert self._login_peer is not None
+            assert self._login_peer is not None and self.machine is not None
             refused = self.factory.login.sasl_failed(
                 action.failure,
                 peer=self._login_peer,
