@@ -5,6 +5,8 @@ C{pop3srv}: the admin command, one subcommand per job::
     pop3srv version                 # also: pop3srv --version
     pop3srv check-config --config /etc/pop3srv/pop3srv.toml --user pop3srv
     pop3srv passwd FILE USER        # the same as pop3srv-passwd FILE USER
+    pop3srv deliver [-f SENDER] USER  # an MDA: one message on stdin (sysexits codes)
+    pop3srv uidl capture|import     # carry UIDLs over from the old POP3 server
     pop3srv who [--json]            # the open sessions, over the control socket
     pop3srv stats                   # the server's counters, over the control socket
 
@@ -36,7 +38,10 @@ template), without starting anything, and then what start-up does not
 look at: certificate dates (a warning within 14 days of expiry, a problem
 once expired), every malformed user-file line by number, whether the
 service user may read the certificate, key and user files and create
-files in the index directory (or, without index_dir, the mail spool).
+files in the index directory (or, without index_dir, the mail spool);
+whether it may read the --config file (re-read on SIGHUP) and create the
+control socket where control_socket puts it (resolved as the server
+resolves it).
 
 Any option of 'twistd pop3srv' may follow (see: twistd pop3srv --help);
 the command line wins over the file, as for the server.
@@ -146,6 +151,21 @@ def _build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "passwd",
         help="manage a user file: the same as pop3srv-passwd (see pop3srv passwd --help)",
+        add_help=False,
+    )
+    # 'deliver' too: its usage errors and failures exit with sysexits codes
+    # for the MTA (pop3srv.admin.deliver), not 2 and 1.
+    commands.add_parser(
+        "deliver",
+        help="deliver one message on stdin to a user's maildrop, for an MTA "
+        "(see pop3srv deliver --help)",
+        add_help=False,
+    )
+    # 'uidl' has subcommands of its own (pop3srv.admin.uidl).
+    commands.add_parser(
+        "uidl",
+        help="capture the old server's UIDLs and pin them to the same messages "
+        "(see pop3srv uidl --help)",
         add_help=False,
     )
     who = commands.add_parser(
@@ -281,6 +301,14 @@ def main(argv: list[str] | None = None) -> int:
         from pop3srv.admin import passwd
 
         return passwd.main(argv[1:])
+    if argv[:1] == ["deliver"]:
+        from pop3srv.admin import deliver
+
+        return deliver.main(argv[1:])
+    if argv[:1] == ["uidl"]:
+        from pop3srv.admin import uidl
+
+        return uidl.main(argv[1:])
     parser = _build_parser()
     try:
         args, rest = parser.parse_known_args(argv)

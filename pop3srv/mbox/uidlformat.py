@@ -25,6 +25,8 @@ not a number is C{0}.  What Dovecot's configuration check refuses (an
 unknown variable, a C{%{...}} long key, a field without a variable, a
 format naming none of the keys) is refused here with a one-line reason, as
 is text that could never be part of a UIDL (spaces, control characters).
+Dovecot 2.4's new C{%{variable | filter}} language is not read (such a
+format is refused).
 """
 
 from __future__ import annotations
