@@ -26,10 +26,12 @@ from helpers import failure_of, result_of, run_now
 from hypothesis import given
 from hypothesis import strategies as st
 from livepop3 import PASSWORDS, Pop3Server
+from twisted.internet.defer import Deferred
 from twisted.logger import LogEvent, LogLevel
 from twisted.mail.pop3 import IMailbox
 from zope.interface.verify import verifyObject
 
+from pop3srv.app.tap import Options
 from pop3srv.auth.realm import MboxRealm
 from pop3srv.core.errors import CommitFailed, MaildropInUse, MaildropUnavailable
 from pop3srv.core.wire import DotStuffer
@@ -37,7 +39,15 @@ from pop3srv.maildir import MaildirMailbox, open_maildir
 from pop3srv.maildir import mailbox as maildir_mailbox
 from pop3srv.maildir import sizes as maildir_sizes
 from pop3srv.maildir.mailbox import PartialCommit, maildir_state_paths
-from pop3srv.maildir.names import base_of, cur_name, delivery_key, sizes_of, uidl_of
+from pop3srv.maildir.names import (
+    base_of,
+    cur_name,
+    delivery_key,
+    hashed_uidl,
+    session_uidls,
+    sizes_of,
+    uidl_of,
+)
 from pop3srv.maildir.sizes import SizeCache, parse_cache, render_cache, wire_octets
 from pop3srv.mbox.paths import UnsafeStateFile
 
@@ -124,7 +134,8 @@ def maildir(tmp_path: Path) -> tuple[Path, list[bytes]]:
 def open_box(path: Path, **kwargs: Any) -> MaildirMailbox:
     """Open the Maildir at C{path}, trusting its grandparent (the homes)."""
     kwargs.setdefault("trusted_root", str(path.parent.parent))
-    return open_maildir(str(path), defer_to_thread=run_now, **kwargs)
+    kwargs.setdefault("defer_to_thread", run_now)
+    return open_maildir(str(path), **kwargs)
 
 
 @pytest.fixture
@@ -134,8 +145,14 @@ def box(maildir: tuple[Path, list[bytes]]) -> Iterator[MaildirMailbox]:
     mb.close()
 
 
+def reader_of(mb: MaildirMailbox, index: int) -> maildir_mailbox.MessageFile:
+    """The reader getMessage gives, at once or (a moved message) through a Deferred."""
+    reader = mb.getMessage(index)
+    return result_of(reader) if isinstance(reader, Deferred) else reader
+
+
 def read_all(mb: MaildirMailbox, index: int) -> bytes:
-    with mb.getMessage(index) as reader:
+    with reader_of(mb, index) as reader:
         return reader.read()
 
 
@@ -181,11 +198,75 @@ def test_uidl_is_the_base_with_courier_escapes() -> None:
     assert uidl_of(b"1.M1.my host\xe9") == b"1.M1.my+20host+E9"
 
 
-@given(st.binary(min_size=1, max_size=80))
+def valid_uidl(uidl: bytes) -> bool:
+    """RFC 1939: 1 to 70 octets, each 0x21 to 0x7E."""
+    return 1 <= len(uidl) <= 70 and all(0x21 <= c <= 0x7E for c in uidl)
+
+
+@given(st.binary(max_size=120))
 def test_uidl_is_always_valid(base: bytes) -> None:
-    """Any base gives a UIDL of printable ASCII without spaces (RFC 1939)."""
+    """
+    Any base gives a UIDL of printable ASCII without spaces, at most 70
+    octets (RFC 1939): the base itself when it can be, else a hash, the
+    same every time.
+    """
     uidl = uidl_of(base)
-    assert uidl and all(0x21 <= c <= 0x7E for c in uidl)
+    assert valid_uidl(uidl)
+    assert uidl_of(bytes(base)) == uidl
+
+
+def test_empty_or_long_base_gets_a_hashed_uidl() -> None:
+    """
+    A file named only by its info (C{:2,S}, an empty base) and a base of
+    more than 70 octets once escaped get a stable hashed UIDL, starting
+    with the name so an admin recognises it; distinct bases stay distinct.
+    """
+    assert uidl_of(b"") == hashed_uidl(b"")
+    assert valid_uidl(uidl_of(b""))
+    long = b"1700000000.M1P1." + b"h" * 80
+    assert uidl_of(long) == hashed_uidl(long)
+    assert len(uidl_of(long)) == 70 and uidl_of(long).startswith(b"1700000000.M1P1.hhh")
+    assert uidl_of(long) != uidl_of(long + b"h")
+    # 70 octets once escaped is served as it is; 71 is not.
+    assert uidl_of(b"h" * 70) == b"h" * 70
+    assert uidl_of(b"h" * 64 + b"\xe9\xe9") == b"h" * 64 + b"+E9+E9"
+    assert uidl_of(b"h" * 65 + b"\xe9\xe9") == hashed_uidl(b"h" * 65 + b"\xe9\xe9")
+    # Bases that escape alike to a long UIDL hash apart.
+    assert uidl_of(b"h" * 70 + b" ") != uidl_of(b"h" * 70 + b"+20")
+
+
+# Bases that collide once escaped, or end in what a numbered UIDL adds.
+_CLASHING_BASES = st.sampled_from(
+    [b"X", b"X.2", b"X.3", b"X.2.2", b"", b"a b", b"a+20", b"h" * 70, b"h" * 68 + b".2",
+     b"h" * 69 + b"\xe9"]
+)  # fmt: skip
+
+
+@given(st.lists(_CLASHING_BASES, max_size=12))
+def test_session_uidls_are_unique_and_keep_every_first_base(bases: list[bytes]) -> None:
+    """
+    Every UIDL of a session is valid and different; the first message with
+    a base has the UIDL of that base, and no later copy takes the UIDL
+    another base gives, whatever the order.
+    """
+    uidls = session_uidls(bases)
+    assert len(uidls) == len(bases) and len(set(uidls)) == len(uidls)
+    assert all(valid_uidl(u) for u in uidls)
+    own = [uidl_of(b) for b in bases]
+    for i, (mine, served) in enumerate(zip(own, uidls, strict=True)):
+        if mine not in own[:i]:
+            assert served == mine
+        else:
+            assert served not in own
+
+
+def test_duplicate_base_never_takes_a_real_bases_uidl() -> None:
+    """
+    A base there twice gives its copy C{.3} when a real message's base is
+    C{X.2}: that message keeps its own UIDL.
+    """
+    assert session_uidls([b"X", b"X", b"X.2"]) == [b"X", b"X.3", b"X.2"]
+    assert session_uidls([b"X", b"X.2", b"X"]) == [b"X", b"X.2", b"X.3"]
 
 
 # --- sizes ---------------------------------------------------------------------
@@ -491,8 +572,9 @@ def test_message_renamed_or_removed_by_another_reader(
         assert read_all(mb, 2) == contents[2]
         victim = next(n for n in os.listdir(path / "cur") if n.startswith("1500000000"))
         os.unlink(path / "cur" / victim)
-        with pytest.raises(FileNotFoundError):
-            mb.getMessage(0)
+        gone = mb.getMessage(0)
+        assert isinstance(gone, Deferred)
+        failure_of(gone, FileNotFoundError)
         mb.deleteMessage(0)
         mb.deleteMessage(2)
         result_of(mb.sync())
@@ -501,6 +583,241 @@ def test_message_renamed_or_removed_by_another_reader(
     left = os.listdir(path / "cur")
     assert not [n for n in left if n.startswith(("1500000000", "1600000000.M300"))]
     assert len(left) == len(contents) - 2 + 1  # and .hidden
+
+
+class Worker:
+    """
+    A C{deferToThread} stand-in that holds each call until L{run}, so a
+    test sees what happened before the work and what after.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Deferred[Any], Callable[[], Any]]] = []
+
+    def __call__(self, f: Callable[..., Any], *args: Any, **kwargs: Any) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.queue.append((d, lambda: f(*args, **kwargs)))
+        return d
+
+    def run(self) -> None:
+        """Do the oldest call held, firing its Deferred."""
+        d, work = self.queue.pop(0)
+        try:
+            result = work()
+        except Exception as e:
+            d.errback(e)
+        else:
+            d.callback(result)
+
+
+@pytest.fixture
+def listings(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Every directory listing made from now on (the descriptor listed)."""
+    real = os.scandir
+    made: list[int] = []
+
+    def counting(path: Any = ".") -> Any:
+        made.append(path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", counting)
+    return made
+
+
+def reflagged_maildir(tmp_path: Path, count: int) -> tuple[Path, list[bytes]]:
+    """alice's Maildir with C{count} messages in new/, and their contents."""
+    path = tmp_path / "home" / "alice" / "Maildir"
+    for folder in ("cur", "new", "tmp"):
+        (path / folder).mkdir(parents=True)
+    contents = []
+    for i in range(count):
+        content = b"Subject: %d\n\nbody %d\n" % (i, i)
+        (path / "new" / f"{1700000000 + i}.M{i}P1.host,S={len(content)}").write_bytes(content)
+        contents.append(content)
+    return path, contents
+
+
+def flag_all_seen(path: Path) -> None:
+    """What an IMAP server does to flag every message seen: a rename each."""
+    for name in os.listdir(path / "cur"):
+        os.rename(path / "cur" / name, path / "cur" / (name + "S"))
+
+
+def test_renamed_messages_found_with_one_listing_in_a_worker_thread(
+    tmp_path: Path, listings: list[int]
+) -> None:
+    """
+    Another reader re-flags every message after the session opened: the
+    first RETR lists the Maildir once, in the worker thread (the caller
+    gets a Deferred, nothing listed before the worker runs), and every
+    other message is then served at once from where that listing found it.
+    """
+    path, contents = reflagged_maildir(tmp_path, 40)
+    worker = Worker()
+    mb = open_box(path, defer_to_thread=worker)
+    try:
+        flag_all_seen(path)
+        listings.clear()
+        pending = mb.getMessage(0)
+        assert isinstance(pending, Deferred)
+        assert not pending.called and listings == []
+        worker.run()
+        assert worker.queue == []
+        with result_of(pending) as reader:
+            assert reader.read() == contents[0]
+        # cur/ and new/, each once (twice only if a message were missing).
+        assert len(listings) == 2
+        for i in range(1, len(contents)):
+            reader = mb.getMessage(i)
+            assert isinstance(reader, maildir_mailbox.MessageFile)
+            with reader:
+                assert reader.read() == contents[i]
+        assert len(listings) == 2 and worker.queue == []
+    finally:
+        mb.close()
+
+
+def test_renamed_messages_deleted_with_one_listing(tmp_path: Path, listings: list[int]) -> None:
+    """
+    DELE of every re-flagged message: the commit lists the Maildir once
+    for all of them, and removes every file.
+    """
+    path, contents = reflagged_maildir(tmp_path, 40)
+    mb = open_box(path)
+    try:
+        flag_all_seen(path)
+        listings.clear()
+        for i in range(len(contents)):
+            mb.deleteMessage(i)
+        result_of(mb.sync())
+        assert len(listings) == 2
+    finally:
+        mb.close()
+    assert [n for n in os.listdir(path / "cur") if not n.startswith(".")] == []
+
+
+def test_message_renamed_after_the_listing_is_looked_for_again(tmp_path: Path) -> None:
+    """
+    A listing that found a message does not keep RETR from finding it
+    after one more rename; one deleted is refused at once thereafter.
+    """
+    path, contents = reflagged_maildir(tmp_path, 3)
+    mb = open_box(path)
+    try:
+        flag_all_seen(path)
+        assert read_all(mb, 0) == contents[0]
+        flag_all_seen(path)
+        assert read_all(mb, 1) == contents[1]
+        (victim,) = (path / "cur").glob("1700000002.*")
+        victim.unlink()
+        failure_of(reader_of_deferred(mb, 2), FileNotFoundError)
+        with pytest.raises(FileNotFoundError):
+            mb.getMessage(2)
+    finally:
+        mb.close()
+
+
+def reader_of_deferred(mb: MaildirMailbox, index: int) -> Deferred[Any]:
+    """getMessage of a message not where it was listed: a Deferred."""
+    pending = mb.getMessage(index)
+    assert isinstance(pending, Deferred)
+    return pending
+
+
+def test_close_during_a_listing_waits_for_it(tmp_path: Path) -> None:
+    """
+    The session ends while a listing runs in the worker thread: the folders
+    stay open until it ends (a closed descriptor's number could be another
+    file's by then), then the mailbox closes and the RETR waiting fails.
+    """
+    path, _ = reflagged_maildir(tmp_path, 2)
+    worker = Worker()
+    mb = open_box(path, defer_to_thread=worker)
+    flag_all_seen(path)
+    pending = reader_of_deferred(mb, 0)
+    mb.close()
+    folder_fds = [f.fd for f in mb._folders.values()]
+    assert None not in folder_fds
+    worker.run()
+    assert [f.fd for f in mb._folders.values()] == [None, None]
+    failure_of(pending, ValueError)
+    # The session lock went with it: a new session opens.
+    open_box(path).close()
+
+
+def test_listing_that_fails_is_a_failed_retr(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A Maildir that cannot be listed again fails that RETR with the OSError."""
+    path, contents = reflagged_maildir(tmp_path, 2)
+    mb = open_box(path)
+    try:
+        flag_all_seen(path)
+
+        def refused(self: Any) -> list[str]:
+            raise PermissionError(13, "Permission denied")
+
+        with monkeypatch.context() as patch:
+            patch.setattr(maildir_mailbox._Folder, "names", refused)
+            failure_of(reader_of_deferred(mb, 0), PermissionError)
+        assert read_all(mb, 0) == contents[0]
+    finally:
+        mb.close()
+
+
+def test_duplicated_base_keeps_each_copy_its_own(tmp_path: Path) -> None:
+    """
+    The same base twice (a copy left in new/ beside the one in cur/) and a
+    real base ending in C{.2}: every UIDL unique, the real one its own.
+    When another reader deletes one copy, RETR and DELE of it never reach
+    the other copy's file.
+    """
+    path = tmp_path / "home" / "alice" / "Maildir"
+    for folder in ("cur", "new", "tmp"):
+        (path / folder).mkdir(parents=True)
+    (path / "cur" / "1700000000.M1P1.h:2,S").write_bytes(b"Subject: seen copy\n\n")
+    (path / "new" / "1700000000.M1P1.h").write_bytes(b"Subject: new copy\n\n")
+    (path / "cur" / "1700000000.M1P1.h.2:2,").write_bytes(b"Subject: real .2\n\n")
+    mb = open_box(path)
+    try:
+        uidls = [mb.getUidl(i) for i in range(3)]
+        contents = [read_all(mb, i) for i in range(3)]
+        assert len(set(uidls)) == 3
+        real = contents.index(b"Subject: real .2\n\n")
+        assert uidls[real] == b"1700000000.M1P1.h.2"
+        copies = [i for i in range(3) if i != real]
+        assert {uidls[i] for i in copies} == {b"1700000000.M1P1.h", b"1700000000.M1P1.h.3"}
+        # Another reader deletes the second copy's file.
+        second = copies[1]
+        (path / mb._messages[second].folder / mb._messages[second].name).unlink()
+        failure_of(reader_of_deferred(mb, second), FileNotFoundError)
+        mb.deleteMessage(second)
+        result_of(mb.sync())
+    finally:
+        mb.close()
+    left = sorted(p.read_bytes() for p in (path / "cur").iterdir())
+    assert left == sorted([contents[copies[0]], b"Subject: real .2\n\n"])
+
+
+def test_unusable_names_get_valid_stable_uidls(tmp_path: Path) -> None:
+    """
+    A file named only C{:2,S} and one whose base is over 70 octets are
+    served with valid UIDLs, the same in the next session.
+    """
+    path = tmp_path / "home" / "alice" / "Maildir"
+    for folder in ("cur", "new", "tmp"):
+        (path / folder).mkdir(parents=True)
+    (path / "cur" / ":2,S").write_bytes(b"Subject: a\n\nx\n")
+    (path / "cur" / ("1700000000.M1P1." + "h" * 80 + ":2,")).write_bytes(b"Subject: b\n\nx\n")
+    sessions = []
+    for _ in range(2):
+        mb = open_box(path)
+        try:
+            sessions.append([mb.getUidl(i) for i in range(len(mb.listMessages()))])
+        finally:
+            mb.close()
+    assert len(sessions[0]) == 2 and sessions[0] == sessions[1]
+    assert all(valid_uidl(u) for u in sessions[0])
 
 
 def test_commit_failure_is_reported(
@@ -771,6 +1088,27 @@ def test_realm_refuses_symlinked_maildir(maildir: tuple[Path, list[bytes]], tmp_
     assert isinstance(failure.value, UnsafeStateFile)
 
 
+def test_uidl_format_refused_for_maildir(tmp_path: Path) -> None:
+    """
+    --uidl-format with a Maildir template is refused, not silently
+    ignored: by the realm, and by the server at start-up in one line.
+    """
+    template = f"maildir:{tmp_path}/home/{{user}}/Maildir"
+    with pytest.raises(ValueError, match=r"^--uidl-format applies to mbox; a Maildir's UIDLs"):
+        MboxRealm(template, uidl_format="%f", defer_to_thread=run_now)
+    assert MboxRealm(template, defer_to_thread=run_now).uidl_format is None
+    users = tmp_path / "users"
+    users.write_text("alice:$6$x$y\n")
+    with pytest.raises(SystemExit) as stopped:
+        Options().parseOptions(
+            ["--mailbox", template, "--uidl-format", "%08Xu%08Xv", "--auth", f"passlib:{users}"]
+        )
+    message = str(stopped.value)
+    assert "\n" not in message.strip()
+    assert "--uidl-format: --uidl-format applies to mbox" in message
+    assert f"(--mailbox) is {template}" in message
+
+
 def test_state_paths(tmp_path: Path) -> None:
     """Inside the Maildir, or in an index directory by a hash of the path."""
     inside = maildir_state_paths("/home/a/Maildir")
@@ -870,6 +1208,31 @@ def test_live_list_uidl_retr_dele_reconnect(
         assert client.command("QUIT").startswith(b"+OK")
     finally:
         client.close()
+
+
+def test_live_retr_and_dele_after_another_reader_reflagged_all(
+    live_server: Callable[..., Pop3Server], tmp_path: Path
+) -> None:
+    """
+    Over the real server, an IMAP server re-flags every message after the
+    login: RETR finds each byte for byte (the Maildir listed again in a
+    worker thread), DELE and QUIT remove them all.
+    """
+    srv, path, contents = start_maildir_server(live_server, tmp_path)
+    client = Raw(srv)
+    try:
+        assert client.login.startswith(b"+OK"), client.login
+        for name in os.listdir(path / "cur"):
+            if not name.startswith("."):
+                os.rename(path / "cur" / name, path / "cur" / (name + "F"))
+        for i, content in enumerate(contents):
+            _, body = client.multi(f"RETR {i + 1}")
+            assert body == on_the_wire(content)
+            assert client.command(f"DELE {i + 1}").startswith(b"+OK")
+        assert client.command("QUIT").startswith(b"+OK")
+    finally:
+        client.close()
+    assert os.listdir(path / "cur") == [".hidden"]
 
 
 def test_live_poplib_and_in_use(live_server: Callable[..., Pop3Server], tmp_path: Path) -> None:

@@ -14,7 +14,9 @@ the walk, and opened without following a symlink: a user who swaps
 C{cur/} or a message for a symlink to another user's mail gets their
 maildrop refused, not the other user's mail.  Other readers (an IMAP
 server, a local mail reader) may rename a message to change its flags, or
-delete it, during the session; a message is found again by its base.
+delete it, during the session: the first RETR that misses a message's name
+lists C{cur/} and C{new/} once, in a worker thread, and finds every
+message again by its base.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import errno
 import hashlib
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, overload
 
@@ -34,7 +36,14 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from pop3srv.core.errors import CommitFailed, MaildropUnavailable
-from pop3srv.maildir.names import base_of, cur_name, delivery_key, sizes_of, uidl_of
+from pop3srv.maildir.names import (
+    base_of,
+    cur_name,
+    delivery_key,
+    session_uidls,
+    sizes_of,
+    uidl_of,
+)
 from pop3srv.maildir.sizes import CacheKey, SizeCache, remove_stale_temps, wire_octets
 from pop3srv.mbox.lock import SessionLock
 from pop3srv.mbox.paths import (
@@ -52,6 +61,8 @@ LOCK_NAME = "pop3srv-lock"
 SIZES_NAME = "pop3srv-sizes"
 
 DeferToThread = Callable[..., "Deferred[Any]"]
+#: Where a message's file is: its folder (L{CUR} or L{NEW}) and name.
+Location = tuple[str, str]
 
 _log = Logger()
 _FD_DIR = "/proc/self/fd"
@@ -106,6 +117,8 @@ class MaildirMessage:
     @ivar base: the name's base (L{pop3srv.maildir.names.base_of}).
     @ivar uidl: its UIDL, unique in the session.
     @ivar size: the octets RETR sends.
+    @ivar removed: whether a listing of the Maildir during the session
+        found it no more (another reader deleted it).
     """
 
     folder: str
@@ -113,6 +126,7 @@ class MaildirMessage:
     base: bytes
     uidl: bytes
     size: int
+    removed: bool = False
 
 
 class _Folder:
@@ -195,17 +209,15 @@ class _Folder:
             raise
         return fd
 
-    def find(self, base: bytes) -> str | None:
+    def names(self) -> list[str]:
         """
-        The name the message with C{base} has here now, if any.
+        The names in it now, dot files skipped; nothing is checked or
+        opened.
         """
         if self.fd is None:
-            return None
+            raise OSError(errno.EBADF, f"{self.shown} is closed")
         with os.scandir(self.fd) as listing:
-            for entry in listing:
-                if not entry.name.startswith(".") and base_of(os.fsencode(entry.name)) == base:
-                    return entry.name
-        return None
+            return [entry.name for entry in listing if not entry.name.startswith(".")]
 
     def unlink(self, name: str) -> bool:
         """
@@ -290,6 +302,67 @@ def _default_defer_to_thread() -> DeferToThread:
     return deferToThread
 
 
+def locate_messages(
+    listed: Sequence[tuple[str, str, bytes]], folders: Mapping[str, _Folder]
+) -> list[Location | None]:
+    """
+    Where each message of the session is now, after other readers renamed
+    (flag changes), moved or deleted some: C{cur/} and C{new/} are listed
+    once and every message found by its base.  This blocks; run it in a
+    worker thread.
+
+    A message whose listed name is still there keeps it, so a base that
+    is there twice (a copy in C{new/} beside the one in C{cur/}) never
+    gives one message the other's file.  If some message is not found the
+    folders are listed once more before it counts as removed: a directory
+    listing may miss a name renamed while it runs.
+
+    @param listed: each message's folder, name and base as last known, in
+        session order.
+    @param folders: the open folders, by name.
+    @return: per message, its folder and name now, or L{None} if it is
+        gone.
+    @raise OSError: a folder cannot be listed.
+    """
+    found = _assign(listed, _list_folders(folders))
+    if None in found:
+        found = _assign(listed, _list_folders(folders))
+    return found
+
+
+def _list_folders(folders: Mapping[str, _Folder]) -> dict[str, list[str]]:
+    # new/ first: a message another reader moves to cur/ meanwhile is then
+    # seen in one of the two.
+    names = {}
+    for folder_name in (NEW, CUR):
+        folder = folders.get(folder_name)
+        if folder is not None:
+            names[folder_name] = folder.names()
+    return names
+
+
+def _assign(
+    listed: Sequence[tuple[str, str, bytes]], names: Mapping[str, list[str]]
+) -> list[Location | None]:
+    present = {(folder_name, name) for folder_name, found in names.items() for name in found}
+    kept = {(folder_name, name) for folder_name, name, _ in listed} & present
+    # The names no message has, by base, cur/ before new/ (where a reader
+    # puts a message it has seen).
+    spare: dict[bytes, list[Location]] = {}
+    for folder_name in (CUR, NEW):
+        for name in names.get(folder_name, ()):
+            if (folder_name, name) not in kept:
+                spare.setdefault(base_of(os.fsencode(name)), []).append((folder_name, name))
+    out: list[Location | None] = []
+    for folder_name, name, base in listed:
+        if (folder_name, name) in kept:
+            out.append((folder_name, name))
+            continue
+        candidates = spare.get(base)
+        out.append(candidates.pop(0) if candidates else None)
+    return out
+
+
 @implementer(IMailbox)
 class MaildirMailbox:
     """
@@ -326,12 +399,16 @@ class MaildirMailbox:
         self._name = name
         self._deleted: set[int] = set()
         self._readers: set[MessageFile] = set()
-        # While a commit runs in a worker thread the directories must stay
-        # open (a closed number could be reused for another file), so a
-        # close() meanwhile is carried out when the commit ends.
+        # While a commit or a listing runs in a worker thread the
+        # directories must stay open (a closed number could be reused for
+        # another file), so a close() meanwhile is carried out when the
+        # last of them ends.
+        self._in_threads = 0
         self._committing = False
         self._close_pending = False
         self._closed = False
+        # The getMessage calls waiting for the listing in progress.
+        self._awaiting_listing: list[Deferred[None]] = []
 
     @property
     def path(self) -> str:
@@ -367,19 +444,54 @@ class MaildirMailbox:
             raise IndexError(index)
         return 0 if index in self._deleted else self._messages[index].size
 
-    def getMessage(self, index: int) -> MessageFile:
+    def getMessage(self, index: int) -> MessageFile | Deferred[MessageFile]:
         """
         A file-like object streaming the message's content as stored.
 
-        @raise FileNotFoundError: another program deleted it meanwhile.
+        If its file is no longer under the name it was listed with
+        (another reader changed its flags), the Maildir is listed again in
+        a worker thread and every message found by its base
+        (L{locate_messages}), so a Maildir whose flags all changed costs
+        one listing, not one per message, and never blocks the caller.
+
+        @return: the reader, or a L{Deferred} firing with it once the
+            message is found again.
+        @raise FileNotFoundError: another program deleted it meanwhile
+            (or the L{Deferred} fails with it).
         @raise UnsafeStateFile: its file was replaced by a symlink or by
             another user's file.
         """
         message = self._message(index)
-        if self._closed:
+        if self._closed or self._close_pending:
             raise ValueError("maildrop is closed")
+        if message.removed:
+            raise self._removed(message)
         try:
-            fd = self._open(message)
+            return self._reader(message)
+        except FileNotFoundError:
+            pass
+        return self._locate().addCallback(lambda _: self._reader_located(index))
+
+    def _reader_located(self, index: int) -> MessageFile:
+        """
+        The reader of a message after L{_locate} has looked for it.
+        """
+        message = self._message(index)
+        if self._closed or self._close_pending:
+            raise ValueError("maildrop is closed")
+        if message.removed:
+            raise self._removed(message)
+        # If it was renamed once more since, the next RETR looks again.
+        return self._reader(message)
+
+    def _reader(self, message: MaildirMessage) -> MessageFile:
+        """
+        Open the message's file under the name last known.
+
+        @raise FileNotFoundError: it is not there.
+        """
+        try:
+            fd = self._folders[message.folder].open(message.name)
         except UnsafeStateFile as e:
             _log.warn("Refusing a message of {path}: {error}", path=self._name, error=e)
             raise
@@ -387,35 +499,54 @@ class MaildirMailbox:
         self._readers.add(reader)
         return reader
 
-    def _open(self, message: MaildirMessage) -> int:
-        """
-        Open the message's file where it was listed or, if another reader
-        has moved or renamed it since, where it is now.
-        """
-        try:
-            return self._folders[message.folder].open(message.name)
-        except FileNotFoundError:
-            if not self._relocate(message):
-                raise FileNotFoundError(
-                    errno.ENOENT,
-                    f"message {message.uidl.decode('ascii')} of {self._name} was removed",
-                ) from None
-        return self._folders[message.folder].open(message.name)
+    def _removed(self, message: MaildirMessage) -> FileNotFoundError:
+        return FileNotFoundError(
+            errno.ENOENT, f"message {message.uidl.decode('ascii')} of {self._name} was removed"
+        )
 
-    def _relocate(self, message: MaildirMessage) -> bool:
+    def _listed(self) -> list[tuple[str, str, bytes]]:
         """
-        Find the message by its base after another reader renamed it (a
-        flag change) or moved it to C{cur/}.
+        Each message's last known folder, name and base, for
+        L{locate_messages} in a worker thread.
+        """
+        return [(m.folder, m.name, m.base) for m in self._messages]
 
-        @return: whether it was found (C{message} then names it).
+    def _locate(self) -> Deferred[None]:
         """
-        for folder_name in (CUR, NEW):
-            folder = self._folders.get(folder_name)
-            found = folder.find(message.base) if folder is not None else None
-            if found is not None:
-                message.folder, message.name = folder_name, found
-                return True
-        return False
+        Find every message again (L{locate_messages}) in a worker thread,
+        and note where each is.  Calls while a listing runs wait for it.
+
+        @return: a L{Deferred} that fires when the messages are found, or
+            fails with the L{OSError} that kept the Maildir from being
+            listed.
+        """
+        found: Deferred[None] = Deferred()
+        self._awaiting_listing.append(found)
+        if len(self._awaiting_listing) == 1:
+            self._in_threads += 1
+            listing = self._defer_to_thread(locate_messages, self._listed(), self._folders)
+            listing.addBoth(self._located)
+        return found
+
+    def _located(self, result: list[Location | None] | Failure) -> None:
+        if not isinstance(result, Failure):
+            for message, where in zip(self._messages, result, strict=True):
+                if where is None:
+                    message.removed = True
+                else:
+                    message.folder, message.name = where
+        waiting, self._awaiting_listing = self._awaiting_listing, []
+        self._thread_ended()
+        for found in waiting:
+            if isinstance(result, Failure):
+                found.errback(result)
+            else:
+                found.callback(None)
+
+    def _thread_ended(self) -> None:
+        self._in_threads -= 1
+        if self._close_pending and not self._in_threads:
+            self.close()
 
     def getUidl(self, index: int) -> bytes:
         """
@@ -449,25 +580,45 @@ class MaildirMailbox:
             return fail(CommitFailed("maildrop is closed or busy"))
         deleted = sorted(self._deleted)
         self._committing = True
-        d = self._defer_to_thread(self._commit, deleted)
+        self._in_threads += 1
+        d = self._defer_to_thread(self._commit, deleted, self._listed())
         d.addCallbacks(self._committed, self._commit_failed)
         d.addBoth(self._commit_ended)
         return d
 
-    def _commit(self, deleted: list[int]) -> None:
+    def _commit(self, deleted: list[int], listed: list[tuple[str, str, bytes]]) -> None:
         """
         Run in a worker thread: unlink each deleted message, then make the
         unlinks durable.  One already gone (another reader deleted it)
         counts as done.
+
+        Each file is removed by the exact name last known; if some are not
+        there (another reader renamed them), the Maildir is listed once
+        and those are found by their base (L{locate_messages}), never
+        taking another message's file.
+
+        @param deleted: the indexes of the messages to remove.
+        @param listed: every message's folder, name and base as last
+            known (L{_listed}).
         """
         done = 0
         touched: set[str] = set()
+        missed: list[int] = []
         try:
             for index in deleted:
-                message = self._messages[index]
-                if self._unlink(message):
-                    touched.add(message.folder)
-                done += 1
+                folder_name, name, _ = listed[index]
+                if self._folders[folder_name].unlink(name):
+                    touched.add(folder_name)
+                    done += 1
+                else:
+                    missed.append(index)
+            if missed:
+                found = locate_messages(listed, self._folders)
+                for index in missed:
+                    where = found[index]
+                    if where is not None and self._folders[where[0]].unlink(where[1]):
+                        touched.add(where[0])
+                    done += 1
             for folder_name in touched:
                 fd = self._folders[folder_name].fd
                 if fd is not None:
@@ -475,16 +626,6 @@ class MaildirMailbox:
         except OSError as e:
             detail = f"removing messages of {self._name}: {e}"
             raise (PartialCommit(detail) if done else CommitFailed(detail)) from e
-
-    def _unlink(self, message: MaildirMessage) -> bool:
-        """
-        Remove one message's file (never what a symlink points to).
-
-        @return: whether this removed it, rather than someone before.
-        """
-        if self._folders[message.folder].unlink(message.name):
-            return True
-        return self._relocate(message) and self._folders[message.folder].unlink(message.name)
 
     def _committed(self, _: None) -> None:
         self._deleted.clear()
@@ -498,17 +639,16 @@ class MaildirMailbox:
 
     def _commit_ended(self, result: object) -> object:
         self._committing = False
-        if self._close_pending:
-            self.close()
+        self._thread_ended()
         return result
 
     def close(self) -> None:
         """
         End the session: close the Maildir and release the session lock.
-        Calling it again does nothing.  During a commit this happens when
-        the commit ends.
+        Calling it again does nothing.  While a commit or a listing of the
+        Maildir runs in a worker thread, this happens when it ends.
         """
-        if self._committing:
+        if self._in_threads:
             self._close_pending = True
             return
         self._closed = True
@@ -705,21 +845,11 @@ def _list_messages(folders: dict[str, _Folder], sizes_path: str) -> list[Maildir
     except OSError as e:
         _log.warn("Cannot write size cache {path}: {error}", path=display_path(sizes_path),
                   error=e)  # fmt: skip
-    messages = []
-    taken: set[bytes] = set()
-    for _, folder_name, name, base, size in found:
-        uidl = uidl_of(base)
-        if uidl in taken:
-            # The same base twice (left in new/ beside its copy in cur/, or
-            # two names that escape alike): the later one gets a suffix,
-            # so every UIDL of the session is unique.
-            n = 2
-            while b"%s.%d" % (uidl, n) in taken:
-                n += 1
-            uidl = b"%s.%d" % (uidl, n)
-        taken.add(uidl)
-        messages.append(MaildirMessage(folder_name, name, base, uidl, size))
-    return messages
+    uidls = session_uidls([base for _, _, _, base, _ in found])
+    return [
+        MaildirMessage(folder_name, name, base, uidl, size)
+        for (_, folder_name, name, base, size), uidl in zip(found, uidls, strict=True)
+    ]
 
 
 def _wire_size(
