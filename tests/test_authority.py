@@ -284,3 +284,217 @@ def test_a_ticket_granted_after_release_all_goes_back(clock: MemoryReactorClock)
     gone.release_all()
     counters.answer()
     assert local.attempts_in_flight == 0 and local.throttle.in_flight(HOST) == 0
+
+
+def test_login_succeeded_ends_the_attempt_and_counts_the_session(
+    clock: MemoryReactorClock,
+) -> None:
+    """
+    One question ends the attempt as a success (its place back, the pair's
+    failures forgotten) and counts the session; at the session limit the
+    attempt is ended all the same and the session is not counted.
+    """
+    local = authority(clock)
+    result_of(local.login_failed(HOST, "alice"))
+    first = ticket(local.begin_login(HOST, "alice"))
+    assert result_of(local.login_succeeded(first, "alice", HOST)) is True
+    assert local.attempts_in_flight == 0 and local.throttle.in_flight(HOST) == 0
+    assert result_of(local.throttle.counters.count([f"pair:{HOST}:alice"], 0, 600)) == [0]
+    assert local.connections.sessions == 1
+    second = ticket(local.begin_login(HOST, "alice"))
+    assert result_of(local.login_succeeded(second, "alice", HOST)) is False
+    assert local.attempts_in_flight == 0 and local.connections.sessions == 1
+    # Ended once: the same ticket again only asks for the session.
+    assert result_of(local.login_succeeded(second, "alice", HOST)) is False
+
+
+def test_login_succeeded_that_fails_holds_no_session(clock: MemoryReactorClock) -> None:
+    """
+    The store fails to forget the pair's failures: the question fails (a
+    server fault) and the session it counted meanwhile is given back.
+    """
+    counters = LaterCounters()
+    local = authority(clock, counters)
+    asked = local.begin_login(HOST, "alice")
+    counters.answer()
+    held = ticket(asked)
+    succeeded = local.login_succeeded(held, "alice", HOST)
+    assert local.connections.sessions == 1
+    counters.broken = True
+    counters.answer()
+    failure_of(succeeded, ConnectionError)
+    assert local.connections.sessions == 0 and local.attempts_in_flight == 0
+
+
+def test_holdings_keep_the_session_login_succeeded_counts(clock: MemoryReactorClock) -> None:
+    """
+    Through a client's L{Holdings}: the session is the client's (given
+    back when it goes); another client's ticket is not ended, only the
+    session counted.
+    """
+    local = authority(clock, pair_limit=3)
+    one, two = local.holdings(), local.holdings()
+    mine = ticket(one.begin_login(HOST, "alice"))
+    theirs = ticket(two.begin_login(HOST, "bob"))
+    assert result_of(one.login_succeeded(mine, "alice", HOST)) is True
+    assert result_of(one.login_succeeded(theirs, "bob", HOST)) is True
+    assert one.held == (0, 0, 2) and two.held == (1, 0, 0)
+    assert local.attempts_in_flight == 1
+    one.release_all()
+    assert local.connections.sessions == 0 and local.attempts_in_flight == 1
+
+
+def test_a_success_in_progress_when_its_client_goes_is_given_back(
+    clock: MemoryReactorClock,
+) -> None:
+    """
+    The store is still forgetting the pair's failures when the client
+    goes: the success is recorded whole (the store's question is not
+    interrupted), and the place and session are given back as it ends.
+    """
+    counters = LaterCounters()
+    local = authority(clock, counters)
+    gone = local.holdings()
+    asked = gone.begin_login(HOST, "alice")
+    counters.answer()
+    succeeded = gone.login_succeeded(ticket(asked), "alice", HOST)
+    assert not succeeded.called and counters.queued
+    gone.release_all()
+    assert not succeeded.called
+    assert not any(later.called for _, later in counters.queued)
+    counters.answer()
+    assert result_of(succeeded) is True
+    assert gone.held == (0, 0, 0)
+    assert (local.attempts_in_flight, local.connections.sessions) == (0, 0)
+    assert local.throttle.in_flight(HOST) == 0
+
+
+class CountingBegins:
+    """Counts the throttle's decisions (L{AuthThrottle.begin}) of an authority."""
+
+    def __init__(self, local: LocalAuthority) -> None:
+        self.calls = 0
+        throttle = local.throttle
+        begin = throttle.begin
+
+        def counted(*args: Any) -> Any:
+            self.calls += 1
+            return begin(*args)
+
+        throttle.begin = counted  # type: ignore[method-assign]
+
+
+def test_a_freed_place_wakes_one_waiter(clock: MemoryReactorClock) -> None:
+    """
+    Six attempts wait for the address's places: each place that frees
+    admits the one that waited longest, asking the throttle once, not
+    every waiter to find all but one place taken again.
+    """
+    local = authority(clock, address_limit=2, pair_limit=100)
+    held = [ticket(local.begin_login(HOST, f"user{i}")) for i in range(2)]
+    waiting = [local.begin_login(HOST, f"waiter{i}") for i in range(6)]
+    begins = CountingBegins(local)
+    for i, place in enumerate(held):
+        result_of(local.end_login(place, "succeeded"))
+        clock.advance(0)
+        assert [d.called for d in waiting] == [j <= i for j in range(6)]
+    assert begins.calls == 2
+    for d in waiting[:2]:
+        result_of(local.end_login(ticket(d), "succeeded"))
+        clock.advance(0)
+    assert [d.called for d in waiting] == [True] * 4 + [False] * 2
+    assert begins.calls == 4
+    assert local.attempts_in_flight == 2
+
+
+def test_room_left_behind_admits_the_next_waiters(clock: MemoryReactorClock) -> None:
+    """
+    A success forgets the pair's failures: the place it frees admits one
+    waiter, which leaves room for the next, and so on up to the limit.
+    """
+    local = authority(clock, pair_limit=3)
+    for _ in range(2):
+        result_of(local.login_failed(HOST, "alice"))
+    held = ticket(local.begin_login(HOST, "alice"))
+    waiting = [local.begin_login(HOST, "alice") for _ in range(4)]
+    assert not any(d.called for d in waiting)
+    result_of(local.end_login(held, "succeeded"))
+    clock.advance(0)
+    assert [d.called for d in waiting] == [True, True, True, False]
+    assert local.throttle.in_flight(HOST, "alice") == 3
+
+
+def test_a_woken_waiter_that_is_withdrawn_passes_the_place_on(
+    clock: MemoryReactorClock,
+) -> None:
+    """Woken, then withdrawn before it asked again: the next waiter gets the place."""
+    local = authority(clock, address_limit=1)
+    held = ticket(local.begin_login(HOST, "alice"))
+    first, second = local.begin_login(HOST, "bob"), local.begin_login(HOST, "carol")
+    result_of(local.end_login(held, "succeeded"))
+    first.cancel()
+    failure_of(first, defer.CancelledError)
+    clock.advance(0)
+    assert isinstance(result_of(second), AttemptTicket)
+    assert local.attempts_in_flight == 1
+
+
+def test_a_woken_waiter_that_finds_a_block_wakes_every_waiter(
+    clock: MemoryReactorClock,
+) -> None:
+    """
+    The pair is blocked while its attempts wait (a refusal counted): the
+    first one woken finds the block, and every other waiter learns it at
+    once rather than one place at a time.
+    """
+    local = authority(clock, pair_limit=3)
+    result_of(local.login_failed(HOST, "alice"))
+    held = [ticket(local.begin_login(HOST, "alice")) for _ in range(2)]
+    waiting = [local.begin_login(HOST, "alice") for _ in range(4)]
+    result_of(local.login_failed(HOST, "alice"))
+    assert result_of(local.login_failed(HOST, "alice")).lockout is not None
+    result_of(local.end_login(held[0], "released"))
+    clock.advance(0)
+    assert [result_of(d) for d in waiting] == [Blocked("address+user")] * 4
+    assert local.throttle._waiting == {}
+
+
+def test_a_woken_waiter_busy_elsewhere_passes_the_place_on(clock: MemoryReactorClock) -> None:
+    """
+    Woken for a place of the address, alice finds her own pair full: she
+    waits there, and the address's place goes to the next waiter.
+    """
+    local = authority(clock, address_limit=3, pair_limit=2)
+    result_of(local.login_failed(HOST, "alice"))
+    ticket(local.begin_login(HOST, "alice"))
+    bobs = ticket(local.begin_login(HOST, "bob"))
+    alice, carol = local.begin_login(HOST, "alice"), local.begin_login(HOST, "carol")
+    result_of(local.end_login(bobs, "succeeded"))
+    clock.advance(0)
+    assert not alice.called
+    assert isinstance(result_of(carol), AttemptTicket)
+    assert local.throttle.in_flight(HOST) == 2
+
+
+def test_a_woken_waiter_whose_decision_fails_passes_the_place_on(
+    clock: MemoryReactorClock,
+) -> None:
+    """
+    The throttle fails (a bug) when the first waiter asks again: that
+    attempt fails as a server fault, and the place goes to the next.
+    """
+    local = authority(clock, address_limit=1)
+    held = ticket(local.begin_login(HOST, "alice"))
+    first, second = local.begin_login(HOST, "bob"), local.begin_login(HOST, "carol")
+    throttle = local.throttle
+    begin = throttle.begin
+
+    def broken_once(*args: Any) -> Any:
+        throttle.begin = begin  # type: ignore[method-assign]
+        raise RuntimeError("a bug in the throttle")
+
+    throttle.begin = broken_once  # type: ignore[method-assign]
+    result_of(local.end_login(held, "succeeded"))
+    clock.advance(0)
+    failure_of(first, RuntimeError)
+    assert isinstance(result_of(second), AttemptTicket)

@@ -6,6 +6,7 @@ and what a child that goes held given back.
 
 from __future__ import annotations
 
+import itertools
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -13,11 +14,14 @@ from typing import Any
 
 import helpers
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 from twisted.internet import reactor
 from twisted.internet.defer import CancelledError, Deferred, fail, succeed
 from twisted.internet.error import ConnectionDone
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.logger import formatEvent
+from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 from zope.interface.verify import verifyObject
@@ -29,7 +33,7 @@ from pop3srv.processes.authorityrpc import (
     WorkerConnection,
 )
 from pop3srv.processes.hashrelay import RelayClient
-from pop3srv.processes.rpc import connect
+from pop3srv.processes.rpc import Peer, connect
 from pop3srv.server.authority import AttemptTicket, Blocked, IPolicyAuthority, LocalAuthority
 from pop3srv.server.limits import (
     ConnectionLimits,
@@ -436,6 +440,7 @@ def test_a_lost_parent_fails_every_question(
         remote.end_login(AttemptTicket(1), "failed"),
         remote.login_failed("192.0.2.1", "alice"),
         remote.start_session("alice", "192.0.2.1"),
+        remote.login_succeeded(AttemptTicket(1), "alice", "192.0.2.1"),
     ]
     for d in questions:
         helpers.failure_of(d, AuthorityUnavailable)
@@ -548,13 +553,138 @@ def test_a_withdrawn_count_is_given_back(
 ) -> None:
     """A connection or session counted after the child cancelled its question is given back."""
     remote = child_of(authority).authority
+    ticket = run_until(remote.begin_login("192.0.2.1", "carol"))
     opened, started = remote.open_connection("192.0.2.1"), remote.start_session("bob", "192.0.2.1")
-    opened.cancel()
-    started.cancel()
-    helpers.failure_of(opened, CancelledError)
-    helpers.failure_of(started, CancelledError)
+    succeeded = remote.login_succeeded(ticket, "carol", "192.0.2.1")
+    for d in (opened, started, succeeded):
+        d.cancel()
+        helpers.failure_of(d, CancelledError)
     # Both are counted in the parent, then given back by the child as the
     # answers come: else the second connection or the session breaks a limit.
     assert run_until(remote.open_connection("192.0.2.1")) is None
     assert run_until(remote.open_connection("192.0.2.1")) is None
     assert run_until(remote.start_session("bob", "192.0.2.1")) is True
+    assert run_until(remote.start_session("carol", "192.0.2.1")) is True
+    assert authority.attempts_in_flight == 0
+
+
+def test_login_succeeded_crosses_as_one_question(
+    authority: LocalAuthority, child_of: Callable[..., Child]
+) -> None:
+    """
+    A successful login's end and its session's count are one question
+    (LoginSucceeded), answered as the session's count: the ticket ends
+    either way, the session limit holds across children, and a session
+    a child that goes held is given back.
+    """
+    one, two = child_of(authority), child_of(authority)
+    asked: list[bytes] = []
+    locate = one.parent_end.locateResponder
+
+    def recorded(name: bytes) -> Any:
+        asked.append(name)
+        return locate(name)
+
+    one.parent_end.locateResponder = recorded  # type: ignore[method-assign]
+    remote = one.authority
+    assert run_until(remote.open_connection("192.0.2.1")) is None
+    ticket = run_until(remote.begin_login("192.0.2.1", "alice"))
+    assert run_until(remote.login_succeeded(ticket, "alice", "192.0.2.1")) is True
+    assert asked == [b"OpenConnection", b"BeginLogin", b"LoginSucceeded"]
+    assert held(authority) == (0, 1, 1)
+    theirs = run_until(two.authority.begin_login("192.0.2.1", "alice"))
+    assert run_until(two.authority.login_succeeded(theirs, "alice", "192.0.2.1")) is False
+    assert held(authority) == (0, 1, 1)
+    # Ended already: a second end does nothing.
+    assert run_until(two.authority.end_login(theirs, "failed")) is None
+    one.die()
+    assert held(authority) == (0, 0, 0)
+
+
+class Boxes:
+    """An AMP box receiver that keeps what it is given."""
+
+    def __init__(self) -> None:
+        self.boxes: list[dict[bytes, bytes]] = []
+        self.stopped: list[Failure] = []
+
+    def startReceivingBoxes(self, sender: Any) -> None:
+        pass
+
+    def ampBoxReceived(self, box: dict[bytes, bytes]) -> None:
+        assert isinstance(box, amp.AmpBox)
+        self.boxes.append(dict(box))
+
+    def stopReceivingBoxes(self, reason: Failure) -> None:
+        self.stopped.append(reason)
+
+
+def reading(receiver: Any) -> tuple[Peer, StringTransport]:
+    """A L{Peer} that gives the boxes it reads to C{receiver}."""
+    peer = Peer()
+    peer.boxReceiver = receiver
+    transport = StringTransport()
+    peer.makeConnection(transport)
+    return peer, transport
+
+
+amp_boxes = st.lists(
+    st.dictionaries(
+        st.binary(min_size=1, max_size=255),
+        st.binary(max_size=300) | st.just(b"v" * amp.MAX_VALUE_LENGTH),
+        max_size=6,
+    ),
+    max_size=6,
+)
+
+
+@given(boxes=amp_boxes, cuts=st.lists(st.integers(min_value=0), max_size=12))
+def test_boxes_are_read_however_the_stream_is_split(
+    boxes: list[dict[bytes, bytes]], cuts: list[int]
+) -> None:
+    """
+    The boxes AMP writes are read back whole and in order, wherever the
+    byte stream is cut (empty boxes and values at AMP's cap included).
+    """
+    stream = b"".join(amp.AmpBox(box).serialize() for box in boxes)
+    points = sorted({cut % (len(stream) + 1) for cut in cuts} | {0, len(stream)})
+    receiver = Boxes()
+    peer, _ = reading(receiver)
+    for start, end in itertools.pairwise(points):
+        peer.dataReceived(stream[start:end])
+    assert receiver.boxes == boxes
+    assert peer._unparsed == b"" and peer._box is None
+
+
+def test_a_key_too_long_ends_the_connection() -> None:
+    """A key past AMP's 255 bytes drops the connection, as Twisted's parser does."""
+    receiver = Boxes()
+    peer, transport = reading(receiver)
+    good = amp.AmpBox({b"k": b"v"}).serialize()
+    peer.dataReceived(good + b"\x01\x00" + b"k" * 256 + b"\x00\x01v\x00\x00")
+    assert receiver.boxes == [{b"k": b"v"}]
+    assert transport.disconnecting
+    peer.dataReceived(good)
+    assert receiver.boxes == [{b"k": b"v"}]
+    peer.connectionLost(Failure(ConnectionDone()))
+    assert receiver.stopped[0].check(amp.TooLong)
+
+
+def test_data_that_comes_while_a_box_is_delivered_is_read_after_it() -> None:
+    """
+    A box whose delivery brings more data at once (a loopback) is followed
+    by the rest of the first data, then by the new data, in order.
+    """
+    stream = [amp.AmpBox({b"n": b"%d" % i}).serialize() for i in range(4)]
+
+    class Echo(Boxes):
+        def ampBoxReceived(self, box: dict[bytes, bytes]) -> None:
+            super().ampBoxReceived(box)
+            if box == {b"n": b"0"}:
+                peer.dataReceived(stream[2] + stream[3][:3])
+                peer.dataReceived(stream[3][3:])
+
+    receiver = Echo()
+    peer, _ = reading(receiver)
+    peer.dataReceived(stream[0] + stream[1])
+    assert receiver.boxes == [{b"n": b"%d" % i} for i in range(4)]

@@ -28,6 +28,7 @@ from pop3srv.server.limits import (
     ThrottleSettings,
     events_to_keep,
     in_networks,
+    normalise_address,
 )
 
 
@@ -178,6 +179,46 @@ def test_a_waiter_that_stops_waiting_is_not_woken() -> None:
     throttle.stop_waiting(gone)
     held.release()
     assert woken == ["kept"]
+
+
+def test_waiters_of_a_counter_are_woken_one_at_a_time() -> None:
+    """
+    A place that frees wakes the first waiter of its counter only; one put
+    back at the front is woken first; L{AuthThrottle.wake_next} passes a
+    place on, L{AuthThrottle.wake_all} wakes the rest.
+    """
+    throttle = AuthThrottle(ThrottleSettings(pair_limit=2))
+    failed(throttle, "192.0.2.31", "alice", now=0)
+    held = begin(throttle, "192.0.2.31", "alice", now=1)
+    busy = begin(throttle, "192.0.2.31", "alice", now=1)
+    assert isinstance(held, Attempt) and isinstance(busy, Busy)
+    woken: list[str] = []
+    for name in ("a", "b", "c"):
+        throttle.wait_for_place(lambda n=name: woken.append(n), busy)
+    throttle.wait_for_place(lambda: woken.append("again"), busy, first=True)
+    held.release()
+    assert woken == ["again"]
+    throttle.wake_next(busy.key)
+    assert woken == ["again", "a"]
+    throttle.wake_all(busy.key)
+    assert woken == ["again", "a", "b", "c"]
+    throttle.wake_next(busy.key)
+    assert throttle._waiting == {}
+
+
+def test_a_failure_that_blocks_wakes_every_waiter() -> None:
+    """The failure that blocks the pair wakes all its waiters: each is refused now."""
+    throttle = AuthThrottle(ThrottleSettings(pair_limit=2))
+    failed(throttle, "192.0.2.32", "alice", now=0)
+    held = begin(throttle, "192.0.2.32", "alice", now=1)
+    busy = begin(throttle, "192.0.2.32", "alice", now=1)
+    assert isinstance(held, Attempt) and isinstance(busy, Busy)
+    woken: list[int] = []
+    for i in range(3):
+        throttle.wait_for_place(lambda i=i: woken.append(i), busy)
+    assert result_of(held.failed(now=2)).lockout is not None
+    assert woken == [0, 1, 2]
+    assert begin(throttle, "192.0.2.32", "alice", now=2) == Refusal("address+user", 602)
 
 
 def test_success_ends_the_attempt_and_clears_the_pair() -> None:
@@ -444,6 +485,33 @@ def test_access_rules() -> None:
     assert rules.permits("2001:db8::5")
     assert AccessRules().permits("192.0.2.1")
     assert not in_networks("not-an-ip", nets("0.0.0.0/0"))
+
+
+@given(
+    st.ip_addresses().map(str)
+    | st.ip_addresses(v=4).map(lambda a: f"::ffff:{a}")
+    | st.ip_addresses(v=6).map(lambda a: f"{a}%eth0")
+    | st.text(max_size=20)
+)
+def test_remembered_addresses_read_as_parsed_ones(host: str) -> None:
+    """
+    The parse kept for an address (L{normalise_address}, L{in_networks})
+    answers as a fresh one: IPv4-mapped IPv6 as IPv4, a zone dropped,
+    other text as is and in no network.
+    """
+    try:
+        fresh: ipaddress.IPv4Address | ipaddress.IPv6Address | None = ipaddress.ip_address(
+            host.split("%", 1)[0]
+        )
+    except ValueError:
+        fresh = None
+    if isinstance(fresh, ipaddress.IPv6Address) and fresh.ipv4_mapped is not None:
+        fresh = fresh.ipv4_mapped
+    networks = nets("0.0.0.0/0", "::/0")
+    for _ in range(2):
+        assert normalise_address(host) == (host if fresh is None else str(fresh))
+        assert in_networks(host, networks) is (fresh is not None)
+        assert in_networks(host, ()) is False
 
 
 def test_connection_counter() -> None:

@@ -595,6 +595,9 @@ class StallingAuthority(LocalAuthority):
     def start_session(self, username: str, host: str) -> defer.Deferred[Any]:
         return self._asked("start_session", super().start_session, username, host)
 
+    def login_succeeded(self, ticket: Any, username: str, host: str) -> defer.Deferred[Any]:
+        return self._asked("login_succeeded", super().login_succeeded, ticket, username, host)
+
 
 def stalling_service(
     tmp_path: Path, clock: MemoryReactorClock, **stall: Any
@@ -684,7 +687,9 @@ def test_a_count_that_takes_too_long_does_not_hold_the_answer(
     assert audit_lines(log_events)[-1] == 'lockout "alice" reason=address+user'
 
 
-@pytest.mark.parametrize("broken", ["begin_login", "end_login", "login_failed", "start_session"])
+@pytest.mark.parametrize(
+    "broken", ["begin_login", "end_login", "login_failed", "start_session", "login_succeeded"]
+)
 def test_an_authority_fault_is_a_server_fault(
     tmp_path: Path, clock: MemoryReactorClock, log_events: list[LogEvent], broken: str
 ) -> None:
@@ -699,7 +704,8 @@ def test_an_authority_fault_is_a_server_fault(
     else:
         answer = attempt(service, "alice")
         if verifier.calls:
-            verifier.calls[0][1].callback(VerifyResult(ok=broken == "start_session"))
+            right = broken in ("start_session", "login_succeeded")
+            verifier.calls[0][1].callback(VerifyResult(ok=right))
     clock.advance(15)
     assert isinstance(result_of(answer), LoginFault)
     assert audit_lines(log_events)[-1] == 'login-refused "alice" reason=error'
@@ -707,7 +713,8 @@ def test_an_authority_fault_is_a_server_fault(
     assert failures(authority.throttle, f"pair:{PEER.host}:alice", clock.seconds()) == 0
     # An end that never arrived leaves the place with the authority (a
     # parent gives it back when the child's channel goes, Holdings).
-    assert authority.throttle.in_flight(PEER.host) == (1 if broken == "end_login" else 0)
+    ended = broken not in ("end_login", "login_succeeded")
+    assert authority.throttle.in_flight(PEER.host) == (0 if ended else 1)
 
 
 def test_a_wait_for_a_place_does_not_raise_the_answer_time_of_later_failures(
@@ -834,6 +841,24 @@ def test_a_session_counted_while_the_end_failed_is_given_back(
     verifier.calls[0][1].callback(VerifyResult(ok=True))
     authority.answer_stalled()
     assert isinstance(result_of(answer), LoginFault)
+    assert authority.connections.sessions == 0
+
+
+def test_a_success_is_one_question(tmp_path: Path, clock: MemoryReactorClock) -> None:
+    """
+    The right password: the attempt's end and the session's count are one
+    question to the authority (a round trip when it is remote); the login
+    is answered when it is answered.
+    """
+    service, verifier, authority = stalling_service(tmp_path, clock, stall="login_succeeded")
+    answer = attempt(service, "alice")
+    verifier.calls[0][1].callback(VerifyResult(ok=True))
+    assert not answer.called and len(authority.stalled) == 1
+    authority.answer_stalled()
+    outcome = result_of(answer)
+    assert isinstance(outcome, LoginSucceeded)
+    assert authority.connections.sessions == 1 and authority.attempts_in_flight == 0
+    outcome.release()
     assert authority.connections.sessions == 0
 
 

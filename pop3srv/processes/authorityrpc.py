@@ -61,6 +61,7 @@ from pop3srv.processes.rpc import (
     EndLogin,
     EndSession,
     LoginFailed,
+    LoginSucceeded,
     OpenConnection,
     StartSession,
     WithdrawLogin,
@@ -229,6 +230,14 @@ class AuthorityResponder(amp.CommandLocator):
         return _answer(
             StartSession,
             lambda: self.holdings.start_session(username, host),
+            lambda counted: {"counted": counted},
+        )
+
+    @LoginSucceeded.responder
+    def login_succeeded(self, ticket: int, username: str, host: str) -> Deferred[dict[str, Any]]:
+        return _answer(
+            LoginSucceeded,
+            lambda: self.holdings.login_succeeded(AttemptTicket(ticket), username, host),
             lambda counted: {"counted": counted},
         )
 
@@ -451,6 +460,14 @@ class RemoteAuthority:
 
         arguments = {"username": username, "host": host}
         return self._ask(StartSession, arguments, lambda a: bool(a["counted"]), give_back)
+
+    def login_succeeded(self, ticket: AttemptTicket, username: str, host: str) -> Deferred[bool]:
+        def give_back(counted: bool) -> None:
+            if counted:
+                self.end_session(username, host)
+
+        arguments = {"ticket": ticket.number, "username": username, "host": host}
+        return self._ask(LoginSucceeded, arguments, lambda a: bool(a["counted"]), give_back)
 
     def end_session(self, username: str, host: str) -> None:
         self._tell(EndSession, username=username, host=host)

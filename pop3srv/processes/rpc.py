@@ -17,7 +17,7 @@ the child process starts:
     for every server process (L{pop3srv.processes.authorityrpc}):
     L{OpenConnection}, L{CloseConnection}, L{BeginLogin},
     L{WithdrawLogin}, L{EndLogin}, L{LoginFailed}, L{StartSession},
-    L{EndSession}; and the parent's own
+    L{LoginSucceeded}, L{EndSession}; and the parent's own
     questions to each child, for one view of the whole server
     (L{pop3srv.app.control}): L{ListSessions}, L{GetMetrics}.
 
@@ -63,6 +63,7 @@ __all__ = [
     "ListSessions",
     "LogEvents",
     "LoginFailed",
+    "LoginSucceeded",
     "OpenConnection",
     "Peer",
     "RelayCheck",
@@ -294,6 +295,23 @@ class StartSession(amp.Command):
     errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
 
 
+class LoginSucceeded(amp.Command):
+    """
+    L{IPolicyAuthority.login_succeeded
+    <pop3srv.server.authority.IPolicyAuthority.login_succeeded>}: an
+    L{EndLogin} of C{ticket} as C{succeeded} and a L{StartSession} in one
+    question, answered as L{StartSession} is.
+    """
+
+    arguments = [
+        (b"ticket", amp.Integer()),
+        (b"username", amp.Unicode()),
+        (b"host", amp.Unicode()),
+    ]
+    response = [(b"counted", amp.Boolean())]
+    errors = {AuthorityFailed: b"AUTHORITY-FAILED"}
+
+
 class EndSession(amp.Command):
     """A session counted by L{StartSession} ended (no answer)."""
 
@@ -358,10 +376,76 @@ class Peer(amp.BinaryBoxProtocol, amp.BoxDispatcher, amp.CommandLocator):
     added by the part of it that knows the answers, without subclassing.
     """
 
+    # Bytes of a key or value not yet whole, and the box being read.
+    _unparsed = b""
+    _box: amp.AmpBox | None = None
+    # Data that came while boxes were being delivered (see dataReceived).
+    _more: list[bytes] | None = None
+
     def __init__(self) -> None:
         amp.BoxDispatcher.__init__(self, self)
         amp.BinaryBoxProtocol.__init__(self, self)
         self._locators: list[amp.CommandLocator] = []
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Read the boxes in C{data}, as L{amp.BinaryBoxProtocol} does, in one
+        loop: Twisted's parser makes a method call through a state table for
+        every key and every value, which costs several times as much, and
+        every login a server process serves crosses several boxes.
+
+        These connections never switch protocols nor start TLS (no
+        C{ProtocolSwitchCommand}, no C{StartTLS}), the only states this
+        loop does not keep.
+        """
+        if self.innerProtocol is not None or self._keyLengthLimitExceeded:
+            return
+        if self._more is not None:
+            # Called again by what a box it delivers sets off (a loopback):
+            # read after the boxes before it.
+            self._more.append(data)
+            return
+        self._more = []
+        try:
+            self._read(data)
+            while self._more and not self._keyLengthLimitExceeded:
+                more, self._more = self._more, []
+                self._read(b"".join(more))
+        finally:
+            self._more = None
+
+    def _read(self, data: bytes) -> None:
+        """Deliver every box whole once C{data} is added to what came before."""
+        buffer = self._unparsed + data if self._unparsed else data
+        end = len(buffer)
+        offset = 0
+        box = self._box
+        while end - offset >= 2:
+            key_length = buffer[offset] << 8 | buffer[offset + 1]
+            if not key_length:
+                offset += 2
+                self._box = None
+                self.boxReceiver.ampBoxReceived(box if box is not None else amp.AmpBox())
+                box = None
+                continue
+            if key_length > self._MAX_KEY_LENGTH:
+                # As Twisted's parser does: the connection is lost with TooLong.
+                self._unparsed, self._box = b"", None
+                self._keyLengthLimitExceeded = True
+                if self.transport is not None:
+                    self.transport.loseConnection()
+                return
+            value_at = offset + 2 + key_length
+            if end < value_at + 2:
+                break
+            stop = value_at + 2 + (buffer[value_at] << 8 | buffer[value_at + 1])
+            if end < stop:
+                break
+            if box is None:
+                box = self._box = amp.AmpBox()
+            box[buffer[offset + 2 : value_at]] = buffer[value_at + 2 : stop]
+            offset = stop
+        self._unparsed = buffer[offset:] if offset < end else b""
 
     def answer_with(self, locator: amp.CommandLocator) -> None:
         """

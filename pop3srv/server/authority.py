@@ -26,10 +26,18 @@ from __future__ import annotations
 
 import itertools
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    DeferredList,
+    fail,
+    maybeDeferred,
+    succeed,
+)
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -182,6 +190,19 @@ class IPolicyAuthority(Interface):
             limit, else C{True} (call L{end_session} when it ends).
         """
 
+    def login_succeeded(ticket: AttemptTicket, username: str, host: str) -> Deferred[bool]:
+        """
+        An admitted attempt succeeded: end it as C{succeeded}
+        (L{end_login}) and count C{username}'s session (L{start_session}),
+        in one question.
+
+        The attempt is ended whether or not the session is counted.  A
+        Deferred that fails holds nothing: a session counted while the end
+        failed is given back.
+
+        @return: fires as L{start_session}'s answer does.
+        """
+
     def end_session(username: str, host: str) -> None:
         """A session counted by L{start_session} ended."""
 
@@ -301,8 +322,46 @@ class LocalAuthority:
     def start_session(self, username: str, host: str) -> Deferred[bool]:
         return succeed(self.connections.start_session(username, host))
 
+    def login_succeeded(self, ticket: AttemptTicket, username: str, host: str) -> Deferred[bool]:
+        return _ended_and_started(
+            self.end_login(ticket, "succeeded"),
+            self.start_session(username, host),
+            lambda: self.end_session(username, host),
+        )
+
     def end_session(self, username: str, host: str) -> None:
         self.connections.end_session(username, host)
+
+
+def _ended_and_started(
+    ended: Deferred[Any], started: Deferred[bool], give_back: Callable[[], None]
+) -> Deferred[bool]:
+    """
+    The answer to L{IPolicyAuthority.login_succeeded} from the answers of
+    its two parts, asked at once.
+
+    @param ended: the attempt's end.
+    @param started: the session's count.
+    @param give_back: ends the session, when it was counted while the end
+        failed.
+    @return: fires with C{started}'s answer once both are in; fails with
+        the first failure, holding no session.
+    """
+    both: Deferred[list[tuple[bool, Any]]] = DeferredList([ended, started], consumeErrors=True)
+
+    def answered(results: list[tuple[bool, Any]]) -> bool | Failure:
+        (end_ok, end_result), (start_ok, start_result) = results
+        if not start_ok:
+            failure: Failure = start_result
+            return failure
+        if not end_ok:
+            if start_result:
+                give_back()
+            ended_failure: Failure = end_result
+            return ended_failure
+        return bool(start_result)
+
+    return both.addCallback(answered)
 
 
 class _Admission:
@@ -310,6 +369,10 @@ class _Admission:
     One L{LocalAuthority.begin_login}: asks the throttle, waits for a place
     while it is busy, and turns the answer into an L{AttemptTicket} or a
     L{Blocked}.
+
+    The throttle wakes the waiters of a counter one at a time
+    (L{AuthThrottle.wait_for_place}): one woken that takes no place there
+    passes it on to the next.
 
     @ivar result: fires with the answer; cancelling it stops the waiting.
     """
@@ -320,6 +383,10 @@ class _Admission:
         self._username = username
         self._cancelled = False
         self._waiting = False
+        # The counter it waits on (Busy.key), and the one it was woken for
+        # while it asks again.
+        self._busy_key: str | None = None
+        self._woken_for: str | None = None
         self._retry: IDelayedCall | None = None
         self.result: Deferred[AttemptTicket | Blocked] = Deferred(self._cancel)
         self._begin()
@@ -327,34 +394,64 @@ class _Admission:
     def _begin(self) -> None:
         self._retry = None
         throttle = self._authority.throttle
-        asked = throttle.begin(self._host, self._username, self._authority.clock.seconds())
+        # A throttle that raises fails this admission alone: the place it
+        # was woken for still goes to the next waiter.
+        asked: Deferred[Refusal | Busy | Attempt] = maybeDeferred(
+            throttle.begin, self._host, self._username, self._authority.clock.seconds()
+        )
         asked.addCallbacks(self._answered, self._failed)
 
+    def _pass_on(self, *, refused: bool = False) -> None:
+        """
+        The place it was woken for is not taken: the next waiter may have
+        it; or, if C{refused}, every waiter is woken to find the block.
+        """
+        woken_for, self._woken_for = self._woken_for, None
+        if woken_for is None:
+            return
+        if refused:
+            self._authority.throttle.wake_all(woken_for)
+        else:
+            self._authority.throttle.wake_next(woken_for)
+
     def _answered(self, answer: Refusal | Busy | Attempt) -> None:
-        if self._cancelled:
-            if isinstance(answer, Attempt):
+        if isinstance(answer, Attempt):
+            # It took the place (the throttle wakes the next one if there
+            # is room behind it); one withdrawn gives it back, which wakes
+            # the next one too.
+            self._woken_for = None
+            if self._cancelled:
                 answer.release()
+            else:
+                self.result.callback(self._authority._ticket_for(answer))
+            return
+        if self._cancelled:
+            self._pass_on()
             return
         if isinstance(answer, Busy):
+            # Still full where it was woken: so for every waiter there, and
+            # it keeps its turn.
+            again = answer.key == self._woken_for
+            if not again:
+                self._pass_on()
+            self._woken_for = None
             self._waiting = True
-            self._authority.throttle.wait_for_place(self._wake, answer)
-        elif isinstance(answer, Refusal):
+            self._busy_key = answer.key
+            self._authority.throttle.wait_for_place(self._wake, answer, first=again)
+        else:
+            self._pass_on(refused=True)
             # Not counted here: the caller counts it (see Blocked), so the
             # refusal is answered before the count, which may be slow.
-            self._settle(Blocked(answer.scope))
-        else:
-            self._settle(self._authority._ticket_for(answer))
-
-    def _settle(self, answer: AttemptTicket | Blocked) -> None:
-        if not self._cancelled:
-            self.result.callback(answer)
+            self.result.callback(Blocked(answer.scope))
 
     def _failed(self, failure: Failure) -> None:
+        self._pass_on()
         if not self._cancelled:
             self.result.errback(failure)
 
     def _wake(self) -> None:
         self._waiting = False
+        self._woken_for = self._busy_key
         # Asked again from the reactor, not from inside the end of the
         # attempt that gave the place back: no nesting, and nothing raised
         # into its caller.
@@ -366,7 +463,9 @@ class _Admission:
             self._waiting = False
             self._authority.throttle.stop_waiting(self._wake)
         if self._retry is not None and self._retry.active():
+            # Woken, and not asking again: the place goes to the next one.
             self._retry.cancel()
+            self._pass_on()
         self._retry = None
 
 
@@ -467,6 +566,16 @@ class Holdings:
         return self.authority.login_failed(host, username)
 
     def start_session(self, username: str, host: str) -> Deferred[bool]:
+        asked = self._count_session(self.authority.start_session(username, host), username, host)
+        self._track(asked)
+        return asked
+
+    def _count_session(self, asked: Deferred[bool], username: str, host: str) -> Deferred[bool]:
+        """
+        Record the session C{asked} counts as this client's (or give it
+        back, if the client is gone).
+        """
+
         def counted(started: bool) -> bool:
             if started:
                 if self._released:
@@ -475,9 +584,19 @@ class Holdings:
                     self._sessions[(username, host)] += 1
             return started
 
-        asked = self.authority.start_session(username, host).addCallback(counted)
-        self._track(asked)
-        return asked
+        return asked.addCallback(counted)
+
+    def login_succeeded(self, ticket: AttemptTicket, username: str, host: str) -> Deferred[bool]:
+        if ticket.number not in self._tickets:
+            # Not this client's ticket (or ended already): only the session.
+            return self.start_session(username, host)
+        self._tickets.discard(ticket.number)
+        # Not withdrawn when the client goes, as an end_login is not: the
+        # success is recorded whole (the store is not interrupted), and the
+        # session it counts then is given back as it comes.
+        return self._count_session(
+            self.authority.login_succeeded(ticket, username, host), username, host
+        )
 
     def end_session(self, username: str, host: str) -> None:
         key = (username, host)

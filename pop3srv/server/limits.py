@@ -11,6 +11,7 @@ this process.  Time is passed in by the caller, so tests need not sleep.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections import deque
 from collections.abc import Callable, Iterable, Sequence
@@ -228,24 +229,46 @@ class FailureOutcome:
     lockout: Refusal | None = None
 
 
-def normalise_address(host: str) -> str:
-    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4); other text as is."""
+#: The addresses whose parse is remembered (L{normalise_address},
+#: L{in_networks}): every connection's address is looked at several times
+#: (its count, the throttle's keys, the trusted networks), and parsing one
+#: costs more than looking it up; bounded, so that many addresses cannot
+#: grow memory.
+ADDRESS_CACHE_SIZE = 4096
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def _parse_address(host: str) -> IPAddress | None:
+    """C{host} as an IP address (IPv4-mapped IPv6 as IPv4), or L{None}."""
     try:
         address = ipaddress.ip_address(host.split("%", 1)[0])
     except ValueError:
-        return host
+        return None
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        address = address.ipv4_mapped
-    return str(address)
+        return address.ipv4_mapped
+    return address
+
+
+@functools.lru_cache(maxsize=ADDRESS_CACHE_SIZE)
+def normalise_address(host: str) -> str:
+    """An IP address in canonical form (IPv4-mapped IPv6 as IPv4); other text as is."""
+    address = _parse_address(host)
+    return host if address is None else str(address)
 
 
 def in_networks(host: str, networks: Iterable[IPNetwork]) -> bool:
     """Whether the address C{host} lies in one of C{networks}."""
-    try:
-        address = ipaddress.ip_address(normalise_address(host))
-    except ValueError:
-        return False
-    return any(address in network for network in networks)
+    address: IPAddress | None = None
+    for network in networks:
+        if address is None:
+            address = _parse_address(host)
+            if address is None:
+                return False
+        if address in network:
+            return True
+    return False
 
 
 class Attempt:
@@ -287,7 +310,10 @@ class Attempt:
             raise
 
         def leave(result: _T | Failure) -> _T | Failure:
-            self._throttle._leave(keys)
+            # A failure that started a block refuses every attempt waiting
+            # here: all are woken to learn it, not one at a time.
+            blocked = isinstance(result, FailureOutcome) and result.lockout is not None
+            self._throttle._leave(keys, wake_every=blocked)
             return result
 
         return recorded.addBoth(leave)
@@ -434,6 +460,11 @@ class AuthThrottle:
                 return Busy(scope, key)
         for key in keys:
             self._in_flight[key] = self._in_flight.get(key, 0) + 1
+        for key, failures, limit in zip(keys, counts, (s.address_limit, s.pair_limit), strict=True):
+            if key in self._waiting and failures + self._in_flight[key] < limit:
+                # Room is left behind this one (a success cleared failures,
+                # several places freed): the next waiter may take it.
+                self.wake_next(key)
         return Attempt(self, address, username, keys)
 
     def in_flight(self, address: str, username: str | None = None) -> int:
@@ -444,18 +475,57 @@ class AuthThrottle:
         address_key, pair_key, _ = self._keys(address, username or "")
         return self._in_flight.get(address_key if username is None else pair_key, 0)
 
-    def wait_for_place(self, wake: Callable[[], None], busy: Busy | None = None) -> None:
+    def wait_for_place(
+        self, wake: Callable[[], None], busy: Busy | None = None, *, first: bool = False
+    ) -> None:
         """
-        Call C{wake} once, when the next attempt in flight ends (one of
-        C{busy}'s counter, if given).
+        Call C{wake} once, when a place may have freed on C{busy}'s counter:
+        the waiters of a counter are woken one at a time, in turn, each
+        when an attempt holding a place there ends, or when the attempt
+        admitted before it leaves room behind (L{begin}).  So a place that
+        frees wakes one waiter, not every one to find all but one place
+        taken again.
 
-        Every attempt ends (a check has a deadline), so every waiter is
-        woken; one that still finds no place simply waits again.
+        A woken waiter that does not take a place on that counter (it
+        stops, it finds another counter full) must pass the place on
+        (L{wake_next}), or wake them all if it is refused (L{wake_all}: a
+        block refuses them all); one that finds the counter full again
+        waits again, at the front (C{first}).  Every attempt ends (a check
+        has a deadline), so every waiter is woken in turn.
+
+        Without C{busy}, C{wake} is called when the next attempt of any
+        counter ends.
 
         @param wake: called with no arguments; it must not raise.
         @param busy: what L{begin} answered.
+        @param first: wait before the others (woken, and still busy).
         """
-        self._waiting.setdefault(busy.key if busy is not None else "", []).append(wake)
+        waiters = self._waiting.setdefault(busy.key if busy is not None else "", [])
+        if first:
+            waiters.insert(0, wake)
+        else:
+            waiters.append(wake)
+
+    def wake_next(self, key: str) -> None:
+        """
+        Wake the first waiter of the counter C{key} (L{Busy.key}): a place
+        there may be free, which the caller, woken for it, did not take.
+        """
+        waiters = self._waiting.get(key)
+        if not waiters:
+            return
+        wake = waiters.pop(0)
+        if not waiters:
+            del self._waiting[key]
+        wake()
+
+    def wake_all(self, key: str) -> None:
+        """
+        Wake every waiter of the counter C{key}: the caller, woken for it,
+        found it blocked, as each of them will.
+        """
+        for wake in self._waiting.pop(key, ()):
+            wake()
 
     def stop_waiting(self, wake: Callable[[], None]) -> None:
         """Forget C{wake}, given to L{wait_for_place} and not yet called."""
@@ -466,16 +536,29 @@ class AuthThrottle:
                     del self._waiting[key]
                 return
 
-    def _leave(self, keys: tuple[str, ...]) -> None:
+    def _leave(self, keys: tuple[str, ...], *, wake_every: bool = False) -> None:
+        """
+        An attempt holding a place on each of C{keys} ended: give the
+        places back and wake the first waiter of each key (every waiter if
+        C{wake_every}), and those waiting for any place.
+        """
         for key in keys:
             left = self._in_flight.get(key, 1) - 1
             if left > 0:
                 self._in_flight[key] = left
             else:
                 self._in_flight.pop(key, None)
-        woken: list[Callable[[], None]] = []
-        for key in ("", *keys):
-            woken.extend(self._waiting.pop(key, ()))
+        woken = self._waiting.pop("", [])
+        for key in keys:
+            waiters = self._waiting.get(key)
+            if not waiters:
+                continue
+            if wake_every:
+                woken.extend(self._waiting.pop(key))
+            else:
+                woken.append(waiters.pop(0))
+                if not waiters:
+                    del self._waiting[key]
         for wake in woken:
             wake()
 

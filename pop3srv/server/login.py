@@ -613,14 +613,9 @@ class LoginService:
             owner = logout.avatar_id.decode("utf-8")
             label = logout.avatar_id.label
         authority = self.authority
-        # Both questions at once: with a remote authority each is a round
-        # trip.  Both answers are awaited, so that a session counted while
-        # the other question failed is given back.
-        asked: list[defer.Deferred[Any]] = [
-            authority.end_login(ticket, "succeeded"),
-            authority.start_session(owner, peer.host),
-        ]
-        both: defer.Deferred[list[tuple[bool, Any]]] = defer.DeferredList(asked, consumeErrors=True)
+        # The end of the attempt and the session's count in one question (a
+        # round trip with a remote authority); one that fails holds nothing.
+        asked: defer.Deferred[bool] = authority.login_succeeded(ticket, owner, peer.host)
 
         def log_out() -> None:
             try:
@@ -632,19 +627,12 @@ class LoginService:
             authority.end_session(owner, peer.host)
             log_out()
 
-        def answered(
-            results: list[tuple[bool, Any]],
-        ) -> defer.Deferred[LoginOutcome] | LoginOutcome:
-            (end_ok, end_result), (session_ok, session_result) = results
-            counted = session_ok and session_result is True
-            if not (end_ok and session_ok):
-                # The authority failed: a server fault, whatever the password.
-                if counted:
-                    release()
-                else:
-                    log_out()
-                failure = end_result if not end_ok else session_result
-                return self._fault(failure, owner, peer, method)
+        def unanswered(failure: Failure) -> LoginOutcome:
+            # The authority failed: a server fault, whatever the password.
+            log_out()
+            return self._fault(failure, owner, peer, method)
+
+        def answered(counted: bool) -> defer.Deferred[LoginOutcome] | LoginOutcome:
             if not counted:
                 log_out()
                 self._audit(peer, "login-refused", "max-sessions-per-user", owner, method)
@@ -662,7 +650,7 @@ class LoginService:
 
             return d.addCallbacks(listed, unlisted)
 
-        outcome: defer.Deferred[LoginOutcome] = both.addCallback(answered)
+        outcome: defer.Deferred[LoginOutcome] = asked.addCallbacks(answered, unanswered)
         return outcome
 
     def _failed(
