@@ -1,24 +1,30 @@
 """
-Tests for L{pop3srv.admin.deliver}: the quoting and the From line as pure
-functions, then the real C{pop3srv deliver} script on real files: mbox
-appends under the server's locks (20 at once, while a real POP3 session is
-open and commits deletions), a full and a read-only file system, a file it
-may not write, a lock that is not released, unknown users, Maildir.
+Tests for L{pop3srv.admin.deliver}: the quoting, the From line, the header
+fields dropped and the wire size as pure functions, then the real
+C{pop3srv deliver} script on real files: mbox appends under the server's
+locks (20 at once, while a real POP3 session is open and commits
+deletions), a full and a read-only file system, a file it may not write, a
+lock that is not released, unknown users, new mboxes in shared spools read
+by the server as another user, real stop signals delivered at chosen
+system calls (C{strace -e inject}) before and after the commit, Maildir.
 """
 
 from __future__ import annotations
 
 import contextlib
 import importlib.util
+import io
 import mailbox
 import os
 import poplib
 import random
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -30,17 +36,23 @@ from hypothesis import strategies as st
 from livepop3 import PASSWORDS, Pop3Server, write_mbox, write_users
 
 from pop3srv.admin.deliver import (
+    DROPPED_HEADERS,
     EX_NOUSER,
     EX_TEMPFAIL,
     EX_UNAVAILABLE,
     EX_USAGE,
     from_line,
     maildir_name,
+    mbox_entry,
     mboxrd_quote,
     split_from_line,
+    strip_metadata_headers,
+    wire_size,
 )
+from pop3srv.maildir.sizes import wire_octets
 from pop3srv.mbox.lock import MboxFileLock
 from pop3srv.mbox.quoting import unquote
+from pop3srv.mbox.scan import scan_mbox
 
 SCRIPT = str(Path(sys.executable).with_name("pop3srv"))
 PREFIX = "pop3srv deliver: "
@@ -89,6 +101,11 @@ def mbox_messages(path: Path) -> list[bytes]:
 def stored(message: bytes) -> bytes:
     """What an mbox gives back for a delivered C{message}: with a final LF."""
     return message if not message or message.endswith(b"\n") else message + b"\n"
+
+
+#: The subject UW-IMAP and Dovecot give the internal-data message at the top
+#: of an mbox, which the server never serves.
+PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
 
 
 def tricky_message(tag: str, rng: random.Random, *, final_newline: bool = True) -> bytes:
@@ -170,6 +187,152 @@ def test_maildir_name() -> None:
     assert first != second
 
 
+def test_wire_size_is_what_the_server_counts(tmp_path: Path) -> None:
+    """
+    The ,W= size is what the server's Maildir store counts as sent (its
+    own reading of the file): a bare LF gains a CR, and a last line without
+    an LF gains a CRLF; the name carries it.
+    """
+    path = tmp_path / "m"
+    for message in (
+        b"",
+        b"x",
+        b"Subject: x\n\nno final newline",
+        b"Subject: y\n\nends\n",
+        b"Subject: z\r\n\r\nbare\rcr",
+        b"ends in CR\r",
+        b"crlf\r\n",
+        b"\n",
+        b"\r\n\r",
+    ):
+        path.write_bytes(message)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert wire_size(message) == wire_octets(fd), message
+        finally:
+            os.close(fd)
+
+
+@given(st.binary(max_size=64).map(lambda b: bytes(b"ab\r\n"[x % 4] for x in b)))
+def test_wire_size_matches_the_server_for_any_line_ends(message: bytes) -> None:
+    """Any mix of CR, LF and text: the same count as the server's."""
+    read, write = os.pipe()
+    try:
+        os.write(write, message)
+        os.close(write)
+        write = -1
+        assert wire_size(message) == wire_octets(read)
+    finally:
+        os.close(read)
+        if write >= 0:
+            os.close(write)
+
+
+def test_strip_metadata_headers() -> None:
+    """
+    The metadata fields go from the header block, continuation lines and
+    all, in any case and with blanks before the colon; other fields, fields
+    that merely begin alike, and the body stay byte for byte.
+    """
+    message = (
+        b"X-IMAP: 1 99\n"
+        b"Received: from a\n\tby b\n"
+        b"x-imapbase :  1700000000 5\n"
+        b"X-UID: 7\n"
+        b"Status: RO\n"
+        b"X-Status: A\n"
+        b"X-Keywords: $Junk\n  more\n"
+        b"Content-Length: 12\n"
+        b"X-UIDL: forged\n"
+        b"X-IMAPx: kept\n"
+        b"Statusbar: kept\n"
+        b"X-UIDL-Extra: kept\n"
+        b"Subject: s\n"
+        b"\n"
+        b"X-IMAP: 1 1\n"
+        b"Status: body text\n"
+    )
+    assert strip_metadata_headers(message) == (
+        b"Received: from a\n\tby b\n"
+        b"X-IMAPx: kept\n"
+        b"Statusbar: kept\n"
+        b"X-UIDL-Extra: kept\n"
+        b"Subject: s\n"
+        b"\n"
+        b"X-IMAP: 1 1\n"
+        b"Status: body text\n"
+    )
+    crlf = b"Subject: a\r\nSTATUS: O\r\n\tx\r\n\r\nX-UID: 3\r\n"
+    assert strip_metadata_headers(crlf) == b"Subject: a\r\n\r\nX-UID: 3\r\n"
+    # A header block without a body, and one without a final LF.
+    assert strip_metadata_headers(b"A: 1\nX-UID: 5") == b"A: 1"
+    assert strip_metadata_headers(b"X-UID: 5\nA: 1") == b"A: 1"
+    # No header block: an empty first line.
+    for unchanged in (b"\nX-UID: 1\n", b"\r\nStatus: O\n", b"Subject: x\n\nbody\n", b""):
+        assert strip_metadata_headers(unchanged) is unchanged
+
+
+_FIELDS = [
+    b"Subject: s",
+    b"From: a@b",
+    b">From x",
+    b"X-IMAPx: 1",
+    b"Statusbar: 1",
+    b"\tcontinued",
+    b" X-UID: 5",
+    b"X-IMAP: 1 2",
+    b"X-IMAPbase: 3 4",
+    b"x-imapbase : 3 4",
+    b"X-UID: 5",
+    b"Status: RO",
+    b"status:O",
+    b"X-Status: A",
+    b"X-Keywords: k",
+    b"Content-Length: 10",
+    b"X-UIDL: abc",
+    b"X-Uidl\t: def",
+    b"Subject: " + PSEUDO_SUBJECT,
+]
+
+
+@given(
+    st.lists(st.sampled_from(_FIELDS), max_size=12),
+    st.lists(st.sampled_from([*_FIELDS, b"", b"body"]), max_size=6),
+    st.booleans(),
+    st.booleans(),
+)
+def test_the_server_finds_no_metadata_in_a_delivered_message(
+    header: list[bytes], body: list[bytes], crlf: bool, has_body: bool
+) -> None:
+    """
+    Whatever fields a sender writes, exactly the metadata fields go (a
+    line-by-line reading of the header tells which), the body stays as
+    sent, and the server's scanner finds nothing to hide and no metadata
+    (no internal-data message, no X-UIDL) in what is delivered.
+    """
+    end = b"\r\n" if crlf else b"\n"
+    tail = end + end.join(body) if has_body else b""
+    message = (end.join(header) + end if header else b"") + tail
+    expected: list[bytes] = []
+    dropping = False
+    for line in header:
+        if line[:1] in (b" ", b"\t"):
+            # A continuation line goes with its field.
+            if not dropping:
+                expected.append(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        dropping = bool(colon) and name.rstrip(b" \t").lower() in DROPPED_HEADERS
+        if not dropping:
+            expected.append(line)
+    stripped = strip_metadata_headers(message)
+    assert stripped == (end.join(expected) + end if expected else b"") + tail
+    mbox = b"".join(mbox_entry(stripped, "s@x", 0))
+    (record,) = scan_mbox(io.BytesIO(mbox))
+    assert record.hidden == ()
+    assert record.meta is None
+
+
 # The script on real files.
 
 
@@ -244,9 +407,11 @@ def test_usage_errors(tmp_path: Path) -> None:
 
 def test_unknown_users(tmp_path: Path) -> None:
     """
-    A name that could never name a maildrop is EX_NOUSER (67); with a
-    --config whose checkers are all passlib user files, so is a name in
-    none of them; with another checker the MTA's word is taken.
+    A name that could never name a maildrop is EX_NOUSER (67).  Any other
+    is delivered to: the MTA decides who exists, and the user files are
+    not read, even where --config names them, unless --check-users asks:
+    then a name in none of them is 67 too.  --check-users with a checker
+    whose users cannot be known defers (75), and needs --config (64).
     """
     users = tmp_path / "users"
     write_users(users)
@@ -258,19 +423,46 @@ def test_unknown_users(tmp_path: Path) -> None:
         ("--mailbox", template, "../etc"),
         ("--mailbox", template, "a/b"),
         ("--mailbox", template, ".alice"),
-        ("--config", config, "carol"),
+        ("--config", config, "--check-users", "carol"),
     ):
         done = deliver(*args)
         assert done.returncode == EX_NOUSER, (args, done)
         assert one_line(done).startswith("unknown user ")
-    assert deliver("--config", config, "alice").returncode == 0
+    assert not (tmp_path / "mail" / "carol").exists()
+    assert deliver("--config", config, "--check-users", "alice").returncode == 0
     assert mbox_messages(tmp_path / "mail" / "alice") == [b"Subject: x\n\nbody\n"]
+    assert deliver("--config", config, "carol").returncode == 0
+    assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["alice", "carol"]
     other = tmp_path / "other.toml"
     other.write_text(
-        f'mailbox = "{tmp_path}/mail/{{user}}"\nauth = ["passlib:{users}", "memory:carol:pw"]\n'
+        f'mailbox = "{tmp_path}/mail/{{user}}"\nauth = ["passlib:{users}", "memory:dave:pw"]\n'
     )
-    assert deliver("--config", other, "carol").returncode == 0
+    done = deliver("--config", other, "--check-users", "dave")
+    assert done.returncode == EX_TEMPFAIL
+    assert one_line(done) == "--check-users knows only passlib user files, and auth names 'memory'"
+    done = deliver("--mailbox", template, "--check-users", "alice")
+    assert done.returncode == EX_USAGE
+    assert one_line(done) == "--check-users needs --config (see pop3srv deliver --help)"
     assert sorted(p.name for p in (tmp_path / "mail").iterdir()) == ["alice", "carol"]
+
+
+def test_user_files_are_not_read_by_default(tmp_path: Path) -> None:
+    """
+    A user file the recipient cannot read (the hashes are no user's
+    business) does not stop a delivery with --config: it is not read.  With
+    --check-users it defers the mail (75), naming the file.
+    """
+    users = tmp_path / "users"
+    users.mkdir()  # unreadable as a file, even for root
+    config = tmp_path / "pop3srv.toml"
+    config.write_text(f'mailbox = "{tmp_path}/{{user}}"\nauth = ["passlib:{users}"]\n')
+    done = deliver("--config", config, "alice")
+    assert done.returncode == 0, done.stderr
+    assert mbox_messages(tmp_path / "alice") == [b"Subject: x\n\nbody\n"]
+    done = deliver("--config", config, "--check-users", "alice")
+    assert done.returncode == EX_TEMPFAIL
+    assert str(users) in one_line(done)
+    assert mbox_messages(tmp_path / "alice") == [b"Subject: x\n\nbody\n"]
 
 
 def test_configuration_problems_defer(tmp_path: Path) -> None:
@@ -291,13 +483,6 @@ def test_configuration_problems_defer(tmp_path: Path) -> None:
         done = deliver(*args)
         assert done.returncode == EX_TEMPFAIL, (args, done)
         one_line(done)
-    users = tmp_path / "users"
-    users.mkdir()
-    unreadable = tmp_path / "users.toml"
-    unreadable.write_text(f'mailbox = "{tmp_path}/{{user}}"\nauth = ["passlib:{users}"]\n')
-    done = deliver("--config", unreadable, "alice")
-    assert done.returncode == EX_TEMPFAIL
-    assert str(users) in one_line(done)
 
 
 def test_too_large_is_permanent(tmp_path: Path) -> None:
@@ -467,6 +652,398 @@ def test_symlinks_are_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "Maildir").exists()
 
 
+def test_metadata_headers_are_dropped(tmp_path: Path) -> None:
+    """
+    A sender's X-IMAP and the internal-data subject, at the top of an empty
+    mbox, do not make the message pass for the internal-data message: it is
+    served, without the metadata fields.  A forged X-UIDL equal to the UIDL
+    of a message the client keeps does not give the new one that UIDL.  A
+    Maildir gets the message without them too.
+    """
+    from twisted.internet.defer import maybeDeferred
+
+    from pop3srv.mbox.mailbox import open_maildrop
+
+    forged = (
+        b"From: attacker@example.net\n"
+        b"Subject: " + PSEUDO_SUBJECT + b"\n"
+        b"X-IMAP: 1700000000 99\n"
+        b"X-UID: 1\n"
+        b"Status: RO\n"
+        b"Content-Length: 5\n"
+        b"\n"
+        b"you will see me\n"
+    )
+    without = b"From: attacker@example.net\nSubject: " + PSEUDO_SUBJECT + b"\n\nyou will see me\n"
+    mbox = tmp_path / "bob"
+
+    def served() -> list[tuple[bytes, bytes]]:
+        box = open_maildrop(str(mbox), trusted_root=str(tmp_path), defer_to_thread=maybeDeferred)
+        try:
+            found = []
+            for i in range(len(box.listMessages())):
+                reader = box.getMessage(i)
+                found.append((box.getUidl(i), reader.read()))
+                reader.close()
+            return found
+        finally:
+            box.close()
+
+    done = deliver("--mailbox", f"{tmp_path}/{{user}}", "-f", "a@b", "bob", message=forged)
+    assert done.returncode == 0, done.stderr
+    ((first_uidl, first),) = served()
+    assert first == without
+    second = b"X-UIDL: " + first_uidl + b"\nSubject: second\n\nsecond\n"
+    done = deliver("--mailbox", f"{tmp_path}/{{user}}", "bob", message=second)
+    assert done.returncode == 0, done.stderr
+    assert [body for _, body in served()] == [without, b"Subject: second\n\nsecond\n"]
+    uidls = [uidl for uidl, _ in served()]
+    assert uidls[0] == first_uidl and uidls[1] != first_uidl
+    assert b"X-IMAP" not in mbox.read_bytes() and b"X-UIDL" not in mbox.read_bytes()
+
+    done = deliver("--mailbox", f"maildir:{tmp_path}/{{user}}", "carol", message=forged)
+    assert done.returncode == 0, done.stderr
+    (path,) = (tmp_path / "carol" / "new").iterdir()
+    assert path.read_bytes() == without
+    assert path.name.endswith(f",S={len(without)},W={wire_size(without)}")
+
+
+# New mboxes in shared spools, read by the server as another user.
+
+RECIPIENT, STRANGER, SERVER, SPOOL_GROUP = 47001, 47002, 47003, 47100
+
+SERVE = """
+import sys
+from twisted.internet.defer import maybeDeferred
+from pop3srv.mbox.mailbox import open_maildrop
+box = open_maildrop(sys.argv[1], trusted_root=sys.argv[2], defer_to_thread=maybeDeferred)
+try:
+    for i in range(len(box.listMessages())):
+        reader = box.getMessage(i)
+        sys.stdout.buffer.write(reader.read())
+        reader.close()
+finally:
+    box.close()
+"""
+
+
+def as_user(uid: int, groups: list[int]) -> list[str]:
+    """
+    A command prefix that runs what follows as C{uid} (its own group, and
+    C{groups} besides), through util-linux's setpriv.
+    """
+    extra = ",".join(map(str, groups))
+    return [
+        "setpriv",
+        f"--reuid={uid}",
+        f"--regid={uid}",
+        *([f"--groups={extra}"] if groups else ["--clear-groups"]),
+        "--",
+    ]
+
+
+@pytest.fixture
+def open_dir() -> Iterator[Path]:
+    """
+    A directory that other users may reach (pytest's own are private),
+    removed afterwards; skipped unless we are root and a user of our own
+    making can run this Python.
+    """
+    if os.geteuid() != 0:
+        pytest.skip("needs root to act as other users")
+    probe = subprocess.run(
+        [*as_user(SERVER, []), sys.executable, "-c", "import pop3srv"],
+        capture_output=True,
+        check=False,
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"another user cannot run {sys.executable}: {probe.stderr!r}")
+    where = Path(tempfile.mkdtemp(prefix="deliver-spool-"))
+    where.chmod(0o755)
+    try:
+        yield where
+    finally:
+        shutil.rmtree(where)
+
+
+@pytest.mark.parametrize(
+    ("spool_mode", "delivered_by", "mode", "served"),
+    [
+        # Debian's /var/mail: root:mail 2775; its members create mailboxes.
+        (0o2775, RECIPIENT, 0o660, True),
+        # A sticky spool: a member's new mbox is given the group ...
+        (0o1777, RECIPIENT, 0o660, True),
+        # ... a stranger's only if the spool is setgid too ...
+        (0o3777, STRANGER, 0o660, True),
+        # ... else it stays private, with a warning.
+        (0o1777, STRANGER, 0o600, False),
+    ],
+)
+def test_new_mbox_in_a_shared_spool(
+    open_dir: Path, spool_mode: int, delivered_by: int, mode: int, served: bool
+) -> None:
+    """
+    A new mbox in a directory its group may write to gets that group and
+    mode 0660 whatever the umask (Postfix's is 077), so the server, running
+    as its own user in that group, can read and rewrite it; where the
+    delivering user may not give it the group, it stays 0600 and a warning
+    line says what to do.
+    """
+    spool = open_dir / "spool"
+    spool.mkdir()
+    os.chown(spool, 0, SPOOL_GROUP)
+    spool.chmod(spool_mode)
+    groups = [SPOOL_GROUP] if delivered_by == RECIPIENT else []
+    done = subprocess.run(
+        [*as_user(delivered_by, groups), SCRIPT, "deliver", "--mailbox", f"{spool}/{{user}}", "u"],
+        input=b"Subject: s\n\nfirst\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+        umask=0o077,
+    )
+    assert done.returncode == 0, done.stderr
+    st = (spool / "u").stat()
+    assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (delivered_by, mode)
+    if served:
+        assert done.stderr == b""
+        assert st.st_gid == SPOOL_GROUP
+    else:
+        assert st.st_gid == delivered_by
+        assert one_line(done) == (
+            f"warning: new {spool}/u is mode 0600: cannot give it the group {SPOOL_GROUP} "
+            "of its directory (Operation not permitted); make the directory setgid "
+            "(chmod g+s) so new mailboxes get its group"
+        )
+    server = subprocess.run(
+        [
+            *as_user(SERVER, [SPOOL_GROUP]),
+            sys.executable,
+            "-c",
+            SERVE,
+            str(spool / "u"),
+            str(spool),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    if served:
+        assert server.returncode == 0, server.stderr
+        assert server.stdout == b"Subject: s\n\nfirst\n"
+    else:
+        assert b"Permission denied" in server.stderr
+
+
+def test_debian_spool_stranger(open_dir: Path) -> None:
+    """
+    In Debian's layout (/var/mail root:mail 2775, mboxes USER:mail 0660) a
+    recipient outside the group cannot create a missing mbox: 75, nothing
+    made.  Into an mbox made for them it delivers (fcntl lock only: no
+    dotlock in a directory it may not write), and the server reads it.
+    """
+    spool = open_dir / "spool"
+    spool.mkdir()
+    os.chown(spool, 0, SPOOL_GROUP)
+    spool.chmod(0o2775)
+    command = [*as_user(STRANGER, []), SCRIPT, "deliver", "--mailbox", f"{spool}/{{user}}", "u"]
+    done = subprocess.run(
+        command, input=b"Subject: s\n\nfirst\n", capture_output=True, timeout=60, check=False
+    )
+    assert done.returncode == EX_TEMPFAIL
+    assert one_line(done) == f"{spool}/u: Permission denied"
+    assert list(spool.iterdir()) == []
+    (spool / "u").touch()
+    os.chown(spool / "u", STRANGER, SPOOL_GROUP)
+    (spool / "u").chmod(0o660)
+    done = subprocess.run(
+        command, input=b"Subject: s\n\nfirst\n", capture_output=True, timeout=60, check=False
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    server = subprocess.run(
+        [
+            *as_user(SERVER, [SPOOL_GROUP]),
+            sys.executable,
+            "-c",
+            SERVE,
+            str(spool / "u"),
+            str(spool),
+        ],
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert (server.returncode, server.stdout) == (0, b"Subject: s\n\nfirst\n"), server.stderr
+
+
+def test_new_mbox_elsewhere_is_private(open_dir: Path) -> None:
+    """
+    In a directory its group may not write to (a home directory, whose
+    group may be every user's), a new mbox is 0600 with the creator's
+    group, and no warning.
+    """
+    home = open_dir / "home"
+    home.mkdir()
+    os.chown(home, RECIPIENT, SPOOL_GROUP)
+    home.chmod(0o755)
+    done = subprocess.run(
+        [
+            *as_user(RECIPIENT, [SPOOL_GROUP]),
+            SCRIPT,
+            "deliver",
+            "--mailbox",
+            f"{home}/{{user}}",
+            "mbox",
+        ],
+        input=b"Subject: s\n\nfirst\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+        umask=0o022,
+    )
+    assert (done.returncode, done.stderr) == (0, b"")
+    st = (home / "mbox").stat()
+    assert (st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)) == (RECIPIENT, RECIPIENT, 0o600)
+
+
+# Stop signals, sent by the kernel at chosen system calls: strace's
+# syscall tampering raises a real signal in the delivery as it enters the
+# call (or makes the call fail), so the moment is exact.
+
+BIG = b"Subject: big\n\n" + (b"y" * 99 + b"\n") * 30000
+OLD_MBOX = b"From a x\nSubject: old\n\nold\n\n"
+
+
+def strace_or_skip() -> str:
+    """The strace binary, if it can trace here."""
+    path = shutil.which("strace")
+    if path is None:
+        pytest.skip("strace is not installed")
+    probe = subprocess.run(
+        [path, "-qq", "-o", "/dev/null", "true"], capture_output=True, check=False
+    )
+    if probe.returncode != 0:
+        pytest.skip(f"strace cannot trace here: {probe.stderr.decode().strip()}")
+    return path
+
+
+@pytest.mark.parametrize(
+    ("injected", "status", "line", "delivered"),
+    [
+        # Before the commit: the append is cut back.
+        (["pwrite64:signal=TERM:when=2"], EX_TEMPFAIL, "stopped by SIGTERM; left as it was", False),
+        # A failing write (a full disk), a signal with it and another one
+        # while the append is cut back: the cut-back still happens.
+        (
+            ["pwrite64:error=ENOSPC:signal=TERM:when=3", "ftruncate:signal=HUP"],
+            EX_TEMPFAIL,
+            "No space left on device; left as it was",
+            False,
+        ),
+        # During the final fsync, and while the lock is released (the
+        # dotlock's unlink; the first unlink is that of the lock's
+        # temporary file): the message is durable, the delivery done.
+        (["fsync:signal=TERM:when=1"], 0, None, True),
+        (["/^unlink:signal=TERM:when=2"], 0, None, True),
+        (["fsync:signal=INT:when=1", "/^unlink:signal=HUP:when=2"], 0, None, True),
+    ],
+)
+def test_stop_signals_around_the_mbox_commit(
+    tmp_path: Path, injected: list[str], status: int, line: str | None, delivered: bool
+) -> None:
+    """
+    A stop signal before the final fsync has returned undoes the append
+    (75, the mbox as it was); one after it changes nothing (0, the message
+    there once), or the MTA would deliver it again.  No dotlock is left.
+    """
+    strace = strace_or_skip()
+    mbox = tmp_path / "alice"
+    mbox.write_bytes(OLD_MBOX)
+    log = tmp_path / "strace.log"
+    done = subprocess.run(
+        [
+            strace,
+            "-qq",
+            "-o",
+            str(log),
+            "-e",
+            "trace=pwrite64,fsync,ftruncate,/^unlink",
+            *(arg for spec in injected for arg in ("-e", f"inject={spec}")),
+            SCRIPT,
+            "deliver",
+            "--mailbox",
+            f"{tmp_path}/{{user}}",
+            "alice",
+        ],
+        input=BIG,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == status, (done, log.read_text())
+    if line is None:
+        assert done.stderr == b""
+    else:
+        assert one_line(done) == f"{mbox}: {line}"
+    if delivered:
+        assert mbox_messages(mbox) == [b"Subject: old\n\nold\n", BIG]
+    else:
+        assert mbox.read_bytes() == OLD_MBOX
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["alice", "strace.log"]
+
+
+@pytest.mark.parametrize(
+    ("injected", "status"),
+    [
+        # While the message is written to tmp/: nothing is delivered.
+        ("pwrite64:signal=TERM:when=1", EX_TEMPFAIL),
+        # As it is renamed into new/, and while new/ is synced: delivered.
+        ("/^rename:signal=TERM", 0),
+        ("fsync:signal=HUP:when=2", 0),
+    ],
+)
+def test_stop_signals_around_the_maildir_commit(tmp_path: Path, injected: str, status: int) -> None:
+    """
+    A stop signal before the rename into new/ takes the file away (75); one
+    during the rename or the sync of new/ leaves the message delivered (0),
+    once.
+    """
+    strace = strace_or_skip()
+    template = f"maildir:{tmp_path}/{{user}}"
+    assert deliver("--mailbox", template, "alice", message=b"Subject: first\n\n1\n").returncode == 0
+    done = subprocess.run(
+        [
+            strace,
+            "-qq",
+            "-o",
+            str(tmp_path / "strace.log"),
+            "-e",
+            "trace=pwrite64,fsync,/^rename,/^unlink",
+            "-e",
+            f"inject={injected}",
+            SCRIPT,
+            "deliver",
+            "--mailbox",
+            template,
+            "alice",
+        ],
+        input=BIG,
+        capture_output=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == status, done
+    maildir = tmp_path / "alice"
+    assert list((maildir / "tmp").iterdir()) == []
+    got = sorted(p.read_bytes() for p in (maildir / "new").iterdir())
+    if status == 0:
+        assert done.stderr == b""
+        assert got == sorted([b"Subject: first\n\n1\n", BIG])
+    else:
+        assert one_line(done) == f"{maildir}: stopped by SIGTERM; nothing delivered"
+        assert got == [b"Subject: first\n\n1\n"]
+
+
 # Maildir.
 
 
@@ -474,8 +1051,9 @@ def test_maildir_delivery(tmp_path: Path) -> None:
     """
     The Maildir and any missing directory below the trusted prefix are
     made (0700); the message lands in new/ byte for byte (no From line, no
-    quoting), named with S= and W=, tmp/ left empty; Python's
-    mailbox.Maildir reads it.
+    quoting), named with S= and W=, the octets RETR sends as the server's
+    Maildir store counts them (a CRLF more for a last line without an LF),
+    tmp/ left empty; Python's mailbox.Maildir reads it.
     """
     rng = random.Random(2)
     messages = [tricky_message("m1", rng), tricky_message("m2", rng, final_newline=False)]
@@ -494,10 +1072,11 @@ def test_maildir_delivery(tmp_path: Path) -> None:
     got = {p.read_bytes() for p in names}
     assert got == {messages[0], messages[1]}
     for path in names:
-        data = path.read_bytes()
-        size = len(data)
-        crlf = size + data.count(b"\n") - data.count(b"\r\n")
-        assert path.name.endswith(f",S={size},W={crlf}")
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            assert path.name.endswith(f",S={path.stat().st_size},W={wire_octets(fd)}")
+        finally:
+            os.close(fd)
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     box = mailbox.Maildir(str(maildir), factory=None, create=False)
     assert sorted(box.get_bytes(key) for key in box.keys()) == sorted(
@@ -615,12 +1194,13 @@ def test_maildir_deliveries_are_served(
 ) -> None:
     """
     Messages C{pop3srv deliver} writes into a Maildir are served byte for
-    byte by the server's Maildir store, with the sizes of their names.
+    byte by the server's Maildir store, with the sizes of their names:
+    each LIST size is the octets RETR sends, those without a final LF too.
     """
     # The later --mailbox wins over the one Pop3Server gives.
     srv = live_server("--mailbox", f"maildir:{tmp_path}/mail/{{user}}/Maildir")
     rng = random.Random(3)
-    messages = [tricky_message(f"md{i}", rng) for i in range(5)]
+    messages = [tricky_message(f"md{i}", rng, final_newline=i % 2 == 0) for i in range(5)]
     for message in messages:
         done = deliver(
             "--mailbox", f"maildir:{srv.mail}/{{user}}/Maildir", "alice", message=message
@@ -631,11 +1211,14 @@ def test_maildir_deliveries_are_served(
         client.user("alice")
         client.pass_(PASSWORDS["alice"])
         sizes = [int(line.split()[1]) for line in client.list()[1]]
-        got = [b"\n".join(client.retr(i + 1)[1]) + b"\n" for i in range(len(sizes))]
+        retrieved = [client.retr(i + 1)[1] for i in range(len(sizes))]
     finally:
         client.quit()
-    assert sorted(got) == sorted(messages)
-    assert sorted(sizes) == sorted(len(m) + m.count(b"\n") for m in messages)
+    assert sorted(b"\n".join(lines) + b"\n" for lines in retrieved) == sorted(
+        stored(m) for m in messages
+    )
+    # poplib takes the dot-stuffing off, which sizes do not count either.
+    assert sizes == [sum(len(line) + 2 for line in lines) for lines in retrieved]
 
 
 def test_write_mbox_helper_is_an_mbox(tmp_path: Path) -> None:

@@ -4,7 +4,8 @@ C{pop3srv deliver}: a delivery agent for the maildrops the server serves.
 
 Usage::
 
-    pop3srv deliver [--config FILE] [--mailbox TEMPLATE] [-f SENDER] USER
+    pop3srv deliver [--config FILE] [--mailbox TEMPLATE] [--check-users]
+                    [-f SENDER] USER
 
 One message is read on stdin and added to USER's maildrop, found with the
 server's mailbox template (C{--mailbox}, else C{mailbox} of C{--config},
@@ -18,9 +19,19 @@ else the server's default C{/var/mail/{user}}):
     a final newline if the message lacks one and a blank separator line;
     then C{fsync}.  On any failure the file is cut back to its old size and
     synced again, so it holds exactly what it held before.  A missing mbox
-    is created (mode 0600), a missing directory is not.
+    is created, a missing directory is not.  A new mbox in a directory
+    whose group may write there (a shared spool: Debian's C{/var/mail},
+    2775 C{root:mail}, or a sticky 1777 one) is given the directory's group
+    and mode 0660, as Debian's mail spool has it, so that the server,
+    running as its own user in that group, can read and rewrite it: a
+    setgid directory gives new files its group by itself, else the group is
+    set with C{fchown}, which only root or a member of the group may do.
+    If that is not allowed the mbox stays 0600 and a warning line says so
+    (the mail is delivered; make the directory setgid).  In any other
+    directory, such as a home directory whose group may be shared by all
+    users, a new mbox is 0600.
   - B{Maildir} (C{maildir:} template): written to C{tmp/} under a unique
-    name (C{SECS.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>}),
+    name (C{SECS.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<octets RETR sends>}),
     synced, renamed into C{new/}, and C{new/} synced; the Maildir and its
     C{tmp}, C{new}, C{cur} (and any missing directory between the
     template's trusted prefix and it) are created with mode 0700.
@@ -33,17 +44,45 @@ If the message begins with an mbox C{From } line (procmail pipes one,
 Postfix's C{mailbox_command} does not), that line is dropped: we write our
 own, with its sender when C{-f} is not given.
 
+The header fields in which mail stores keep their own metadata are dropped
+from the message's header block, as Dovecot's LDA does, for mbox and
+Maildir alike: C{X-IMAP}, C{X-IMAPbase}, C{X-UID}, C{Status}, C{X-Status},
+C{X-Keywords} and C{Content-Length} (L{pop3srv.mbox.scan.HIDDEN_HEADERS}),
+and C{X-UIDL}.  The server reads these as the mail store's word: a sender
+could otherwise make a message pass for the internal-data message of
+UW-IMAP and Dovecot at the top of an empty mbox (never served), or give it
+flags.  C{X-UIDL} goes too, although Dovecot keeps it: the server serves
+an C{X-UIDL} as the message's UIDL (as qpopper does), and a forged one
+could repeat the UIDL of a message the client keeps, which the client
+would then never download.
+
+Who exists is the MTA's business (Postfix's C{local_recipient_maps}):
+without C{--check-users}, any valid name is delivered to, and the user
+files are never read.  Postfix runs C{mailbox_command} as the recipient,
+and the user files hold password hashes that no user may read.  With
+C{--check-users} (and C{--config}), the passlib user files that C{auth}
+names are read, for a delivery agent run by a user who may read them:
+a name in none of them is unknown (67), and a file that cannot be read
+defers the mail (75).
+
+Signals: a stop signal (C{SIGTERM}, C{SIGINT}, C{SIGHUP}) while the message
+is read or the lock waited for ends the run with 75, nothing written.
+From then on they are blocked: while the message is written, a pending
+one is noticed between chunks and the write is undone as for any failure
+(75).  Once the final C{fsync} has returned the message is delivered and
+the exit status is 0, whatever arrives or fails afterwards (unlocking,
+closing): a 75 then would make the MTA deliver the message twice.
+
 Exit status, as C{sysexits.h} and MTAs (Postfix's C{mailbox_command},
 procmail, sendmail) read it; the reason is one line on stderr, which
 Postfix shows in the bounce or the deferral:
 
-  - 0: delivered.
+  - 0: delivered.  A warning line on stderr may say what went wrong after
+    the commit, or that a new mbox could not be given the spool's group.
   - 64 (C{EX_USAGE}): a bad command line.
   - 67 (C{EX_NOUSER}): the user is unknown: the name could never name a
-    maildrop (L{pop3srv.auth.identity.validate_username}), or C{--config}
-    names only passlib user files (C{auth = ["passlib:..."]}) and none of
-    them has the user.  With another checker in C{auth}, or without
-    C{--config}, any valid name is known: the MTA checks its recipients.
+    maildrop (L{pop3srv.auth.identity.validate_username}), or
+    C{--check-users} found it in none of the user files.
   - 69 (C{EX_UNAVAILABLE}): the message is larger than C{--max-size}.
     Permanent (Postfix: 5.3.0): a retry would meet the same limit.
   - 75 (C{EX_TEMPFAIL}): everything else, so the MTA keeps the message and
@@ -51,9 +90,9 @@ Postfix shows in the bounce or the deferral:
     C{EDQUOT}, C{EFBIG}), a read-only file system, a permission problem,
     I/O errors, a missing or unsafe (symlinked, hard-linked) path, a
     signal, and configuration problems too (an unreadable or invalid
-    C{--config}, template or user file): C{EX_CONFIG} (78) would make
-    Postfix bounce the mail (5.3.5) for what an admin can fix, so, as
-    Dovecot's LDA does, it is deferred instead.
+    C{--config}, template or, with C{--check-users}, user file):
+    C{EX_CONFIG} (78) would make Postfix bounce the mail (5.3.5) for what
+    an admin can fix, so, as Dovecot's LDA does, it is deferred instead.
 """
 
 from __future__ import annotations
@@ -64,21 +103,31 @@ import os
 import re
 import signal
 import socket
+import stat
 import sys
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from types import FrameType
-from typing import BinaryIO, NoReturn, TextIO
+from typing import TYPE_CHECKING, Any, BinaryIO, NoReturn, TextIO, TypeAlias
+
+from pop3srv.mbox.scan import HIDDEN_HEADERS
+
+if TYPE_CHECKING:
+    from pop3srv.mbox.lock import MboxFileLock
 
 __all__ = [
     "DEFAULT_MAX_SIZE",
+    "DROPPED_HEADERS",
     "EX_NOUSER",
     "EX_TEMPFAIL",
     "EX_UNAVAILABLE",
     "EX_USAGE",
     "main",
     "mboxrd_quote",
+    "strip_metadata_headers",
+    "wire_size",
 ]
 
 PROG = "pop3srv deliver"
@@ -99,15 +148,23 @@ NULL_SENDER = b"MAILER-DAEMON"
 #: The default mailbox template: the server's.
 DEFAULT_TEMPLATE = "/var/mail/{user}"
 
-#: Octets quoted and written per step.
+#: Octets quoted and written per step; a stop signal is looked for between
+#: steps.
 WRITE_CHUNK = 1 << 20
 
 #: Octets read from stdin per call.
 READ_CHUNK = 1 << 16
 
-#: The signals an MTA or an admin stops a delivery with; each undoes the
-#: partial append before the exit.
-_STOP_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+#: Seconds between two tries of a busy mbox lock.
+LOCK_POLL_INTERVAL = 0.05
+
+#: The header fields dropped from an incoming message (lower case): those
+#: in which mail stores keep their metadata, which the server hides and
+#: believes, and C{X-UIDL}, which it serves as the UIDL.
+DROPPED_HEADERS = HIDDEN_HEADERS | {b"x-uidl"}
+
+#: The signals an MTA or an admin stops a delivery with.
+_STOP_SIGNALS = frozenset({signal.SIGTERM, signal.SIGHUP, signal.SIGINT})
 
 # A line start that mboxrd quotes: any number of ">" and "From ".  The LF
 # before it is a literal prefix that sre finds at C speed.
@@ -119,6 +176,22 @@ _SENDER_UNSAFE = re.compile(rb"[\x00-\x20\x7f]")
 # separator) or "," (the field separator of ",S="): octal escapes, as
 # Courier and Dovecot write them.
 _HOST_UNSAFE = re.compile(r"[/:,\\]")
+# The end of a header block, as the server's scanner finds it
+# (L{pop3srv.mbox.scan}): the LF of its last line, then an empty line.
+_END_OF_HEADER = re.compile(rb"\n\r?\n")
+# A dropped field after the LF before it, with its continuation lines (that
+# begin with a blank), up to but not including the LF that ends it.  Names
+# in any case, blanks allowed before the colon: as the scanner reads them.
+_DROPPED_FIELD = re.compile(
+    rb"\n(?:"
+    + b"|".join(re.escape(name) for name in sorted(DROPPED_HEADERS, key=len, reverse=True))
+    + rb")[ \t]*:[^\n]*(?:\n[ \t][^\n]*)*",
+    re.IGNORECASE,
+)
+
+
+# What signal.signal() gives back: a previous handler or disposition.
+_Handler: TypeAlias = "Callable[[int, FrameType | None], Any] | int | signal.Handlers | None"
 
 
 class DeliveryError(Exception):
@@ -134,10 +207,110 @@ class DeliveryError(Exception):
 
 
 class _Stopped(BaseException):
-    """A stop signal arrived: undo and defer."""
+    """A stop signal arrived before the commit: undo and defer."""
 
     def __init__(self, signum: int) -> None:
         super().__init__(f"stopped by {signal.Signals(signum).name}")
+
+
+class StopSignals:
+    """
+    How the stop signals (C{SIGTERM}, C{SIGINT}, C{SIGHUP}) are handled in
+    one run.
+
+    While the message is read and the maildrop looked up, the first one
+    raises L{_Stopped} wherever the run is: nothing has been written.  From
+    L{hold} on they are blocked, so none can land between two steps of a
+    write, its undo, or the unlocking; L{check} (between the chunks of a
+    write) and L{wait} (while the lock is busy) notice a pending one, and
+    the caller undoes what it wrote.  After L{commit} they are ignored: the
+    message is delivered.
+
+    @ivar received: the first stop signal seen, or L{None}.
+    @ivar committed: whether the message is durably delivered.
+    """
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.committed = False
+        self._raising = True
+        self._previous: dict[int, _Handler] = {}
+        self._mask: set[int] | None = None
+
+    def install(self) -> None:
+        """Put the handlers in place."""
+        self._mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+        for signum in _STOP_SIGNALS:
+            self._previous[signum] = signal.signal(signum, self._handle)
+
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.received is None:
+            self.received = signum
+        if self._raising:
+            # Once only: a second signal must not interrupt the handling
+            # of the first.
+            self._raising = False
+            raise _Stopped(signum)
+
+    def hold(self) -> None:
+        """
+        Block the stop signals from now on.  One that arrived just before
+        and whose handler has not run yet is only recorded by it.
+        """
+        self._raising = False
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+
+    def check(self) -> None:
+        """
+        @raise _Stopped: a stop signal is pending (it is taken), or came
+            before L{hold}.
+        """
+        if self.received is None:
+            pending = signal.sigpending() & _STOP_SIGNALS
+            if pending:
+                self.received = signal.sigwait(pending)
+        if self.received is not None:
+            raise _Stopped(self.received)
+
+    def wait(self, seconds: float) -> None:
+        """
+        Sleep C{seconds}, or less if a stop signal comes.
+
+        @raise _Stopped: one did.
+        """
+        self.check()
+        info = signal.sigtimedwait(_STOP_SIGNALS, seconds)
+        if info is not None:
+            self.received = info.si_signo
+            raise _Stopped(info.si_signo)
+
+    def commit(self) -> None:
+        """The message is durable: no signal can change the outcome now."""
+        self.committed = True
+
+    def finish(self, keep_held: bool) -> None:
+        """
+        End the run's handling.
+
+        @param keep_held: leave the stop signals blocked and the handlers in
+            place, for a process that exits next: a signal between this and
+            the exit then cannot turn the status into a death by signal
+            (which an MTA retries, delivering a second time).  Else any
+            pending stop signal is taken, and the handlers and the signal
+            mask are put back as they were.
+        """
+        self._raising = False
+        signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
+        if keep_held:
+            return
+        # Standard signals do not queue: each can be pending once.
+        for _ in range(len(_STOP_SIGNALS)):
+            if signal.sigtimedwait(_STOP_SIGNALS, 0) is None:
+                break
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        if self._mask is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, self._mask)
 
 
 class _UsageError(Exception):
@@ -176,8 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        help="the server's TOML configuration: its mailbox template and, when auth "
-        "names only passlib user files, the users that exist",
+        help="the server's TOML configuration, for its mailbox template (the "
+        "recipient must be able to read it; else give --mailbox)",
     )
     parser.add_argument(
         "--mailbox",
@@ -185,6 +358,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="the mailbox template, such as /var/mail/{user} or "
         "maildir:/home/{user}/Maildir [default: mailbox of --config, else "
         f"{DEFAULT_TEMPLATE}]",
+    )
+    parser.add_argument(
+        "--check-users",
+        action="store_true",
+        help="refuse (exit 67) a user in none of the passlib user files that auth "
+        "of --config names, reading them (75 if one cannot be read) [default: "
+        "every valid name is delivered to; the MTA decides who exists]",
     )
     parser.add_argument(
         "-f",
@@ -247,18 +427,23 @@ class Target:
     trusted_root: str
 
 
-def resolve_target(user: str, config: str | None, template: str | None) -> Target:
+def resolve_target(
+    user: str, config: str | None, template: str | None, check_users: bool = False
+) -> Target:
     """
     Find C{user}'s maildrop as the server would.
 
     @param user: the recipient as given.
     @param config: the server's TOML file, or L{None}.
     @param template: a mailbox template that overrides the file's, or L{None}.
+    @param check_users: whether to look the user up in the passlib user
+        files of C{config}'s C{auth} (the server's default if it names
+        none).
     @return: the maildrop.
     @raise DeliveryError: C{EX_NOUSER} for an unknown user, C{EX_TEMPFAIL}
         for a configuration that cannot be read or used.
     """
-    from pop3srv.app.config import ConfigError, load_config
+    from pop3srv.app.config import SETTINGS, ConfigError, load_config
     from pop3srv.auth.identity import normalise_username, validate_username
     from pop3srv.auth.realm import USER_FIELD, check_mailbox_template, split_mailbox_template
     from pop3srv.mbox.paths import template_prefix
@@ -277,14 +462,15 @@ def resolve_target(user: str, config: str | None, template: str | None) -> Targe
             raise DeliveryError(EX_TEMPFAIL, str(e)) from None
         if template is None:
             template = settings.get("mailbox")
-        auth = list(settings.get("auth", []))
+        auth = list(settings.get("auth", SETTINGS["auth"].default))
     if template is None:
         template = DEFAULT_TEMPLATE
     try:
         check_mailbox_template(template)
     except ValueError as e:
         raise DeliveryError(EX_TEMPFAIL, str(e)) from None
-    _check_known(name, auth)
+    if check_users:
+        _check_known(name, auth)
     kind, path_template = split_mailbox_template(template)
     return Target(
         kind=kind,
@@ -295,15 +481,20 @@ def resolve_target(user: str, config: str | None, template: str | None) -> Targe
 
 def _check_known(name: str, auth: Sequence[str]) -> None:
     """
-    Refuse a user that none of the passlib user files of C{auth} has, when
-    they are all the checkers there are.
+    Refuse a user that none of the passlib user files of C{auth} has.
 
-    @raise DeliveryError: C{EX_NOUSER} if unknown, C{EX_TEMPFAIL} if a user
-        file cannot be read.
+    @raise DeliveryError: C{EX_NOUSER} if unknown; C{EX_TEMPFAIL} if a user
+        file cannot be read, or if C{auth} names another kind of checker,
+        whose users cannot be known here.
     """
     prefix = "passlib:"
-    if not auth or not all(entry.startswith(prefix) for entry in auth):
-        return
+    others = [entry for entry in auth if not entry.startswith(prefix)]
+    if others or not auth:
+        named = ", ".join(repr(entry.partition(":")[0]) for entry in others) or "none"
+        raise DeliveryError(
+            EX_TEMPFAIL,
+            f"--check-users knows only passlib user files, and auth names {named}",
+        )
     from pop3srv.auth.userfile import UserFile, UserFileError
 
     for entry in auth:
@@ -359,6 +550,28 @@ def split_from_line(message: bytes) -> tuple[bytes, str | None]:
     fields = line.split()
     sender = fields[1].decode("utf-8", "surrogateescape") if len(fields) > 1 else None
     return rest, sender
+
+
+def strip_metadata_headers(message: bytes) -> bytes:
+    """
+    Drop the L{DROPPED_HEADERS} fields, with their continuation lines, from
+    the message's header block: its lines up to the first empty one (all of
+    it if there is none), as the server's scanner delimits it.  The body
+    and every other field stay as they are.
+
+    @param message: the message, without a leading C{From } line.
+    @return: the message without them (the same object if it had none).
+    """
+    if message.startswith((b"\n", b"\r\n")):
+        # An empty header block.
+        return message
+    end_found = _END_OF_HEADER.search(message)
+    end = len(message) if end_found is None else end_found.start() + 1
+    # With the LF before its first line, every field starts after an LF.
+    header = b"\n" + message[:end]
+    if _DROPPED_FIELD.search(header) is None:
+        return message
+    return _DROPPED_FIELD.sub(b"", header)[1:] + message[end:]
 
 
 def from_line(sender: str | None, when: float) -> bytes:
@@ -421,6 +634,22 @@ def mbox_entry(message: bytes, sender: str | None, when: float) -> Iterator[byte
     yield b"\n" if not message or message.endswith(b"\n") else b"\n\n"
 
 
+def wire_size(message: bytes) -> int:
+    """
+    The octets RETR sends for a message stored as C{message}, before the
+    terminating dot and without dot-stuffing: every bare LF made CRLF, and
+    a CRLF after a last line that lacks an LF.  The server counts a
+    Maildir file the same way (L{pop3srv.maildir.sizes.wire_octets}).
+
+    @param message: the stored octets.
+    @return: the count, Dovecot's virtual size (C{,W=}).
+    """
+    if not message:
+        return 0
+    size = len(message) + message.count(b"\n") - message.count(b"\r\n")
+    return size if message.endswith(b"\n") else size + 2
+
+
 def _reason(error: OSError) -> str:
     return error.strerror or str(error)
 
@@ -440,10 +669,17 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> int:
 
 
 def append_to_mbox(
-    target: Target, message: bytes, sender: str | None, when: float, lock_timeout: float | None
+    target: Target,
+    message: bytes,
+    sender: str | None,
+    when: float,
+    lock_timeout: float | None,
+    signals: StopSignals,
+    warn: Callable[[str], None],
 ) -> None:
     """
-    Append one message to an mbox under the server's locks.
+    Append one message to an mbox under the server's locks.  Runs with the
+    stop signals held (L{StopSignals.hold}).
 
     @param target: the mbox.
     @param message: the message, without a leading C{From } line.
@@ -451,10 +687,14 @@ def append_to_mbox(
     @param when: the delivery time.
     @param lock_timeout: seconds to wait for the lock; L{None} for the
         server's default.
+    @param signals: told of the commit; asked for stop signals.
+    @param warn: takes a line about a problem that does not stop the
+        delivery.
     @raise DeliveryError: C{EX_TEMPFAIL}, with the file as it was.
+    @raise _Stopped: a stop signal came before anything was written.
     """
     from pop3srv.core.errors import MaildropUnavailable
-    from pop3srv.mbox.lock import LOCK_TIMEOUT, MboxFileLock
+    from pop3srv.mbox.lock import LOCK_TIMEOUT
     from pop3srv.mbox.paths import MaildropDirectory
 
     where = os.path.dirname(target.path)
@@ -471,14 +711,19 @@ def append_to_mbox(
         # symlink swapped in meanwhile changes nothing.
         anchored = directory.anchor(target.path)
         try:
-            _create_if_missing(anchored)
-            lock = MboxFileLock(
-                anchored, timeout=LOCK_TIMEOUT if lock_timeout is None else lock_timeout
+            _create_if_missing(anchored, target.path, warn)
+            lock = _take_lock(
+                anchored,
+                target.path,
+                LOCK_TIMEOUT if lock_timeout is None else lock_timeout,
+                signals,
             )
-            with lock:
+            try:
                 if lock.fd is None:
                     raise DeliveryError(EX_TEMPFAIL, f"{target.path} disappeared")
-                _append_locked(lock.fd, target.path, mbox_entry(message, sender, when))
+                _append_locked(lock.fd, target.path, mbox_entry(message, sender, when), signals)
+            finally:
+                _after_commit(lock.release, signals, warn, f"unlocking {target.path}")
         except MaildropUnavailable as e:
             cause = e.__cause__
             if isinstance(cause, OSError):
@@ -490,16 +735,76 @@ def append_to_mbox(
         except OSError as e:
             raise DeliveryError(EX_TEMPFAIL, f"{target.path}: {_reason(e)}") from None
     finally:
-        directory.close()
+        _after_commit(directory.close, signals, warn, f"closing {where}")
 
 
-def _create_if_missing(path: str) -> None:
+def _after_commit(
+    action: Callable[[], object], signals: StopSignals, warn: Callable[[str], None], what: str
+) -> None:
     """
-    Create an empty mbox (mode 0600) unless one exists; only a regular file
-    is ever opened later (L{pop3srv.mbox.paths.open_mbox_file}).
+    Run a clean-up step: once the message is committed, a failure of it
+    is a warning, not a failed delivery.
+    """
+    if not signals.committed:
+        action()
+        return
+    try:
+        action()
+    except Exception as e:
+        detail = _reason(e) if isinstance(e, OSError) else str(e)
+        warn(f"warning: delivered, but {what} failed: {detail}")
+
+
+def _take_lock(path: str, shown: str, timeout: float, signals: StopSignals) -> MboxFileLock:
+    """
+    Take the server's mbox locks, trying again while they are busy for up
+    to C{timeout} seconds, waking at once for a stop signal.
+
+    @param path: the mbox, anchored.
+    @param shown: its name for messages.
+    @return: the lock, held.
+    @raise DeliveryError: C{EX_TEMPFAIL} on timeout.
+    @raise MaildropUnavailable: it cannot be locked (not just busy).
+    @raise _Stopped: a stop signal came.
+    """
+    from pop3srv.core.errors import MaildropUnavailable
+    from pop3srv.mbox.lock import MboxFileLock
+
+    # A zero timeout makes each acquire() one try, so the waiting is ours
+    # and a signal ends it at once rather than after the lock's own wait.
+    lock = MboxFileLock(path, timeout=0)
+    deadline = time.monotonic() + timeout
+    while True:
+        signals.check()
+        try:
+            lock.acquire()
+            return lock
+        except MaildropUnavailable as e:
+            # A busy lock is the plain class without a cause; failures
+            # carry their OSError, or are a subclass (an unsafe file).
+            if type(e) is not MaildropUnavailable or e.__cause__ is not None:
+                raise
+        if time.monotonic() >= deadline:
+            raise DeliveryError(EX_TEMPFAIL, f"timed out locking {shown}")
+        signals.wait(min(LOCK_POLL_INTERVAL, max(deadline - time.monotonic(), 0.0)))
+
+
+def _create_if_missing(path: str, shown: str, warn: Callable[[str], None]) -> None:
+    """
+    Create an empty mbox unless one exists; only a regular file is ever
+    opened later (L{pop3srv.mbox.paths.open_mbox_file}).
+
+    It is 0600, except in a directory whose group may write there (a
+    shared spool), where it gets that group and 0660; the mode is set
+    whatever the umask (Postfix runs its command with 077).
+
+    @param path: the mbox, anchored.
+    @param shown: its name for messages.
+    @param warn: told if the spool's group cannot be given.
     """
     from pop3srv.mbox.paths import fsync_dir
 
+    directory = os.path.dirname(path)
     try:
         fd = os.open(
             path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
@@ -507,16 +812,52 @@ def _create_if_missing(path: str) -> None:
     except FileExistsError:
         return
     try:
+        os.fchmod(fd, _new_mbox_mode(fd, os.stat(directory), shown, warn))
         os.fsync(fd)
     finally:
         os.close(fd)
-    fsync_dir(os.path.dirname(path))
+    fsync_dir(directory)
 
 
-def _append_locked(fd: int, shown: str, pieces: Iterator[bytes]) -> None:
+def _new_mbox_mode(fd: int, parent: os.stat_result, shown: str, warn: Callable[[str], None]) -> int:
     """
-    Append C{pieces} to the locked mbox C{fd} and sync it; on any failure
-    (a signal included) cut it back to its old size and sync that.
+    Give the new mbox C{fd} the group of its directory C{parent} if that is
+    a shared spool.
+
+    @return: the mode it should have: 0660 if it has the spool's group,
+        else 0600.
+    """
+    if not parent.st_mode & stat.S_IWGRP:
+        return 0o600
+    # A setgid directory gave it the group already; otherwise our own
+    # group, which must not get to read it.
+    if os.fstat(fd).st_gid != parent.st_gid:
+        try:
+            os.fchown(fd, -1, parent.st_gid)
+        except PermissionError as e:
+            warn(
+                f"warning: new {shown} is mode 0600: cannot give it the group "
+                f"{_group_name(parent.st_gid)} of its directory ({_reason(e)}); make "
+                "the directory setgid (chmod g+s) so new mailboxes get its group"
+            )
+            return 0o600
+    return 0o660
+
+
+def _group_name(gid: int) -> str:
+    import grp
+
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
+
+
+def _append_locked(fd: int, shown: str, pieces: Iterator[bytes], signals: StopSignals) -> None:
+    """
+    Append C{pieces} to the locked mbox C{fd} and sync it; on any failure,
+    or a stop signal between two pieces, cut it back to its old size and
+    sync that.  Once the sync has returned, tell C{signals} of the commit.
 
     @param shown: the mbox's name, for messages.
     @raise DeliveryError: C{EX_TEMPFAIL} on failure.
@@ -524,6 +865,7 @@ def _append_locked(fd: int, shown: str, pieces: Iterator[bytes]) -> None:
     old_size = os.fstat(fd).st_size
     offset = old_size
     try:
+        signals.check()
         # Our From line must begin a line.  An LF is added only where one
         # is missing, never a blank line after an LF: the bytes of the last
         # message, which its UIDL digest covers, stay as they are.
@@ -531,6 +873,7 @@ def _append_locked(fd: int, shown: str, pieces: Iterator[bytes]) -> None:
             offset = _pwrite_all(fd, b"\n", offset)
         for piece in pieces:
             offset = _pwrite_all(fd, piece, offset)
+            signals.check()
         os.fsync(fd)
     except BaseException as e:
         undone = _truncate_back(fd, old_size)
@@ -546,54 +889,62 @@ def _append_locked(fd: int, shown: str, pieces: Iterator[bytes]) -> None:
                 f"{shown}: {detail}; could not cut it back to {old_size} octets: {undone}",
             ) from None
         raise DeliveryError(EX_TEMPFAIL, f"{shown}: {detail}; left as it was") from None
+    signals.commit()
 
 
 def _truncate_back(fd: int, size: int) -> str | None:
     """
-    Cut the mbox back to C{size} and sync it, with the stop signals held
-    off so that the undo is not itself interrupted.
+    Cut the mbox back to C{size} and sync it.  The stop signals are held
+    (L{StopSignals.hold}), so none interrupts it.
 
     @return: L{None} if done, else why not.
     """
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         os.ftruncate(fd, size)
         os.fsync(fd)
     except OSError as e:
         return _reason(e)
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
     return None
 
 
 _counter = 0
 
 
-def maildir_name(size: int, crlf_size: int, when: float) -> str:
+def maildir_name(size: int, wire: int, when: float) -> str:
     """
     A unique Maildir file name, as Dovecot and Courier make them:
-    C{SECS.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<size with CRLF>}.
+    C{SECS.M<usec>P<pid>Q<n>.<host>,S=<size>,W=<wire size>}.
 
     @param size: the file's octets.
-    @param crlf_size: its octets with every bare LF counted as CRLF, what
-        POP3 sends (Dovecot's virtual size).
+    @param wire: the octets RETR sends for it (L{wire_size}),
+        Dovecot's virtual size.
     @param when: the delivery time.
     """
     global _counter
     _counter += 1
     host = _HOST_UNSAFE.sub(lambda m: f"\\{ord(m.group()):03o}", socket.gethostname())
     secs, usec = divmod(int(when * 1_000_000), 1_000_000)
-    return f"{secs}.M{usec}P{os.getpid()}Q{_counter}.{host},S={size},W={crlf_size}"
+    return f"{secs}.M{usec}P{os.getpid()}Q{_counter}.{host},S={size},W={wire}"
 
 
-def deliver_to_maildir(target: Target, message: bytes, when: float) -> str:
+def deliver_to_maildir(
+    target: Target,
+    message: bytes,
+    when: float,
+    signals: StopSignals,
+    warn: Callable[[str], None],
+) -> str:
     """
     Write one message into a Maildir: C{tmp/}, synced, renamed into
-    C{new/}, C{new/} synced.
+    C{new/}, C{new/} synced.  Runs with the stop signals held
+    (L{StopSignals.hold}): one noticed before the rename takes the file
+    away again.
 
     @param target: the Maildir.
     @param message: the message, without a leading C{From } line.
     @param when: the delivery time.
+    @param signals: told of the commit; asked for stop signals.
+    @param warn: takes a line about a problem after the commit.
     @return: the file name in C{new/}.
     @raise DeliveryError: C{EX_TEMPFAIL}, with no file of it left behind.
     """
@@ -609,10 +960,10 @@ def deliver_to_maildir(target: Target, message: bytes, when: float) -> str:
     try:
         tmp, new = (_subdirectory(maildir, name, fds) for name in ("tmp", "new"))
         _subdirectory(maildir, "cur", fds)
-        crlf_size = len(message) + message.count(b"\n") - message.count(b"\r\n")
-        name = maildir_name(len(message), crlf_size, when)
-        _write_new_file(tmp, name, message)
+        name = maildir_name(len(message), wire_size(message), when)
+        _write_new_file(tmp, name, message, signals)
         try:
+            signals.check()
             os.rename(name, name, src_dir_fd=tmp, dst_dir_fd=new)
         except BaseException:
             _unlink_quietly(name, tmp)
@@ -623,6 +974,7 @@ def deliver_to_maildir(target: Target, message: bytes, when: float) -> str:
             # Not known to be durable: take it back, and the MTA retries.
             _unlink_quietly(name, new)
             raise
+        signals.commit()
         return name
     except _Stopped as e:
         raise DeliveryError(EX_TEMPFAIL, f"{target.path}: {e}; nothing delivered") from None
@@ -632,13 +984,14 @@ def deliver_to_maildir(target: Target, message: bytes, when: float) -> str:
         ) from None
     finally:
         for fd in fds:
-            os.close(fd)
+            _after_commit(partial(os.close, fd), signals, warn, f"closing {target.path}")
 
 
-def _write_new_file(directory: int, name: str, data: bytes) -> None:
+def _write_new_file(directory: int, name: str, data: bytes, signals: StopSignals) -> None:
     """
-    Create C{name} in C{directory} (mode 0600), write C{data} and sync it;
-    on failure remove it again.
+    Create C{name} in C{directory} (mode 0600), write C{data} a chunk at a
+    time and sync it; on failure, or a stop signal between two chunks,
+    remove it again.
     """
     fd = os.open(
         name,
@@ -648,7 +1001,9 @@ def _write_new_file(directory: int, name: str, data: bytes) -> None:
     )
     try:
         try:
-            _pwrite_all(fd, data, 0)
+            for start in range(0, len(data), WRITE_CHUNK):
+                _pwrite_all(fd, data[start : start + WRITE_CHUNK], start)
+                signals.check()
             os.fsync(fd)
         finally:
             os.close(fd)
@@ -658,13 +1013,10 @@ def _write_new_file(directory: int, name: str, data: bytes) -> None:
 
 
 def _unlink_quietly(name: str, directory: int) -> None:
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, _STOP_SIGNALS)
     try:
         os.unlink(name, dir_fd=directory)
     except OSError:
         pass
-    finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 
 def _fsync_at(directory: int) -> None:
@@ -738,10 +1090,6 @@ def _subdirectory(maildir: int, name: str, fds: list[int]) -> int:
     return fd
 
 
-def _stop(signum: int, frame: FrameType | None) -> None:
-    raise _Stopped(signum)
-
-
 def main(
     argv: Sequence[str] | None = None,
     *,
@@ -752,8 +1100,12 @@ def main(
     Run C{pop3srv deliver}.
 
     @param argv: the arguments after C{deliver}; C{sys.argv[2:]} if L{None}.
-    @param stdin: where the message comes from; the process's stdin if
-        L{None}.
+    @param stdin: where the message comes from.  L{None} means the
+        process's stdin, and that this process is the delivery agent and
+        exits next: the stop signals are then left blocked on return, so
+        that one arriving before the exit cannot turn a delivery into a
+        death by signal, which the MTA would retry.  Otherwise the signal
+        handlers and mask are put back as they were.
     @param stderr: where the one line of a failure goes.
     @return: the exit status.
     """
@@ -775,27 +1127,49 @@ def main(
     except SystemExit as e:
         # --help, or argparse's own exit: usage unless it asked for 0.
         return EX_OK if e.code in (0, None) else EX_USAGE
-    previous = {signum: signal.signal(signum, _stop) for signum in _STOP_SIGNALS}
+    if args.check_users and args.config is None:
+        say("--check-users needs --config (see pop3srv deliver --help)")
+        return EX_USAGE
+    signals = StopSignals()
+    signals.install()
     try:
-        target = resolve_target(args.user, args.config, args.mailbox)
+        return _deliver(args, source, signals, say)
+    except _Stopped as e:
+        # Only before hold(): nothing was written.
+        say(f"{e}; nothing delivered")
+        return EX_TEMPFAIL
+    finally:
+        signals.finish(keep_held=stdin is None)
+
+
+def _deliver(
+    args: argparse.Namespace, source: BinaryIO, signals: StopSignals, say: Callable[[str], None]
+) -> int:
+    """
+    Deliver as C{args} say.
+
+    @return: the exit status.
+    @raise _Stopped: a stop signal came before the delivery began writing.
+    """
+    try:
+        target = resolve_target(args.user, args.config, args.mailbox, args.check_users)
         message, line_sender = split_from_line(read_message(source, args.max_size))
+        message = strip_metadata_headers(message)
         sender = args.sender if args.sender is not None else line_sender
         when = time.time()
+        signals.hold()
         if target.kind == "maildir":
-            deliver_to_maildir(target, message, when)
+            deliver_to_maildir(target, message, when, signals, say)
         else:
-            append_to_mbox(target, message, sender, when, args.lock_timeout)
+            append_to_mbox(target, message, sender, when, args.lock_timeout, signals, say)
     except DeliveryError as e:
         say(str(e))
         return e.status
-    except _Stopped as e:
-        say(f"{e}; nothing delivered")
-        return EX_TEMPFAIL
     except Exception as e:
+        if signals.committed:
+            say(f"warning: delivered, but then: {type(e).__name__}: {e}")
+            return EX_OK
         # A bug: the MTA keeps the message rather than bounce it.
         say(f"unexpected error: {type(e).__name__}: {e}")
         return EX_TEMPFAIL
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
     return EX_OK
