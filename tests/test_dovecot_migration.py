@@ -11,7 +11,10 @@ message makes it write C{X-IMAPbase}, C{X-UID} and C{Status}); then:
   - C{twistd pop3srv --uidl-format %08Xu%08Xv} serves the same file with
     the same UIDLs, message text and sizes (mboxrd un-quoting aside), also
     for a UW-IMAP mbox with its folder-internal-data pseudo-message, and
-    with C{X-UIDL} headers as Dovecot's C{pop3_reuse_xuidl} uses them;
+    with C{X-UIDL} headers as Dovecot's C{pop3_reuse_xuidl} uses them (or,
+    by default, does not);
+  - the UIDLs pop3srv served stay when Dovecot, still serving the same
+    spool, rewrites its headers;
   - mpop, keeping its mail on the server, downloads nothing again after
     the switch, only what is new;
   - C{pop3srv uidl capture} from the running Dovecot and C{pop3srv uidl
@@ -127,12 +130,23 @@ def read_metadata(path: Path) -> Metadata:
     return Metadata(int(base.group(1)), uids, headers, pseudo)
 
 
+#: The pop3srv servers each Dovecot's test started, stopped with it.
+_STARTED: dict[int, list[Pop3Server]] = {}
+
+
 @pytest.fixture
 def dovecot() -> Iterator[DovecotServer]:
-    """A private Dovecot for alice and bob (stopped and removed after the test)."""
+    """
+    A private Dovecot for alice and bob (stopped and removed after the
+    test), and every pop3srv started on its spool stopped too.
+    """
     server = DovecotServer(PASSWORDS, master_users={"migrator": "master-secret"})
-    yield server
-    server.cleanup()
+    try:
+        yield server
+    finally:
+        for pop3 in _STARTED.pop(id(server), []):
+            pop3.stop()
+        server.cleanup()
 
 
 @pytest.fixture
@@ -154,12 +168,13 @@ def rewritten(dovecot: DovecotServer) -> Metadata:
 def pop3srv(dovecot: DovecotServer, tmp_path: Path, *extra: str) -> Pop3Server:
     """
     C{twistd pop3srv} serving Dovecot's spool (the same mbox files), with
-    its index in the test's directory.
+    its index in the test's directory; the L{dovecot} fixture stops it.
     """
     index = tmp_path / "pop3srv-index"
     index.mkdir(exist_ok=True)
     server = Pop3Server(dovecot.root, "--index-dir", str(index), *extra)
     assert server.mail == dovecot.spool
+    _STARTED.setdefault(id(dovecot), []).append(server)
     return server
 
 
@@ -281,24 +296,82 @@ def test_uw_imap_mbox(dovecot: DovecotServer, tmp_path: Path) -> None:
     )
 
 
+X_UIDL_MAIL = [
+    entry(b"Subject: from qpopper\nX-UIDL: 3a1e2f0c55d1b2a3\n", b"a\n"),
+    entry(b"Subject: newer\n", b"b\n"),
+    entry(b"Subject: spaced\nX-UIDL:  <qp.4711@host>\n", b"c\n"),
+]
+
+
 def test_x_uidl_reused(dovecot: DovecotServer, tmp_path: Path) -> None:
     """
-    C{X-UIDL} headers (qpopper's, or Dovecot's with C{pop3_reuse_xuidl}) are
-    the UIDLs where present, the format elsewhere.
+    With Dovecot's C{pop3_reuse_xuidl = yes}, C{X-UIDL} headers (qpopper's)
+    are the UIDLs where present, the format elsewhere: so with pop3srv's
+    C{--reuse-xuidl yes}.
     """
-    mail = [
-        entry(b"Subject: from qpopper\nX-UIDL: 3a1e2f0c55d1b2a3\n", b"a\n"),
-        entry(b"Subject: newer\n", b"b\n"),
-        entry(b"Subject: spaced\nX-UIDL:  <qp.4711@host>\n", b"c\n"),
-    ]
-    dovecot.put_mbox("alice", b"".join(mail))
+    dovecot.put_mbox("alice", b"".join(X_UIDL_MAIL))
     dovecot.settings = "pop3_reuse_xuidl = yes\n"
     dovecot.start()
     old = served(dovecot.port)
     dovecot.stop()
     assert old.listing.uidls[1] == b"3a1e2f0c55d1b2a3"
+    new = served(
+        pop3srv(dovecot, tmp_path, "--uidl-format", DEBIAN_FORMAT, "--reuse-xuidl", "yes")
+        .start()
+        .port
+    )
+    assert new.listing.uidls == old.listing.uidls
+
+
+def test_x_uidl_ignored_as_dovecot_does_by_default(dovecot: DovecotServer, tmp_path: Path) -> None:
+    """
+    Dovecot as shipped (C{pop3_reuse_xuidl = no}) serves its format's UIDL
+    for a message with an C{X-UIDL} header, and so does pop3srv with
+    C{--uidl-format} and nothing else said.
+    """
+    dovecot.put_mbox("alice", b"".join(X_UIDL_MAIL))
+    dovecot.start()
+    old = served(dovecot.port)
+    dovecot.stop()
+    assert b"3a1e2f0c55d1b2a3" not in old.listing.uidls.values()
     new = served(pop3srv(dovecot, tmp_path, "--uidl-format", DEBIAN_FORMAT).start().port)
     assert new.listing.uidls == old.listing.uidls
+
+
+def test_dovecot_rewriting_the_spool_changes_no_uidl(
+    dovecot: DovecotServer, tmp_path: Path
+) -> None:
+    """
+    pop3srv serves a spool Dovecot wrote to (and a message delivered since,
+    by C{pop3srv deliver}, without Dovecot's headers); then Dovecot, still
+    serving the spool, rewrites the file (X-IMAPbase's next UID, the new
+    message's X-UID, Status): pop3srv serves the very same UIDLs.
+    """
+    path = dovecot.put_mbox("alice", b"".join(SITE_MAIL))
+    dovecot.start()
+    served(dovecot.port)
+    dovecot.stop()
+    deliver = subprocess.run(
+        [SCRIPT, "deliver", "--mailbox", f"{dovecot.spool}/{{user}}", "alice"],
+        input=b"Subject: new\nMessage-ID: <new@example.org>\n\nnew mail\n",
+        capture_output=True,
+        timeout=60,
+        check=False,
+    )
+    assert deliver.returncode == 0, deliver.stderr
+    uid, gid = mail_owner()
+    os.chown(path, uid, gid)
+    srv = pop3srv(dovecot, tmp_path, "--uidl-format", DEBIAN_FORMAT).start()
+    first = served(srv.port).listing.uidls
+    srv.stop()
+    before = path.read_bytes()
+    dovecot.start()
+    served(dovecot.port)
+    dovecot.stop()
+    assert path.read_bytes() != before
+    assert read_metadata(path).uids == list(range(1, len(SITE_MAIL) + 2))
+    srv = pop3srv(dovecot, tmp_path, "--uidl-format", DEBIAN_FORMAT).start()
+    assert served(srv.port).listing.uidls == first
 
 
 # --- a client that keeps its mail ---------------------------------------------------

@@ -27,6 +27,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from livepop3 import PASSWORDS, Pop3Server, write_users
+from twisted.mail.pop3 import IMailbox
 
 from pop3srv.app.tap import Options
 from pop3srv.core.errors import MaildropInUse
@@ -37,8 +38,8 @@ from pop3srv.mbox import scan as scan_module
 from pop3srv.mbox.index import RecordTable, read_index
 from pop3srv.mbox.mailbox import MboxMailbox, pin_uidls
 from pop3srv.mbox.paths import state_paths
-from pop3srv.mbox.pins import own_uidl
-from pop3srv.mbox.scan import HIDDEN_HEADERS, scan_mbox
+from pop3srv.mbox.pins import looks_own, own_uidl
+from pop3srv.mbox.scan import HIDDEN_HEADERS, MessageDigest, scan_mbox
 from pop3srv.mbox.testing import reference_split, reference_unquote, synchronous_defer_to_thread
 from pop3srv.mbox.uidlformat import DOVECOT_DEFAULT, UidlFormat
 
@@ -142,13 +143,18 @@ def dovecot_uidl(uid: int) -> bytes:
 
 
 def _open(
-    path: Path, fmt: UidlFormat | None = DOVECOT, *, provisional: bool = False
+    path: Path,
+    fmt: UidlFormat | None = DOVECOT,
+    *,
+    provisional: bool = False,
+    reuse_xuidl: bool | None = None,
 ) -> MboxMailbox:
     return open_maildrop(
         str(path),
         defer_to_thread=synchronous_defer_to_thread,
         uidl_format=fmt,
         provisional=provisional,
+        **({} if reuse_xuidl is None else {"reuse_xuidl": reuse_xuidl}),
     )
 
 
@@ -158,8 +164,10 @@ def _contents(box: MboxMailbox) -> list[bytes]:
     return [box.getMessage(i).read() for i in range(len(sizes))]
 
 
-def _uidls(path: Path, fmt: UidlFormat | None = DOVECOT) -> list[bytes]:
-    box = _open(path, fmt)
+def _uidls(
+    path: Path, fmt: UidlFormat | None = DOVECOT, *, reuse_xuidl: bool | None = None
+) -> list[bytes]:
+    box = _open(path, fmt, reuse_xuidl=reuse_xuidl)
     try:
         return [box.getUidl(i) for i in range(len(box.listMessages()))]
     finally:
@@ -317,9 +325,9 @@ def test_bad_uidl_format_is_one_line_error(tmp_path: Path) -> None:
 
 def test_x_uidl_reused(tmp_path: Path) -> None:
     """
-    An X-UIDL (qpopper, Dovecot's pop3_reuse_xuidl) is the UIDL, with or
-    without a format; one that is not a valid UIDL, or that an earlier
-    message has, is passed over.
+    An X-UIDL (qpopper, Dovecot's pop3_reuse_xuidl) is the UIDL when reused:
+    by default without a format, and with one if asked; one that is not a
+    valid UIDL, or that an earlier message has, is passed over.
     """
     path = tmp_path / "qpopper"
     messages = [
@@ -329,13 +337,13 @@ def test_x_uidl_reused(tmp_path: Path) -> None:
         plain_message(b"d", b"X-UIDL:\t 88ab\r\n"),
     ]
     path.write_bytes(b"".join(stored for stored, _ in messages))
-    for fmt in (None, DOVECOT):
+    for fmt, reuse in ((None, None), (None, True), (DOVECOT, True)):
         Path(state_paths(str(path)).index).unlink(missing_ok=True)
-        uidls = _uidls(path, fmt)
+        uidls = _uidls(path, fmt, reuse_xuidl=reuse)
         assert uidls[0] == b"3b5d1a2e0000001d"
         assert uidls[3] == b"88ab"
         # Our own for the others (no X-UID, so the format cannot apply).
-        box = _open(path, fmt)
+        box = _open(path, fmt, reuse_xuidl=reuse)
         try:
             records = box._index.records
             assert uidls[1] == own_uidl(records[1].digest, 0)
@@ -480,6 +488,96 @@ def test_index_of_earlier_version_keeps_its_uidls(
     assert index is not None and not index.legacy
 
 
+def _v2_index(path: Path, pins: dict[int, bytes], uid_state: tuple[int, int, int]) -> bytes:
+    """
+    The index pop3srv's previous release (index version 2) wrote for
+    C{path}: digests of every byte of a message, hidden ranges and pinned
+    UIDLs in extras of its own layout.
+    """
+    data = path.read_bytes()
+    st = path.stat()
+    records = extras = b""
+    messages = [r for r in scan_mbox(io.BytesIO(data), raw_digest=True) if not _pseudo(r)]
+    for n, r in enumerate(messages):
+        ref = 0
+        if r.hidden or n in pins:
+            ref = len(extras) + 1
+            extras += struct.pack("<BH", 1 if n in pins else 0, len(r.hidden))
+            extras += b"".join(struct.pack("<II", *h) for h in r.hidden)
+            if n in pins:
+                extras += bytes([len(pins[n])]) + pins[n]
+        assert r.raw_digest is not None
+        fields = (r.start, r.body_start, r.end, r.size, r.raw_digest, 0, ref)
+        records += struct.pack("<QQQQ12sIQ", *fields)
+    head = hashlib.blake2b(data[:4096], digest_size=16).digest()
+    tail = hashlib.blake2b(data[-4096:], digest_size=16).digest()
+    header = struct.pack(
+        "<8sIIQQQq16s16sQQIIIQ",
+        b"P3MBXIDX", 2, 0, st.st_dev, st.st_ino, len(data), st.st_mtime_ns, head, tail,
+        len(messages), 0, *uid_state, len(extras),
+    )  # fmt: skip
+    body = header + records + extras
+    return body + hashlib.blake2b(body, digest_size=16).digest()
+
+
+def _pseudo(record: scan_module.MessageRecord) -> bool:
+    return record.meta is not None and record.meta.pseudo
+
+
+def test_index_of_version_2_keeps_its_uidls(
+    dovecot_mbox: tuple[Path, list[bytes], list[bytes]],
+) -> None:
+    """
+    An index of the previous release (digests of every byte) is rescanned
+    once, and every UIDL it served is kept: our own of messages with
+    hidden headers (kept as strings: their digests are not what they were)
+    and of those without (the same digest, nothing to keep), and pinned
+    ones.  From then on a metadata rewrite changes none of them.
+    """
+    path, _, _ = dovecot_mbox
+    plain, _ = plain_message(b"plain")
+    with path.open("ab") as f:
+        f.write(plain)
+    raw = [r.raw_digest or b"" for r in scan_mbox(io.BytesIO(path.read_bytes()), raw_digest=True)]
+    assert all(raw)
+    index_path = Path(state_paths(str(path)).index)
+    index_path.write_bytes(_v2_index(path, {1: dovecot_uidl(2)}, (UIDVALIDITY, 4, 3)))
+    legacy = read_index(str(index_path))
+    assert legacy is not None and legacy.legacy
+    served = [own_uidl(raw[0], 0), dovecot_uidl(2), own_uidl(raw[2], 0), own_uidl(raw[3], 0)]
+    assert _uidls(path) == served
+    index = _open_index(path)
+    assert not index.legacy and index.next_uid == 5
+    # The plain message's UIDL is its digest's still: nothing pinned.
+    assert RecordTable.pack(index.records)[3].pinned is None
+    _rewrite(path, b"X-UID: 1\nStatus: RO\n", b"X-UID: 1\nStatus: O\n")
+    _rewrite(path, b"X-UID: 3\nStatus: RO\n", b"X-UID: 3\n")
+    assert _uidls(path) == served
+    stored5, _ = dovecot_message(5)
+    with path.open("ab") as f:
+        f.write(stored5)
+    assert _uidls(path) == [*served, dovecot_uidl(5)]
+
+
+def test_index_of_version_2_then_copies(tmp_path: Path) -> None:
+    """
+    Two new messages that differ only in hidden headers (a copy Dovecot
+    touched, one it did not) get different UIDLs in the rescan that
+    replaces an index of the previous release.
+    """
+    path = tmp_path / "mbox"
+    old, _ = plain_message(b"old")
+    path.write_bytes(old)
+    Path(state_paths(str(path)).index).write_bytes(_v2_index(path, {}, (0, 1, 0)))
+    copy, _ = plain_message(b"copy")
+    touched = copy.replace(b"\n\n", b"\nStatus: RO\n\n", 1)
+    with path.open("ab") as f:
+        f.write(touched + copy)
+    uidls = _uidls(path, None)
+    assert len(set(uidls)) == 3
+    assert uidls[2] == own_uidl(hashlib.blake2b(copy, digest_size=12).digest(), 1)
+
+
 def test_pin_uidls(tmp_path: Path, dovecot_mbox: tuple[Path, list[bytes], list[bytes]]) -> None:
     """
     Pinned UIDLs are served from then on, through format changes, commits
@@ -542,16 +640,21 @@ def test_pins_in_one_session(dovecot_mbox: tuple[Path, list[bytes], list[bytes]]
     assert _uidls(path) == [dovecot_uidl(1), b"kept-2", dovecot_uidl(3)]
 
 
-def test_pins_of_gone_messages_are_forgotten(
+def test_pins_of_gone_messages_are_retired(
     dovecot_mbox: tuple[Path, list[bytes], list[bytes]],
 ) -> None:
-    """The index keeps the UIDLs of the messages in the file, no more."""
+    """
+    The records hold the UIDLs of the messages in the file; those of the
+    messages deleted are kept apart, retired.
+    """
     path, _, _ = dovecot_mbox
     assert len(_uidls(path)) == 3
     _delete(path, 0, 1)
-    table = RecordTable.pack(_open_index(path).records)
+    index = _open_index(path)
+    table = RecordTable.pack(index.records)
     assert table.pinned_uidls() == {dovecot_uidl(3)}
     assert dovecot_uidl(1) not in table.extras and dovecot_uidl(2) not in table.extras
+    assert index.retired_pins == [dovecot_uidl(1), dovecot_uidl(2)]
 
 
 def test_header_beyond_the_read_bound_is_sent(
@@ -577,6 +680,15 @@ def test_header_beyond_the_read_bound_is_sent(
         assert box.listMessages() == [wire_size(text)]
     finally:
         box.close()
+    # A header that ends at the bound, or just past it, reads the same in
+    # chunks of any size, after another message or not.
+    for length in range(56, 72):
+        field = b"Status: " + b"o" * (length - len(b"Status: \n")) + b"\n"
+        alone = b"From a\n" + field + b"\nbody\n"
+        for mbox in (alone, alone + b"From b\n" + field + b"\nb\n"):
+            whole = list(scan_mbox(io.BytesIO(mbox)))
+            for chunk_size in range(1, 12):
+                assert list(scan_mbox(io.BytesIO(mbox), chunk_size=chunk_size)) == whole
 
 
 # --- property: RETR is the message less its metadata fields ----------------
@@ -632,6 +744,11 @@ def reference_visible(content: bytes) -> bytes:
     header lines (up to the first empty line) of a hidden field and their
     continuation lines dropped, then mboxrd un-quoting.
     """
+    return reference_unquote(reference_unhidden(content))
+
+
+def reference_unhidden(content: bytes) -> bytes:
+    """C{content} less its hidden fields, still quoted."""
     lines = re.findall(rb"[^\n]*\n|[^\n]+", content)
     out = []
     in_header = True
@@ -649,7 +766,7 @@ def reference_visible(content: bytes) -> bytes:
                 if hiding:
                     continue
         out.append(line)
-    return reference_unquote(b"".join(out))
+    return b"".join(out)
 
 
 @settings(
@@ -670,12 +787,25 @@ def test_retr_is_the_message_less_its_metadata(
     For random headers with hidden and ordinary fields (any case, blanks
     before the colon, continuation lines, CRLF or LF, no empty line at
     all), RETR sends the message less those fields and LIST counts it
-    exactly; scanning in chunks of any size finds the same.
+    exactly; scanning in chunks of any size finds the same.  The digest is
+    of the message's bytes less those fields, however they are fed; the
+    raw digest of all of them.
     """
     data = b"".join(b"From a@example.org Thu Jan  1 00:00:00 2026\n" + m for m in messages)
-    expected = [reference_visible(data[begin:end]) for _, begin, end, _ in reference_split(data)]
+    split = reference_split(data)
+    expected = [reference_visible(data[begin:end]) for _, begin, end, _ in split]
     whole = list(scan_mbox(io.BytesIO(data)))
     assert list(scan_mbox(io.BytesIO(data), chunk_size=chunk_size)) == whole
+    raw = list(scan_mbox(io.BytesIO(data), chunk_size=chunk_size, raw_digest=True))
+    for record, rawer, (start, begin, _, nxt) in zip(whole, raw, split, strict=True):
+        unhidden = data[start:begin] + reference_unhidden(data[begin:nxt])
+        assert record.digest == hashlib.blake2b(unhidden, digest_size=12).digest()
+        assert rawer.raw_digest == hashlib.blake2b(data[start:nxt], digest_size=12).digest()
+        assert rawer.digest == record.digest
+        fed = MessageDigest(record.start, record.body_start, record.hidden)
+        for at in range(start, nxt, read_size):
+            fed.update(data[at : min(at + read_size, nxt)])
+        assert fed.digest() == record.digest
     work = Path(tempfile.mkdtemp(dir=tmp_path))
     path = work / "mbox"
     path.write_bytes(data)
@@ -761,3 +891,372 @@ def test_imported_uidl_shaped_like_our_own(tmp_path: Path) -> None:
     uidls = _uidls(path)
     assert uidls == [later_own, later_own + b".1"]
     assert _uidls(path, None) == uidls
+
+
+# --- what senders and other programs can do to the file --------------------------
+
+
+def _served(path: Path, fmt: UidlFormat | None = DOVECOT) -> list[tuple[bytes, int, bytes]]:
+    """Each message's UIDL, LIST size and text, as a session sees them."""
+    box = _open(path, fmt)
+    try:
+        sizes = box.listMessages()
+        return [(box.getUidl(i), size, box.getMessage(i).read()) for i, size in enumerate(sizes)]
+    finally:
+        box.close()
+
+
+def test_a_header_of_many_hidden_runs_is_sent_as_it_is(tmp_path: Path) -> None:
+    """
+    One inbound message whose header has 70000 Status lines between other
+    lines (more separate hidden runs than any mail store writes) is sent as
+    it is, and the maildrop opens, again and again, from a stored index:
+    one message never makes the others unreachable.
+    """
+    good, good_text = plain_message(b"good")
+    evil_text = b"From: x@example.net\nSubject: hi\n" + b"Status:\na\n" * 70000 + b"\nbody\n"
+    path = tmp_path / "bob"
+    path.write_bytes(good + b"From x Thu Jan  1 00:00:00 2026\n" + evil_text + b"\n" + good)
+    texts = [good_text, evil_text, good_text]
+    for _ in range(2):
+        served = _served(path, None)
+        assert [text for _, _, text in served] == texts
+        assert [size for _, size, _ in served] == [wire_size(t) for t in texts]
+    index = read_index(state_paths(str(path)).index)
+    assert index is not None and len(index.records) == 3
+    # Up to the limit, the runs are hidden.
+    limit = scan_module.MAX_HIDDEN_RUNS
+    for runs, hidden in ((limit, limit), (limit + 1, 0)):
+        header = b"Subject: s\n" + b"Status: O\nX-Other: a\n" * runs + b"\nbody\n"
+        (record,) = scan_mbox(io.BytesIO(b"From x\n" + header))
+        assert len(record.hidden) == hidden
+
+
+def test_uids_past_32_bits(tmp_path: Path) -> None:
+    """
+    An X-IMAPbase whose next UID would not fit in 32 bits (a sender can
+    write one into the first message of an empty file): no message has a
+    UID, so all get our own UIDLs, and the index is stored as usual.
+    """
+    first, _ = plain_message(b"a", b"X-IMAPbase: 5 4294967295\nX-UID: 4294967295\n")
+    second, _ = plain_message(b"b", b"X-UID: 1\n")
+    path = tmp_path / "bob"
+    path.write_bytes(first + second)
+    for _ in range(2):
+        uidls = _uidls(path)
+        assert len(uidls) == 2 and all(looks_own(u) for u in uidls)
+    index = read_index(state_paths(str(path)).index)
+    assert index is not None and index.next_uid == 1 << 32
+    third, _ = plain_message(b"c", b"X-UID: 4294967295\n")
+    with path.open("ab") as f:
+        f.write(third)
+    assert _uidls(path)[:2] == uidls
+    assert looks_own(_uidls(path)[2])
+
+
+def test_an_index_that_cannot_be_stored_is_no_failure(
+    dovecot_mbox: tuple[Path, list[bytes], list[bytes]],
+    monkeypatch: pytest.MonkeyPatch,
+    log_events: list[dict[str, object]],
+) -> None:
+    """
+    If an index cannot be encoded, the maildrop is served all the same
+    (rescanned at each open) and the reason is logged once.
+    """
+    path, _, sent = dovecot_mbox
+    monkeypatch.setattr(index_module, "VERSION", 1 << 40)
+    for _ in range(3):
+        box = _open(path)
+        try:
+            assert _contents(box) == sent
+            assert box._index.scanned_from == 0
+        finally:
+            box.close()
+    assert not Path(state_paths(str(path)).index).exists()
+    told = [e for e in log_events if "Cannot store the index" in str(e.get("log_format"))]
+    assert len(told) == 1
+
+
+def _rewrite(path: Path, old: bytes, new: bytes) -> None:
+    """Another program's rewrite of the file (a new inode, as Dovecot's)."""
+    data = path.read_bytes()
+    assert old in data
+    path.unlink()
+    path.write_bytes(data.replace(old, new, 1))
+
+
+def test_metadata_rewrites_keep_the_uidls(
+    dovecot_mbox: tuple[Path, list[bytes], list[bytes]],
+) -> None:
+    """
+    Dovecot or a mail reader rewriting its headers (Status O to RO, X-UID
+    added, X-IMAPbase's next UID raised, keywords) changes no UIDL: not
+    those of the format, and not our own either.
+    """
+    path, _, _ = dovecot_mbox
+    uidls = _uidls(path)
+    for old, new in [
+        (b"X-UID: 2\nStatus: RO\n", b"X-UID: 2\nStatus: O\n"),
+        (b"X-IMAPbase: %d 0000000003" % UIDVALIDITY, b"X-IMAPbase: %d 0000000009" % UIDVALIDITY),
+        (b"X-Keywords: $Junk", b"X-Keywords: $Junk NonJunk"),
+    ]:
+        _rewrite(path, old, new)
+        assert _uidls(path) == uidls
+
+    own = path.with_name("own")
+    messages = [plain_message(b"one")[0], plain_message(b"two")[0]]
+    own.write_bytes(b"".join(messages))
+    served = _uidls(own, None)
+    # Dovecot (or mutt) writes its headers into both messages.
+    own.unlink()
+    own.write_bytes(
+        b"".join(
+            m.replace(b"\n\n", b"\nStatus: RO\nX-UID: %d\nContent-Length: 12\n\n" % n, 1)
+            for n, m in enumerate(messages, 1)
+        )
+    )
+    assert _uidls(own, DOVECOT) == served
+
+
+def test_a_rewritten_message_keeps_its_pinned_uidl(tmp_path: Path) -> None:
+    """
+    A message whose bytes another program changed beyond its metadata (a
+    header added by a filter) is new by its digest, but the UIDL its
+    format or X-UIDL gives is the one it had: it keeps it.  A new message
+    that claims the UIDL of one still in the file does not get it.
+    """
+    path = tmp_path / "mbox"
+    first, _ = dovecot_message(1, first=True)
+    second, _ = dovecot_message(2)
+    path.write_bytes(first + second)
+    uidls = _uidls(path)
+    assert uidls == [dovecot_uidl(1), dovecot_uidl(2)]
+    _rewrite(path, b"Subject: message 2\n", b"Subject: message 2\nX-Spam-Flag: NO\n")
+    assert _uidls(path) == uidls
+
+    qpopper = tmp_path / "qpopper"
+    kept, _ = plain_message(b"kept", b"X-UIDL: kept-1\n")
+    qpopper.write_bytes(kept)
+    assert _uidls(qpopper, None) == [b"kept-1"]
+    forged, _ = plain_message(b"forged", b"X-UIDL: kept-1\n")
+    qpopper.unlink()
+    qpopper.write_bytes(forged + kept)
+    uidls = _uidls(qpopper, None)
+    assert uidls[1] == b"kept-1" and looks_own(uidls[0])
+    # The forged one's UIDL is decided for good.
+    assert _uidls(qpopper, None) == uidls
+
+
+def test_reuse_of_x_uidl_as_configured(tmp_path: Path) -> None:
+    """
+    By default an X-UIDL gives the UIDL only without a format (qpopper);
+    with one, as Dovecot's pop3_reuse_xuidl = no, the format's UIDL is
+    served; either can be asked for.
+    """
+    path = tmp_path / "mbox"
+    first, _ = dovecot_message(1, first=True)
+    path.write_bytes(first.replace(b"X-UID: 1\n", b"X-UID: 1\nX-UIDL: qp-1\n"))
+    cases: list[tuple[UidlFormat | None, bool | None, bytes | None]] = [
+        (DOVECOT, None, dovecot_uidl(1)),
+        (DOVECOT, False, dovecot_uidl(1)),
+        (DOVECOT, True, b"qp-1"),
+        (None, None, b"qp-1"),
+        (None, True, b"qp-1"),
+        (None, False, None),
+    ]
+    for fmt, reuse, expected in cases:
+        Path(state_paths(str(path)).index).unlink(missing_ok=True)
+        (uidl,) = _uidls(path, fmt, reuse_xuidl=reuse)
+        assert uidl == expected if expected is not None else looks_own(uidl)
+
+
+def test_reuse_xuidl_setting(tmp_path: Path) -> None:
+    """--reuse-xuidl takes auto, yes or no, and reaches the maildrop."""
+    from pop3srv.auth.realm import MboxRealm
+
+    users = tmp_path / "users"
+    write_users(users)
+    with pytest.raises(SystemExit, match=r"reuse_xuidl must be one of auto, yes, no"):
+        Options().parseOptions(["--reuse-xuidl", "maybe", "--auth", f"passlib:{users}"])
+    options = Options()
+    options.parseOptions(["--auth", f"passlib:{users}"])
+    assert options["reuse_xuidl"] == "auto"
+    (tmp_path / "mail").mkdir()
+    stored, _ = dovecot_message(1, first=True)
+    (tmp_path / "mail" / "alice").write_bytes(
+        stored.replace(b"X-UID: 1\n", b"X-UID: 1\nX-UIDL: qp-1\n")
+    )
+    for reuse, expected in ((True, b"qp-1"), (None, b"x1")):
+        for name in (tmp_path / "mail").glob(".alice.*"):
+            name.unlink()
+        realm = MboxRealm(
+            f"{tmp_path}/mail/{{user}}",
+            defer_to_thread=synchronous_defer_to_thread,
+            uidl_format="x%u",
+            reuse_xuidl=reuse,
+        )
+        results: list[tuple[object, MboxMailbox, object]] = []
+        realm.requestAvatar(b"alice", None, IMailbox).addCallback(results.append)
+        ((_, box, _),) = results
+        try:
+            assert box.getUidl(0) == expected
+        finally:
+            box.close()
+
+
+def test_x_imap_without_the_signature_is_mail(tmp_path: Path) -> None:
+    """
+    Only the first message with X-IMAP and UW's and Dovecot's subject is
+    their internal-data message: one that a sender gave an X-IMAP field
+    (the first delivery to an empty file) is mail, served (less the field)
+    and counted; its X-IMAP gives no UIDVALIDITY.
+    """
+    evil = b"From: attacker@example.net\nSubject: hello\nX-IMAP: 1 99\n\nyou will never see me\n"
+    real, real_text = plain_message(b"real")
+    path = tmp_path / "bob"
+    path.write_bytes(b"From a@b Thu Jan  1 00:00:00 2026\n" + evil + b"\n" + real)
+    served = _served(path, UidlFormat.parse("%v-%u"))
+    assert [text for _, _, text in served] == [
+        evil.replace(b"X-IMAP: 1 99\n", b""),
+        real_text,
+    ]
+    assert all(looks_own(uidl) for uidl, _, _ in served)
+    # With the subject, it is theirs.
+    pseudo = PSEUDO.replace(b"X-IMAP: 1767225600 0000000004", b"X-IMAP: 1 99")
+    uw, uw_text = uw_message(100)
+    other = tmp_path / "uw"
+    other.write_bytes(pseudo + uw)
+    assert _served(other, UidlFormat.parse("%v-%u")) == [(b"1-100", wire_size(uw_text), uw_text)]
+    records = list(scan_mbox(io.BytesIO(PSEUDO.replace(b"Subject: DON'T", b"Subject: Do"))))
+    assert records[0].meta is None or not records[0].meta.pseudo
+
+
+@pytest.mark.parametrize("eol", [b"\n", b"\r\n"])
+def test_a_final_newline_added_keeps_the_uidl(tmp_path: Path, eol: bytes) -> None:
+    """
+    The last message lacks its final newline (another MDA, an editor);
+    a delivery adds it before the next message, or a blank line after a
+    message that had one: what the last message sends is the same, and so
+    is its UIDL, own or pinned, through the next commit.
+    """
+
+    def listed(path: Path) -> list[tuple[bytes, int]]:
+        return [(uidl, size) for uidl, size, _ in _served(path, None)]
+
+    path = tmp_path / "mbox"
+    one = b"From a Thu Jan  1 00:00:00 2026" + eol + b"Subject: 1" + eol + eol + b"one" + eol + eol
+    two = b"From a Thu Jan  1 00:00:00 2026" + eol + b"Subject: 2" + eol + eol + b"two"
+    three = b"From b Thu Jan  1 00:00:00 2026" + eol + b"Subject: 3" + eol + eol + b"three" + eol
+    path.write_bytes(one + two)
+    before = listed(path)
+    with path.open("ab") as f:
+        f.write(eol + three)
+    box = _open(path, None)
+    try:
+        assert box._index.scanned_from == len(one)
+        assert box.getMessage(1).read() == b"Subject: 2" + eol + eol + b"two" + eol
+    finally:
+        box.close()
+    assert listed(path)[:2] == before
+    _delete(path, 0, fmt=None)
+    assert listed(path)[0] == before[1]
+
+    pinned = tmp_path / "pinned"
+    pinned.write_bytes(one + two.replace(b"Subject: 2", b"Subject: 2" + eol + b"X-UIDL: two"))
+    uidls = listed(pinned)
+    assert uidls[1][0] == b"two"
+    with pinned.open("ab") as f:
+        f.write(eol + eol + three)
+    assert listed(pinned)[:2] == uidls
+    # A blank line after a message that ends with a newline is a separator.
+    ends = tmp_path / "ends"
+    ends.write_bytes(one + two + eol)
+    uidls = listed(ends)
+    with ends.open("ab") as f:
+        f.write(eol + three)
+    assert listed(ends)[:2] == uidls
+
+
+def test_a_grown_last_message_is_not_the_same(tmp_path: Path) -> None:
+    """More text after the last message's end is a change: a rescan."""
+    path = tmp_path / "mbox"
+    one, _ = plain_message(b"one")
+    path.write_bytes(one + b"From a\nSubject: 2\n\ntwo")
+    uidls = _uidls(path, None)
+    with path.open("ab") as f:
+        f.write(b" and more\n")
+    box = _open(path, None)
+    try:
+        assert box._index.scanned_from == 0
+        assert box.getUidl(0) == uidls[0] and box.getUidl(1) != uidls[1]
+    finally:
+        box.close()
+
+
+def test_pinned_uidls_of_deleted_messages_are_never_given_again(tmp_path: Path) -> None:
+    """
+    A message with X-UIDL abc is deleted; a different message with X-UIDL
+    abc arriving later gets our own (a client that kept abc would never
+    fetch it); so does one after another program removed the first.
+    """
+    path = tmp_path / "mbox"
+    first, _ = plain_message(b"one", b"X-UIDL: abc\n")
+    second, _ = plain_message(b"two")
+    path.write_bytes(first + second)
+    assert _uidls(path, None)[0] == b"abc"
+    _delete(path, 0, fmt=None)
+    newer, _ = plain_message(b"NEW, a different message", b"X-UIDL: abc\n")
+    with path.open("ab") as f:
+        f.write(newer)
+    uidls = _uidls(path, None)
+    assert b"abc" not in uidls and all(looks_own(u) for u in uidls)
+
+    other = tmp_path / "other"
+    other.write_bytes(first + second)
+    assert _uidls(other, None)[0] == b"abc"
+    other.unlink()
+    other.write_bytes(second)
+    _uidls(other, None)
+    with other.open("ab") as f:
+        f.write(newer)
+    assert b"abc" not in _uidls(other, None)
+
+
+def test_pinning_ignores_undecided_uidls(
+    dovecot_mbox: tuple[Path, list[bytes], list[bytes]],
+) -> None:
+    """
+    An import may pin a UIDL that a message the server has not indexed
+    yet shows provisionally: that one gets another when the server
+    decides.
+    """
+    path, _, _ = dovecot_mbox
+    box = _open(path, UidlFormat.parse("%u"), provisional=True)
+    try:
+        assert [box.getUidl(i) for i in range(3)] == [b"1", b"2", b"3"]
+        box.pin_uidls({0: b"2"})
+    finally:
+        box.close()
+    uidls = _uidls(path, UidlFormat.parse("%u"))
+    assert uidls[0] == b"2" and uidls[2] == b"3"
+    assert looks_own(uidls[1])
+
+
+def test_live_server_serves_a_maildrop_with_a_hostile_message(tmp_path: Path) -> None:
+    """
+    Over the real server: a maildrop holding a message whose header has
+    70000 Status lines opens at every login (no [SYS/TEMP] from then on).
+    """
+    srv = Pop3Server(tmp_path)
+    good, _ = plain_message(b"good")
+    evil = b"From x Thu Jan  1 00:00:00 2026\nSubject: hi\n" + b"Status:\na\n" * 70000 + b"\nb\n\n"
+    (srv.mail / "alice").write_bytes(good + evil + good)
+    srv.start()
+    try:
+        for _ in range(2):
+            client = _session(srv)
+            assert client.stat()[0] == 3
+            client.quit()
+    finally:
+        srv.stop()
+    assert "Traceback" not in srv.log_text()

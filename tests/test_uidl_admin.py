@@ -9,6 +9,7 @@ C{tests/test_dovecot_migration.py}.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import poplib
 import re
@@ -37,6 +38,7 @@ from pop3srv.admin.uidl import (
     match_capture,
     parse_capture,
 )
+from pop3srv.mbox import mailbox as mailbox_module
 from pop3srv.mbox.mailbox import MboxMailbox, open_maildrop
 from pop3srv.mbox.pins import looks_own
 
@@ -502,3 +504,55 @@ def test_command_capture_and_import_dry_run(
     result = run("uidl", "import", "--capture", out, "--user", "bob", "--mailbox", template)
     assert result.returncode == 2
     assert "the capture is of user alice, not bob" in result.stderr
+
+
+def _import_args(tmp_path: Path, capture: Capture) -> list[str]:
+    (tmp_path / "capture").write_text(format_capture(capture))
+    return [
+        "import", "--capture", str(tmp_path / "capture"), "--user", "alice",
+        "--mailbox", f"{tmp_path}/mail/{{user}}", "--index-dir", str(tmp_path / "index"),
+    ]  # fmt: skip
+
+
+def test_command_errors_are_one_line(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """
+    An error reading the mbox or writing the index is one line, exit 1,
+    naming the files as the admin knows them (not as /proc/self/fd/N/...,
+    the way the import reaches them).
+    """
+    where = _location(tmp_path, MESSAGES)
+    args = _import_args(tmp_path, _capture_of(where))
+
+    def unwritable(path: str, index: object) -> None:
+        raise PermissionError(13, "Permission denied", "/proc/self/fd/9/.index.tmp")
+
+    monkeypatch.setattr(mailbox_module, "write_index", unwritable)
+    assert uidl.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == (
+        f"pop3srv: alice: cannot pin the UIDLs: cannot write the index of {where.path}: "
+        "Permission denied\n"
+    )
+    monkeypatch.undo()
+
+    class Failing:
+        def read(self, n: int = -1) -> bytes:
+            raise OSError(errno.EIO, "Input/output error")
+
+        def close(self) -> None:
+            pass
+
+    monkeypatch.setattr(MboxMailbox, "getMessage", lambda self, i: Failing())
+    assert uidl.main(args) == 1
+    err = capsys.readouterr().err
+    assert err == f"pop3srv: alice: cannot read {where.path}: Input/output error\n"
+
+    # Anything else the OS says: one line too.
+    def failing(*args: object, **kwargs: object) -> int:
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(uidl, "import_capture", failing)
+    assert uidl.main(args) == 1
+    assert capsys.readouterr().err == "pop3srv: Input/output error\n"

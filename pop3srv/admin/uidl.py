@@ -56,7 +56,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, NoReturn, Protocol
 
-from pop3srv.core.errors import MaildropUnavailable
+from pop3srv.core.errors import MaildropUnavailable, Pop3Error
 
 if TYPE_CHECKING:
     from pop3srv.mbox.mailbox import MboxMailbox
@@ -974,7 +974,11 @@ def import_capture(
         )
     mailbox = where.open()
     try:
-        matching = match_capture(capture, served_messages(mailbox), content_check=content_check)
+        try:
+            served = served_messages(mailbox)
+        except OSError as e:
+            raise _Failed(f"{user}: cannot read {where.path}: {_reason(e)}") from None
+        matching = match_capture(capture, served, content_check=content_check)
         if not matching.problems and not dry_run:
             try:
                 mailbox.pin_uidls(matching.pins)
@@ -1011,6 +1015,18 @@ def import_capture(
         )
     say(f"{user}: pinned {len(matching.pins)} UIDLs{newer}")
     return 0
+
+
+def _reason(error: OSError) -> str:
+    """
+    An OS error in a few words, with the file it names unless that is a
+    path through a descriptor (C{/proc/self/fd/...}), which the admin
+    does not know; the message around it names the file.
+    """
+    reason = error.strerror or str(error)
+    if error.filename is not None and not str(error.filename).startswith("/proc/"):
+        reason = f"{error.filename}: {reason}"
+    return reason
 
 
 def _numbers(numbers: Sequence[int]) -> str:
@@ -1052,6 +1068,13 @@ def main(argv: Sequence[str]) -> int:
         print(f"pop3srv: {e}", file=sys.stderr)
         return EXIT_USAGE
     except _Failed as e:
+        print(f"pop3srv: {e}", file=sys.stderr)
+        return EXIT_FAILED
+    except OSError as e:
+        # Whatever the steps above did not foresee: still one line.
+        print(f"pop3srv: {_reason(e)}", file=sys.stderr)
+        return EXIT_FAILED
+    except Pop3Error as e:
         print(f"pop3srv: {e}", file=sys.stderr)
         return EXIT_FAILED
     except KeyboardInterrupt:

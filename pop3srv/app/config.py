@@ -116,6 +116,11 @@ SETTINGS: dict[str, Setting] = {
                 "Dovecot pop3_uidl_format for the UIDLs of mbox messages indexed from now "
                 "on, e.g. %08Xu%08Xv to keep Dovecot's; a UIDL once served never changes "
                 "[default: pop3srv's own]."),
+        Setting("reuse_xuidl", "str", "auto",
+                "Whether an X-UIDL header (qpopper's) gives an mbox message indexed from "
+                "now on its UIDL, as Dovecot's pop3_reuse_xuidl: yes, no, or auto: no "
+                "with --uidl-format (Dovecot's default), yes without (qpopper).",
+                choices=("auto", "yes", "no")),
         Setting("idle_timeout", "int", 600, "Seconds of silence before autologout.", 600,
                 why="RFC 1939 section 3"),
         Setting("auth_timeout", "float", 60.0, "Seconds a client has to log in.", 1),

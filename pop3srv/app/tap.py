@@ -55,7 +55,12 @@ from pop3srv.app.metricsweb import MetricsListenError, listen_metrics
 from pop3srv.app.reload import Reloader, ReloadOutcome
 from pop3srv.app.systemd import Notifier
 from pop3srv.auth.checker import PasslibChecker
-from pop3srv.auth.realm import MboxRealm, check_mailbox_template, split_mailbox_template
+from pop3srv.auth.realm import (
+    MAILDIR_UIDL_FORMAT,
+    MboxRealm,
+    check_mailbox_template,
+    split_mailbox_template,
+)
 from pop3srv.mbox.sweep import sweep_spool
 from pop3srv.mbox.uidlformat import UidlFormat
 from pop3srv.processes import malloc
@@ -281,6 +286,11 @@ class Options(usage.Options, strcred.AuthOptionMixin):
         if self["index_dir"] is not None and not os.path.isdir(self["index_dir"]):
             raise ConfigError(f"{origin['index_dir']}: {self['index_dir']}: not a directory")
         if self["uidl_format"] is not None:
+            if split_mailbox_template(self["mailbox"])[0] == "maildir":
+                raise ConfigError(
+                    f"{origin['uidl_format']}: {MAILDIR_UIDL_FORMAT}; the mailbox "
+                    f"({origin['mailbox']}) is {self['mailbox']}"
+                )
             try:
                 UidlFormat.parse(self["uidl_format"])
             except ValueError as e:
@@ -794,7 +804,10 @@ def makeService(
             )
         checkers.append(checker)
     realm = MboxRealm(
-        options["mailbox"], index_dir=options["index_dir"], uidl_format=options["uidl_format"]
+        options["mailbox"],
+        index_dir=options["index_dir"],
+        uidl_format=options["uidl_format"],
+        reuse_xuidl=None if options["reuse_xuidl"] == "auto" else options["reuse_xuidl"] == "yes",
     )
     counters = None
     if authority is None:

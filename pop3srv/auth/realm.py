@@ -35,6 +35,11 @@ USER_FIELD = "{user}"
 #: a plain path (or C{mbox:/path}) for an mbox file.
 MAILDROP_KINDS = ("mbox", "maildir")
 
+#: Why a C{maildir:} template takes no UIDL format.
+MAILDIR_UIDL_FORMAT = (
+    "--uidl-format applies to mbox; a Maildir's UIDLs are its file names (Dovecot's %f)"
+)
+
 
 def split_mailbox_template(template: str) -> tuple[str, str]:
     """
@@ -79,7 +84,11 @@ class MboxRealm:
     @param defer_to_thread: runs blocking work off the reactor thread.
     @param uidl_format: Dovecot's C{pop3_uidl_format} for the UIDLs of
         messages first indexed from now on (L{pop3srv.mbox.pins}); C{None}
-        for our own.  C{ValueError} if it is not one.
+        for our own.  C{ValueError} if it is not one, or if the template
+        is a Maildir's (L{MAILDIR_UIDL_FORMAT}).
+    @param reuse_xuidl: whether an C{X-UIDL} field gives a newly indexed
+        mbox message its UIDL; C{None} for yes unless C{uidl_format} is
+        given (L{pop3srv.mbox.pins.xuidl_reused}).
     @ivar uidl_format: the parsed format, or C{None}.
     @ivar kind: C{"mbox"} or C{"maildir"} (L{split_mailbox_template}).
     @ivar path_template: the template without its C{maildir:} prefix.
@@ -91,8 +100,12 @@ class MboxRealm:
         index_dir: str | None = None,
         defer_to_thread: Callable[..., defer.Deferred[Any]] | None = None,
         uidl_format: str | None = None,
+        reuse_xuidl: bool | None = None,
     ) -> None:
         check_mailbox_template(template)
+        self.reuse_xuidl = reuse_xuidl
+        if uidl_format is not None and split_mailbox_template(template)[0] == "maildir":
+            raise ValueError(MAILDIR_UIDL_FORMAT)
         self.uidl_format = UidlFormat.parse(uidl_format) if uidl_format is not None else None
         if defer_to_thread is None:
             from twisted.internet.threads import deferToThread
@@ -147,6 +160,7 @@ class MboxRealm:
             defer_to_thread=self._defer_to_thread,
             trusted_root=self.trusted_root,
             uidl_format=self.uidl_format,
+            reuse_xuidl=self.reuse_xuidl,
         )
         d.addCallback(lambda mailbox: (IMailbox, mailbox, AvatarLogout(avatar_id, mailbox.close)))
         return d

@@ -53,7 +53,14 @@ from twisted.logger import Logger
 
 from pop3srv.core.errors import MaildropChanged
 from pop3srv.core.metrics import COMMIT_FAILURES, JOURNALS_PENDING, JOURNALS_RECOVERED, PROCESS
-from pop3srv.mbox.index import MboxIndex, RecordTable, probes, trim_retired
+from pop3srv.mbox.index import (
+    IndexRecord,
+    MboxIndex,
+    RecordTable,
+    probes,
+    retire_pins,
+    trim_retired,
+)
 from pop3srv.mbox.paths import (
     StatePaths,
     UnsafeStateFile,
@@ -62,6 +69,7 @@ from pop3srv.mbox.paths import (
     open_mbox_file,
     open_state_file,
 )
+from pop3srv.mbox.scan import MessageDigest
 
 _log = Logger()
 
@@ -308,11 +316,12 @@ class _JournalWriter:
 
 class _HashTee:
     """
-    Hashes what it is given and, for a kept message, copies it on.
+    Digests a message's bytes as its record's digest was made
+    (L{MessageDigest}) and, for a kept message, copies them on.
     """
 
-    def __init__(self, digest_size: int, writer: _JournalWriter | None) -> None:
-        self.hash = hashlib.blake2b(digest_size=digest_size)
+    def __init__(self, rec: IndexRecord, writer: _JournalWriter | None) -> None:
+        self.hash = MessageDigest(rec.start, rec.body_start, rec.hidden)
         self.writer = writer
 
     def write(self, data: bytes) -> None:
@@ -441,7 +450,7 @@ def _commit_deletions(
         for i in range(first, len(records)):
             rec = records[i]
             stop = records[i + 1].start if i + 1 < len(records) else index.size
-            check = _HashTee(len(rec.digest), None if i in gone_set else writer)
+            check = _HashTee(rec, None if i in gone_set else writer)
             _copy_range(mbox_fd, rec.start, stop - rec.start, check.write)
             if check.hash.digest() != rec.digest:
                 raise MaildropChanged(f"message {i} changed under us")
@@ -482,12 +491,13 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
     """
     The snapshot index with C{gone} removed and later records shifted.
     Kept records keep their UIDLs; those of the records removed are
-    forgotten (an ordinal is retired instead, so our own is never given
-    again).
+    retired, never to be given again: our own by their ordinal, a pinned
+    one as it is.
     """
     st = os.fstat(fd)
     records = []
     retired = dict(index.retired)
+    pins: list[bytes] = []
     shift = 0
     for i, rec in enumerate(index.records):
         if i in gone:
@@ -495,6 +505,8 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
             shift -= stop - rec.start
             # Re-inserted so the newest retirements are the last forgotten.
             retired[rec.digest] = max(retired.pop(rec.digest, 0), rec.ordinal + 1)
+            if rec.pinned is not None and rec.decided:
+                pins.append(rec.pinned)
         else:
             records.append(rec.shifted(shift) if shift else rec)
     # Mail appended during the session lies beyond index.size + shift; the
@@ -512,6 +524,7 @@ def _index_after(index: MboxIndex, gone: set[int], fd: int) -> MboxIndex:
         uidvalidity=index.uidvalidity,
         next_uid=index.next_uid,
         prev_uid=index.prev_uid,
+        retired_pins=retire_pins(index.retired_pins, pins),
     )
 
 

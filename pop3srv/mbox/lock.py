@@ -83,7 +83,9 @@ class SessionLock:
         try:
             fd = open_state_file(path, os.O_RDWR | os.O_CREAT, mode=0o600)
         except OSError as e:
-            raise MaildropUnavailable(f"cannot open lock {display_path(path)}: {e}") from e
+            raise MaildropUnavailable(
+                f"cannot open lock {display_path(path)}: {e.strerror or e}"
+            ) from e
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError as e:
@@ -91,7 +93,7 @@ class SessionLock:
             raise MaildropInUse(f"{display_path(path)} is held") from e
         except OSError as e:
             os.close(fd)
-            raise MaildropUnavailable(f"cannot lock {display_path(path)}: {e}") from e
+            raise MaildropUnavailable(f"cannot lock {display_path(path)}: {e.strerror or e}") from e
         self._fd: int | None = fd
 
     @property
@@ -215,7 +217,9 @@ class MboxFileLock:
                 if self._try_once():
                     return
             except OSError as e:
-                raise MaildropUnavailable(f"cannot lock {display_path(self.path)}: {e}") from e
+                raise MaildropUnavailable(
+                    f"cannot lock {display_path(self.path)}: {e.strerror or e}"
+                ) from e
             if time.monotonic() >= deadline:
                 raise MaildropUnavailable(f"timed out locking {display_path(self.path)}")
             time.sleep(self.poll_interval)

@@ -29,11 +29,13 @@ from zope.interface import implementer
 from pop3srv.core.errors import CommitFailed, CommitPending, MaildropChanged, MaildropUnavailable
 from pop3srv.mbox.commit import FaultHook, commit_deletions, no_fault, recover
 from pop3srv.mbox.index import (
+    IndexEncodingError,
     IndexRecord,
     MboxIndex,
     RecordTable,
     empty_index,
     load_index,
+    save_index,
     write_index,
 )
 from pop3srv.mbox.lock import LOCK_TIMEOUT, STALE_AGE, MboxFileLock, SessionLock
@@ -395,7 +397,12 @@ class MboxMailbox:
         This blocks; it is for tools (an import), not for a session's
         reactor thread.
 
-        Other messages keep theirs.  Nothing is pinned unless all can be.
+        Other messages keep theirs, except that an undecided UIDL (of a
+        message the server has not indexed yet, shown by a provisional
+        open) that is now pinned to another message is our own again; the
+        server decides it.  A pinned UIDL that a message gone from the
+        file had may be pinned again: the import knows better.  Nothing is
+        pinned unless all can be.
 
         @param uidls: message index (as L{listMessages} counts) to UIDL.
         @raise IndexError: an index is out of range.
@@ -408,24 +415,35 @@ class MboxMailbox:
         for number, uidl in uidls.items():
             self._record(number)
             check_uidl(uidl)
-        records = [
-            replace(rec, pinned=uidls[i], decided=True) if i in uidls else rec
-            for i, rec in enumerate(self._index.records)
-        ]
+        given = set(uidls.values())
+        records = []
+        for i, rec in enumerate(self._index.records):
+            if i in uidls:
+                rec = replace(rec, pinned=uidls[i], decided=True)
+            elif not rec.decided and rec.uidl in given:
+                rec = replace(rec, pinned=None)
+            records.append(rec)
         holder: dict[bytes, int] = {}
         for i, rec in enumerate(records):
+            if not rec.decided:
+                continue
             other = holder.setdefault(rec.uidl, i)
             if other != i:
                 raise ValueError(
                     f"messages {other + 1} and {i + 1} would both have the UIDL "
                     f"{rec.uidl.decode('ascii', 'replace')}"
                 )
-        pinned = replace(self._index, records=RecordTable.pack(records))
+        pinned = replace(
+            self._index,
+            records=RecordTable.pack(records),
+            retired_pins=[p for p in self._index.retired_pins if p not in given],
+        )
         try:
             with MboxFileLock(self._paths.mbox, timeout=self._lock_timeout):
                 write_index(self._paths.index, pinned)
-        except OSError as e:
-            raise MaildropUnavailable(f"cannot write the index of {self.path}: {e}") from e
+        except (OSError, IndexEncodingError) as e:
+            reason = e.strerror if isinstance(e, OSError) and e.strerror else e
+            raise MaildropUnavailable(f"cannot write the index of {self.path}: {reason}") from e
         self._index = pinned
 
     def sync(self) -> Deferred[None]:
@@ -474,15 +492,9 @@ class MboxMailbox:
                 raise
             if index is None:
                 return None
-            try:
-                write_index(self._paths.index, index)
-            except OSError as e:
-                # The deletions are durable; the next open rescans instead.
-                self._log.warn(
-                    "Cannot write index {path}: {error}",
-                    path=display_path(self._paths.index),
-                    error=e,
-                )
+            # The deletions are durable; if the index is not, the next open
+            # rescans instead.
+            save_index(self._paths.index, index)
             return index
 
     def _committed(self, index: MboxIndex | None) -> None:
@@ -536,6 +548,7 @@ def open_maildrop(
     trusted_root: str | None = None,
     uidl_format: UidlFormat | None = None,
     provisional: bool = False,
+    reuse_xuidl: bool | None = None,
 ) -> MboxMailbox:
     """
     Open a maildrop for one POP3 session.  This blocks; run it in a thread.
@@ -562,6 +575,9 @@ def open_maildrop(
     @param provisional: for a tool that reads the maildrop and serves no
         client: the UIDLs this open would decide are shown but left for the
         server's next open to decide (see L{load_index}).
+    @param reuse_xuidl: whether an C{X-UIDL} field gives a newly indexed
+        message its UIDL; L{None} for yes unless C{uidl_format} is given
+        (L{pop3srv.mbox.pins.xuidl_reused}).
     @raise MaildropInUse: another session has this maildrop.
     @raise UnsafeStateFile: a symlink below C{trusted_root}, or an mbox or
         state file that is not a regular file of the expected owner (also
@@ -571,7 +587,14 @@ def open_maildrop(
     shown = state_paths(path, index_dir)
     try:
         return _open_maildrop(
-            shown, index_dir, defer_to_thread, lock_timeout, trusted_root, uidl_format, provisional
+            shown,
+            index_dir,
+            defer_to_thread,
+            lock_timeout,
+            trusted_root,
+            uidl_format,
+            provisional,
+            reuse_xuidl,
         )
     except UnsafeStateFile as e:
         _log.warn("Refusing maildrop {path}: {error}", path=shown.mbox, error=e)
@@ -586,6 +609,7 @@ def _open_maildrop(
     trusted_root: str | None,
     uidl_format: UidlFormat | None,
     provisional: bool,
+    reuse_xuidl: bool | None,
 ) -> MboxMailbox:
     defer_to_thread = defer_to_thread or _default_defer_to_thread()
     where = os.path.dirname(shown.mbox)
@@ -600,7 +624,7 @@ def _open_maildrop(
             shown, empty_index(), None, SessionLock(shown.lock), defer_to_thread, lock_timeout
         )
     except OSError as e:
-        raise MaildropUnavailable(f"cannot open {where}: {e}") from e
+        raise MaildropUnavailable(f"cannot open {where}: {e.strerror or e}") from e
     paths = directory.anchor_paths(shown)
     try:
         session = SessionLock(paths.lock)
@@ -622,14 +646,20 @@ def _open_maildrop(
                 fd = os.dup(lock.fd)
                 os.set_inheritable(fd, False)
                 index = load_index(
-                    fd, paths.index, uidl_format=uidl_format, provisional=provisional
+                    fd,
+                    paths.index,
+                    uidl_format=uidl_format,
+                    provisional=provisional,
+                    reuse_xuidl=reuse_xuidl,
                 )
     except MaildropUnavailable:
         _cleanup(fd, session, directory)
         raise
     except OSError as e:
         _cleanup(fd, session, directory)
-        raise MaildropUnavailable(f"cannot open {shown.mbox}: {e}") from e
+        # Not the exception's own text: it names the file as this process
+        # reaches it, through /proc/self/fd.
+        raise MaildropUnavailable(f"cannot open {shown.mbox}: {e.strerror or e}") from e
     except BaseException:
         _cleanup(fd, session, directory)
         raise

@@ -27,8 +27,13 @@ names the byte ranges to hide, counts its size without them, and carries
 the values a UIDL may be made of (L{MessageMeta}).  Only the header is
 searched, with one C-speed regex pass, so a message without such headers
 costs one short search.  The first message of a file that carries
-C{X-IMAP} is the internal-data pseudo-message of UW-IMAP and Dovecot
-(L{MessageMeta.pseudo}), which is no mail.
+C{X-IMAP} and the subject UW-IMAP and Dovecot give it is their
+internal-data pseudo-message (L{MessageMeta.pseudo}), which is no mail.
+
+A message's digest leaves its hidden ranges out, so a mail store that
+rewrites its flags and UIDs (C{Status: O} made C{RO}, C{X-UID} added)
+leaves it as it was: the digest names the message, not its metadata.  A
+message with nothing hidden has the digest of all its bytes.
 """
 
 from __future__ import annotations
@@ -80,6 +85,15 @@ HIDDEN_HEADERS = frozenset(
 #: stores add their fields at its end, so the bound is generous.
 MAX_HEADER = 1 << 20
 
+#: Most separate runs of hidden fields in one header.  A mail store writes
+#: its fields together (a few runs at most); a header with more was made by a
+#: sender, and is sent as it is, nothing hidden: its ranges would cost
+#: index space and RETR work for no client's benefit.
+MAX_HIDDEN_RUNS = 64
+
+#: The subject UW-IMAP and Dovecot give their internal-data message.
+PSEUDO_SUBJECT = b"DON'T DELETE THIS MESSAGE -- FOLDER INTERNAL DATA"
+
 # The end of a header block: the LF ending its last line (or the From_
 # line), then an empty line.
 _END_OF_HEADER = re.compile(rb"\n\r?\n")
@@ -106,6 +120,10 @@ _VALUE_FIELD = re.compile(
     rb"\n(?=[Xx])(x-uidl|x-uid|x-imapbase|x-imap)[ \t]*:([^\n]*(?:\n[ \t][^\n]*)*)",
     re.IGNORECASE,
 )
+# The pseudo-message's Subject field, as both servers write it.
+_PSEUDO_SUBJECT = re.compile(
+    rb"\n(?i:subject)[ \t]*:[ \t]*" + re.escape(PSEUDO_SUBJECT) + rb"[ \t]*\r?\n"
+)
 _LWSP = b" \t\r\n"
 _DIGITS = re.compile(rb"[0-9]*")
 
@@ -125,7 +143,8 @@ class MessageMeta(NamedTuple):
     @ivar uid_last: the last UID that field says was given.
     @ivar pseudo: whether this is the internal-data pseudo-message of
         UW-IMAP and Dovecot: the first message of the file, with a valid
-        C{X-IMAP} field.
+        C{X-IMAP} field and their subject (L{PSEUDO_SUBJECT}).  C{X-IMAP}
+        anywhere else says nothing: mail from outside could carry it.
     @ivar header_md5: Dovecot's header MD5 (C{%m}), if the scan was asked
         for it.
     """
@@ -226,6 +245,9 @@ def _read_header(
     origin = lo + 1
     hidden: list[tuple[int, int]] = []
     while run is not None:
+        if len(hidden) == MAX_HIDDEN_RUNS:
+            hidden = []
+            break
         hidden.append((run.start() + 1, run.end()))
         run = _HIDDEN_RUN.search(buf, run.end() - 1, hi) if run.end() < hi else None
     uids: list[int] = []
@@ -242,8 +264,12 @@ def _read_header(
             if uid is not None and (base is not None or not first):
                 uids.append(uid)
         elif first and base is None:
+            if name == b"x-imap":
+                if _PSEUDO_SUBJECT.search(buf, lo, hi) is None:
+                    continue
+                pseudo = True
             base = _imap_base(field.group(2))
-            pseudo = base is not None and name == b"x-imap"
+            pseudo = pseudo and base is not None
     length = lf = crlf = 0
     for start, stop in hidden:
         length += stop - start
@@ -277,11 +303,15 @@ class MessageRecord:
         content with bare LF made CRLF, plus a CRLF if the content is
         non-empty and lacks a final LF.  Dot-stuffing is not counted.
     @ivar digest: blake2b of the raw bytes from C{start} to the next message
-        (or EOF), separator included.
+        (or EOF), separator included, less the C{hidden} ranges
+        (L{MessageDigest}).
     @ivar hidden: header fields RETR leaves out (L{HIDDEN_HEADERS}), as
         C{(offset, length)} from C{body_start}, ascending; C{size} does not
         count them.
     @ivar meta: the header's metadata for UIDLs, or L{None} if it has none.
+    @ivar raw_digest: blake2b of all those bytes, hidden ranges included
+        (the digest of earlier index versions), if the scan was asked for
+        it.
     """
 
     start: int
@@ -291,11 +321,57 @@ class MessageRecord:
     digest: bytes
     hidden: tuple[tuple[int, int], ...] = ()
     meta: MessageMeta | None = None
+    raw_digest: bytes | None = None
+
+
+class MessageDigest:
+    """
+    L{MessageRecord.digest} of a message whose raw bytes are fed in order,
+    from its C{start}: the hidden ranges are left out as they pass.
+    """
+
+    def __init__(self, start: int, body_start: int, hidden: tuple[tuple[int, int], ...]) -> None:
+        """
+        @param start: offset of the message's C{From } line.
+        @param body_start: offset of its content.
+        @param hidden: its hidden ranges (L{MessageRecord.hidden}).
+        """
+        self._hash = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self._pos = start
+        # Absolute (start, stop) of the ranges still ahead, the next last.
+        self._skips = [(body_start + o, body_start + o + n) for o, n in reversed(hidden)]
+
+    def update(self, data: bytes) -> None:
+        """Take the next raw bytes."""
+        pos, end = self._pos, self._pos + len(data)
+        view = memoryview(data)
+        skips = self._skips
+        while skips and skips[-1][0] < end:
+            skip_start, skip_stop = skips[-1]
+            if skip_start > pos:
+                self._hash.update(view[pos - self._pos : skip_start - self._pos])
+            if skip_stop > end:
+                # The range goes on into the next bytes.
+                self._pos = end
+                return
+            pos = max(pos, skip_stop)
+            skips.pop()
+        if pos < end:
+            self._hash.update(view[pos - self._pos :])
+        self._pos = end
+
+    def digest(self) -> bytes:
+        """The digest of the bytes so far."""
+        return self._hash.digest()
 
 
 class _Message:
     """
     One message while its bytes stream past, as counts.
+
+    The digest leaves the hidden ranges out, which are known only once the
+    header block is read: the content bytes before that are held (in
+    C{header}) and digested when it is.
 
     @ivar lf: LFs after the C{From } line.
     @ivar crlf: CR LF pairs after the C{From } line.
@@ -305,6 +381,7 @@ class _Message:
         From_ line, which it starts with) while the block's end is not in
         sight; L{None} before the From_ line ends and once it is read.
     @ivar found: what its header block holds, once read.
+    @ivar raw: digests every byte, if asked for (L{MessageRecord.raw_digest}).
     """
 
     __slots__ = (
@@ -318,21 +395,59 @@ class _Message:
         "md5",
         "offloaded",
         "quoted",
+        "raw",
         "start",
     )
 
-    def __init__(self, start: int, first: bool, md5: Callable[[bytes], str] | None) -> None:
+    def __init__(
+        self, start: int, first: bool, md5: Callable[[bytes], str] | None, raw: bool = False
+    ) -> None:
         self.start = start
         self.first = first
         self.md5 = md5
         self.body_start = -1
         self.hasher = hashlib.blake2b(digest_size=DIGEST_SIZE)
+        self.raw = hashlib.blake2b(digest_size=DIGEST_SIZE) if raw else None
         self.lf = 0
         self.crlf = 0
         self.quoted = 0
         self.offloaded = False
         self.header: bytearray | None = None
         self.found: _Header | None = None
+
+    def _digest(self, hasher: Any, buf: bytes | bytearray, lo: int, hi: int, batch: _Batch) -> None:
+        """Feed C{buf[lo:hi]} to C{hasher}, now or queued."""
+        if lo >= hi:
+            return
+        if self.offloaded or hi - lo >= OFFLOAD_MIN:
+            # Once one range is queued, every later one is, to keep order.
+            self.offloaded = True
+            batch.append((hasher, buf, lo, hi))
+        else:
+            hasher.update(memoryview(buf)[lo:hi])
+
+    def _digest_content(
+        self, buf: bytes | bytearray, lo: int, hi: int, at: int, batch: _Batch
+    ) -> None:
+        """
+        Feed C{buf[lo:hi]}, which starts C{at} octets into the content, to
+        the digest, less the hidden ranges.
+        """
+        found = self.found
+        if found is None or found.end <= at:
+            self._digest(self.hasher, buf, lo, hi, batch)
+            return
+        pos = lo
+        for offset, length in found.hidden:
+            skip_start = lo + offset - at
+            skip_stop = skip_start + length
+            if skip_stop <= pos:
+                continue
+            if skip_start >= hi:
+                break
+            self._digest(self.hasher, buf, pos, skip_start, batch)
+            pos = min(max(pos, skip_stop), hi)
+        self._digest(self.hasher, buf, pos, hi, batch)
 
     def absorb(self, buf: bytes, lo: int, hi: int, base: int, has_cr: bool, batch: _Batch) -> None:
         """
@@ -351,21 +466,29 @@ class _Message:
         """
         if lo >= hi:
             return
-        if self.offloaded or hi - lo >= OFFLOAD_MIN:
-            # Once one range is queued, every later one is, to keep order.
-            self.offloaded = True
-            batch.append((self.hasher, buf, lo, hi))
-        else:
-            self.hasher.update(memoryview(buf)[lo:hi])
+        if self.raw is not None:
+            self._digest(self.raw, buf, lo, hi, batch)
         if self.body_start < 0:
             nl = buf.find(b"\n", lo, hi)
             if nl < 0:
+                self._digest(self.hasher, buf, lo, hi, batch)
                 return
+            self._digest(self.hasher, buf, lo, nl + 1, batch)
             self.body_start = base + nl + 1
             lo = nl + 1
             self._header_starts(buf, nl, hi)
+            if self.header is None:
+                self._digest_content(buf, lo, hi, 0, batch)
         elif self.header is not None:
+            held = self.header
+            seen = len(held)
             self._header_continues(buf, lo, hi)
+            if self.header is None:
+                # Read now: what was held (after its leading LF), then this.
+                self._digest_content(held, 1, seen, 0, batch)
+                self._digest_content(buf, lo, hi, seen - 1, batch)
+        else:
+            self._digest_content(buf, lo, hi, base + lo - self.body_start, batch)
         self.lf += buf.count(b"\n", lo, hi)
         if has_cr:
             self.crlf += buf.count(b"\r\n", lo, hi + 1)
@@ -383,7 +506,9 @@ class _Message:
         eoh = _END_OF_HEADER.search(buf, nl, bound)
         if eoh is not None:
             self.found = _read_header(buf, nl, eoh.start() + 1, self.first, self.md5)
-        elif hi - nl > MAX_HEADER:
+        elif hi - nl >= MAX_HEADER + 2:
+            # The whole window is here, however the file was read in chunks
+            # (so a rescan of any part of the file finds the same).
             self.found = _read_header(
                 buf, nl, buf.rfind(b"\n", nl, nl + MAX_HEADER) + 1, self.first, self.md5
             )
@@ -399,7 +524,7 @@ class _Message:
         eoh = _END_OF_HEADER.search(header, max(0, seen - 2))
         if eoh is not None:
             self._header_read(eoh.start() + 1)
-        elif len(header) > MAX_HEADER:
+        elif len(header) >= MAX_HEADER + 2:
             self._header_read(header.rfind(b"\n", 0, MAX_HEADER) + 1)
 
     def _header_read(self, end: int) -> None:
@@ -408,19 +533,22 @@ class _Message:
         self.header = None
         self.found = _read_header(header, 0, end, self.first, self.md5)
 
-    def finish(self, next_start: int, tail: bytes) -> _Finished:
+    def finish(self, next_start: int, tail: bytes, batch: _Batch) -> _Finished:
         """
         Close the message at C{next_start} (the next From_ line or EOF).
 
         @param tail: the last (up to four) raw bytes of the message.
-        @return: the record's fields, and the digest still being fed.
+        @param batch: where the digest of held bytes is queued.
+        @return: the record's fields, and the digests still being fed.
         """
         if self.body_start < 0:
             # A From_ line with no LF at EOF: no content at all.
             self.body_start = next_start
         if self.header is not None:
             # No empty line: the whole message is its header.
-            self._header_read(len(self.header))
+            held = self.header
+            self._header_read(len(held))
+            self._digest_content(held, 1, len(held), 0, batch)
         found = self.found
         span_len = next_start - self.body_start
         drop_len = drop_lf = drop_crlf = 0
@@ -462,14 +590,15 @@ class _Message:
             self.hasher,
             found.hidden if found is not None else (),
             found.meta if found is not None else None,
+            self.raw,
         )
 
 
 #: Digest work queued while a chunk is scanned: (hasher, buffer, lo, hi).
-_Batch = list[tuple[Any, bytes, int, int]]
+_Batch = list[tuple[Any, "bytes | bytearray", int, int]]
 #: A finished message: start, body_start, end, size, its hasher, the
-#: hidden ranges and the metadata.
-_Finished = tuple[int, int, int, int, Any, tuple[tuple[int, int], ...], MessageMeta | None]
+#: hidden ranges, the metadata and the raw hasher if any.
+_Finished = tuple[int, int, int, int, Any, tuple[tuple[int, int], ...], MessageMeta | None, Any]
 
 
 def _digest(batch: _Batch) -> None:
@@ -478,8 +607,17 @@ def _digest(batch: _Batch) -> None:
 
 
 def _records(finished: list[_Finished]) -> Iterator[MessageRecord]:
-    for start, body_start, end, size, hasher, hidden, meta in finished:
-        yield MessageRecord(start, body_start, end, size, hasher.digest(), hidden, meta)
+    for start, body_start, end, size, hasher, hidden, meta, raw in finished:
+        yield MessageRecord(
+            start,
+            body_start,
+            end,
+            size,
+            hasher.digest(),
+            hidden,
+            meta,
+            raw.digest() if raw is not None else None,
+        )
 
 
 def _undecided_from(buf: bytes, lo: int) -> int:
@@ -509,6 +647,7 @@ def scan_mbox(
     chunk_size: int = CHUNK_SIZE,
     *,
     header_md5: Callable[[bytes], str] | None = None,
+    raw_digest: bool = False,
 ) -> Iterator[MessageRecord]:
     """
     Yield a record for each message from C{start} on.
@@ -523,6 +662,7 @@ def scan_mbox(
     @param chunk_size: bytes per read.
     @param header_md5: computes Dovecot's header MD5 of a header block,
         for L{MessageMeta.header_md5}; L{None} if it is not wanted.
+    @param raw_digest: compute L{MessageRecord.raw_digest} too.
     @return: records in file order.
     """
     fileobj.seek(start)
@@ -582,8 +722,8 @@ def scan_mbox(
                 if msg is not None:
                     msg.absorb(buf, i, nxt, base, has_cr, batch)
                     first = max(msg.start - base, nxt - _HISTORY)
-                    finished.append(msg.finish(base + nxt, buf[first:nxt]))
-                msg = _Message(base + nxt, at_file_start, header_md5)
+                    finished.append(msg.finish(base + nxt, buf[first:nxt], batch))
+                msg = _Message(base + nxt, at_file_start, header_md5, raw_digest)
                 at_file_start = False
                 i = nxt
             if msg is not None:
@@ -591,7 +731,7 @@ def scan_mbox(
                 if eof:
                     end = len(buf)
                     first = max(msg.start - base, end - _HISTORY)
-                    finished.append(msg.finish(base + end, buf[first:end]))
+                    finished.append(msg.finish(base + end, buf[first:end], batch))
             done = submit(batch)
             previous, waiting = waiting, (done, finished)
             if previous[0] is not None:
