@@ -6,6 +6,8 @@ given back all at once.
 
 from __future__ import annotations
 
+import ipaddress
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -405,6 +407,26 @@ def test_a_freed_place_wakes_one_waiter(clock: MemoryReactorClock) -> None:
     assert [d.called for d in waiting] == [True] * 4 + [False] * 2
     assert begins.calls == 4
     assert local.attempts_in_flight == 2
+
+
+def test_waiters_of_an_address_trusted_meanwhile_are_all_admitted(
+    clock: MemoryReactorClock,
+) -> None:
+    """
+    A reload trusts the address whose attempts wait for a place: the first
+    waiter woken holds no place, so it passes the place on, and every
+    waiter is admitted (none waits for a place nobody will free).
+    """
+    local = authority(clock, address_limit=1, pair_limit=100)
+    held = ticket(local.begin_login(HOST, "alice"))
+    waiting = [local.begin_login(HOST, f"waiter{i}") for i in range(3)]
+    assert not any(d.called for d in waiting)
+    trusted = (ipaddress.ip_network(f"{HOST}/32"),)
+    local.reconfigure(replace(local.settings, trusted=trusted), local.connections.limits)
+    result_of(local.end_login(held, "succeeded"))
+    for _ in range(4):
+        clock.advance(0)
+    assert all(isinstance(result_of(d), AttemptTicket) for d in waiting)
 
 
 def test_room_left_behind_admits_the_next_waiters(clock: MemoryReactorClock) -> None:

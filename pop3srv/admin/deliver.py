@@ -1131,8 +1131,9 @@ def main(
         say("--check-users needs --config (see pop3srv deliver --help)")
         return EX_USAGE
     signals = StopSignals()
-    signals.install()
     try:
+        # Inside the try: a signal while the handlers go in is a stop too.
+        signals.install()
         return _deliver(args, source, signals, say)
     except _Stopped as e:
         # Only before hold(): nothing was written.

@@ -418,8 +418,13 @@ class _Admission:
         if isinstance(answer, Attempt):
             # It took the place (the throttle wakes the next one if there
             # is room behind it); one withdrawn gives it back, which wakes
-            # the next one too.
-            self._woken_for = None
+            # the next one too.  An attempt that holds no place (its
+            # address became trusted while it waited) takes none, so the
+            # next waiter gets the place it was woken for.
+            if answer.holds_place:
+                self._woken_for = None
+            else:
+                self._pass_on()
             if self._cancelled:
                 answer.release()
             else:

@@ -292,6 +292,11 @@ class Attempt:
         """Whether the attempt has ended (its place is given back, or soon will be)."""
         return self._keys is None
 
+    @property
+    def holds_place(self) -> bool:
+        """Whether it holds places in flight (an exempt address's holds none)."""
+        return bool(self._keys)
+
     def _end(self, verdict: Callable[[], Deferred[_T]]) -> Deferred[_T] | None:
         """
         Give the place back once C{verdict} is recorded: attempts waiting
