@@ -22,7 +22,10 @@ import os
 import platform
 import ssl
 import sys
-from typing import NoReturn
+
+from pop3srv.admin.cmdline import Failed as _Failed
+from pop3srv.admin.cmdline import OneLineParser as _Parser
+from pop3srv.admin.cmdline import UsageError as _UsageError
 
 __all__ = ["main", "versions"]
 
@@ -59,24 +62,6 @@ _CONTROL_SOCKET_HELP = (
     "the server's control socket [default: control_socket of --config, else "
     "auto: $RUNTIME_DIRECTORY/control if set, else /run/pop3srv/control]"
 )
-
-
-class _UsageError(Exception):
-    """A one-line usage error."""
-
-
-class _Failed(Exception):
-    """A one-line reason the command could not do its job."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line."""
-
-    def error(self, message: str) -> NoReturn:
-        """
-        @param message: what argparse found wrong.
-        """
-        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
 def versions() -> list[str]:

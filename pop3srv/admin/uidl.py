@@ -54,8 +54,11 @@ import ssl
 import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, NoReturn, Protocol
+from typing import TYPE_CHECKING, Protocol
 
+from pop3srv.admin.cmdline import Failed as _Failed
+from pop3srv.admin.cmdline import OneLineParser as _Parser
+from pop3srv.admin.cmdline import UsageError as _UsageError
 from pop3srv.core.errors import MaildropUnavailable, Pop3Error
 
 if TYPE_CHECKING:
@@ -670,24 +673,6 @@ def match_capture(
 
 
 # --- the command ---------------------------------------------------------------
-
-
-class _UsageError(Exception):
-    """A one-line usage error."""
-
-
-class _Failed(Exception):
-    """A one-line reason the command could not do its job."""
-
-
-class _Parser(argparse.ArgumentParser):
-    """An argument parser whose errors are one line."""
-
-    def error(self, message: str) -> NoReturn:
-        """
-        @param message: what argparse found wrong.
-        """
-        raise _UsageError(f"{message} (see {self.prog} --help)")
 
 
 def build_parser() -> argparse.ArgumentParser:
